@@ -1,0 +1,49 @@
+# lavise: `make demo` serves the dashboard, `make test` runs the whole suite. Both are safe to run twice.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8501
+DATA   := data/synthbirds
+MODEL  := models/synthbirds_cnn.safetensors
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+
+.PHONY: install assets demo test lint bench browser clean-data
+
+## install: the virtual environment with every pinned package and lavise itself (editable)
+install: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+## browser: Debian's Chromium for the real-browser tests (playwright drives it; no browser download)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+## assets: SynthBirds, the demo CNN (committed; retrained only if missing) and the default bundle
+assets: install
+	@test -f $(DATA)/manifest.jsonl || $(BIN)/lavise synthbirds --out $(DATA)
+	@test -f $(MODEL) || $(BIN)/lavise train-demo --data $(DATA) --out models
+	$(BIN)/lavise build --model synthbirds --data $(DATA)
+
+## demo: serve the dashboard on http://localhost:$(PORT)
+demo: assets
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+## test: the whole suite (unit, app and browser tests)
+test: assets browser
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: assets
+	$(BIN)/python bench/probe_overhead.py
+
+clean-data:
+	rm -rf data/bundles data/cache

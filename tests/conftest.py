@@ -1,0 +1,94 @@
+"""Shared fixtures: seeded tiny models with known outputs and tiny data sets written to tmp folders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lavise_core.dataset import ImageRecord, ProbeDataset, write_dataset
+from lavise_core.networks import LoadedModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class IdentityCNN(nn.Module):
+    """features = ReLU(identity 1×1 conv): the layer map equals the input; classifier = identity (3 classes).
+
+    With mean 0 / std 1 preprocessing, the pooled activation of filter k on a solid image is its
+    colour channel k / 255, exactly: hand-checkable probe outputs.
+    """
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.classifier.weight.copy_(torch.eye(3))
+            self.classifier.bias.zero_()
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        f = self.features(x)
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated failure inside the forward pass")
+        return self.classifier(self.pool(f).flatten(1))
+
+
+def wrap(model: nn.Module, size: int = 16, classes: list[str] | None = None) -> LoadedModel:
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(
+        name="identity",
+        model=model,
+        class_names=classes or ["red", "green", "blue"],
+        input_size=size,
+        resize=size,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        default_layer="features",
+        classifier="classifier",
+        weights_hash=digest,
+    )
+
+
+@pytest.fixture
+def identity_model() -> LoadedModel:
+    return wrap(IdentityCNN())
+
+
+# solid colours of the tiny data set; image i is COLOURS[i]
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 100, 50), (10, 20, 30), (128, 128, 0)]
+
+
+@pytest.fixture
+def colour_dataset(tmp_path: Path) -> ProbeDataset:
+    """Six solid-colour 16×16 PNGs plus one corrupt file (``images/broken.png``)."""
+    root = tmp_path / "colours"
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i, c in enumerate(COLOURS):
+        Image.new("RGB", (16, 16), c).save(root / f"images/{i}.png")
+        label = int(np.argmax(c))
+        records.append(ImageRecord(id=str(i), path=f"images/{i}.png", label=label, split="test"))
+    (root / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    records.append(ImageRecord(id="broken", path="images/broken.png", label=0))
+    return write_dataset(
+        root, name="Colours", source="test", classes=["red", "green", "blue"], records=records
+    )
