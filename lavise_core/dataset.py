@@ -190,6 +190,18 @@ class ProbeDataset:
     def image_path(self, i: int) -> Path:
         return self.root / self.records[i].path
 
+    def load_image(self, i: int):
+        """Image ``i`` as RGB ``PIL.Image``; EXIF rotation only when it has no annotations to misalign.
+
+        Raises:
+            lavise_core.images.ImageLoadError: unreadable image, with a user message.
+        """
+        from .images import load_image
+
+        r = self.records[i]
+        annotated = r.mask is not None or bool(r.keypoints) or r.bbox is not None
+        return load_image(self.image_path(i), name=r.path, upright=not annotated)
+
     def mask_path(self, i: int) -> Path | None:
         m = self.records[i].mask
         return None if m is None else self.root / m

@@ -28,6 +28,7 @@ def load_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
+    upright: bool = True,
 ) -> Image.Image:
     """Open an image as an upright RGB ``PIL.Image``, fully decoded.
 
@@ -35,6 +36,8 @@ def load_image(
         source: a path, raw bytes, or a binary file object.
         max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
         name: how to call the image in messages (defaults to the path).
+        upright: apply the EXIF orientation. Turn off for images whose annotations (masks, keypoints,
+            boxes) are in stored pixel order, as in CUB and COCO.
 
     Raises:
         ImageLoadError: not an image, unreadable, truncated, empty or too large.
@@ -64,6 +67,8 @@ def load_image(
                 raise ImageLoadError(
                     f"{label} is not an image PIL can read (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)."
                 ) from e
+            except (OSError, SyntaxError) as e:
+                raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
                 raise ImageLoadError(
                     f"{label} is too large to open safely (over {max_pixels / 1e6:.0f} megapixels; {e}). "
@@ -83,7 +88,9 @@ def load_image(
                 im.load()
             except (OSError, SyntaxError) as e:
                 raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
-            return _to_rgb(ImageOps.exif_transpose(im) or im)
+            if upright:
+                im = ImageOps.exif_transpose(im) or im
+            return _to_rgb(im)
     finally:
         if isinstance(source, str | os.PathLike):
             fh.close()

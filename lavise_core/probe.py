@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .bundle import Bundle, bundle_key
 from .dataset import ProbeDataset, atomic_write_bytes
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError
 from .networks import LoadedModel, record_layer
 
 __all__ = [
@@ -181,7 +181,7 @@ class _ProbeImages(Dataset):
     def __getitem__(self, j: int) -> tuple[int, torch.Tensor, str]:
         i = self.start + j
         try:
-            img = load_image(self.ds.image_path(i), name=self.ds.records[i].path)
+            img = self.ds.load_image(i)
             return i, self.lm.preprocess(img), ""
         except ImageLoadError as e:
             return i, torch.zeros(3, self.lm.input_size, self.lm.input_size), str(e)
