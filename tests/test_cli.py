@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lavise_core.bundle import Bundle, find_bundles
+from lavise_core.cli import build_parser, main
+from lavise_core.samples import write_sample_photos
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"probe", "build", "evaluate", "models", "layers", "info", "import-folder"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        assert p.format_help().startswith("usage: lavise " + name)
+
+
+def test_entry_point_installed():
+    out = subprocess.run(
+        [sys.executable, "-m", "lavise_core.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "probe" in out.stdout
+
+
+def test_probe_command_on_sample_photos(tmp_path, capsys):
+    data = tmp_path / "photos"
+    ds = write_sample_photos(data)
+    rc = main(
+        [
+            "probe",
+            "--model",
+            "efficientnet_lite0",
+            "--data",
+            str(data),
+            "--bundles",
+            str(tmp_path / "b"),
+            "--quiet",
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--top-k",
+            "3",
+        ]
+    )
+    assert rc == 0
+    [b] = find_bundles(tmp_path / "b")
+    assert b.array("probe/pooled").shape == (len(ds), 1280)
+    assert b.array("probe/top_maps").shape == (1280, 3, 7, 7)
+    chelsea = [r.id for r in ds.records].index("chelsea")
+    pred = int(np.argmax(b.array("probe/logits")[chelsea]))
+    assert b.classes[pred] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert "probe:" in capsys.readouterr().out
+    assert Bundle.open(b.root).key == b.key
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["probe", "--data", str(tmp_path), "--model", "efficientnet_lite0"]) == 2
+    err = capsys.readouterr().err
+    assert "not a probe data set" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "torchvision:not_a_net"])
+def test_bad_model_spec(spec, capsys):
+    assert main(["layers", spec]) == 2
+    assert "error" in capsys.readouterr().err
