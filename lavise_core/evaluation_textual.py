@@ -1,0 +1,715 @@
+"""Evaluation of the textual explanations (Guo et al., seed 003, "Experiments"); stored as ``eval/textual.json``.
+
+Measured on the held-out split (``test``) of the probe data set:
+
+- **Grounding** (Table 1): PCK@α of the arg-max of the eq. 9 heatmap against the part keypoint of the
+  attribute, for the 50 most frequent attributes that have a keypoint; vs the paper's two baselines
+  (a uniformly random location in the image; a constant p.d.f., i.e. all filters weighted 1/C).
+  A prediction is correct when it lies within ``α · object size`` of the keypoint, object size =
+  ``max(bbox width, bbox height)`` (the paper only says "object size" and uses bounding-box-cropped
+  images; without a box the image's larger side is used). The attribute's keypoints: the regions whose
+  ``region_concepts`` list the phrase; else the regions named by the phrase's noun ("red wing" ->
+  "left wing", "right wing"; "bill" -> "beak"; "head" -> "crown", "forehead"); the closest one counts.
+- **Retrieval** (Table 2): for attribute t the method retrieves the images whose explanation (top-5 of
+  ``p(t | x, predicted class)``) contains t (the paper: "return all the images that contain the query in
+  the generated textual explanation sentence"); the ground truth are the images whose captions contain t
+  ("ground-truth caption based retrieval"), and, where the data set has attribute labels, also those.
+  Per attribute: recall = TP / (TP + FN), true negative rate = TN / (TN + FP); the paper's "accuracy" is
+  not defined there; as it is below the recall (27.9 < 30.9) it cannot be (TP + TN) / N, so it is taken
+  as precision = TP / (TP + FP); the Jaccard index TP / (TP + FP + FN) and (TP + TN) / N are reported too.
+  Macro averages over the 50 most frequent attributes of the ground truth.
+- **BLEU** (Table 3): sentence BLEU-4 (uniform weights, Chen & Cherry smoothing 1, ε = 0.1, the same as
+  NLTK's ``SmoothingFunction().method1``) of the explanation sentence against the image's captions,
+  lower-cased word tokens; mean over correct / wrong / all predictions.
+- **Top-5 precision**: fraction of an explanation's 5 attributes that are true of the image (labels when
+  the data set has them, else captions).
+- **Randomisation check** (Adebayo et al.): p.d.f.s from the same net with re-initialised weights must
+  differ; Spearman rank correlation per filter between the two p.d.f.s, raw and divided by the prior
+  (the prior alone correlates them, so the "lift" is the part that comes from the network).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lavise_core.textual import (
+    TextualError,
+    TextualExplainer,
+    explanation_sentence,
+    filter_attribute_pdf,
+    fit_indices,
+    ground_attribute,
+    image_class_pdf,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from lavise_core.bundle import Bundle
+    from lavise_core.dataset import ProbeDataset
+    from lavise_core.networks import LoadedModel
+
+__all__ = [
+    "ALPHAS",
+    "PAPER_BLEU",
+    "PAPER_PCK",
+    "PAPER_RETRIEVAL",
+    "RESULT_NAME",
+    "attribute_regions",
+    "bleu_tokens",
+    "evaluate_textual",
+    "format_tables",
+    "heatmap_argmax_xy",
+    "pck",
+    "randomization_check",
+    "reinitialize",
+    "retrieval_metrics",
+    "sentence_bleu",
+    "spearman_rows",
+    "top_k_mask",
+]
+
+RESULT_NAME = "eval/textual"
+ALPHAS = (0.1, 0.2, 0.3)
+#: Published CUB-200-2011 / ResNet-50 numbers (Guo et al., Tables 1-3), in percent / BLEU.
+PAPER_PCK = {
+    "random": (3.1, 12.6, 28.3),
+    "constant": (8.5, 28.1, 47.5),
+    "proposed": (12.2, 38.7, 60.9),
+}
+PAPER_RETRIEVAL = {"recall": 30.9, "true_negative": 92.9, "accuracy": 27.9}
+PAPER_BLEU = {"correct": 0.415, "wrong": 0.381, "overall": 0.409}
+
+#: Nouns of captions that name a keypoint region under another word.
+NOUN_REGIONS: dict[str, tuple[str, ...]] = {
+    "bill": ("beak",),
+    "head": ("crown", "forehead", "nape"),
+    "cap": ("crown",),
+    "foot": ("leg",),
+    "feet": ("leg",),
+    "tarsus": ("leg",),
+    "claw": ("leg",),
+    "talon": ("leg",),
+    "chest": ("breast",),
+    "stomach": ("belly",),
+    "abdomen": ("belly",),
+    "underbelly": ("belly",),
+    "eyebrow": ("eye",),
+    "eyering": ("eye",),
+    "wingbar": ("wing",),
+    "wingbars": ("wing",),
+    "rump": ("tail",),
+    "neck": ("nape", "throat"),
+}
+
+
+# =========================================================================== pure metrics
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """``(N, T)`` bool, True at each row's ``k`` largest scores (ties: lower index first)."""
+    s = np.asarray(scores)
+    k = min(k, s.shape[1])
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    out = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(out, idx, True, axis=1)
+    return out
+
+
+def retrieval_metrics(retrieved: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Per-attribute retrieval counts and their macro averages (percent).
+
+    Args:
+        retrieved: ``(N, A)`` bool: image i is retrieved for attribute a.
+        truth: ``(N, A)`` bool: image i truly has attribute a.
+
+    Returns:
+        ``recall``, ``true_negative``, ``precision`` (the paper's "accuracy"), ``jaccard``, ``accuracy_tn``
+        ((TP+TN)/N), macro-averaged over the attributes where each is defined, plus ``per_attribute``
+        count rows ``[tp, fp, fn, tn]``.
+    """
+    r = np.asarray(retrieved, dtype=bool)
+    g = np.asarray(truth, dtype=bool)
+    if r.shape != g.shape or r.ndim != 2:
+        raise TextualError(f"retrieved {r.shape} and truth {g.shape} must be equal (N, A) shapes")
+    tp = (r & g).sum(0).astype(np.float64)
+    fp = (r & ~g).sum(0).astype(np.float64)
+    fn = (~r & g).sum(0).astype(np.float64)
+    tn = (~r & ~g).sum(0).astype(np.float64)
+
+    def macro(num: np.ndarray, den: np.ndarray) -> float:
+        ok = den > 0
+        return float(100.0 * np.mean(num[ok] / den[ok])) if ok.any() else float("nan")
+
+    return {
+        "recall": macro(tp, tp + fn),
+        "true_negative": macro(tn, tn + fp),
+        "precision": macro(tp, tp + fp),
+        "jaccard": macro(tp, tp + fp + fn),
+        "accuracy_tn": macro(tp + tn, tp + fp + fn + tn),
+        "per_attribute": np.stack([tp, fp, fn, tn], axis=1).astype(int).tolist(),
+    }
+
+
+def heatmap_argmax_xy(heatmaps: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """Arg-max of ``(..., H, W)`` heatmaps as ``(..., 2)`` ``[x, y]`` image pixels.
+
+    ``box`` = ``(x0, y0, x1, y1)``: the image region the ``H × W`` heatmap covers (the network's crop,
+    :meth:`LoadedModel.crop_box`); pixel centres map to ``x0 + (u + 0.5) (x1 - x0) / W``.
+    """
+    h = np.asarray(heatmaps)
+    hh, ww = h.shape[-2:]
+    flat = h.reshape(-1, hh * ww).argmax(axis=1)
+    v, u = np.divmod(flat, ww)
+    x0, y0, x1, y1 = box
+    xy = np.stack([x0 + (u + 0.5) * (x1 - x0) / ww, y0 + (v + 0.5) * (y1 - y0) / hh], axis=1)
+    return xy.reshape((*h.shape[:-2], 2))
+
+
+def pck(
+    pred_xy: np.ndarray, keypoints: np.ndarray, object_size: np.ndarray, alphas: Sequence[float] = ALPHAS
+) -> np.ndarray:
+    """PCK@α in percent: share of predictions within ``α · object_size`` of the nearest allowed keypoint.
+
+    Args:
+        pred_xy: ``(P, 2)`` predicted locations.
+        keypoints: ``(P, M, 2)`` allowed keypoints per prediction, NaN-padded.
+        object_size: ``(P,)``.
+
+    Returns:
+        ``(len(alphas),)`` float64 percentages.
+    """
+    p = np.asarray(pred_xy, dtype=np.float64)
+    k = np.asarray(keypoints, dtype=np.float64)
+    s = np.asarray(object_size, dtype=np.float64)
+    if p.shape[0] == 0:
+        return np.full(len(alphas), np.nan)
+    d = np.sqrt(((k - p[:, None, :]) ** 2).sum(-1))
+    d = np.where(np.isnan(d), np.inf, d).min(axis=1)
+    return np.array([100.0 * np.mean(d <= a * s) for a in alphas])
+
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """Lower-cased word tokens, punctuation dropped."""
+    return _TOKEN.findall(text.lower())
+
+
+def sentence_bleu(references: Sequence[str], hypothesis: str, max_n: int = 4, epsilon: float = 0.1) -> float:
+    """Sentence BLEU (Papineni et al.) with uniform weights and smoothing method 1 (Chen & Cherry 2014).
+
+    Clipped n-gram precisions over all references; an order with no match gets ``ε / count``; brevity
+    penalty against the reference length closest to the hypothesis length (shorter on ties). Returns 0 for
+    an empty hypothesis, no references, or no unigram match (as NLTK does).
+    """
+    hyp = bleu_tokens(hypothesis)
+    refs = [bleu_tokens(r) for r in references]
+    refs = [r for r in refs if r]
+    if not hyp or not refs:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+        total = sum(h.values())
+        max_ref: Counter[tuple[str, ...]] = Counter()
+        for r in refs:
+            for g, c in Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1)).items():
+                max_ref[g] = max(max_ref[g], c)
+        match = sum(min(c, max_ref[g]) for g, c in h.items())
+        if n == 1 and match == 0:
+            return 0.0
+        log_p += math.log((match if match > 0 else epsilon) / max(total, 1)) / max_n
+    c = len(hyp)
+    r = min((abs(len(x) - c), len(x)) for x in refs)[1]
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return bp * math.exp(log_p)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b`` (``(R, T)`` -> ``(R,)``)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(np.asarray(a, dtype=np.float64), axis=1)
+    rb = rankdata(np.asarray(b, dtype=np.float64), axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def randomization_check(
+    pooled: np.ndarray, pooled_random: np.ndarray, attr_matrix: np.ndarray, prior: np.ndarray
+) -> dict[str, float]:
+    """Spearman correlation between the p.d.f.s (eq. 1–4) of a net and of the same net re-initialised.
+
+    Args:
+        pooled, pooled_random: ``(N, C)`` pooled activations of the same N images under both nets.
+        attr_matrix: ``(N, T)``; prior: ``(T,)``.
+
+    Returns:
+        ``spearman_pdf`` (mean over filters, raw p.d.f. rows), ``spearman_lift`` (rows divided by the prior,
+        the network's share), ``top1_agreement`` (share of filters whose top attribute is the same), all
+        near 1 when the explanation does not depend on the learned weights.
+    """
+    pdf = filter_attribute_pdf(pooled, attr_matrix, prior)
+    pdf_r = filter_attribute_pdf(pooled_random, attr_matrix, prior)
+    pr = np.asarray(prior, dtype=np.float64)
+    keep = pr > 0
+    lift, lift_r = pdf[:, keep] / pr[keep], pdf_r[:, keep] / pr[keep]
+    return {
+        "spearman_pdf": float(np.nanmean(spearman_rows(pdf, pdf_r))),
+        "spearman_lift": float(np.nanmean(spearman_rows(lift, lift_r))),
+        "top1_agreement": float(np.mean(pdf.argmax(1) == pdf_r.argmax(1))),
+    }
+
+
+def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A deep copy of ``model`` with every parameterised layer re-initialised (``reset_parameters``), seeded."""
+    import torch
+
+    m = copy.deepcopy(model)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for mod in m.modules():
+            reset = getattr(mod, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+# =========================================================================== keypoints
+def attribute_regions(
+    phrase: str, regions: Sequence[str], region_concepts: dict[str, list[str]]
+) -> list[str]:
+    """Regions (keypoint names) an attribute phrase refers to, see the module docstring."""
+    direct = [r for r, concepts in region_concepts.items() if phrase in concepts]
+    if direct:
+        return direct
+    noun = phrase.split()[-1] if phrase.split() else ""
+    targets = (noun, *NOUN_REGIONS.get(noun, ()))
+    return [r for r in regions if r.split()[-1] in targets or r in targets]
+
+
+# =========================================================================== the evaluation
+def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def _load_batch(
+    ds: ProbeDataset, lm: LoadedModel, idx: Sequence[int]
+) -> tuple[Any, list[tuple[int, int]], list[bool]]:
+    import torch
+
+    from lavise_core.images import ImageLoadError, load_image
+
+    xs, sizes, ok = [], [], []
+    for i in idx:
+        try:
+            img = load_image(ds.image_path(int(i)), name=ds.records[int(i)].path)
+            xs.append(lm.preprocess(img))
+            sizes.append(img.size)
+            ok.append(True)
+        except ImageLoadError:
+            xs.append(torch.zeros(3, lm.input_size, lm.input_size))
+            sizes.append((1, 1))
+            ok.append(False)
+    return torch.stack(xs), sizes, ok
+
+
+def _grounding(
+    ex: TextualExplainer,
+    lm: LoadedModel,
+    ds: ProbeDataset,
+    idx: np.ndarray,
+    attr: np.ndarray,
+    vocab: list[str],
+    layer: str,
+    n_attributes: int,
+    alphas: Sequence[float],
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from lavise_core.networks import forward_maps
+
+    # candidate attributes: most frequent (vocabulary order) with a keypoint region in the data set
+    regions = list(ds.regions) or sorted({k for r in ds.records for k in r.keypoints})
+    has_kp = any(r.keypoints for r in ds.records)
+    if not has_kp:
+        return {"skipped": "the data set has no keypoints"}
+    freq = attr[idx].sum(0)
+    in_region_concepts = {t for r in ds.records for cs in r.region_concepts.values() for t in cs}
+    chosen: list[int] = []
+    for j in np.argsort(-freq, kind="stable"):
+        if freq[j] == 0 or len(chosen) >= n_attributes:
+            break
+        if vocab[j] in in_region_concepts or attribute_regions(vocab[j], regions, {}):
+            chosen.append(int(j))
+    if not chosen:
+        return {"skipped": "no frequent attribute maps onto a keypoint region"}
+    cols = np.asarray(chosen)
+    pdf_cols = np.asarray(ex.pdf)[:, cols]  # (C, A)
+    c = pdf_cols.shape[0]
+    const = np.full((c, 1), 1.0 / c, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    rows = {"proposed": [], "constant": [], "random": []}
+    kps_all: list[np.ndarray] = []
+    sizes_all: list[float] = []
+    attr_of: list[int] = []
+    use = [i for i in idx if ds.records[int(i)].keypoints and attr[int(i), cols].any()]
+    n_rand = 32
+    for b in tqdm(
+        _batches(np.asarray(use, dtype=np.int64), batch_size), disable=not progress, desc="grounding"
+    ):
+        x, sizes, ok = _load_batch(ds, lm, b)
+        maps, _ = forward_maps(lm, x, layer)
+        s = lm.input_size
+        for bi, i in enumerate(b):
+            if not ok[bi]:
+                continue
+            rec = ds.records[int(i)]
+            w, h = sizes[bi]
+            box = lm.crop_box(w, h)
+            present = [a for a in range(len(cols)) if attr[int(i), cols[a]] > 0]
+            pairs = []
+            for a in present:
+                regs = attribute_regions(vocab[cols[a]], regions, rec.region_concepts)
+                pts = [rec.keypoints[r] for r in regs if r in rec.keypoints]
+                if pts:
+                    pairs.append((a, np.asarray(pts, dtype=np.float64)))
+            if not pairs:
+                continue
+            heat = ground_attribute(maps[bi], pdf_cols[:, [a for a, _ in pairs]], (s, s))  # (Q, s, s)
+            xy = heatmap_argmax_xy(heat, box)
+            cxy = heatmap_argmax_xy(ground_attribute(maps[bi], const, (s, s)), box)[0]
+            size = (
+                float(max(rec.bbox[2] - rec.bbox[0], rec.bbox[3] - rec.bbox[1]))
+                if rec.bbox
+                else float(max(w, h))
+            )
+            for q, (a, pts) in enumerate(pairs):
+                rows["proposed"].append(xy[q])
+                rows["constant"].append(cxy)
+                rows["random"].append(rng.random((n_rand, 2)) * np.array([w, h]))
+                kps_all.append(pts)
+                sizes_all.append(size)
+                attr_of.append(a)
+    if not kps_all:
+        return {"skipped": "no test image has a keypoint for its attributes"}
+    m = max(len(k) for k in kps_all)
+    kp = np.full((len(kps_all), m, 2), np.nan)
+    for q, k in enumerate(kps_all):
+        kp[q, : len(k)] = k
+    size = np.asarray(sizes_all)
+    out: dict[str, Any] = {"n_pairs": len(kps_all), "n_attributes": len(cols), "alphas": list(alphas)}
+    out["proposed"] = pck(np.asarray(rows["proposed"]), kp, size, alphas).tolist()
+    out["constant"] = pck(np.asarray(rows["constant"]), kp, size, alphas).tolist()
+    rnd = np.asarray(rows["random"])  # (P, n_rand, 2): average PCK over the random draws
+    out["random"] = np.mean([pck(rnd[:, d], kp, size, alphas) for d in range(rnd.shape[1])], axis=0).tolist()
+    attr_of_a = np.asarray(attr_of)
+    prop = np.asarray(rows["proposed"])
+    out["per_attribute"] = {
+        vocab[cols[a]]: pck(prop[attr_of_a == a], kp[attr_of_a == a], size[attr_of_a == a], alphas).tolist()
+        for a in range(len(cols))
+        if (attr_of_a == a).any()
+    }
+    return out
+
+
+def evaluate_textual(
+    bundle: Bundle,
+    dataset: ProbeDataset,
+    lm: LoadedModel | None = None,
+    *,
+    split: str = "test",
+    n_attributes: int = 50,
+    alphas: Sequence[float] = ALPHAS,
+    top: int = 5,
+    grounding: bool = True,
+    randomization: bool = True,
+    randomization_images: int = 256,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    seed: int = 0,
+    save: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The textual part of ``lavise evaluate``: grounding PCK, retrieval, BLEU, top-5 precision, randomisation.
+
+    Args:
+        bundle: a bundle whose ``probe`` and ``textual`` stages are done.
+        dataset: its probe data set.
+        split: evaluated split (all images when it is empty).
+        n_attributes: the "top 50 attributes" of the paper's grounding and retrieval.
+        lm: the bundle's model (loaded with ``bundle.load_model()`` when needed and not given).
+        grounding, randomization: run the two parts that need forward passes.
+        randomization_images: fit images used for the re-initialised net.
+        max_images: evaluate only the first images of the split (quick runs).
+        save: write ``eval/textual.json`` when the bundle is writable.
+
+    Returns:
+        A JSON-able dict (see :func:`format_tables`).
+    """
+    t0 = time.perf_counter()
+    ex = TextualExplainer.from_bundle(bundle)
+    vocab = ex.vocabulary
+    n = len(dataset)
+    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0  # (N, T) caption / label truth
+    if attr.shape != (n, len(vocab)):
+        raise TextualError(f"textual/attribute_matrix has shape {attr.shape}, expected ({n}, {len(vocab)})")
+    pooled = bundle.array("probe/pooled")
+    logits = bundle.array("probe/logits")
+    valid = (
+        np.asarray(bundle.array("probe/valid"), dtype=bool) if bundle.has("probe/valid") else np.ones(n, bool)
+    )
+    idx = dataset.indices(split)
+    if idx.size == 0:
+        idx = np.arange(n)
+    idx = idx[valid[idx]]
+    if max_images is not None:
+        idx = idx[:max_images]
+    if idx.size == 0:
+        raise TextualError(f"no valid image in split {split!r} to evaluate")
+    labels = dataset.labels()[idx]
+    pred = np.asarray(logits[idx]).argmax(1)
+    correct = pred == labels
+    known = labels >= 0
+    scores = image_class_pdf(ex.pdf, np.asarray(pooled[idx]), ex.weight, pred)  # (n, T)
+    top_mask = top_k_mask(scores, top)
+    stats = bundle.read_json("textual/stats") if bundle.has("textual/stats.json") else {}
+    source = stats.get("source", "captions") if isinstance(stats, dict) else "captions"
+    results: dict[str, Any] = {
+        "split": split,
+        "n_images": int(idx.size),
+        "n_attributes_vocabulary": len(vocab),
+        "attribute_source": source,
+        "classification_accuracy": float(100.0 * correct[known].mean()) if known.any() else None,
+        "alphas": list(alphas),
+        "paper": {"pck": PAPER_PCK, "retrieval": PAPER_RETRIEVAL, "bleu": PAPER_BLEU},
+    }
+
+    # ---- truths: captions (stored table) and labels (ground-truth attributes) where available
+    truths: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    truths[source] = (attr[idx], np.ones(len(vocab), bool))
+    if source != "labels" and any(r.attributes for r in dataset.records):
+        label_vocab = set(dataset.attribute_vocabulary())
+        in_vocab = np.array([t in label_vocab for t in vocab])
+        truths["labels"] = (dataset.attribute_matrix(vocab)[idx] > 0, in_vocab)
+
+    # ---- retrieval (Table 2) and top-5 precision
+    retrieval: dict[str, Any] = {}
+    precision: dict[str, Any] = {}
+    for name, (g, in_vocab) in truths.items():
+        freq = g.sum(0) * in_vocab
+        cols = [int(j) for j in np.argsort(-freq, kind="stable")[:n_attributes] if freq[j] > 0]
+        if not cols:
+            retrieval[name] = {"skipped": "no attribute of the vocabulary occurs in this truth"}
+            continue
+        m = retrieval_metrics(top_mask[:, cols], g[:, cols])
+        base = g[:, cols].mean(0)
+        m["random"] = {
+            "recall": 100.0 * top / len(vocab),
+            "true_negative": 100.0 * (1 - top / len(vocab)),
+            "precision": float(100.0 * base.mean()),
+        }
+        m["attributes"] = [vocab[j] for j in cols]
+        retrieval[name] = m
+        hits = (top_mask & g).sum(1)
+        counted = (top_mask & in_vocab[None, :]).sum(1)
+        precision[name] = {
+            "top5_precision": float(100.0 * np.mean(hits / top)),
+            "top5_precision_in_vocabulary": float(100.0 * np.mean(hits[counted > 0] / counted[counted > 0]))
+            if (counted > 0).any()
+            else None,
+            "in_vocabulary_share": float(100.0 * in_vocab.mean()),
+        }
+    results["retrieval"] = retrieval
+    results["top5_precision"] = precision
+
+    # ---- BLEU (Table 3)
+    bleu = np.full(idx.size, np.nan)
+    for q, i in enumerate(idx):
+        caps = dataset.records[int(i)].captions
+        if not caps:
+            continue
+        sent = explanation_sentence(ex.class_names[pred[q]], scores[q], vocab, top).sentence
+        bleu[q] = sentence_bleu(caps, sent)
+    has = ~np.isnan(bleu)
+    if has.any():
+        results["bleu"] = {
+            "correct": float(np.mean(bleu[has & correct])) if (has & correct).any() else None,
+            "wrong": float(np.mean(bleu[has & ~correct & known])) if (has & ~correct & known).any() else None,
+            "overall": float(np.mean(bleu[has])),
+            "n": int(has.sum()),
+        }
+    else:
+        results["bleu"] = {"skipped": "no captions"}
+
+    # ---- grounding (Table 1) and the randomisation check need forward passes
+    if (grounding or randomization) and lm is None:
+        lm = bundle.load_model()
+    if grounding:
+        assert lm is not None
+        results["grounding"] = _grounding(
+            ex, lm, dataset, idx, attr, vocab, bundle.layer, n_attributes, alphas, batch_size, seed, progress
+        )
+    if randomization:
+        assert lm is not None
+        rng = np.random.default_rng(seed)
+        fit = fit_indices(dataset)
+        fit = fit[valid[fit]]
+        sub = np.sort(rng.choice(fit, size=min(randomization_images, fit.size), replace=False))
+        rand_model = reinitialize(lm.model, seed)
+        pr = _forward_pooled_layer(lm, rand_model, bundle.layer, dataset, sub, batch_size, progress)
+        prior = np.asarray(bundle.array("textual/prior"), dtype=np.float64)
+        results["randomization"] = {
+            "n_images": int(sub.size),
+            **randomization_check(np.asarray(pooled[sub]), pr, attr[sub].astype(np.float32), prior),
+        }
+    results["seconds"] = round(time.perf_counter() - t0, 2)
+    if save and getattr(bundle, "writable", False):
+        bundle.write_json(RESULT_NAME, _jsonable(results))
+    return results
+
+
+def _forward_pooled_layer(
+    lm: LoadedModel,
+    model: Any,
+    layer: str,
+    ds: ProbeDataset,
+    idx: np.ndarray,
+    batch_size: int,
+    progress: bool,
+) -> np.ndarray:
+    """Pooled activations (spatial mean of ``layer``) of ``model`` on images ``idx``: ``(len(idx), C)``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lavise_core.networks import record_layer
+
+    out = []
+    device = next(lm.model.parameters()).device
+    for b in tqdm(_batches(idx, batch_size), disable=not progress, desc="randomised net"):
+        x, _, _ = _load_batch(ds, lm, b)
+        with torch.no_grad(), record_layer(model, layer) as rec:
+            model(x.to(device))
+        assert rec.output is not None
+        out.append(rec.output.float().mean(dim=(2, 3)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+# =========================================================================== report
+def _f(x: Any, nd: int = 1) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    """Markdown tables of :func:`evaluate_textual` results beside the paper's CUB numbers."""
+    lines: list[str] = []
+    alphas = results.get("alphas", list(ALPHAS))
+    head = " | ".join(f"PCK@{a}" for a in alphas)
+    g = results.get("grounding", {})
+    lines += [
+        f"### Attribute grounding (PCK %, {g.get('n_pairs', 0)} pairs, {g.get('n_attributes', 0)} attributes)",
+        "",
+    ]
+    lines += [f"| method | {head} | paper (CUB) |", "|---" * (len(alphas) + 2) + "|"]
+    if "skipped" in g or not g:
+        lines.append(f"| skipped: {g.get('skipped', 'not run')} |" + " |" * (len(alphas) + 1))
+    else:
+        for key, label in (
+            ("random", "random location"),
+            ("constant", "constant p.d.f."),
+            ("proposed", "learned p.d.f."),
+        ):
+            ours = " | ".join(_f(v) for v in g[key])
+            paper = " / ".join(_f(v) for v in PAPER_PCK[key])
+            lines.append(f"| {label} | {ours} | {paper} |")
+    lines.append("")
+    lines += ["### Attribute-based retrieval (%, macro over the top attributes)", ""]
+    lines += [
+        "| truth | recall | true negative | accuracy (= precision) | Jaccard | (TP+TN)/N |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in results.get("retrieval", {}).items():
+        if "skipped" in m:
+            lines.append(f"| {name} | skipped: {m['skipped']} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {_f(m['recall'])} | {_f(m['true_negative'])} | {_f(m['precision'])} | "
+            f"{_f(m['jaccard'])} | {_f(m['accuracy_tn'])} |"
+        )
+        r = m["random"]
+        lines.append(
+            f"| {name}, random | {_f(r['recall'])} | {_f(r['true_negative'])} | {_f(r['precision'])} | | |"
+        )
+    p = PAPER_RETRIEVAL
+    lines.append(f"| paper (CUB, captions) | {p['recall']} | {p['true_negative']} | {p['accuracy']} | | |")
+    lines.append("")
+    b = results.get("bleu", {})
+    lines += [
+        "### Sentence BLEU-4 of explanations vs captions",
+        "",
+        "| | correct | wrong | overall |",
+        "|---|---|---|---|",
+    ]
+    if "skipped" in b:
+        lines.append(f"| skipped: {b['skipped']} | | | |")
+    else:
+        lines.append(
+            f"| ours | {_f(b.get('correct'), 3)} | {_f(b.get('wrong'), 3)} | {_f(b.get('overall'), 3)} |"
+        )
+    lines.append(
+        f"| paper (CUB) | {PAPER_BLEU['correct']} | {PAPER_BLEU['wrong']} | {PAPER_BLEU['overall']} |"
+    )
+    lines.append("")
+    tp = results.get("top5_precision", {})
+    if tp:
+        lines += [
+            "### Top-5 attribute precision (%)",
+            "",
+            "| truth | all 5 | those in the truth's vocabulary |",
+            "|---|---|---|",
+        ]
+        for name, m in tp.items():
+            lines.append(f"| {name} | {_f(m['top5_precision'])} | {_f(m['top5_precision_in_vocabulary'])} |")
+        lines.append("")
+    rnd = results.get("randomization")
+    if rnd:
+        lines += [
+            f"### Randomisation check ({rnd['n_images']} images, re-initialised weights)",
+            "",
+            "| Spearman p.d.f. | Spearman p.d.f./prior | same top attribute |",
+            "|---|---|---|",
+            f"| {_f(rnd['spearman_pdf'], 3)} | {_f(rnd['spearman_lift'], 3)} | {_f(100 * rnd['top1_agreement'])} % |",
+            "",
+        ]
+    return "\n".join(lines)
