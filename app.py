@@ -1,0 +1,40 @@
+"""lavise dashboard: what a CNN has learned, filter by filter, in words and pictures.
+
+Run with ``make demo`` or ``streamlit run app.py``. Pages live in ``app_pages/`` (not ``pages/``: Streamlit would also treat that folder as old-style pages on a first visit to a page URL) (thin: read widgets, call one
+``lavise_core.views`` function, render); this file only sets up navigation and the bundle choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import streamlit as st
+
+from app_pages import _shared
+
+st.set_page_config(
+    page_title="lavise · what has this CNN learned?", page_icon=":material/neurology:", layout="wide"
+)
+
+PAGES = [
+    st.Page("app_pages/home.py", title="Overview", icon=":material/home:", default=True),
+    st.Page("app_pages/filters.py", title="Filters", icon=":material/grid_view:", url_path="filters"),
+    st.Page("app_pages/concepts.py", title="Concepts", icon=":material/search:", url_path="concepts"),
+    st.Page("app_pages/explain.py", title="Explain an image", icon=":material/image:", url_path="explain"),
+    st.Page("app_pages/classes.py", title="Classes & failures", icon=":material/label:", url_path="classes"),
+    st.Page("app_pages/dataset.py", title="Data set", icon=":material/dataset:", url_path="dataset"),
+    st.Page(
+        "app_pages/evaluation.py", title="Evaluation", icon=":material/monitoring:", url_path="evaluation"
+    ),
+]
+
+nav = st.navigation(PAGES)
+st.sidebar.title("lavise")
+_shared.sidebar_bundle_choice()
+st.sidebar.caption(
+    "Explanations of one layer of a frozen CNN: Guo et al. attribute p.d.f.s and LaViSE zero-shot concepts."
+)
+nav.run()

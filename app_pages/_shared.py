@@ -1,0 +1,160 @@
+"""Streamlit glue shared by the pages: cached resources, the bundle choice, error display.
+
+Everything heavy is a ``st.cache_resource`` (one copy per server process, shared by sessions, never
+copied): the bundle (memory-mapped arrays), the model (a ``LoadedModel`` whose ``.lock`` guards every
+hooked forward pass), the sentence-transformer, the concept index, and the page-level workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import streamlit as st
+
+from lavise_core.bundle import Bundle, BundleError, find_bundles
+from lavise_core.images import ImageLoadError
+from lavise_core.views import StageMissing, Workspace
+
+log = logging.getLogger("lavise.app")
+
+BUNDLE_KEY = "bundle_path"
+
+
+def bundles_root() -> Path:
+    return Path(os.environ.get("LAVISE_BUNDLES", "data/bundles"))
+
+
+@st.cache_resource(show_spinner="Opening the bundle…")
+def get_bundle(path: str, stamp: float) -> Bundle:
+    """The bundle at ``path`` (``stamp``: mtime of its bundle.json, so a rebuilt bundle is reopened)."""
+    return Bundle.open(path)
+
+
+@st.cache_resource(show_spinner="Loading the network…")
+def get_model(path: str, stamp: float):
+    return get_bundle(path, stamp).load_model()
+
+
+@st.cache_resource(show_spinner="Loading the sentence encoder…")
+def get_embedder(model_id: str):
+    from lavise_core.concepts import shared_embedder
+
+    return shared_embedder(model_id)
+
+
+@st.cache_resource(show_spinner="Loading the concept index…")
+def get_lavise(path: str, stamp: float):
+    from lavise_core.concepts import DEFAULT_MODEL_ID, ConceptIndex
+    from lavise_core.lavise import LaviseExplainer
+
+    bundle = get_bundle(path, stamp)
+    index = ConceptIndex.load(Path(path) / "lavise", embedder=get_embedder(DEFAULT_MODEL_ID))
+    return LaviseExplainer(bundle, index=index)
+
+
+@st.cache_resource(show_spinner=False)
+def get_workspace(path: str, stamp: float) -> Workspace:
+    return Workspace(
+        get_bundle(path, stamp),
+        model_loader=lambda: get_model(path, stamp),
+        lavise_loader=lambda: get_lavise(path, stamp),
+    )
+
+
+def _stamp(path: str) -> float:
+    try:
+        return (Path(path) / "bundle.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _label(b: Bundle) -> str:
+    from lavise_core.views import model_label
+
+    m = b.manifest
+    stages = [s for s in ("probe", "textual", "lavise") if b.stage_done(s)]
+    return f"{m['dataset'].get('name', '?')} · {model_label(m['model']['spec'])} · {m['layer']} [{', '.join(stages) or 'empty'}]"
+
+
+def available_bundles() -> list[Bundle]:
+    return find_bundles(bundles_root())
+
+
+def default_bundle(bundles: list[Bundle]) -> Bundle:
+    """The SynthBirds demo bundle when it exists (most stages first), else the newest."""
+    demo = [b for b in bundles if b.manifest["model"]["spec"] == "synthbirds"]
+    pool = demo or bundles
+    return max(
+        pool,
+        key=lambda b: (
+            sum(b.stage_done(s) for s in ("probe", "textual", "lavise")),
+            b.manifest.get("created", ""),
+        ),
+    )
+
+
+def sidebar_bundle_choice() -> str | None:
+    """The bundle selector in the sidebar; returns the chosen bundle's path (or None when there is none)."""
+    bundles = available_bundles()
+    if not bundles:
+        st.sidebar.warning(f"No bundle under `{bundles_root()}` yet.")
+        return None
+    paths = [str(b.root) for b in bundles]
+    labels = {str(b.root): _label(b) for b in bundles}
+    wanted = st.query_params.get("bundle")
+    current = st.session_state.get(BUNDLE_KEY)
+    if wanted:
+        match = [p for p in paths if Path(p).name == wanted]
+        if match:
+            current = match[0]
+    if current not in paths:
+        current = str(default_bundle(bundles).root)
+    st.session_state[BUNDLE_KEY] = current
+    choice = st.sidebar.selectbox(
+        "Bundle (model × layer × probe set)",
+        paths,
+        index=paths.index(current),
+        format_func=lambda p: labels[p],
+        key="bundle_select",
+    )
+    if choice != current:
+        st.session_state[BUNDLE_KEY] = choice
+        st.query_params.pop("filter", None)
+    return st.session_state[BUNDLE_KEY]
+
+
+def workspace() -> Workspace | None:
+    """The workspace of the chosen bundle, or ``None`` after telling the user how to get one."""
+    path = st.session_state.get(BUNDLE_KEY)
+    if not path:
+        st.info(
+            f"There is no explanation bundle under `{bundles_root()}` yet. Build the demo one with "
+            "`make demo` (or `lavise build --model synthbirds --data data/synthbirds`), or use "
+            "**Build a bundle** on the Overview page."
+        )
+        return None
+    try:
+        return get_workspace(path, _stamp(path))
+    except BundleError as e:
+        st.error(str(e))
+        return None
+
+
+@contextlib.contextmanager
+def guard(what: str = "this view") -> Iterator[None]:
+    """Show our errors as messages, never as tracebacks; log the unexpected ones."""
+    try:
+        yield
+    except StageMissing as e:
+        st.info(str(e), icon=":material/construction:")
+    except ImageLoadError as e:
+        st.error(str(e))
+    except ValueError as e:
+        st.error(str(e))
+    except Exception as e:  # the session must survive anything
+        log.exception("unexpected error in %s", what)
+        st.error(f"Unexpected error in {what}: {type(e).__name__}: {e}. Details are in the server log.")

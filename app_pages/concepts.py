@@ -1,0 +1,70 @@
+"""Concepts: free text -> the filters that detect it, the images where they fire, grounding heatmaps."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_pages import _shared as sh
+from lavise_core import views
+
+st.title("Search a concept")
+st.caption(
+    "Type any words. They are embedded with a sentence encoder and compared with what each filter means "
+    "to the LaViSE explainer, so concepts never seen in training (zero-shot) work too."
+)
+
+
+def _use(phrase: str) -> None:
+    st.session_state["concept_text"] = phrase
+
+
+ws = sh.workspace()
+if ws is not None:
+    with sh.guard("the Concepts page"):
+        choices = views.concept_choices(ws)
+        c1, c2 = st.columns([3, 2])
+        text = c1.text_input("Concept", key="concept_text", placeholder="e.g. red wing, striped tail, grass")
+        options = ["(pick one)"] + [f"{p} — {kind}" for p, kind in choices]
+        picked = c2.selectbox(f"…or a data-set concept ({len(choices)})", options, key="concept_pick")
+        query = text.strip() or ("" if picked == "(pick one)" else picked.split(" — ")[0])
+        if not query:
+            st.info("Type a concept or pick one to see the filters that detect it.")
+        else:
+            res = views.concept_view(ws, query)
+            badge = (
+                ":green-badge[seen]"
+                if res.status.startswith("seen")
+                else ":violet-badge[zero-shot]"
+                if res.status.startswith("zero")
+                else ":gray-badge[open vocabulary]"
+            )
+            st.markdown(f"### “{res.text}” {badge} <small>{res.status}</small>", unsafe_allow_html=True)
+            st.caption("Nearest phrases in the vocabulary (click to search):")
+            sug = [p for p, _ in res.suggestions if p != res.text][:8]
+            scols = st.columns(max(len(sug), 1))
+            for i, p in enumerate(sug):
+                scols[i].button(p, key=f"sug_{i}", on_click=_use, args=(p,), width="stretch")
+            st.subheader("Filters that detect it")
+            st.dataframe(
+                {
+                    "filter": [k for k, *_ in res.filters],
+                    "similarity": [round(s, 3) for _, s, _, _ in res.filters],
+                    "filter's best label": [lab for _, _, lab, _ in res.filters],
+                    "vote for this concept": [round(v, 3) for *_, v in res.filters],
+                    "open": [f"/filters?filter={k}" for k, *_ in res.filters],
+                },
+                column_config={"open": st.column_config.LinkColumn("open", display_text="open filter")},
+                hide_index=True,
+            )
+            st.subheader("Where those filters fire")
+            st.caption(
+                "Grounding heatmap Σ_k w_k A_k(x) of the matched filters on the images they like most."
+            )
+            if res.images:
+                st.image(
+                    [im for im, *_ in res.images],
+                    caption=[
+                        f"#{i} · {c} · {s:.2f}" if c else f"#{i} · {s:.2f}" for _, i, s, c in res.images
+                    ],
+                    width=180,
+                )

@@ -1,0 +1,110 @@
+"""Data set: concept frequencies per class, ground-truth backgrounds and the bias findings."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import _shared as sh
+from lavise_core import views
+
+st.title("The probe data set and its biases")
+
+ws = sh.workspace()
+if ws is not None:
+    with sh.guard("the Data set page"):
+        rep = views.dataset_report(ws)
+        st.caption(f"{rep.name}: {rep.n_images} images, {len(rep.class_counts)} classes.")
+        if rep.spurious is not None:
+            sp = rep.spurious
+            if sp.get("enabled"):
+                st.warning(
+                    f"This data set was generated **with a spurious correlation**: {sp.get('species', '?')} appears "
+                    f"over the {sp.get('background', '?')} background in {sp.get('strength', 0):.0%} of its training "
+                    "images. A network can learn the background instead of the bird; the findings below should reveal it.",
+                    icon=":material/warning:",
+                )
+            else:
+                st.caption("Generated without the spurious species–background correlation.")
+        st.subheader("Bias findings (LaViSE dataset insight)")
+        if rep.bias is not None:
+            flagged = [b for b in rep.bias if b["background_bias"]]
+            if flagged:
+                for b in flagged:
+                    bg = (
+                        f" (mostly over **{b['dominant_background']}**, {b['dominant_background_share']:.0%})"
+                        if b.get("dominant_background")
+                        else ""
+                    )
+                    st.error(
+                        f"**{b['class']}** can be recognised from the background alone: background purity "
+                        f"{b['background_purity']:.0%}{bg}.",
+                        icon=":material/flag:",
+                    )
+            else:
+                st.success("No class can be told from its background alone.")
+            st.dataframe(
+                {
+                    "class": [b["class"] for b in rep.bias],
+                    "background purity": [
+                        None if b["background_purity"] is None else round(b["background_purity"], 3)
+                        for b in rep.bias
+                    ],
+                    "biased": [b["background_bias"] for b in rep.bias],
+                    "dominant background": [b.get("dominant_background") for b in rep.bias],
+                    "off-object share": [
+                        None if b["off_object_share"] is None else round(b["off_object_share"], 3)
+                        for b in rep.bias
+                    ],
+                    "top concepts": [
+                        ", ".join(
+                            c["phrase"] + (" (off-object)" if c.get("off_object") else "")
+                            for c in b["concepts"][:4]
+                        )
+                        for b in rep.bias
+                    ],
+                },
+                hide_index=True,
+            )
+        else:
+            st.info(rep.bias_note, icon=":material/construction:")
+        if rep.background is not None:
+            st.subheader("Ground truth: background per class")
+            fig = go.Figure(
+                go.Heatmap(
+                    z=rep.background,
+                    x=rep.background_names,
+                    y=[c for c, _ in rep.class_counts],
+                    colorscale="Oranges",
+                    texttemplate="%{z}",
+                )
+            )
+            fig.update_layout(
+                height=200 + 26 * len(rep.class_counts),
+                yaxis={"autorange": "reversed"},
+                margin={"l": 0, "r": 0, "t": 10, "b": 0},
+            )
+            st.plotly_chart(fig, width="stretch", key="bg")
+        st.subheader("Concept frequencies per class")
+        if rep.concept_freq is not None:
+            st.caption(
+                "Share of each class's images whose captions mention the concept (the concepts that vary most across classes)."
+            )
+            fig = go.Figure(
+                go.Heatmap(
+                    z=rep.concept_freq,
+                    x=rep.concept_names,
+                    y=[c for c, _ in rep.class_counts],
+                    colorscale="Viridis",
+                    hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>",
+                )
+            )
+            fig.update_layout(
+                height=240 + 26 * len(rep.class_counts),
+                yaxis={"autorange": "reversed"},
+                margin={"l": 0, "r": 0, "t": 10, "b": 0},
+            )
+            st.plotly_chart(fig, width="stretch", key="freq")
+        else:
+            st.info(rep.freq_note, icon=":material/construction:")
+        st.caption("Images per class: " + ", ".join(f"{c} {n}" for c, n in rep.class_counts))

@@ -1,0 +1,165 @@
+"""Explain an image: predictions, the explanation sentence, "why not B?", attribute chips, contributing filters."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import _shared as sh
+from lavise_core import views
+from lavise_core.images import ImageLoadError
+from lavise_core.samples import SAMPLE_PHOTOS, sample_photo
+
+MAX_UPLOADS = 6
+CACHE = "analyses"
+
+st.title("Explain an image")
+st.caption("The network names the image and says why, in words (attributes) and pictures (where it looks).")
+
+
+def _analysis(ws: views.Workspace, key: str, make) -> views.ImageAnalysis:
+    cache = st.session_state.setdefault(CACHE, {})
+    full = (str(ws.bundle.root), key)
+    if full not in cache:
+        if len(cache) > 12:
+            cache.pop(next(iter(cache)))
+        cache[full] = make()
+    return cache[full]
+
+
+def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
+    classes = ws.classes
+    c_img, c_txt = st.columns([2, 3])
+    with c_txt:
+        top = [c for c, _ in views.explain_image(ws, a).predictions]
+        why_not = st.selectbox(
+            "Why not class…?", ["(choose a class)"] + [c for c in classes if c != top[0]], key=f"whynot_{uid}"
+        )
+        attr_key = f"attr_{uid}"
+        ex = views.explain_image(
+            ws,
+            a,
+            why_not=None if why_not.startswith("(") else why_not,
+            attribute=st.session_state.get(attr_key),
+        )
+        st.markdown(f"#### {ex.sentence or f'Predicted: {ex.predicted}'}")
+        if ex.contrast:
+            st.markdown(f"**Why not {why_not}?** {ex.contrast}")
+        for n in ex.notes:
+            st.info(n, icon=":material/construction:")
+        fig = go.Figure(
+            go.Bar(
+                x=[p for _, p in ex.predictions][::-1],
+                y=[c for c, _ in ex.predictions][::-1],
+                orientation="h",
+                marker_color="#4c78a8",
+                text=[f"{p:.1%}" for _, p in ex.predictions][::-1],
+                textposition="auto",
+            )
+        )
+        fig.update_layout(
+            title="Top-5 predictions",
+            height=230,
+            margin={"l": 0, "r": 10, "t": 40, "b": 10},
+            xaxis={"range": [0, 1], "tickformat": ".0%"},
+        )
+        st.plotly_chart(fig, width="stretch", key=f"pred_{uid}")
+    with c_img:
+        if ex.attributes:
+            st.pills(
+                "Attributes (click one to see where it is)",
+                [t for t, _ in ex.attributes],
+                default=ex.attribute,
+                key=attr_key,
+            )
+        st.image(ex.heatmap, width="stretch")
+        st.caption(ex.heatmap_caption)
+        if ex.zero_shot:
+            st.caption(
+                "Zero-shot words for the whole image (LaViSE head): "
+                + ", ".join(p for p, _ in ex.zero_shot[:6])
+            )
+    contrib = go.Figure(
+        go.Bar(
+            x=[f"#{k}" for k, _, _ in ex.contributions],
+            y=[v for _, v, _ in ex.contributions],
+            text=[lab for *_, lab in ex.contributions],
+            marker_color="#f58518",
+            hovertemplate="filter %{x}: %{y:.3f}<br>%{text}<extra></extra>",
+        )
+    )
+    contrib.update_layout(
+        title=f"Filters that contributed most to “{ex.target}” (φ_k · W[c, k])",
+        height=300,
+        margin={"l": 0, "r": 10, "t": 40, "b": 10},
+        xaxis={"type": "category"},
+    )
+    st.plotly_chart(contrib, width="stretch", key=f"contrib_{uid}")
+    st.caption(
+        "Open a filter: " + " · ".join(f"[#{k}](/filters?filter={k})" for k, _, _ in ex.contributions[:6])
+    )
+
+
+ws = sh.workspace()
+if ws is not None:
+    with sh.guard("the Explain page"):
+        ws.require_probe()
+        source = st.radio(
+            "Image source", ["Upload", "Sample photo", "Probe-set test image"], horizontal=True, key="source"
+        )
+        items: list[tuple[str, str, object]] = []  # (uid, title, maker)
+        if source == "Upload":
+            files = st.file_uploader(
+                "Upload one or more images (PNG, JPEG, GIF, BMP, TIFF, WebP)",
+                accept_multiple_files=True,
+                key="uploads",
+            )
+            for f in (files or [])[:MAX_UPLOADS]:
+                data = f.getvalue()
+                items.append(
+                    (
+                        f.file_id or f.name,
+                        f.name,
+                        lambda data=data, name=f.name: views.analyse_image(ws, data, name),
+                    )
+                )
+            if files and len(files) > MAX_UPLOADS:
+                st.warning(f"Only the first {MAX_UPLOADS} images are explained.")
+        elif source == "Sample photo":
+            name = st.selectbox(
+                "Sample photo",
+                list(SAMPLE_PHOTOS),
+                format_func=lambda n: f"{n} ({SAMPLE_PHOTOS[n]})",
+                key="sample",
+            )
+            items.append((f"sample-{name}", name, lambda: views.analyse_image(ws, sample_photo(name))))
+        else:
+            ds = ws.dataset()
+            if ds is None:
+                st.error(f"The probe set is unavailable: {ws.dataset_error()}")
+            else:
+                test = [i for i, r in enumerate(ds.records) if r.split == "test"] or list(range(len(ds)))
+                i = st.selectbox(
+                    "Test image",
+                    test[:300],
+                    format_func=lambda i: (
+                        f"#{i} {ds.records[i].id} ({ds.classes[ds.records[i].label] if 0 <= ds.records[i].label < len(ds.classes) else '?'})"
+                    ),
+                    key="probe_image",
+                )
+                truth = ds.records[i].label
+                if 0 <= truth < len(ds.classes):
+                    st.caption(f"True class: **{ds.classes[truth]}**")
+                items.append((f"probe-{i}", f"#{i}", lambda: views.analyse_image(ws, ds.load_image(i))))
+        if not items and source == "Upload":
+            st.info("Upload an image, or switch to a sample photo.")
+        tabs = st.tabs([t for _, t, _ in items]) if len(items) > 1 else [st.container()]
+        for (uid, title, make), tab in zip(items, tabs, strict=False):
+            with tab:
+                try:
+                    a = _analysis(ws, uid, make)
+                except ImageLoadError as e:
+                    st.error(f"{title}: {e}")
+                    continue
+                with sh.guard(f"explaining {title}"):
+                    render(ws, a, uid)

@@ -1,0 +1,164 @@
+"""Filters: a sortable, filterable grid of filter cards; ?filter=K opens one filter (shareable URL)."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import _shared as sh
+from lavise_core import views
+
+PER_PAGE = 24
+COLS = 6
+
+
+def _open(k: int | None) -> None:
+    if k is None:
+        st.query_params.pop("filter", None)
+    else:
+        st.query_params["filter"] = str(k)
+
+
+def _bar(labels: list[str], values: list[float], title: str, color: str = "#4c78a8") -> go.Figure:
+    fig = go.Figure(go.Bar(x=values[::-1], y=labels[::-1], orientation="h", marker_color=color))
+    fig.update_layout(title=title, height=90 + 24 * len(labels), margin={"l": 0, "r": 10, "t": 40, "b": 10})
+    return fig
+
+
+def detail(ws: views.Workspace, k: int) -> None:
+    d = views.filter_detail(ws, k)
+    nav1, nav2, nav3, _ = st.columns([1, 1, 1, 5])
+    nav1.button("← all filters", on_click=_open, args=(None,), key="back")
+    nav2.button("‹ previous", on_click=_open, args=(max(k - 1, 0),), key="prev", disabled=k == 0)
+    nav3.button(
+        "next ›",
+        on_click=_open,
+        args=(min(k + 1, ws.channels - 1),),
+        key="next",
+        disabled=k >= ws.channels - 1,
+    )
+    st.header(f"Filter {k}" + (f" — “{d.label}”" if d.label else ""))
+    st.caption(f"Share this filter: add `?filter={k}` to the Filters page URL.")
+    st.subheader("Where it fires: its top images")
+    st.caption("Brighter = stronger activation of this filter (same scale for all images).")
+    st.image(
+        [im for im, *_ in d.top_images],
+        caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
+        width=170,
+    )
+    left, right = st.columns(2)
+    with left:
+        if d.labels is not None:
+            st.subheader("Zero-shot labels (LaViSE)")
+            st.dataframe(
+                {
+                    "concept": [p for p, _, _ in d.labels],
+                    "score": [round(s, 3) for _, s, _ in d.labels],
+                    "kind": [
+                        {"seen": "seen in training", "unseen": "zero-shot"}.get(t, t) for _, _, t in d.labels
+                    ],
+                },
+                hide_index=True,
+            )
+            if d.inside is not None:
+                st.caption(
+                    f"{d.inside:.0%} of its activation lies on the object (the rest on the background)."
+                )
+        else:
+            st.info(d.labels_note, icon=":material/construction:")
+        if d.attributes is not None:
+            st.plotly_chart(
+                _bar(
+                    [a for a, _ in d.attributes],
+                    [p for _, p in d.attributes],
+                    "Attribute p.d.f. p(t | f) (Guo et al.)",
+                ),
+                width="stretch",
+                key="pdf",
+            )
+        else:
+            st.info(d.attributes_note, icon=":material/construction:")
+    with right:
+        if not d.classes:
+            st.info(
+                f"Layer `{ws.bundle.layer}` does not feed the classifier directly, so filters have no class weights."
+            )
+        names = [c for c, _ in d.classes]
+        w = [v for _, v in d.classes]
+        if d.classes:
+            fig = _bar(names, w, "Classes that weight it most (W[c, k])")
+            fig.update_traces(marker_color=["#54a24b" if v >= 0 else "#e45756" for v in w[::-1]])
+            st.plotly_chart(fig, width="stretch", key="classes")
+        hist = go.Figure(go.Histogram(x=d.activations, nbinsx=40, marker_color="#72b7b2"))
+        for lvl, v in d.quantiles:
+            if lvl in (0.5, 0.99):
+                hist.add_vline(x=v, line_dash="dot", annotation_text=f"q{lvl:g} (spatial)")
+        hist.update_layout(
+            title="Its pooled activation φ over the probe images",
+            height=280,
+            margin={"l": 0, "r": 10, "t": 40, "b": 10},
+        )
+        st.plotly_chart(hist, width="stretch", key="hist")
+        if d.quantiles:
+            st.caption(
+                "Spatial activation quantiles: "
+                + ", ".join(f"q{lvl:g} = {v:.3g}" for lvl, v in d.quantiles)
+                + (f"; Network-Dissection threshold {d.threshold:.3g}" if d.threshold is not None else "")
+            )
+
+
+def grid(ws: views.Workspace) -> None:
+    table = views.filter_table(ws)
+    st.header(f"Filters of layer `{ws.bundle.layer}`")
+    st.caption(
+        f"{ws.channels} filters. Each card: the 4 images that excite the filter most, the excited region "
+        f"highlighted, and its best label ({table.attrs.get('source', '')}). Click **Open** for details."
+    )
+    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 1])
+    sort_by = c1.selectbox("Sort by", list(views.SORT_KEYS), key="sort_by")
+    concept = c2.text_input("Label contains", "", key="concept_filter", placeholder="e.g. wing")
+    max_score = float(table["score"].max()) if len(table) else 0.0
+    min_score = c3.slider("Minimum label score", 0.0, max(max_score, 0.01), 0.0, key="min_score")
+    cls = c4.selectbox("Important for class", ["(any)", *ws.classes], key="class_filter")
+    confident = c5.checkbox("Confident only", key="confident_only")
+    sel = views.select_filters(
+        table, sort_by, concept, min_score, None if cls == "(any)" else cls, confident, ws=ws
+    )
+    n = len(sel)
+    if n == 0:
+        st.warning("No filter matches these settings.")
+        return
+    pages = (n + PER_PAGE - 1) // PER_PAGE
+    page = (
+        st.number_input(f"Page (of {pages}; {n} filters match)", 1, pages, 1, key="grid_page")
+        if pages > 1
+        else 1
+    )
+    rows = sel.iloc[(page - 1) * PER_PAGE : page * PER_PAGE]
+    cols = st.columns(COLS)
+    for j, (_, r) in enumerate(rows.iterrows()):
+        k = int(r["filter"])
+        with cols[j % COLS].container(border=True):
+            st.image(views.filter_card_image(ws, k), width="stretch")
+            label = r["label"] or "—"
+            st.markdown(
+                f"**#{k}** · {label}"
+                + ("" if not r["label"] else f"  \n<small>score {r['score']:.2f} · {r['top_class']}</small>"),
+                unsafe_allow_html=True,
+            )
+            st.button("Open", key=f"open_{k}", on_click=_open, args=(k,), width="stretch")
+
+
+ws = sh.workspace()
+if ws is not None:
+    with sh.guard("the Filters page"):
+        ws.require_probe()
+        raw = st.query_params.get("filter")
+        if raw is not None:
+            try:
+                k = int(raw)
+            except ValueError:
+                raise ValueError(f"?filter={raw} is not a filter number") from None
+            detail(ws, k)
+        else:
+            grid(ws)
