@@ -39,6 +39,8 @@ __all__ = [
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
 SPLITS = ("train", "val", "test")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class DatasetError(ValueError):
@@ -101,6 +103,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -314,7 +314,8 @@ def _load_card(spec: str, _q: dict) -> LoadedModel:
 
     from .demo_cnn import SynthBirdsCNN
 
-    model = SynthBirdsCNN(num_classes=len(card["classes"]), **card.get("arch_kwargs", {}))
+    kwargs = {**card.get("arch_kwargs", {}), "num_classes": len(card["classes"])}
+    model = SynthBirdsCNN(**kwargs)
     _load_strict(model, load_file(str(weights)), str(weights))
     size = int(card["input_size"])
     return LoadedModel(

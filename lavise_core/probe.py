@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,6 +309,8 @@ def run_probe(
                 top.update(ranked, maps.cpu(), idx)
             done = hi
             bar.update(hi - lo)
+            if on_progress is not None:
+                on_progress(done, n)
             if (bi + 1) % settings.checkpoint_every == 0 and done < n:
                 _checkpoint(state_path, pooled, logits, valid, top, hist, done, n, failures)
     bar.close()

@@ -138,3 +138,12 @@ def test_topk_merge_keeps_largest_with_maps():
     t.update(torch.tensor([[3.0], [-1.0]]), torch.tensor([3.0, -1.0]).view(2, 1, 1, 1), torch.tensor([2, 3]))
     assert t.index.tolist() == [[1, 2]] and t.values.tolist() == [[5.0, 3.0]]
     assert t.maps.flatten().tolist() == [5.0, 3.0]
+
+
+def test_progress_callback_and_file_permissions(tmp_path, identity_model, colour_dataset):
+    seen = []
+    bundle = open_or_create_bundle(tmp_path / "b", identity_model, colour_dataset)
+    run_probe(bundle, identity_model, colour_dataset, SETTINGS, on_progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(2, 7), (4, 7), (6, 7), (7, 7)]
+    mode = (bundle.root / "probe" / "pooled.npy").stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044  # readable by others, like any file the user writes
