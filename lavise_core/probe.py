@@ -231,9 +231,15 @@ def open_or_create_bundle(
 
 # --------------------------------------------------------------------------------------- the pass
 def run_probe(
-    bundle: Bundle, lm: LoadedModel, ds: ProbeDataset, settings: ProbeSettings = ProbeSettings()
+    bundle: Bundle,
+    lm: LoadedModel,
+    ds: ProbeDataset,
+    settings: ProbeSettings = ProbeSettings(),
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Bundle:
     """Run (or resume, or skip if done) the probe pass and store its arrays in ``bundle``.
+
+    ``on_progress(done, total)`` is called after every batch (for progress bars outside a terminal).
 
     Writes ``probe/pooled (N, C)``, ``probe/logits (N, K)``, ``probe/valid (N,)``, ``probe/top_index (C, k)``,
     ``probe/top_value (C, k)``, ``probe/top_maps (C, k, h, w)`` float16, ``probe/quantile_levels (Q,)``,
