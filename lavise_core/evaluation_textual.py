@@ -7,7 +7,12 @@ Measured on the held-out split (``test``) of the probe data set:
   (a uniformly random location in the image; a constant p.d.f., i.e. all filters weighted 1/C).
   A prediction is correct when it lies within ``α · object size`` of the keypoint, object size =
   ``max(bbox width, bbox height)`` (the paper only says "object size" and uses bounding-box-cropped
-  images; without a box the image's larger side is used). The attribute's keypoints: the regions whose
+  images; without a box the image's larger side is used). Rows: the paper's eq. 9 with ``p(t | f_k)``
+  weights ("eq. 9 literal") and the proposed specific weights (:func:`~lavise_core.textual.filter_specificity`,
+  the lift over the mean filter, clipped at 0), each located on the receptive-field centres of the map
+  cells (:func:`receptive_field_centres`) and, for comparison, on the uniform cell grid that bilinear
+  upsampling assumes ("cell grid"); heatmaps are arg-maxed at map resolution (the arg-max of a bilinearly
+  upsampled map is a map cell). The attribute's keypoints: the regions whose
   ``region_concepts`` list the phrase; else the regions named by the phrase's noun ("red wing" ->
   "left wing", "right wing"; "bill" -> "beak"; "head" -> "crown", "forehead"); the closest one counts.
 - **Retrieval** (Table 2): for attribute t the method retrieves the images whose explanation (top-5 of
@@ -22,10 +27,12 @@ Measured on the held-out split (``test``) of the probe data set:
   NLTK's ``SmoothingFunction().method1``) of the explanation sentence against the image's captions,
   lower-cased word tokens; mean over correct / wrong / all predictions.
 - **Top-5 precision**: fraction of an explanation's 5 attributes that are true of the image (labels when
-  the data set has them, else captions).
-- **Randomisation check** (Adebayo et al.): p.d.f.s from the same net with re-initialised weights must
-  differ; Spearman rank correlation per filter between the two p.d.f.s, raw and divided by the prior
-  (the prior alone correlates them, so the "lift" is the part that comes from the network).
+  the data set has them, else captions), on the correctly classified images and on all images.
+- **Randomisation check** (Adebayo et al.): explanations of the same net with re-initialised weights
+  must differ. Compared: per image, the explanation p.d.f. ``p(t | x, ĉ)`` (eq. 5–6) divided by its mean
+  over the images (removes the network-independent prior / frequencies), Spearman over the attributes
+  present in the images, with a positive control; the raw per-filter p.d.f. correlation is kept for
+  reference (see :func:`randomization_check`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from lavise_core.textual import (
     TextualExplainer,
     explanation_sentence,
     filter_attribute_pdf,
+    filter_specificity,
     fit_indices,
     ground_attribute,
     image_class_pdf,
@@ -70,6 +78,7 @@ __all__ = [
     "heatmap_argmax_xy",
     "pck",
     "randomization_check",
+    "receptive_field_centres",
     "reinitialize",
     "retrieval_metrics",
     "sentence_bleu",
@@ -157,19 +166,77 @@ def retrieval_metrics(retrieved: np.ndarray, truth: np.ndarray) -> dict[str, Any
     }
 
 
-def heatmap_argmax_xy(heatmaps: np.ndarray, box: Sequence[float]) -> np.ndarray:
+def heatmap_argmax_xy(
+    heatmaps: np.ndarray,
+    box: Sequence[float],
+    grid: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Arg-max of ``(..., H, W)`` heatmaps as ``(..., 2)`` ``[x, y]`` image pixels.
 
     ``box`` = ``(x0, y0, x1, y1)``: the image region the ``H × W`` heatmap covers (the network's crop,
-    :meth:`LoadedModel.crop_box`); pixel centres map to ``x0 + (u + 0.5) (x1 - x0) / W``.
+    :meth:`LoadedModel.crop_box`). Without ``grid`` cell centres map to ``x0 + (u + 0.5) (x1 - x0) / W``
+    (a uniform grid, what bilinear upsampling with ``align_corners=False`` assumes); ``grid = (gx (W,),
+    gy (H,))`` gives each column's / row's position as a fraction of the network input (e.g.
+    :func:`receptive_field_centres`), mapped to ``x0 + gx[u] (x1 - x0)``.
     """
     h = np.asarray(heatmaps)
     hh, ww = h.shape[-2:]
     flat = h.reshape(-1, hh * ww).argmax(axis=1)
     v, u = np.divmod(flat, ww)
     x0, y0, x1, y1 = box
-    xy = np.stack([x0 + (u + 0.5) * (x1 - x0) / ww, y0 + (v + 0.5) * (y1 - y0) / hh], axis=1)
+    if grid is None:
+        fx, fy = (u + 0.5) / ww, (v + 0.5) / hh
+    else:
+        gx, gy = (np.asarray(g, dtype=np.float64) for g in grid)
+        if gx.shape != (ww,) or gy.shape != (hh,):
+            raise TextualError(f"grid must be ({ww},) and ({hh},) fractions, got {gx.shape} and {gy.shape}")
+        fx, fy = gx[u], gy[v]
+    xy = np.stack([x0 + fx * (x1 - x0), y0 + fy * (y1 - y0)], axis=1)
     return xy.reshape((*h.shape[:-2], 2))
+
+
+def receptive_field_centres(
+    model: torch.nn.Module, layer: str, input_size: int, n_probe: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each cell of ``layer``'s ``h × w`` map looks in the input, as fractions of the input side.
+
+    The centre of a cell's receptive field is not the cell's centre on a uniform grid: a 3×3 convolution
+    with stride 2 and padding 1 maps output cell u to input pixel 2u (not 2u + 0.5), so after four of them
+    cell u of an 8×8 map sits on pixel 16u, 7.5 pixels up-left of ``(u + 0.5) · 16``. Measured, not
+    derived (any architecture): the centroid of ``|∂ Σ_c A_c[v, u] / ∂ x|`` over ``n_probe`` seeded
+    Gaussian inputs, pixel centres at ``+0.5``, averaged over rows (for x) and columns (for y).
+
+    Returns:
+        ``(gx (w,), gy (h,))`` float64 fractions in ``[0, 1]`` of the input width / height.
+    """
+    import torch
+
+    from lavise_core.networks import record_layer
+
+    gen = torch.Generator().manual_seed(seed)
+    p0 = next(model.parameters(), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    x = torch.randn(n_probe, 3, input_size, input_size, generator=gen).to(device).requires_grad_(True)
+    with torch.enable_grad(), record_layer(model, layer) as rec:
+        model(x)
+        out = rec.output
+        if out is None or out.dim() != 4:
+            raise TextualError(f"layer {layer!r} gives no (B, C, h, w) map")
+        h, w = out.shape[-2:]
+        cx = np.zeros((h, w))
+        cy = np.zeros((h, w))
+        pix = (torch.arange(input_size, dtype=torch.float64) + 0.5) / input_size
+        for v in range(h):
+            for u in range(w):
+                (g,) = torch.autograd.grad(out[:, :, v, u].sum(), x, retain_graph=True)
+                m = g.abs().sum(dim=(0, 1)).double().cpu()  # (S, S)
+                tot = float(m.sum())
+                if tot <= 0:
+                    cx[v, u], cy[v, u] = (u + 0.5) / w, (v + 0.5) / h
+                    continue
+                cx[v, u] = float((m.sum(0) * pix).sum()) / tot
+                cy[v, u] = float((m.sum(1) * pix).sum()) / tot
+    return cx.mean(axis=0), cy.mean(axis=1)
 
 
 def pck(
@@ -245,30 +312,79 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _image_lift(expl: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(n, T)`` explanations divided by their mean over the images, on columns ``cols``."""
+    e = np.asarray(expl, dtype=np.float64)[:, cols]
+    mean = e.mean(axis=0, keepdims=True)
+    return e / np.where(mean > 0, mean, 1.0)
+
+
 def randomization_check(
-    pooled: np.ndarray, pooled_random: np.ndarray, attr_matrix: np.ndarray, prior: np.ndarray
+    pooled: np.ndarray,
+    pooled_random: np.ndarray,
+    attr_matrix: np.ndarray,
+    prior: np.ndarray,
+    *,
+    weight: np.ndarray | None = None,
+    weight_random: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+    logits_random: np.ndarray | None = None,
+    reference_pdf: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Spearman correlation between the p.d.f.s (eq. 1–4) of a net and of the same net re-initialised.
+    """Randomisation sanity check (Adebayo et al.): explanations of a net vs the same net re-initialised.
+
+    Filter k of a random net has nothing to do with filter k of the trained one, and both p.d.f.s share a
+    component that does not depend on the network at all (the prior ``p(t)``; attributes absent from the
+    probe images get 0 in both), so the raw per-filter correlation (``spearman_pdf``, kept for reference)
+    measures that shared part, not the network. What must differ are the *explanations the method
+    outputs*: ``spearman_explanation`` compares, per image, ``p(t | x, ĉ)`` (eq. 5–6, each net with its own
+    classifier and predicted class ĉ) divided by that net's mean explanation over the images (the
+    image-independent component: prior, attribute frequencies), over the attributes present in the images.
+    ``spearman_filter_lift`` is the per-filter ``p(t | f_k) / p(t)`` over the same attributes.
+    ``spearman_explanation_control`` is the positive control: the trained net's explanation lift with the
+    p.d.f. fitted on these images vs ``reference_pdf`` (fitted on all fit images); it must stay high.
 
     Args:
         pooled, pooled_random: ``(N, C)`` pooled activations of the same N images under both nets.
         attr_matrix: ``(N, T)``; prior: ``(T,)``.
+        weight, weight_random: ``(K, C)`` classifier weights of both nets; logits, logits_random: ``(N, K)``.
+            The explanation comparisons are computed when all four are given.
+        reference_pdf: ``(C, T)`` the trained net's stored p.d.f. (for the control).
 
     Returns:
-        ``spearman_pdf`` (mean over filters, raw p.d.f. rows), ``spearman_lift`` (rows divided by the prior,
-        the network's share), ``top1_agreement`` (share of filters whose top attribute is the same), all
-        near 1 when the explanation does not depend on the learned weights.
+        ``spearman_pdf``, ``spearman_lift`` (raw rows / prior, all attributes), ``top1_agreement`` (share of
+        filters with the same top attribute), ``n_attributes_present``, ``spearman_filter_lift`` and, with
+        the classifiers, ``spearman_explanation``, ``top5_overlap_explanation`` (share of the 5 top lifted
+        attributes in common), ``spearman_explanation_control`` (with ``reference_pdf``).
     """
     pdf = filter_attribute_pdf(pooled, attr_matrix, prior)
     pdf_r = filter_attribute_pdf(pooled_random, attr_matrix, prior)
     pr = np.asarray(prior, dtype=np.float64)
     keep = pr > 0
     lift, lift_r = pdf[:, keep] / pr[keep], pdf_r[:, keep] / pr[keep]
-    return {
+    present = np.flatnonzero(keep & (np.asarray(attr_matrix).sum(axis=0) > 0))
+    out = {
         "spearman_pdf": float(np.nanmean(spearman_rows(pdf, pdf_r))),
         "spearman_lift": float(np.nanmean(spearman_rows(lift, lift_r))),
         "top1_agreement": float(np.mean(pdf.argmax(1) == pdf_r.argmax(1))),
+        "n_attributes_present": int(present.size),
+        "spearman_filter_lift": float(
+            np.nanmean(spearman_rows(pdf[:, present] / pr[present], pdf_r[:, present] / pr[present]))
+        ),
     }
+    if weight is None or weight_random is None or logits is None or logits_random is None:
+        return out
+    pred = np.asarray(logits).argmax(axis=1)
+    pred_r = np.asarray(logits_random).argmax(axis=1)
+    e = _image_lift(image_class_pdf(pdf, pooled, weight, pred), present)
+    e_r = _image_lift(image_class_pdf(pdf_r, pooled_random, weight_random, pred_r), present)
+    out["spearman_explanation"] = float(np.nanmean(spearman_rows(e, e_r)))
+    top_a, top_b = top_k_mask(e, 5), top_k_mask(e_r, 5)
+    out["top5_overlap_explanation"] = float(np.mean((top_a & top_b).sum(axis=1) / top_a.sum(axis=1)))
+    if reference_pdf is not None:
+        e_ref = _image_lift(image_class_pdf(reference_pdf, pooled, weight, pred), present)
+        out["spearman_explanation_control"] = float(np.nanmean(spearman_rows(e, e_ref)))
+    return out
 
 
 def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -366,9 +482,16 @@ def _grounding(
     cols = np.asarray(chosen)
     pdf_cols = np.asarray(ex.pdf)[:, cols]  # (C, A)
     c = pdf_cols.shape[0]
-    const = np.full((c, 1), 1.0 / c, dtype=np.float32)
+    # filter weights of eq. 9 per method: (C, A) or (C, 1) for the constant p.d.f.
+    weights = {
+        "constant": np.full((c, 1), 1.0 / c, dtype=np.float32),
+        "literal": pdf_cols.astype(np.float32),
+        "proposed": filter_specificity(pdf_cols),
+    }
+    grid = receptive_field_centres(lm.model, layer, lm.input_size, seed=seed)
     rng = np.random.default_rng(seed)
-    rows = {"proposed": [], "constant": [], "random": []}
+    preds: dict[str, list[np.ndarray]] = {f"{m}{g}": [] for m in weights for g in ("", "_cell_grid")}
+    rand: list[np.ndarray] = []
     kps_all: list[np.ndarray] = []
     sizes_all: list[float] = []
     attr_of: list[int] = []
@@ -379,7 +502,6 @@ def _grounding(
     ):
         x, sizes, ok = _load_batch(ds, lm, b)
         maps, _ = forward_maps(lm, x, layer)
-        s = lm.input_size
         for bi, i in enumerate(b):
             if not ok[bi]:
                 continue
@@ -395,18 +517,20 @@ def _grounding(
                     pairs.append((a, np.asarray(pts, dtype=np.float64)))
             if not pairs:
                 continue
-            heat = ground_attribute(maps[bi], pdf_cols[:, [a for a, _ in pairs]], (s, s))  # (Q, s, s)
-            xy = heatmap_argmax_xy(heat, box)
-            cxy = heatmap_argmax_xy(ground_attribute(maps[bi], const, (s, s)), box)[0]
+            sel = [a for a, _ in pairs]
+            # the arg-max of a bilinearly upsampled map is a map cell: work at map resolution
+            for name, wts in weights.items():
+                heat = ground_attribute(maps[bi], wts if wts.shape[1] == 1 else wts[:, sel])  # (Q', h, w)
+                for suffix, g in (("", grid), ("_cell_grid", None)):
+                    xy = heatmap_argmax_xy(heat, box, g)
+                    preds[name + suffix].extend(xy[0] if len(xy) == 1 else xy[q] for q in range(len(pairs)))
             size = (
                 float(max(rec.bbox[2] - rec.bbox[0], rec.bbox[3] - rec.bbox[1]))
                 if rec.bbox
                 else float(max(w, h))
             )
-            for q, (a, pts) in enumerate(pairs):
-                rows["proposed"].append(xy[q])
-                rows["constant"].append(cxy)
-                rows["random"].append(rng.random((n_rand, 2)) * np.array([w, h]))
+            for a, pts in pairs:
+                rand.append(rng.random((n_rand, 2)) * np.array([w, h]))
                 kps_all.append(pts)
                 sizes_all.append(size)
                 attr_of.append(a)
@@ -417,18 +541,24 @@ def _grounding(
     for q, k in enumerate(kps_all):
         kp[q, : len(k)] = k
     size = np.asarray(sizes_all)
-    out: dict[str, Any] = {"n_pairs": len(kps_all), "n_attributes": len(cols), "alphas": list(alphas)}
-    out["proposed"] = pck(np.asarray(rows["proposed"]), kp, size, alphas).tolist()
-    out["constant"] = pck(np.asarray(rows["constant"]), kp, size, alphas).tolist()
-    rnd = np.asarray(rows["random"])  # (P, n_rand, 2): average PCK over the random draws
+    out: dict[str, Any] = {
+        "n_pairs": len(kps_all),
+        "n_attributes": len(cols),
+        "alphas": list(alphas),
+        "receptive_field_grid": [np.round(grid[0], 4).tolist(), np.round(grid[1], 4).tolist()],
+    }
+    for key, xy_list in preds.items():
+        out[key] = pck(np.asarray(xy_list), kp, size, alphas).tolist()
+    rnd = np.asarray(rand)  # (P, n_rand, 2): average PCK over the random draws
     out["random"] = np.mean([pck(rnd[:, d], kp, size, alphas) for d in range(rnd.shape[1])], axis=0).tolist()
     attr_of_a = np.asarray(attr_of)
-    prop = np.asarray(rows["proposed"])
-    out["per_attribute"] = {
-        vocab[cols[a]]: pck(prop[attr_of_a == a], kp[attr_of_a == a], size[attr_of_a == a], alphas).tolist()
-        for a in range(len(cols))
-        if (attr_of_a == a).any()
-    }
+    for key in ("proposed", "literal"):
+        xy = np.asarray(preds[key])
+        out[f"per_attribute_{key}" if key != "proposed" else "per_attribute"] = {
+            vocab[cols[a]]: pck(xy[attr_of_a == a], kp[attr_of_a == a], size[attr_of_a == a], alphas).tolist()
+            for a in range(len(cols))
+            if (attr_of_a == a).any()
+        }
     return out
 
 
@@ -532,8 +662,11 @@ def evaluate_textual(
         retrieval[name] = m
         hits = (top_mask & g).sum(1)
         counted = (top_mask & in_vocab[None, :]).sum(1)
+        ok = correct & known
         precision[name] = {
             "top5_precision": float(100.0 * np.mean(hits / top)),
+            "top5_precision_correct": float(100.0 * np.mean(hits[ok] / top)) if ok.any() else None,
+            "n_correct": int(ok.sum()),
             "top5_precision_in_vocabulary": float(100.0 * np.mean(hits[counted > 0] / counted[counted > 0]))
             if (counted > 0).any()
             else None,
@@ -576,11 +709,22 @@ def evaluate_textual(
         fit = fit[valid[fit]]
         sub = np.sort(rng.choice(fit, size=min(randomization_images, fit.size), replace=False))
         rand_model = reinitialize(lm.model, seed)
-        pr = _forward_pooled_layer(lm, rand_model, bundle.layer, dataset, sub, batch_size, progress)
+        pr, lr = _forward_pooled_layer(lm, rand_model, bundle.layer, dataset, sub, batch_size, progress)
+        wr = rand_model.get_submodule(lm.classifier).weight.detach().float().cpu().numpy()
         prior = np.asarray(bundle.array("textual/prior"), dtype=np.float64)
         results["randomization"] = {
             "n_images": int(sub.size),
-            **randomization_check(np.asarray(pooled[sub]), pr, attr[sub].astype(np.float32), prior),
+            **randomization_check(
+                np.asarray(pooled[sub]),
+                pr,
+                attr[sub].astype(np.float32),
+                prior,
+                weight=np.asarray(ex.weight),
+                weight_random=wr,
+                logits=np.asarray(logits[sub]),
+                logits_random=lr,
+                reference_pdf=np.asarray(ex.pdf),
+            ),
         }
     results["seconds"] = round(time.perf_counter() - t0, 2)
     if save and getattr(bundle, "writable", False):
@@ -596,22 +740,22 @@ def _forward_pooled_layer(
     idx: np.ndarray,
     batch_size: int,
     progress: bool,
-) -> np.ndarray:
-    """Pooled activations (spatial mean of ``layer``) of ``model`` on images ``idx``: ``(len(idx), C)``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled activations (spatial mean of ``layer``) ``(len(idx), C)`` and logits ``(len(idx), K)`` of ``model``."""
     import torch
     from tqdm.auto import tqdm
 
     from lavise_core.networks import record_layer
 
-    out = []
+    out, logits = [], []
     device = next(lm.model.parameters()).device
     for b in tqdm(_batches(idx, batch_size), disable=not progress, desc="randomised net"):
         x, _, _ = _load_batch(ds, lm, b)
         with torch.no_grad(), record_layer(model, layer) as rec:
-            model(x.to(device))
+            logits.append(model(x.to(device)).float().cpu().numpy())
         assert rec.output is not None
         out.append(rec.output.float().mean(dim=(2, 3)).cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(out), np.concatenate(logits)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -645,13 +789,20 @@ def format_tables(results: dict[str, Any]) -> str:
     if "skipped" in g or not g:
         lines.append(f"| skipped: {g.get('skipped', 'not run')} |" + " |" * (len(alphas) + 1))
     else:
-        for key, label in (
-            ("random", "random location"),
-            ("constant", "constant p.d.f."),
-            ("proposed", "learned p.d.f."),
-        ):
+        rows = (
+            ("random", "random location", "random"),
+            ("constant_cell_grid", "constant p.d.f., cell grid", "constant"),
+            ("constant", "constant p.d.f.", "constant"),
+            ("literal_cell_grid", "eq. 9 literal p(t \\| f), cell grid", "proposed"),
+            ("literal", "eq. 9 literal p(t \\| f)", "proposed"),
+            ("proposed_cell_grid", "specific p.d.f. (lift), cell grid", None),
+            ("proposed", "specific p.d.f. (lift)", None),
+        )
+        for key, label, paper_key in rows:
+            if key not in g:
+                continue
             ours = " | ".join(_f(v) for v in g[key])
-            paper = " / ".join(_f(v) for v in PAPER_PCK[key])
+            paper = " / ".join(_f(v) for v in PAPER_PCK[paper_key]) if paper_key else ""
             lines.append(f"| {label} | {ours} | {paper} |")
     lines.append("")
     lines += ["### Attribute-based retrieval (%, macro over the top attributes)", ""]
@@ -696,20 +847,32 @@ def format_tables(results: dict[str, Any]) -> str:
         lines += [
             "### Top-5 attribute precision (%)",
             "",
-            "| truth | all 5 | those in the truth's vocabulary |",
-            "|---|---|---|",
+            "| truth | correctly classified | all images | all, those in the truth's vocabulary |",
+            "|---|---|---|---|",
         ]
         for name, m in tp.items():
-            lines.append(f"| {name} | {_f(m['top5_precision'])} | {_f(m['top5_precision_in_vocabulary'])} |")
+            lines.append(
+                f"| {name} | {_f(m.get('top5_precision_correct'))} | {_f(m['top5_precision'])} | "
+                f"{_f(m['top5_precision_in_vocabulary'])} |"
+            )
         lines.append("")
     rnd = results.get("randomization")
     if rnd:
         lines += [
             f"### Randomisation check ({rnd['n_images']} images, re-initialised weights)",
             "",
-            "| Spearman p.d.f. | Spearman p.d.f./prior | same top attribute |",
+            "| compared | Spearman | |",
             "|---|---|---|",
-            f"| {_f(rnd['spearman_pdf'], 3)} | {_f(rnd['spearman_lift'], 3)} | {_f(100 * rnd['top1_agreement'])} % |",
+            f"| explanation p(t \\| x, ĉ) / its mean over images (per image) | "
+            f"{_f(rnd.get('spearman_explanation'), 3)} | top-5 overlap "
+            f"{_f(100 * rnd['top5_overlap_explanation'] if 'top5_overlap_explanation' in rnd else None)} % |",
+            f"| control: trained net, p.d.f. from these images vs stored | "
+            f"{_f(rnd.get('spearman_explanation_control'), 3)} | |",
+            f"| filter p.d.f. / prior, {rnd.get('n_attributes_present', '?')} attributes present | "
+            f"{_f(rnd.get('spearman_filter_lift'), 3)} | |",
+            f"| raw filter p.d.f. (all attributes; shares the prior) | {_f(rnd['spearman_pdf'], 3)} | "
+            f"same top attribute {_f(100 * rnd['top1_agreement'])} % |",
+            f"| raw filter p.d.f. / prior (all attributes; absent ones tie) | {_f(rnd['spearman_lift'], 3)} | |",
             "",
         ]
     return "\n".join(lines)

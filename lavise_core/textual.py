@@ -23,6 +23,13 @@ The paper leaves every "normalisation function σ" open; the choices made here a
   positive evidence for c ("because it has ..."). If no filter contributes positively, a softmax over
   filters is used instead.
 - eq. 9, over pixels: min–max to ``[0, 1]`` after bilinear upsampling.
+- eq. 9, over filters: the literal eq. 9 weights filter k by ``p(t | f_k)``. For any attribute these
+  weights are dominated by what all filters share (the prior, frequent attributes), so the literal heatmap
+  is almost the constant-p.d.f. heatmap (all filters weighted 1/C). :func:`filter_specificity` instead
+  weights a filter by how much *more* it says t than the average filter, the lift
+  ``max(p(t | f_k) / mean_k' p(t | f_k') − 1, 0)``; this is the default of :meth:`TextualExplainer.ground`
+  (``weighting="specific"``), ``weighting="literal"`` keeps the paper's eq. 9. Explanations (eq. 5–8) keep
+  the literal p.d.f.: there, frequent true attributes are what the sentence should say.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ __all__ = [
     "filter_activation_probability",
     "filter_attribute_pdf",
     "filter_class_weights",
+    "filter_specificity",
     "fit_indices",
     "ground_attribute",
     "image_class_pdf",
@@ -65,6 +73,7 @@ __all__ = [
 
 STAGE = "textual"
 Likelihood = Literal["normalized", "indicator"]
+Weighting = Literal["specific", "literal"]
 
 
 class TextualError(ValueError):
@@ -241,6 +250,35 @@ def class_descriptions(
 
 
 # =========================================================================== grounding
+def filter_specificity(pdf: np.ndarray) -> np.ndarray:
+    """Filter weights for grounding (eq. 9) that keep only what is specific to each attribute.
+
+    ``s_kt = max(p(t | f_k) / mean_k' p(t | f_k') − 1, 0)``: the lift of filter k for t over the average
+    filter, clipped at 0, so the part of ``p(t | f_k)`` that every filter shares (the prior ``p(t)``, the
+    attribute's frequency) cancels and only filters that prefer t weigh in. A column where no filter is above
+    the average (all equal, or all zero) gets the constant ``1 / C`` (the paper's constant-p.d.f. baseline).
+
+    Args:
+        pdf: ``(C, T)`` ``p(t | f_k)`` (or ``(C,)`` for one attribute).
+
+    Returns:
+        float32, same shape, non-negative, each column summing to 1.
+    """
+    p = np.asarray(pdf, dtype=np.float64)
+    one = p.ndim == 1
+    if one:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise TextualError(f"pdf must be (C, T) or (C,), got {np.shape(pdf)}")
+    if (p < 0).any() or not np.isfinite(p).all():
+        raise TextualError("pdf must be finite and non-negative")
+    mean = p.mean(axis=0, keepdims=True)
+    lift = np.maximum(p / np.where(mean > 0, mean, 1.0) - 1.0, 0.0)
+    tot = lift.sum(axis=0, keepdims=True)
+    out = np.where(tot > 0, lift / np.where(tot > 0, tot, 1.0), 1.0 / p.shape[0]).astype(np.float32)
+    return out[:, 0] if one else out
+
+
 def ground_attribute(maps: Any, pdf_col: np.ndarray, out_size: tuple[int, int] | None = None) -> np.ndarray:
     """Attribute heatmap ``y = σ(Σ_k p(t | f_k) A_k(x))`` (eq. 9), bilinearly upsampled, σ = min–max to [0, 1].
 
@@ -679,13 +717,30 @@ class TextualExplainer:
         return explanation_sentence(self.class_names[k], self.class_pdf[k], self.vocabulary, top, k)
 
     def ground(
-        self, maps: Any, attribute: str | int | Sequence[str | int], out_size: tuple[int, int] | None = None
+        self,
+        maps: Any,
+        attribute: str | int | Sequence[str | int],
+        out_size: tuple[int, int] | None = None,
+        weighting: Weighting = "specific",
     ) -> np.ndarray:
-        """Heatmap(s) of attribute(s) on ``maps (C, h, w)`` (eq. 9); ``(H, W)`` or ``(Q, H, W)``."""
-        if isinstance(attribute, str | int | np.integer):
-            return ground_attribute(maps, self.pdf[:, self.column(attribute)], out_size)
-        cols = [self.column(a) for a in attribute]
-        return ground_attribute(maps, self.pdf[:, cols], out_size)
+        """Heatmap(s) of attribute(s) on ``maps (C, h, w)`` (eq. 9); ``(H, W)`` or ``(Q, H, W)``.
+
+        ``weighting="specific"`` (default) weights filters by :func:`filter_specificity`, ``"literal"`` by
+        ``p(t | f_k)`` as the paper's eq. 9 (see the module docstring).
+        """
+        single = isinstance(attribute, str | int | np.integer)
+        cols = [self.column(attribute)] if single else [self.column(a) for a in attribute]
+        w = self.grounding_weights(cols, weighting)
+        return ground_attribute(maps, w[:, 0] if single else w, out_size)
+
+    def grounding_weights(self, columns: Sequence[int], weighting: Weighting = "specific") -> np.ndarray:
+        """``(C, len(columns))`` filter weights of eq. 9 for these attribute columns."""
+        p = np.asarray(self.pdf)[:, list(columns)]
+        if weighting == "specific":
+            return filter_specificity(p)
+        if weighting == "literal":
+            return p.astype(np.float32)
+        raise TextualError(f"weighting must be 'specific' or 'literal', got {weighting!r}")
 
     def filter_top_attributes(self, k: int, top: int = 10) -> list[tuple[str, float]]:
         """The ``top`` attributes of filter ``k``'s p.d.f. ``p(t | f_k)``."""
@@ -783,6 +838,7 @@ def build_textual_stage(
             "eq6_eq8": "positive part over filters, divided by its sum (softmax if none positive)",
             "eq8_scale": "W[c,k] * mean pooled activation of filter k",
             "eq9": "min-max to [0, 1] after bilinear upsampling",
+            "eq9_weights": "lift over the mean filter, clipped at 0 (filter_specificity); 'literal' = p(t|f)",
         },
         "top_attributes": [
             [t, int(d), float(p)]

@@ -22,6 +22,7 @@ from lavise_core.evaluation_textual import (
     heatmap_argmax_xy,
     pck,
     randomization_check,
+    receptive_field_centres,
     reinitialize,
     retrieval_metrics,
     sentence_bleu,
@@ -29,7 +30,7 @@ from lavise_core.evaluation_textual import (
     top_k_mask,
 )
 from lavise_core.networks import forward_maps
-from lavise_core.textual import TextualExplainer, build_textual_stage
+from lavise_core.textual import TextualError, TextualExplainer, build_textual_stage, filter_attribute_pdf
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -107,6 +108,57 @@ def test_randomization_check_identical_and_unrelated() -> None:
     assert same["spearman_pdf"] == pytest.approx(1.0) and same["top1_agreement"] == 1.0
     other = randomization_check(pooled, rng.random((n, c)), attr, prior)
     assert other["spearman_lift"] < 0.5 and other["top1_agreement"] < 0.5
+
+
+def test_randomization_check_explanations() -> None:
+    rng = np.random.default_rng(1)
+    n, c, t, k = 200, 5, 6, 3
+    attr = (rng.random((n, t)) < 0.4).astype(np.float32)
+    attr[:, 5] = 0  # absent from the images: excluded from the lifted comparisons
+    pooled = attr[:, :c] * 2 + 0.1 * rng.random((n, c))
+    prior = np.full(t, 1 / t)
+    w = rng.normal(size=(k, c))
+    logits = pooled @ w.T
+    same = randomization_check(
+        pooled, pooled, attr, prior, weight=w, weight_random=w, logits=logits, logits_random=logits,
+        reference_pdf=filter_attribute_pdf(pooled, attr, prior),
+    )  # fmt: skip
+    assert same["n_attributes_present"] == 5
+    assert same["spearman_explanation"] == pytest.approx(1.0)
+    assert same["top5_overlap_explanation"] == 1.0
+    assert same["spearman_explanation_control"] == pytest.approx(1.0)
+    assert same["spearman_filter_lift"] == pytest.approx(1.0)
+    pr = rng.random((n, c))
+    wr = rng.normal(size=(k, c))
+    other = randomization_check(
+        pooled, pr, attr, prior, weight=w, weight_random=wr, logits=logits, logits_random=pr @ wr.T
+    )
+    assert abs(other["spearman_explanation"]) < 0.5 and "spearman_explanation_control" not in other
+    assert set(randomization_check(pooled, pr, attr, prior)) == {
+        "spearman_pdf", "spearman_lift", "top1_agreement", "n_attributes_present", "spearman_filter_lift",
+    }  # fmt: skip
+
+
+def test_heatmap_argmax_xy_with_grid() -> None:
+    heat = np.zeros((2, 3))
+    heat[1, 2] = 1.0
+    xy = heatmap_argmax_xy(heat, (10, 0, 110, 50), (np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.8])))
+    np.testing.assert_allclose(xy, [100.0, 40.0])
+    with pytest.raises(TextualError, match="grid"):
+        heatmap_argmax_xy(heat, (0, 0, 1, 1), (np.zeros(2), np.zeros(2)))
+
+
+def test_receptive_field_centres_exact() -> None:
+    conv = nn.Conv2d(3, 2, 2, stride=2, bias=False)  # cell u sees pixels 2u, 2u + 1: centre 2u + 1
+    nn.init.ones_(conv.weight)
+    gx, gy = receptive_field_centres(nn.Sequential(conv), "0", 8)
+    np.testing.assert_allclose(gx, [0.125, 0.375, 0.625, 0.875], atol=1e-12)
+    np.testing.assert_allclose(gy, gx, atol=1e-12)
+    conv3 = nn.Conv2d(3, 1, 3, stride=2, padding=1, bias=False)  # cell u on pixel 2u (index), 0-padded
+    nn.init.ones_(conv3.weight)
+    gx, _ = receptive_field_centres(nn.Sequential(conv3), "0", 8)
+    # u = 0 sees pixels 0, 1 (one tap in the padding): centre 1.0; u >= 1 sees 2u-1..2u+1: centre 2u + 0.5
+    np.testing.assert_allclose(gx * 8, [1.0, 2.5, 4.5, 6.5], atol=1e-12)
 
 
 def test_reinitialize_copies_and_is_seeded() -> None:
@@ -247,12 +299,19 @@ def test_evaluate_textual_end_to_end(bird_bundle) -> None:
     assert g["proposed"] == [75.0, 75.0, 75.0]
     assert g["per_attribute"]["red crown"] == [100.0, 100.0, 100.0]
     assert g["constant"] == [50.0, 50.0, 50.0]  # the channel mean peaks on the first square in raster order
+    assert g["literal"] == [75.0, 75.0, 75.0] and g["literal_cell_grid"] == [75.0, 75.0, 75.0]
+    # identity "network": each map cell is exactly one input pixel, the measured grid is the cell grid
+    np.testing.assert_allclose(g["receptive_field_grid"][0], (np.arange(32) + 0.5) / 32, atol=1e-4)
     assert g["random"][0] < g["random"][1] < g["random"][2] < 50
     assert set(res["retrieval"]) == {"captions", "labels"}
     assert 0 <= res["retrieval"]["captions"]["recall"] <= 100
     assert res["bleu"]["overall"] > 0 and res["bleu"]["wrong"] is not None
     assert res["top5_precision"]["labels"]["top5_precision_in_vocabulary"] > 0
     assert set(res["randomization"]) >= {"spearman_pdf", "spearman_lift", "top1_agreement"}
+    assert res["randomization"]["spearman_explanation_control"] == pytest.approx(1.0)
+    assert res["top5_precision"]["labels"]["n_correct"] == 6
+    assert res["top5_precision"]["labels"]["top5_precision_correct"] == pytest.approx(100 / 3)
     assert b.read_json("eval/textual")["n_images"] == 8
     text = format_tables(res)
-    assert "learned p.d.f." in text and "12.2 / 38.7 / 60.9" in text and "0.409" in text
+    assert "specific p.d.f. (lift)" in text and "eq. 9 literal" in text
+    assert "12.2 / 38.7 / 60.9" in text and "0.409" in text

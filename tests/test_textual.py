@@ -18,6 +18,7 @@ from lavise_core.textual import (
     filter_activation_probability,
     filter_attribute_pdf,
     filter_class_weights,
+    filter_specificity,
     ground_attribute,
     image_class_pdf,
     join_items,
@@ -295,3 +296,35 @@ def test_textual_explainer() -> None:
         ex.explain(np.ones(2), class_index="C")
     with pytest.raises(TextualError, match="inconsistent"):
         TextualExplainer(VOCAB, PRIOR, PDF_NORMALIZED, np.zeros((2, 2)), W, ["A", "B"])
+
+
+# ----------------------------------------------------------------------------- eq. 9 weights
+def test_filter_specificity_by_hand() -> None:
+    # column 0: mean 0.3, lifts (1/3, 1/6, 0) -> (2/3, 1/3, 0); column 1: all equal -> constant 1/3
+    pdf = np.array([[0.4, 0.2], [0.35, 0.2], [0.15, 0.2]])
+    np.testing.assert_allclose(
+        filter_specificity(pdf), [[2 / 3, 1 / 3], [1 / 3, 1 / 3], [0.0, 1 / 3]], atol=1e-7
+    )
+    np.testing.assert_allclose(filter_specificity(pdf[:, 0]), [2 / 3, 1 / 3, 0.0], atol=1e-7)
+    np.testing.assert_allclose(filter_specificity(np.zeros((4, 1))), np.full((4, 1), 0.25))
+    # the prior p(t) scales a whole column (every filter alike): the weights do not depend on it
+    np.testing.assert_allclose(filter_specificity(pdf * [3.0, 0.5]), filter_specificity(pdf), atol=1e-7)
+    with pytest.raises(TextualError, match="non-negative"):
+        filter_specificity(-pdf)
+    with pytest.raises(TextualError, match="must be"):
+        filter_specificity(np.zeros((2, 2, 2)))
+
+
+def test_textual_explainer_ground_weighting() -> None:
+    ex = TextualExplainer.from_arrays(POOLED, _table(), W, ["A", "B"])
+    maps = np.zeros((2, 2, 2), np.float32)
+    maps[0, 0, 0] = 1.0
+    maps[1, 1, 1] = 1.0
+    # "red crown": p(t|f) = (2/5, 6/11); literal -> [[2/5, 0], [0, 6/11]] / (6/11); specific -> (0, 1)
+    np.testing.assert_allclose(
+        ex.ground(maps, "red crown", weighting="literal"), [[11 / 15, 0], [0, 1]], atol=1e-6
+    )
+    np.testing.assert_allclose(ex.ground(maps, "red crown"), [[0, 0], [0, 1]], atol=1e-6)
+    np.testing.assert_allclose(ex.grounding_weights([0, 2]), [[0, 0], [1, 1]], atol=1e-6)
+    with pytest.raises(TextualError, match="weighting"):
+        ex.ground(maps, "red crown", weighting="bayes")  # type: ignore[arg-type]
