@@ -26,7 +26,7 @@ browser:
 
 ## assets: SynthBirds, the demo CNN (committed; retrained only if missing) and the default bundle
 assets: install
-	@test -f $(DATA)/manifest.jsonl || $(BIN)/lavise synthbirds --out $(DATA)
+	@test -f $(DATA)/manifest.jsonl || $(BIN)/lavise synthbirds --out $(DATA) --workers 2
 	@test -f $(MODEL) || $(BIN)/lavise train-demo --data $(DATA) --out models
 	$(BIN)/lavise build --model synthbirds --data $(DATA)
 
@@ -42,8 +42,15 @@ test: assets browser
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+## bench: every benchmark; each prints its ratios / latencies measured side by side in one run
 bench: assets
 	$(BIN)/python bench/probe_overhead.py
+	$(BIN)/python bench/probe_memory.py
+	$(BIN)/python bench/explain_upload.py
+	$(BIN)/python bench/concept_query.py
+	$(BIN)/python bench/head_training.py
+	$(BIN)/python bench/ui_latency.py
+	$(BIN)/python bench/synthbirds_budget.py
 
 clean-data:
 	rm -rf data/bundles data/cache

@@ -14,6 +14,8 @@ ws = sh.workspace()
 if ws is not None:
     with sh.guard("the Classes page"):
         rep = views.class_report(ws)
+        if rep.note:
+            st.info(rep.note, icon=":material/info:")
         st.subheader("What the network thinks each class looks like")
         if rep.descriptions is not None:
             st.caption("Class-level description p(t | c) = Σ_k p(t | f_k) σ(W[c, k]) (Guo et al., eq. 7–8).")
@@ -23,8 +25,6 @@ if ws is not None:
                 st.markdown(f"- {sentence}")
         else:
             st.info(rep.descriptions_note, icon=":material/construction:")
-        if rep.note:
-            st.info(rep.note)
         if rep.confusion is not None:
             acc = "" if rep.accuracy is None else f" — accuracy {rep.accuracy:.1%}"
             st.subheader(f"Confusion matrix ({rep.split} split{acc})")

@@ -58,7 +58,8 @@ if ws is not None:
             )
             st.subheader("Where those filters fire")
             st.caption(
-                "Grounding heatmap Σ_k w_k A_k(x) of the matched filters on the images they like most."
+                "The images these filters respond to most; coloured = where they fire together "
+                "(grounding heatmap Σ_k w_k A_k(x), yellow = strongest). The number is the image's match score."
             )
             if res.images:
                 st.image(
@@ -66,5 +67,5 @@ if ws is not None:
                     caption=[
                         f"#{i} · {c} · {s:.2f}" if c else f"#{i} · {s:.2f}" for _, i, s, c in res.images
                     ],
-                    width=180,
+                    width=180,  # the views render them 180 px wide: shown as they are
                 )

@@ -28,7 +28,17 @@ if ws is not None:
                 st.caption("Generated without the spurious species–background correlation.")
         st.subheader("Bias findings (LaViSE dataset insight)")
         if rep.bias is not None:
-            flagged = [b for b in rep.bias if b["background_bias"]]
+            flagged = [b for b in rep.bias if b["confirmed"]]
+            refuted = [b for b in rep.bias if b["background_bias"] and not b["confirmed"]]
+            if refuted:
+                top = max(b["ground_truth_share"] for b in refuted)
+                st.info(
+                    f"LaViSE's background-purity test flags {len(refuted)} class(es) "
+                    f"({', '.join(b['class'] for b in refuted[:4])}{'…' if len(refuted) > 4 else ''}), but the "
+                    f"ground-truth backgrounds of those classes are mixed (the most common one covers at most "
+                    f"{top:.0%} of a class's images), so these flags are false alarms on this data set.",
+                    icon=":material/rule:",
+                )
             if flagged:
                 for b in flagged:
                     bg = (
@@ -41,7 +51,7 @@ if ws is not None:
                         f"{b['background_purity']:.0%}{bg}.",
                         icon=":material/flag:",
                     )
-            else:
+            elif not refuted:
                 st.success("No class can be told from its background alone.")
             st.dataframe(
                 {
@@ -50,7 +60,11 @@ if ws is not None:
                         None if b["background_purity"] is None else round(b["background_purity"], 3)
                         for b in rep.bias
                     ],
-                    "biased": [b["background_bias"] for b in rep.bias],
+                    "flagged": [b["background_bias"] for b in rep.bias],
+                    "true top background share": [
+                        None if b["ground_truth_share"] is None else round(b["ground_truth_share"], 3)
+                        for b in rep.bias
+                    ],
                     "dominant background": [b.get("dominant_background") for b in rep.bias],
                     "off-object share": [
                         None if b["off_object_share"] is None else round(b["off_object_share"], 3)

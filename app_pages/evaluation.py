@@ -1,4 +1,4 @@
-"""Evaluation: the metric tables of `lavise evaluate`, with the baselines and the papers' numbers."""
+"""Evaluation: the headline numbers of `lavise evaluate` against their baselines, then every table."""
 
 from __future__ import annotations
 
@@ -8,10 +8,36 @@ import streamlit as st
 from app_pages import _shared as sh
 from lavise_core import views
 
+TITLES = {"textual": "Textual explanations (Guo et al.)", "lavise": "Zero-shot filter labels (LaViSE)"}
+
 st.title("How good are the explanations?")
 st.caption(
-    "Measured against the probe set's ground truth by `lavise evaluate`; the papers' numbers for reference."
+    "Measured against the probe set's ground truth by `lavise evaluate`; each number next to a baseline "
+    "that knows nothing (an explanation is only worth reading when it beats its baseline)."
 )
+
+
+def tables(name: str, obj: dict) -> None:
+    """Every table of one evaluation JSON, with a grouped bar chart where rows compare methods."""
+    for title, rows in views.flatten_tables(obj):
+        st.markdown(f"**{title}**")
+        st.dataframe(rows, hide_index=True)
+        numeric = [
+            k
+            for k in rows[0]
+            if all(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool) for r in rows)
+        ]
+        label_key = next((k for k in rows[0] if k not in numeric), None)
+        if len(rows) > 1 and numeric and label_key:
+            fig = go.Figure(
+                [
+                    go.Bar(name=k, x=[str(r[label_key]) for r in rows], y=[r[k] for r in rows])
+                    for k in numeric[:6]
+                ]
+            )
+            fig.update_layout(barmode="group", height=300, margin={"l": 0, "r": 0, "t": 10, "b": 0})
+            st.plotly_chart(fig, width="stretch", key=f"ev_{name}_{title}")
+
 
 ws = sh.workspace()
 if ws is not None:
@@ -20,30 +46,25 @@ if ws is not None:
         for msg in rep.missing:
             st.info(msg, icon=":material/construction:")
         for name, obj in rep.sections.items():
-            st.subheader(
-                {
-                    "textual": "Textual explanations (Guo et al.)",
-                    "lavise": "Zero-shot filter labels (LaViSE)",
-                }.get(name, name)
-            )
-            for title, rows in views.flatten_tables(obj):
-                st.markdown(f"**{title}**")
-                st.dataframe(rows, hide_index=True)
-                numeric = [
-                    k
-                    for k in rows[0]
-                    if all(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool) for r in rows)
-                ]
-                label_key = next((k for k in rows[0] if k not in numeric), None)
-                if len(rows) > 1 and numeric and label_key:
-                    fig = go.Figure(
-                        [
-                            go.Bar(name=k, x=[str(r[label_key]) for r in rows], y=[r[k] for r in rows])
-                            for k in numeric[:6]
-                        ]
+            st.subheader(TITLES.get(name, name))
+            head = views.evaluation_headlines(name, obj)
+            if head:
+                st.dataframe(
+                    head,
+                    hide_index=True,
+                    column_config={"question": st.column_config.TextColumn(width="large")},
+                    key=f"head_{name}",
+                )
+                weak = [r["question"] for r in head if r["verdict"].startswith("NOT")]
+                if weak:
+                    st.warning(
+                        "Not better than its baseline on this bundle: "
+                        + "; ".join(weak)
+                        + ". Read these explanations with care.",
+                        icon=":material/warning:",
                     )
-                    fig.update_layout(barmode="group", height=300, margin={"l": 0, "r": 0, "t": 10, "b": 0})
-                    st.plotly_chart(fig, width="stretch", key=f"ev_{name}_{title}")
+            with st.expander(f"All {name} numbers", expanded=not head):
+                tables(name, obj)
         st.subheader("The papers' numbers")
         for title, rows in rep.paper.items():
             st.markdown(f"**{title}**")

@@ -104,6 +104,9 @@ ws = sh.workspace()
 if ws is not None:
     with sh.guard("the Explain page"):
         ws.require_probe()
+        note = views.bundle_class_note(ws)
+        if note:
+            st.info(note, icon=":material/info:")
         source = st.radio(
             "Image source", ["Upload", "Sample photo", "Probe-set test image"], horizontal=True, key="source"
         )

@@ -10,6 +10,7 @@ from lavise_core import views
 
 PER_PAGE = 24
 COLS = 6
+DETAIL_SIDE = 192
 
 
 def _open(k: int | None) -> None:
@@ -26,7 +27,7 @@ def _bar(labels: list[str], values: list[float], title: str, color: str = "#4c78
 
 
 def detail(ws: views.Workspace, k: int) -> None:
-    d = views.filter_detail(ws, k)
+    d = views.filter_detail(ws, k, side=DETAIL_SIDE)
     nav1, nav2, nav3, _ = st.columns([1, 1, 1, 5])
     nav1.button("← all filters", on_click=_open, args=(None,), key="back")
     nav2.button("‹ previous", on_click=_open, args=(max(k - 1, 0),), key="prev", disabled=k == 0)
@@ -40,11 +41,14 @@ def detail(ws: views.Workspace, k: int) -> None:
     st.header(f"Filter {k}" + (f" — “{d.label}”" if d.label else ""))
     st.caption(f"Share this filter: add `?filter={k}` to the Filters page URL.")
     st.subheader("Where it fires: its top images")
-    st.caption("Brighter = stronger activation of this filter (same scale for all images).")
+    st.caption(
+        "The probe images that excite this filter most, the excited region coloured (yellow = strongest; "
+        "same scale for all images). φ = the filter's mean activation on the image."
+    )
     st.image(
         [im for im, *_ in d.top_images],
         caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
-        width=170,
+        width=DETAIL_SIDE,
     )
     left, right = st.columns(2)
     with left:
@@ -79,6 +83,9 @@ def detail(ws: views.Workspace, k: int) -> None:
         else:
             st.info(d.attributes_note, icon=":material/construction:")
     with right:
+        note = views.bundle_class_note(ws)
+        if note:
+            st.caption(f":material/info: {note}")
         if not d.classes:
             st.info(
                 f"Layer `{ws.bundle.layer}` does not feed the classifier directly, so filters have no class weights."
@@ -114,13 +121,20 @@ def grid(ws: views.Workspace) -> None:
         f"{ws.channels} filters. Each card: the 4 images that excite the filter most, the excited region "
         f"highlighted, and its best label ({table.attrs.get('source', '')}). Click **Open** for details."
     )
-    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 1])
+    note = views.bundle_class_note(ws)
+    if note:
+        st.caption(f":material/info: {note}")
+    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 1.4], vertical_alignment="bottom")
     sort_by = c1.selectbox("Sort by", list(views.SORT_KEYS), key="sort_by")
     concept = c2.text_input("Label contains", "", key="concept_filter", placeholder="e.g. wing")
     max_score = float(table["score"].max()) if len(table) else 0.0
     min_score = c3.slider("Minimum label score", 0.0, max(max_score, 0.01), 0.0, key="min_score")
     cls = c4.selectbox("Important for class", ["(any)", *ws.classes], key="class_filter")
-    confident = c5.checkbox("Confident only", key="confident_only")
+    confident = c5.toggle(
+        "Confident",
+        key="confident_only",
+        help=f"only filters whose best label is confident: {views.confident_rule_short(table.attrs.get('source', ''))}",
+    )
     sel = views.select_filters(
         table, sort_by, concept, min_score, None if cls == "(any)" else cls, confident, ws=ws
     )
@@ -129,11 +143,10 @@ def grid(ws: views.Workspace) -> None:
         st.warning("No filter matches these settings.")
         return
     pages = (n + PER_PAGE - 1) // PER_PAGE
-    page = (
-        st.number_input(f"Page (of {pages}; {n} filters match)", 1, pages, 1, key="grid_page")
-        if pages > 1
-        else 1
-    )
+    page = 1
+    if pages > 1:
+        p1, _ = st.columns([1, 4])
+        page = p1.number_input(f"Page (of {pages}; {n} filters match)", 1, pages, 1, key="grid_page")
     rows = sel.iloc[(page - 1) * PER_PAGE : page * PER_PAGE]
     cols = st.columns(COLS)
     for j, (_, r) in enumerate(rows.iterrows()):

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
-import numpy as np
-import plotly.graph_objects as go
+import html
+
 import streamlit as st
 
 from app_pages import _shared as sh
 from lavise_core import views
+
+
+def word_cloud(words: list[tuple[str, int, float]], confident: float | None) -> str:
+    """Words sized by filter count (HTML, no chart library: the overview stays light to load)."""
+    top = max(n for _, n, _ in words)
+    spans = []
+    for i, (w, n, score) in enumerate(words):
+        size = 0.9 + 1.5 * (n / top) ** 0.7
+        strong = confident is None or score >= confident
+        color = f"hsl({(i * 47) % 360}, 60%, {30 if strong else 55}%)"
+        tip = f"{w}: best label of {n} filter{'s' * (n != 1)}, mean score {score:.2f}"
+        spans.append(
+            f'<span title="{html.escape(tip)}" style="font-size:{size:.2f}rem;color:{color};'
+            f'font-weight:{600 if strong else 400};margin:0 .55rem;white-space:nowrap;line-height:1.6">'
+            f"{html.escape(w)}</span>"
+        )
+    return (
+        '<div style="text-align:center;padding:.4rem 0;font-family:sans-serif">' + " ".join(spans) + "</div>"
+    )
+
 
 st.title("What has this network learned?")
 
@@ -58,50 +78,15 @@ if ws is not None:
         )
         for msg in ov.messages:
             st.info(msg, icon=":material/construction:")
+        if ov.class_note:
+            st.warning(ov.class_note, icon=":material/info:")
         if ov.words:
             st.subheader("The concepts this layer detects")
             st.caption(
-                "Word size = number of filters whose best label it is; hover for the mean label score."
+                f"Each word labels one or more filters ({ov.label_source}); bigger = more filters. "
+                "Hover a word for its count and mean label score; dark = confident, pale = tentative."
             )
-            words = ov.words[:45]
-            n = len(words)
-            rng = np.random.default_rng(0)
-            cols = max(3, int(np.ceil(np.sqrt(n * 2.2))))
-            xs = np.array([i % cols for i in range(n)], float) + rng.uniform(-0.2, 0.2, n)
-            ys = -np.array([i // cols for i in range(n)], float) + rng.uniform(-0.15, 0.15, n)
-            counts = np.array([c for _, c, _ in words], float)
-            sizes = 13 + 26 * (counts / counts.max()) ** 0.7
-            fig = go.Figure(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode="text",
-                    text=[w for w, _, _ in words],
-                    textfont={
-                        "size": sizes.tolist(),
-                        "color": [f"hsl({(i * 47) % 360},55%,38%)" for i in range(n)],
-                    },
-                    hovertext=[f"{w}: {c} filters, mean score {s:.2f}" for w, c, s in words],
-                    hoverinfo="text",
-                )
-            )
-            fig.update_layout(
-                height=110 + 55 * (n // cols + 1),
-                margin={"l": 0, "r": 0, "t": 0, "b": 0},
-                xaxis={"visible": False},
-                yaxis={"visible": False},
-                plot_bgcolor="rgba(0,0,0,0)",
-            )
-            st.plotly_chart(fig, width="stretch")
-            st.dataframe(
-                {
-                    "concept": [w for w, _, _ in words],
-                    "filters": [c for _, c, _ in words],
-                    "mean score": [round(s, 3) for _, _, s in words],
-                },
-                hide_index=True,
-                height=200,
-            )
+            st.html(word_cloud(ov.words[:45], ov.confident_score))
 
 with st.expander(":material/build: Build a bundle", expanded=ws is None):
     st.caption(

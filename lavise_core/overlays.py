@@ -7,6 +7,7 @@ alpha-blends it onto the image; :func:`mosaic` tiles thumbnails. No streamlit he
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ __all__ = [
     "Normalizer",
     "colorize",
     "crop_to_view",
+    "encode_jpeg",
     "lut_colormap",
     "minmax",
     "mosaic",
@@ -179,3 +181,12 @@ def mosaic(
             (pad + c * (tile + pad), pad + r * (tile + pad)),
         )
     return out
+
+
+def encode_jpeg(image: Image.Image, quality: int = 88) -> bytes:
+    """JPEG bytes of ``image`` (RGB): encode a picture once, cache the bytes, show them many times."""
+    if not 1 <= quality <= 95:
+        raise ValueError(f"JPEG quality must lie in 1..95, got {quality}")
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -23,11 +23,12 @@ import numpy as np
 from PIL import Image
 
 from .bundle import Bundle, BundleError
-from .dataset import DatasetError, ProbeDataset
+from .dataset import DATASET_FILE, DatasetError, ProbeDataset
 from .images import ImageLoadError, load_image
-from .overlays import crop_to_view, mosaic, overlay, relative_to
+from .overlays import crop_to_view, encode_jpeg, mosaic, overlay, relative_to
 
 __all__ = [
+    "BIAS_CONFIRM_SHARE",
     "CONFIDENT_SCORE",
     "PAPER_NUMBERS",
     "ClassReport",
@@ -42,14 +43,19 @@ __all__ = [
     "Workspace",
     "analyse_image",
     "build_bundle",
+    "bundle_class_note",
     "class_report",
+    "concept_choices",
     "concept_view",
+    "confident_rule_short",
     "dataset_report",
+    "evaluation_headlines",
     "evaluation_report",
     "explain_image",
     "filter_card_image",
     "filter_detail",
     "filter_table",
+    "flatten_tables",
     "model_label",
     "overview",
     "select_filters",
@@ -60,6 +66,8 @@ __all__ = [
 #: with only the textual stage, when its top p(t | f) is at least CONFIDENT_LIFT times the uniform 1 / T.
 CONFIDENT_SCORE = 0.35
 CONFIDENT_LIFT = 4.0
+#: a background-bias flag is confirmed by the ground truth when one background holds this share of a class
+BIAS_CONFIRM_SHARE = 0.5
 
 #: the published numbers (METHODS.md) shown next to ours on the Evaluation page
 PAPER_NUMBERS: dict[str, list[dict[str, Any]]] = {
@@ -89,6 +97,20 @@ def model_label(spec: str) -> str:
     return base
 
 
+def bundle_class_note(ws: Workspace) -> str | None:
+    """A warning when the probe images' classes are not the network's (e.g. an ImageNet model probed with
+    SynthBirds): class-related views then show the network's classes, not the images' labels."""
+    classes = ws.dataset_classes()
+    if classes is None or list(classes) == list(ws.classes):
+        return None
+    shown = ", ".join(classes[:3]) + ("…" if len(classes) > 3 else "")
+    return (
+        f"The network was trained on other classes ({len(ws.classes)}, e.g. {', '.join(ws.classes[:3])}) than "
+        f"the probe images show ({len(classes)}: {shown}). Class names below are the network's own "
+        "classes; the filters are explained with images it was not trained on."
+    )
+
+
 def _build_hint(bundle: Bundle) -> str:
     m = bundle.manifest
     return f"lavise build --model {m['model']['spec']} --data {m['dataset']['root']}"
@@ -100,6 +122,17 @@ class _LRU:
 
     def __init__(self, size: int) -> None:
         self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._d
+
+    def peek(self, key: Any) -> Any:
+        """The cached value or ``None`` (does not compute anything)."""
+        with self._lock:
+            return self._d.get(key)
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         with self._lock:
@@ -137,7 +170,9 @@ class Workspace:
         self._cache: dict[str, Any] = {}
         self.thumbs = _LRU(2048)
         self.maps = _LRU(512)
-        self.cards = _LRU(4096)
+        self.cards = _LRU(4096)  # JPEG bytes of filter cards, per (filter, n, tile)
+        self.details = _LRU(256)  # FilterDetail per (filter, n_images): overlays rendered once
+        self.queries = _LRU(128)  # ConceptView per (query text, n_filters, n_images)
 
     def _once(self, name: str, make: Callable[[], Any]) -> Any:
         with self._lock:
@@ -182,6 +217,19 @@ class Workspace:
         """The probe data set, or ``None`` (moved, changed: see :meth:`dataset_error`)."""
         return self._once("dataset", self.bundle.dataset)[0]
 
+    def dataset_classes(self) -> list[str] | None:
+        """The probe set's class names from its ``dataset.json`` (cheap: the image list is not read)."""
+        import json
+
+        def make() -> list[str]:
+            root = Path(self.bundle.manifest["dataset"]["root"])
+            classes = json.loads((root / DATASET_FILE).read_text(encoding="utf-8")).get("classes")
+            if not isinstance(classes, list):
+                raise ValueError(f"{root / DATASET_FILE} lists no classes")
+            return [str(c) for c in classes]
+
+        return self._once("dataset_classes", make)[0]
+
     def dataset_error(self) -> str | None:
         return self._once("dataset", self.bundle.dataset)[1]
 
@@ -213,6 +261,49 @@ class Workspace:
                 f"the LaViSE vocabulary could not be read ({err}); rebuild with `{_build_hint(self.bundle)}`"
             )
         return value
+
+    def label_table(self) -> tuple[np.ndarray, np.ndarray, list[str], set[str], set[str]] | None:
+        """LaViSE labels read straight from the bundle (no torch, FAISS or encoder): ``ids (C, L)``,
+        ``scores (C, L)``, the phrases, and the seen / unseen concept sets; ``None`` without the stage."""
+        if not self.has_lavise() or not self.bundle.has("lavise/filter_label_ids"):
+            return None
+
+        def make():
+            split = self.bundle.read_json("lavise/split")
+            return (
+                self.bundle.array("lavise/filter_label_ids"),
+                self.bundle.array("lavise/filter_label_scores"),
+                self.phrases(),
+                set(split.get("seen", [])),
+                set(split.get("unseen", [])),
+            )
+
+        value, err = self._once("label_table", make)
+        if value is None:
+            raise StageMissing(
+                f"the LaViSE labels could not be read ({err}); rebuild with `{_build_hint(self.bundle)}`"
+            )
+        return value
+
+    def filter_labels(self, k: int, n: int = 10) -> list[tuple[str, float, str]] | None:
+        """Filter ``k``'s top-``n`` zero-shot labels ``[(phrase, vote score, seen | unseen | vocabulary)]``."""
+        table = self.label_table()
+        if table is None:
+            return None
+        ids, scores, phrases, seen, unseen = table
+        out = []
+        for j, s in zip(ids[k][:n], scores[k][:n], strict=True):
+            if 0 <= j < len(phrases):
+                p = phrases[int(j)]
+                out.append((p, float(s), "seen" if p in seen else "unseen" if p in unseen else "vocabulary"))
+        return out
+
+    def filter_inside(self, k: int) -> float | None:
+        """Share of filter ``k``'s activation on the object (``lavise/filter_inside``), if stored."""
+        arr = self.array("lavise/filter_inside") if self.has_lavise() else None
+        if arr is None or not np.isfinite(arr[k]):
+            return None
+        return float(arr[k])
 
     def has_textual(self) -> bool:
         return self.bundle.stage_done("textual")
@@ -282,7 +373,7 @@ class Workspace:
         out: dict[int, np.ndarray] = {}
         todo = []
         for i in indices:
-            hit = self.maps._d.get(int(i))
+            hit = self.maps.peek(int(i))
             if hit is not None:
                 out[int(i)] = hit
             else:
@@ -342,16 +433,27 @@ class Overview:
     words: list[tuple[str, int, float]]  # (concept, filters whose best label it is, mean score)
     stages: dict[str, bool]
     messages: list[str] = field(default_factory=list)
+    label_source: str = "none"
+    confident_score: float | None = None  # the score threshold behind ``confident_share`` (LaViSE labels)
+    class_note: str | None = None
 
 
 def _filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
-    """Best label per filter, its score, the source, and the confident mask ``(C,)``."""
+    """Best label per filter, its score, the source, and the confident mask ``(C,)`` (computed once)."""
+    value, err = ws._once("filter_labels", lambda: _compute_filter_labels(ws))
+    if value is None:
+        raise StageMissing(err)
+    return value
+
+
+def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
     c = ws.channels
-    if ws.has_lavise() and ws.bundle.has("lavise/filter_label_ids"):
+    table = ws.label_table()
+    if table is not None:
         # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
-        phrases = ws.phrases()
-        ids = np.asarray(ws.array("lavise/filter_label_ids")[:, 0])
-        sc = np.asarray(ws.array("lavise/filter_label_scores")[:, 0], dtype=np.float32)
+        ids_all, sc_all, phrases, _, _ = table
+        ids = np.asarray(ids_all[:, 0])
+        sc = np.asarray(sc_all[:, 0], dtype=np.float32)
         labels = [phrases[int(j)] if 0 <= j < len(phrases) else "" for j in ids]
         return labels, sc, "zero-shot (LaViSE)", sc >= CONFIDENT_SCORE
     if ws.has_textual():
@@ -367,6 +469,15 @@ def _filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarra
             lift >= CONFIDENT_LIFT,
         )
     return [""] * c, np.zeros(c, np.float32), "none", np.zeros(c, bool)
+
+
+def confident_rule_short(source: str) -> str:
+    """One line saying when a filter's label counts as confident, for the label ``source``."""
+    if source.startswith("zero"):
+        return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
+    if source and source != "none":
+        return f"top p(t | f) ≥ {CONFIDENT_LIFT:g}× uniform"
+    return "no labels yet"
 
 
 def overview(ws: Workspace) -> Overview:
@@ -387,13 +498,26 @@ def overview(ws: Workspace) -> Overview:
             counts[lab] += 1
             sums[lab] = sums.get(lab, 0.0) + float(s)
     words = [(w, n, sums[w] / n) for w, n in counts.most_common(60)]
-    rule = (
-        f"top zero-shot vote score ≥ {CONFIDENT_SCORE}"
-        if source.startswith("zero")
-        else f"top p(t|f) ≥ {CONFIDENT_LIFT:g}× uniform"
-        if source != "none"
-        else "no labels"
+    named = scores[np.array([bool(lab) for lab in labels], bool)] if len(labels) else scores
+    spread = (
+        f" On this layer the best-label scores range {named.min():.2f}–{named.max():.2f} "
+        f"(median {np.median(named):.2f})."
+        if named.size
+        else ""
     )
+    if source.startswith("zero"):
+        rule = (
+            f"the filter's best word has a zero-shot vote score ≥ {CONFIDENT_SCORE} (the activation-weighted "
+            "mean similarity between the word and what the explainer sees in the filter's top images; "
+            "0 = unrelated, about 0.5 = the best this explainer reaches)." + spread
+        )
+    elif source != "none":
+        rule = (
+            f"the filter's best attribute is at least {CONFIDENT_LIFT:g}× likelier than a uniform "
+            "p.d.f. over the attributes would give." + spread
+        )
+    else:
+        rule = "no labels yet"
     return Overview(
         title=ws.title,
         model=model_label(m["model"]["spec"]),
@@ -408,6 +532,9 @@ def overview(ws: Workspace) -> Overview:
         words=words,
         stages=stages,
         messages=msgs,
+        label_source=source,
+        confident_score=CONFIDENT_SCORE if source.startswith("zero") else None,
+        class_note=bundle_class_note(ws),
     )
 
 
@@ -488,22 +615,25 @@ def select_filters(
     return df.sort_values(key, ascending=key == "filter", kind="stable")
 
 
-def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 72) -> Image.Image:
-    """Mosaic (2 × 2) of filter ``k``'s top-``n`` images with their activation maps overlaid."""
+def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 96) -> bytes:
+    """JPEG of a 2 × 2 mosaic of filter ``k``'s top-``n`` images with its activation maps overlaid.
 
-    def make() -> Image.Image:
+    All tiles share one scale (the largest activation in them), so a weak tile looks weak. Cached per
+    ``(k, n, tile)`` in the workspace: the first call renders, later ones cost a dictionary lookup.
+    """
+
+    def make() -> bytes:
         idx = ws.array("probe/top_index")[k][:n]
-        maps = ws.array("probe/top_maps")[k][:n]
-        vmax = float(ws.array("probe/top_value")[k][0]) if ws.array("probe/top_value") is not None else None
-        norm = relative_to(max(float(np.asarray(maps, np.float32).max()), 1e-6)) if vmax is not None else None
+        maps = np.asarray(ws.array("probe/top_maps")[k][:n], np.float32)
+        norm = relative_to(max(float(maps.max()), 1e-6)) if maps.size else None
         tiles = []
         for i, a in zip(idx, maps, strict=True):
             if i < 0:
                 tiles.append(_placeholder(tile, ""))
                 continue
-            img = ws.record_image(int(i), side=tile * 2)
-            tiles.append(overlay(img, np.asarray(a, np.float32), alpha=0.55, normalize=norm, mask_below=0.2))
-        return mosaic(tiles, cols=2, tile=tile, pad=1)
+            img = ws.record_image(int(i), side=tile)
+            tiles.append(overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.2))
+        return encode_jpeg(mosaic(tiles, cols=2, tile=tile, pad=1))
 
     return ws.cards.get((int(k), n, tile), make)
 
@@ -515,7 +645,7 @@ class FilterDetail:
     k: int
     label: str
     score: float
-    top_images: list[tuple[Image.Image, int, float, str]]  # overlay, record, phi_k, class
+    top_images: list[tuple[bytes, int, float, str]]  # overlay (JPEG), record, phi_k, class
     attributes: list[tuple[str, float]] | None
     attributes_note: str | None
     labels: list[tuple[str, float, str]] | None  # phrase, score, seen/unseen/vocabulary
@@ -527,11 +657,19 @@ class FilterDetail:
     inside: float | None = None
 
 
-def filter_detail(ws: Workspace, k: int, n_images: int = 8) -> FilterDetail:
-    """Top images with overlays, attribute p.d.f., zero-shot labels, class weights, activation distribution."""
+def filter_detail(ws: Workspace, k: int, n_images: int = 8, side: int = 192) -> FilterDetail:
+    """Top images with overlays, attribute p.d.f., zero-shot labels, class weights, activation distribution.
+
+    ``top_images`` holds JPEG bytes ``side`` pixels wide (shown at that width, so the page never re-encodes).
+    Cached per ``(k, n_images, side)`` in the workspace: opening a filter again costs a lookup.
+    """
     ws.require_probe()
     if not 0 <= k < ws.channels:
         raise ValueError(f"there is no filter {k}: this layer has filters 0..{ws.channels - 1}")
+    return ws.details.get((int(k), n_images, side), lambda: _filter_detail(ws, int(k), n_images, side))
+
+
+def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDetail:
     idx = ws.array("probe/top_index")[k][:n_images]
     vals = ws.array("probe/top_value")[k][:n_images]
     maps = np.asarray(ws.array("probe/top_maps")[k][:n_images], np.float32)
@@ -542,29 +680,26 @@ def filter_detail(ws: Workspace, k: int, n_images: int = 8) -> FilterDetail:
     for i, v, a in zip(idx, vals, maps, strict=True):
         if i < 0:
             continue
-        img = ws.record_image(int(i), side=256)
+        img = ws.record_image(int(i), side=side)
         cls = ""
-        if (
-            labels_all is not None
-            and labels_all[i] >= 0
-            and ds is not None
-            and labels_all[i] < len(ds.classes)
-        ):
+        if labels_all is not None and 0 <= labels_all[i] < len(ds.classes):
             cls = ds.classes[int(labels_all[i])]
-        tops.append((overlay(img, a, alpha=0.55, normalize=norm, mask_below=0.15), int(i), float(v), cls))
+        heat = overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.15)
+        tops.append((encode_jpeg(heat), int(i), float(v), cls))
     attrs, anote = None, None
     try:
         attrs = ws.textual().filter_top_attributes(k, 15)
     except StageMissing as e:
         anote = str(e)
     labs, lnote, inside = None, None, None
-    try:
-        lv = ws.lavise()
-        labs = [(p, s, lv.concept_status(p)) for p, s in lv.filter_labels(k, 10)]
-        if lv.inside is not None and np.isfinite(lv.inside[k]):
-            inside = float(lv.inside[k])
-    except StageMissing as e:
-        lnote = str(e)
+    labs = ws.filter_labels(k, 10)
+    if labs is None:
+        lnote = (
+            "this bundle has no LaViSE stage (zero-shot concepts) yet: build it with "
+            f"`{_build_hint(ws.bundle)}`"
+        )
+    else:
+        inside = ws.filter_inside(k)
     classes: list[tuple[str, float]] = []
     if ws.class_weight() is not None:
         W = np.asarray(ws.class_weight()[:, k], np.float64)
@@ -579,10 +714,9 @@ def filter_detail(ws: Workspace, k: int, n_images: int = 8) -> FilterDetail:
     levels = ws.array("probe/quantile_levels")
     quant = [(float(lv_), float(v)) for lv_, v in zip(levels, q[k], strict=True)] if q is not None else []
     thr = ws.array("probe/threshold")
-    table = filter_table(ws)
-    row = table.iloc[k]
+    labels, scores, _, _ = _filter_labels(ws)
     return FilterDetail(
-        k, str(row["label"]), float(row["score"]), tops, attrs, anote, labs, lnote, classes, act, quant,
+        k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
         float(thr[k]) if thr is not None else None, inside,
     )  # fmt: skip
 
@@ -596,7 +730,7 @@ class ConceptView:
     status: str
     suggestions: list[tuple[str, float]]
     filters: list[tuple[int, float, str, float]]  # filter, cosine, its best label, query's vote score
-    images: list[tuple[Image.Image, int, float, str]]  # grounding overlay, record, score, class
+    images: list[tuple[bytes, int, float, str]]  # grounding overlay (JPEG), record, score, class
 
 
 def concept_choices(ws: Workspace) -> list[tuple[str, str]]:
@@ -605,13 +739,23 @@ def concept_choices(ws: Workspace) -> list[tuple[str, str]]:
     return [(p, "seen") for p in lv.seen] + [(p, "zero-shot") for p in lv.unseen]
 
 
-def concept_view(ws: Workspace, text: str, n_filters: int = 8, n_images: int = 8) -> ConceptView:
-    """Free text -> matching filters (cosine with their embeddings), images where they fire, grounding maps."""
+def concept_view(
+    ws: Workspace, text: str, n_filters: int = 8, n_images: int = 8, side: int = 180
+) -> ConceptView:
+    """Free text -> matching filters (cosine with their embeddings), images where they fire, grounding maps.
+
+    ``images`` holds JPEG bytes ``side`` pixels wide. Cached per ``(text, n_filters, n_images, side)``.
+    """
+    key = (" ".join(str(text).split()).lower(), n_filters, n_images, side)
+    return ws.queries.get(key, lambda: _concept_view(ws, text, n_filters, n_images, side))
+
+
+def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side: int) -> ConceptView:
     from .lavise import grounding_heatmap
 
     lv = ws.lavise()
     res = lv.query(text, n_filters=n_filters, n_images=n_images)
-    best = filter_table(ws)["label"].to_numpy()
+    best = _filter_labels(ws)[0]
     filters = [
         (int(k), float(s), str(best[k]), float(ls))
         for k, s, ls in zip(res.filters, res.filter_scores, res.label_scores, strict=True)
@@ -622,14 +766,13 @@ def concept_view(ws: Workspace, text: str, n_filters: int = 8, n_images: int = 8
         maps = ws.record_maps([int(i) for i in res.images])
         w = res.filter_weights()
         for i, s in zip(res.images, res.image_scores, strict=True):
-            img = ws.record_image(int(i), side=256)
+            img = ws.record_image(int(i), side=side)
             heat = grounding_heatmap(maps[int(i)].astype(np.float32), res.filters, w)
             cls = ""
             if ds is not None and 0 <= ds.records[int(i)].label < len(ds.classes):
                 cls = ds.classes[ds.records[int(i)].label]
-            images.append(
-                (overlay(img, heat, alpha=0.55, normalize=None, mask_below=0.15), int(i), float(s), cls)
-            )
+            pic = overlay(img, heat, alpha=0.6, normalize=None, mask_below=0.15)
+            images.append((encode_jpeg(pic), int(i), float(s), cls))
     status = {"unseen": "zero-shot (held out in training)", "seen": "seen in training"}.get(
         res.status, res.status
     )
@@ -707,7 +850,7 @@ def explain_image(
     else:
         contrib = a.phi.astype(np.float64) * np.asarray(Wc[c], np.float64)
         notes_w = []
-    best = filter_table(ws)["label"].to_numpy()
+    best = _filter_labels(ws)[0]
     top = np.argsort(-contrib, kind="stable")[:n_contrib]
     contributions = [(int(k), float(contrib[k]), str(best[k])) for k in top]
     notes: list[str] = list(notes_w)
@@ -725,7 +868,7 @@ def explain_image(
     if attrs:
         attribute = attribute if attribute in {t for t, _ in attrs} else attrs[0][0]
         heat = ws.textual().ground(a.maps, attribute)
-        caption = f"where the network sees “{attribute}” (eq. 9: Σ_k p(t|f_k)·A_k)"
+        caption = f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k p(t|f_k)·A_k)"
     else:
         attribute = None
         k = contributions[0][0]
@@ -888,6 +1031,17 @@ def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:
         bias = ws._once("insight", lambda: insight_for_bundle(ws.bundle, ds, lv))[0]
     except StageMissing as e:
         bnote = str(e)
+    if bias is not None:
+        bias = [dict(b) for b in bias]
+        for b in bias:  # check each flag against the ground-truth backgrounds, when the data set has them
+            b["ground_truth_share"], b["confirmed"] = None, bool(b.get("background_bias"))
+            if bg is not None and b.get("class") in ds.classes:
+                row = bg[ds.classes.index(b["class"])]
+                share = float(row.max() / row.sum()) if row.sum() else 0.0
+                b["ground_truth_share"] = share
+                b["confirmed"] = bool(b.get("background_bias")) and share >= BIAS_CONFIRM_SHARE
+    # bias rows also carry ``ground_truth_share`` (the class's most common true background) and
+    # ``confirmed`` (flagged and that share ≥ BIAS_CONFIRM_SHARE; flagged when no ground truth exists)
     return DatasetReport(
         ds.name, len(ds), [(ds.classes[c], int(counts[c])) for c in range(K)], freq, names, fnote,
         bg, bg_names, spurious, bias, bnote,
@@ -915,6 +1069,82 @@ def evaluation_report(ws: Workspace) -> EvaluationReport:
                 + "`"
             )
     return EvaluationReport(sections, missing, PAPER_NUMBERS)
+
+
+def _path(obj: Any, *keys: Any) -> Any:
+    for k in keys:
+        in_dict = isinstance(obj, dict) and k in obj
+        in_list = isinstance(obj, list) and isinstance(k, int) and -len(obj) <= k < len(obj)
+        if not (in_dict or in_list):
+            return None
+        obj = obj[k]
+    return obj if isinstance(obj, int | float) and not isinstance(obj, bool) else None
+
+
+def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
+    """The few numbers of an evaluation JSON a non-expert needs, each with its baseline and a verdict.
+
+    Rows: ``question, ours, baseline, baseline_name, paper, verdict`` (``None`` where not stored);
+    ``higher`` is better for every row except the randomisation check (lower = explanations depend on
+    the weights, as they should)."""
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        question: str, ours: Any, base: Any, base_name: str, paper: Any = None, higher: bool = True
+    ) -> None:
+        if ours is None:
+            return
+        verdict = "—"
+        if base is not None:
+            better = ours > base if higher else ours < base
+            verdict = "better than the baseline" if better else "NOT better than the baseline"
+        rows.append(
+            {"question": question, "ours": round(float(ours), 3),
+             "baseline": None if base is None else round(float(base), 3), "baseline is": base_name,
+             "paper": paper, "verdict": verdict}
+        )  # fmt: skip
+
+    if name == "textual":
+        row(
+            "Does an attribute's heatmap point at the right body part? (PCK@0.2, %)",
+            _path(obj, "grounding", "proposed", 1),
+            _path(obj, "grounding", "constant", 1),
+            "the same heatmap for every attribute",
+            _path(obj, "paper", "pck", "proposed", 1),
+        )
+        row(
+            "Are the attributes an explanation names really in the image? (precision, %)",
+            _path(obj, "retrieval", "labels", "precision"),
+            _path(obj, "retrieval", "labels", "random", "precision"),
+            "random attributes",
+        )
+        row(
+            "Share of the image's attributes the explanation finds (recall, %)",
+            _path(obj, "retrieval", "labels", "recall"),
+            _path(obj, "retrieval", "labels", "random", "recall"),
+            "random attributes",
+            _path(obj, "paper", "retrieval", "recall"),
+        )
+        row(
+            "Sentences vs. the human captions (BLEU-4, 0–1)",
+            _path(obj, "bleu", "overall"),
+            None,
+            "",
+            _path(obj, "paper", "bleu", "overall"),
+        )
+        row("Do explanations change when the network's weights are randomised? (rank correlation; low = yes)",
+            _path(obj, "randomization", "spearman_explanation"),
+            _path(obj, "randomization", "spearman_explanation_control"), "the same network explained twice",
+            higher=False)  # fmt: skip
+    elif name == "lavise":
+        for split, what in (("seen", "concepts seen in training"), ("unseen", "zero-shot concepts")):
+            row(f"Filter labels that match the ground truth, {what} (recall@20)",
+                _path(obj, "recall", f"{split}@20", "lavise"),
+                _path(obj, "recall", f"{split}@20", "random")
+                if _path(obj, "recall", f"{split}@20", "random") is not None
+                else _path(obj, "recall", f"{split}@20", "random_dataset_concepts"),
+                "random data-set concepts")  # fmt: skip
+    return rows
 
 
 def flatten_tables(obj: Any, prefix: str = "") -> list[tuple[str, list[dict]]]:
@@ -955,7 +1185,11 @@ def build_bundle(
     lm = load_model(model)
     bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
     say(0.1, f"probe pass over {len(ds)} images (the longest step)")
-    run_probe(bundle, lm, ds, ProbeSettings(progress=False, num_workers=0))
+
+    def probe_progress(done: int, total: int) -> None:
+        say(0.1 + 0.45 * done / max(total, 1), f"probe pass: {done} / {total} images")
+
+    run_probe(bundle, lm, ds, ProbeSettings(progress=False, num_workers=0), on_progress=probe_progress)
     if "textual" in stages:
         say(0.55, "textual stage: attributes from captions and the filter–attribute p.d.f.")
         from .textual import build_textual_stage

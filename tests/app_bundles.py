@@ -71,5 +71,46 @@ def build_app_bundles(root: Path | None = None) -> AppBundles:
     return AppBundles(bundles, full.root, probe_only.root, data)
 
 
+@dataclass(frozen=True)
+class BrowserBundles:
+    bundles: Path  # LAVISE_BUNDLES for the server
+    data: Path  # the probe set of the default bundle (for uploads)
+    demo: bool  # True: the real demo bundle built by `make assets`
+
+
+def demo_bundle(root: Path | None = None) -> Path | None:
+    """The SynthBirds demo bundle under ``data/bundles`` with every stage, if `make assets` built it."""
+    import json
+
+    base = Path(root or ROOT / "data" / "bundles")
+    for manifest in sorted(base.glob("*/bundle.json")):
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        stages = m.get("stages", {})
+        complete = all(s in stages for s in ("probe", "textual", "lavise"))
+        if (
+            complete
+            and m.get("model", {}).get("spec") == "synthbirds"
+            and Path(m["dataset"]["root"]).is_dir()
+        ):
+            return manifest.parent
+    return None
+
+
+def browser_bundles() -> BrowserBundles:
+    """The bundles the browser tests serve: the demo bundle when it is built (as `make test` does), else
+    the small test bundles (``LAVISE_BROWSER_BUNDLES=small`` forces those)."""
+    import json
+
+    demo = None if os.environ.get("LAVISE_BROWSER_BUNDLES") == "small" else demo_bundle()
+    if demo is not None:
+        data = Path(json.loads((demo / "bundle.json").read_text())["dataset"]["root"])
+        return BrowserBundles(demo.parent, data, True)
+    b = build_app_bundles()
+    return BrowserBundles(b.bundles, b.data, False)
+
+
 if __name__ == "__main__":
     print(build_app_bundles())

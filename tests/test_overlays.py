@@ -62,3 +62,16 @@ def test_colorize_named_and_mosaic_size():
     assert set(COLORMAPS) >= {"inferno", "viridis", "jet"}
     m = mosaic([Image.new("RGB", (5, 5))] * 3, cols=2, tile=10, pad=1)
     assert m.size == (2 * 10 + 3, 2 * 10 + 3)
+
+
+def test_encode_jpeg_round_trip_and_bad_quality():
+    import io
+
+    from lavise_core.overlays import encode_jpeg
+
+    data = encode_jpeg(Image.new("RGBA", (6, 4), (255, 0, 0, 128)))
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "JPEG" and img.size == (6, 4) and img.mode == "RGB"
+    assert abs(img.getpixel((2, 2))[0] - 255) <= 3  # alpha dropped, colour kept
+    with pytest.raises(ValueError, match="quality"):
+        encode_jpeg(img, quality=0)
