@@ -69,7 +69,7 @@ class StreamingHistogram:
         if bins % 2:
             raise ValueError("bins must be even")
         self.bins = bins
-        self.counts = torch.zeros(channels, bins, dtype=torch.float64)
+        self.counts = torch.zeros(channels, bins, dtype=torch.int64)
         self.lo: torch.Tensor | None = None
         self.width: torch.Tensor | None = None
 
@@ -92,28 +92,26 @@ class StreamingHistogram:
             merged = c[:, 0::2] + c[:, 1::2]
             self.counts[grow] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
             self.width[grow] *= 2
-        idx = (
-            ((values.double() - self.lo[:, None]) / self.width[:, None])
-            .floor()
-            .clamp_(0, self.bins - 1)
-            .long()
-        )
-        offs = torch.arange(values.shape[0])[:, None] * self.bins
-        flat = torch.bincount((idx + offs).flatten(), minlength=values.shape[0] * self.bins)
-        self.counts += flat.view(-1, self.bins).double()
+        # bin index in float32 (exact enough for 2048 bins), offset per filter, one bincount for all
+        lo32, inv32 = self.lo.float()[:, None], (1.0 / self.width).float()[:, None]
+        idx = ((values - lo32) * inv32).floor_().clamp_(0, self.bins - 1).long()
+        idx += torch.arange(values.shape[0])[:, None] * self.bins
+        flat = torch.bincount(idx.view(-1), minlength=values.shape[0] * self.bins)
+        self.counts += flat.view(-1, self.bins)
 
     def quantiles(self, levels: tuple[float, ...] | list[float]) -> np.ndarray:
         """``(C, Q)`` float32 quantiles at ``levels`` (each in [0, 1])."""
         if self.lo is None:
             raise ValueError("no values were added")
-        cum = self.counts.cumsum(dim=1)
+        counts = self.counts.double()
+        cum = counts.cumsum(dim=1)
         total = cum[:, -1:]
         out = np.zeros((self.counts.shape[0], len(levels)), dtype=np.float32)
         for qi, q in enumerate(levels):
             target = q * total
             j = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp_(0, self.bins - 1)
             below = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(target))
-            inbin = self.counts.gather(1, j)
+            inbin = counts.gather(1, j)
             frac = ((target - below) / inbin.clamp_min(1e-12)).clamp(0, 1)
             val = self.lo[:, None] + (j.double() + frac) * self.width[:, None]
             out[:, qi] = val[:, 0].float().numpy()
