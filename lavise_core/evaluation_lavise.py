@@ -8,11 +8,22 @@ data set, ``IoU_t = Σ_i |M_t,i ∩ T_i| / Σ_i |M_t,i ∪ T_i|`` over the p ima
 ``recall@s = |G ∩ W| / |G|``, averaged over the filters with non-empty G, separately for seen and
 unseen concepts.
 
-Baselines: *random* — s phrases drawn uniformly from the data set's own concepts (a generous baseline:
-LaViSE ranks the whole open vocabulary); *no attention* — the head applied to the plain mean-pooled
-features of the same top images. Sanity check: the CNN's weights are re-initialised, region features,
-head, top images, thresholds and labels are all recomputed on a subset of images; the labels must
-collapse (recall drops, top-1 labels agree little with the trained network's).
+Rows of the table (each with the size of the vocabulary it ranks):
+
+- *LaViSE* — the stored labels, ranked over the whole open vocabulary;
+- *no attention* — the head on the plain mean-pooled features of the same top images;
+- *random (same vocabulary)* — s phrases drawn uniformly from the vocabulary LaViSE ranks: expected
+  recall ``s / |V|`` (every data-set concept is in V), the baseline comparable with LaViSE;
+- *LaViSE, oracle vocabulary* — the same attention features and head, ranking only the data set's
+  concepts (the comparison fair the other way: no general phrase can crowd the list);
+- *random (data-set concepts)* — s phrases drawn from the data set's concepts only: ``s / |D|``,
+  the baseline of the oracle row.
+
+Sanity check: the CNN's weights are re-initialised; region features, the head (retrained on the
+randomised features, as LaViSE would), top images, thresholds and labels are all recomputed on a subset
+of images. Also reported: the trained network's head applied to the randomised features without
+retraining. The labels should collapse (recall drops, top-1 labels agree little with the trained
+network's, fewer distinct labels).
 """
 
 from __future__ import annotations
@@ -24,18 +35,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .concepts import ConceptIndex
 from .dataset import ProbeDataset
 from .lavise import (
     LaviseExplainer,
     LaviseSettings,
-    compute_filter_labels,
     extract_region_features,
+    filter_attention_features,
+    labels_from_features,
     no_attention_labels,
     train_head,
     training_targets,
 )
 
-__all__ = ["concept_ground_truth", "evaluate_lavise", "format_tables", "recall_at"]
+__all__ = ["concept_ground_truth", "evaluate_lavise", "format_tables", "random_recall", "recall_at"]
 
 IOU_MIN = 0.04
 
@@ -123,10 +136,24 @@ def recall_at(
     return (float(np.mean(vals)) if vals else float("nan")), len(vals)
 
 
-def _random_recall(gt: list[dict[str, float]], concepts: set[str], pool_size: int, s: int) -> float:
-    """Expected recall of s phrases drawn uniformly without replacement from ``pool_size`` data set concepts."""
-    vals = [1.0 for g in gt if any(t in concepts for t in g)]
-    return min(1.0, s / pool_size) if vals and pool_size else float("nan")
+def random_recall(gt: list[dict[str, float]], concepts: set[str], pool: set[str] | int, s: int) -> float:
+    """Expected recall of s phrases drawn uniformly without replacement from a pool of phrases.
+
+    ``pool``: the phrases drawn from (or their number when every concept is in the pool). For a filter,
+    ``E|G ∩ W| / |G| = (s / |pool|) · |G ∩ pool| / |G|``; averaged over the filters with
+    ``G ∩ concepts`` non-empty, like :func:`recall_at`.
+    """
+    n = pool if isinstance(pool, int) else len(pool)
+    if not n:
+        return float("nan")
+    share = min(1.0, s / n)
+    vals = []
+    for g in gt:
+        gs = {t for t in g if t in concepts}
+        if gs:
+            inside = len(gs) if isinstance(pool, int) else len(gs & pool)
+            vals.append(share * inside / len(gs))
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _words(ids: np.ndarray, phrases: list[str]) -> list[list[str]]:
@@ -216,14 +243,36 @@ def evaluate_lavise(
         eval_size,
     )
     seen, unseen = set(ex.seen), set(ex.unseen)
-    all_concepts = seen | unseen
     words = _words(np.asarray(ex.label_ids)[ks], phrases)
     noatt = no_attention_labels(bundle.array("probe/pooled"), top_index, top_value, ex.head, ex.index, st, ks)
     words_noatt = _words(noatt.ids, phrases)
+    n_ds = int(ex.index.meta.get("n_dataset") or 0)
+    ds_phrases = list(phrases[:n_ds]) if n_ds else sorted(seen | unseen)
+    ds_ids = np.array([ex.index.position(t) for t in ds_phrases], np.int64)
+    oracle = ConceptIndex(ex.index.embedder, ex.index.model_id).build(
+        ds_phrases, np.asarray(ex.index.embeddings[ds_ids], np.float32)
+    )
+    v, _ = filter_attention_features(
+        lm,
+        dataset,
+        top_index,
+        p,
+        bundle.layer,
+        ks,
+        st.image_batch,
+        st.threads,
+        progress,
+        object_fraction=False,
+    )
+    words_oracle = _words(
+        labels_from_features(v, top_value[ks], ex.head, oracle, st.top_s, st.labels_per_filter).ids,
+        ds_phrases,
+    )
     res: dict = {
         "filters": len(ks),
         "top_p": p,
         "vocabulary": len(phrases),
+        "dataset_vocabulary": len(ds_phrases),
         "seen": len(seen),
         "unseen": len(unseen),
     }
@@ -231,11 +280,12 @@ def evaluate_lavise(
     for s in s_values:
         for name, cs in (("seen", seen), ("unseen", unseen)):
             r, n = recall_at(gt, words, cs, s)
-            rn, _ = recall_at(gt, words_noatt, cs, s)
             table[f"{name}@{s}"] = {
                 "lavise": r,
-                "no_attention": rn,
-                "random": _random_recall(gt, cs, len(all_concepts), s),
+                "no_attention": recall_at(gt, words_noatt, cs, s)[0],
+                "random_vocabulary": random_recall(gt, cs, len(phrases), s),
+                "lavise_oracle_vocabulary": recall_at(gt, words_oracle, cs, s)[0],
+                "random_dataset_concepts": random_recall(gt, cs, set(ds_phrases), s),
                 "filters_with_gt": n,
             }
     res["recall"] = table
@@ -250,8 +300,24 @@ def evaluate_lavise(
     return res
 
 
+def _label_stats(gt, words, seen, unseen) -> dict:
+    return {
+        "seen@20": recall_at(gt, words, seen, 20)[0],
+        "unseen@20": recall_at(gt, words, unseen, 20)[0],
+        "distinct_top1": len({w[0] for w in words if w}),
+        "distinct_top5": len({t for w in words for t in w[:5]}),
+        "top1": [w[0] if w else "" for w in words],
+    }
+
+
 def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, seed, progress) -> dict:
-    """Re-initialise the CNN, redo region features / head / top images / labels on a subset; compare."""
+    """Re-initialise the CNN, redo region features / head / top images / labels on a subset; compare.
+
+    ``trained``: the trained CNN with a head trained on the subset's regions; ``randomised``: the
+    re-initialised CNN with a head *retrained* on its own region features (what LaViSE would do);
+    ``randomised_head_not_retrained``: the trained CNN's head applied to the randomised features.
+    Ground truth, top images and thresholds always come from the network being explained.
+    """
     layer = bundle.layer
     rng = np.random.default_rng(seed)
     c = np.asarray(ex.label_ids).shape[0]
@@ -261,29 +327,32 @@ def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, s
     quick = LaviseSettings(
         **{**st.__dict__, "epochs": min(st.epochs, 20), "max_seconds": min(st.max_seconds, 40.0)}
     )
+    labelled = [i for i in dataset.indices(None) if dataset.records[i].mask is not None]
+    sub = np.sort(rng.permutation(labelled)[:n_images]) if labelled else dataset.indices(None)[:n_images]
+    heads = {}
     for name, model in (("trained", lm), ("randomised", _reinitialised(lm, seed))):
-        labelled = [i for i in dataset.indices(None) if dataset.records[i].mask is not None]
-        sub = np.sort(rng.permutation(labelled)[:n_images]) if labelled else dataset.indices(None)[:n_images]
         rf = extract_region_features(
             model, _Reindexed(dataset, sub), layer, None, st.image_batch, st.min_region_cells
         )
         rows, y, used = training_targets(rf.concepts, ex.seen)
         e = np.asarray(ex.index.embeddings[np.array([ex.index.position(u) for u in used])], np.float32)
-        head, _ = train_head(rf.features[rows], y, e, quick)
+        heads[name], _ = train_head(rf.features[rows], y, e, quick, groups=rf.image[rows])
         ti, tv, tm, thr = _mini_probe(model, dataset, sub, layer, st.top_p, st.image_batch)
-        labels, _ = compute_filter_labels(
-            model, dataset, ti, tv, head, ex.index, st, layer, ks, object_fraction=False
+        v, _ = filter_attention_features(
+            model, dataset, ti, st.top_p, layer, ks, st.image_batch, st.threads, object_fraction=False
         )
         gt = concept_ground_truth(dataset, model, ti, tm, thr, ks, st.top_p, eval_size)
-        words = _words(labels.ids, ex.index.phrases)
-        out[name] = {
-            "seen@20": recall_at(gt, words, seen, 20)[0],
-            "unseen@20": recall_at(gt, words, unseen, 20)[0],
-            "distinct_top1": len({w[0] for w in words if w}),
-            "top1": [w[0] if w else "" for w in words],
-        }
-    a, b = out["trained"].pop("top1"), out["randomised"].pop("top1")
-    out["top1_agreement"] = float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+        for key, head in ((name, heads[name]),) + (
+            (("randomised_head_not_retrained", heads["trained"]),) if name == "randomised" else ()
+        ):
+            labels = labels_from_features(v, tv[ks], head, ex.index, st.top_s, st.labels_per_filter)
+            out[key] = _label_stats(gt, _words(labels.ids, ex.index.phrases), seen, unseen)
+    out["random_phrases@20"] = min(1.0, 20 / len(ex.index))
+    a = out["trained"].pop("top1")
+    for key in ("randomised", "randomised_head_not_retrained"):
+        b = out[key].pop("top1")
+        out[key]["top1_agreement"] = float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+    out["top1_agreement"] = out["randomised"]["top1_agreement"]
     return out
 
 
@@ -297,25 +366,52 @@ class _Reindexed(ProbeDataset):
         )  # fmt: skip
 
 
+ROWS = (
+    ("lavise", "LaViSE (open vocabulary)", "vocabulary"),
+    ("no_attention", "LaViSE without attention", "vocabulary"),
+    ("random_vocabulary", "random phrases, same vocabulary", "vocabulary"),
+    ("lavise_oracle_vocabulary", "LaViSE, oracle vocabulary (data-set concepts)", "dataset_vocabulary"),
+    ("random_dataset_concepts", "random phrases, data-set concepts only", "dataset_vocabulary"),
+)
+
+
 def format_tables(res: dict) -> str:
     """Plain-text tables of :func:`evaluate_lavise`'s result."""
+    cols = list(res["recall"])
     lines = [
-        f"LaViSE recall@s over {res['filters']} filters (top-{res['top_p']} images, vocabulary {res['vocabulary']}, "
+        f"LaViSE recall@s over {res['filters']} filters (top-{res['top_p']} images, "
         f"{res['seen']} seen / {res['unseen']} unseen concepts)",
-        f"{'':12s}{'LaViSE':>10s}{'no attn.':>10s}{'random':>10s}{'filters':>9s}",
+        f"{'':47s}{'ranks':>7s}" + "".join(f"{c:>10s}" for c in cols),
     ]
-    for key, row in res["recall"].items():
-        lines.append(
-            f"{key:12s}{row['lavise']:10.3f}{row['no_attention']:10.3f}{row['random']:10.3f}{row['filters_with_gt']:9d}"
-        )
+    for key, title, vocab in ROWS:
+        if key not in res["recall"][cols[0]]:
+            continue
+        vals = "".join(f"{res['recall'][c][key]:10.3f}" for c in cols)
+        lines.append(f"{title:47s}{res.get(vocab, 0):7d}{vals}")
+    lines.append(
+        f"{'filters with ground truth':54s}"
+        + "".join(f"{res['recall'][c]['filters_with_gt']:10d}" for c in cols)
+    )
     if "sanity" in res:
         s = res["sanity"]
-        lines.append(f"Sanity check (randomised CNN, {s['filters']} filters, {s['images']} images):")
-        for name in ("trained", "randomised"):
-            r = s[name]
-            lines.append(
-                f"  {name:11s} seen@20 {r['seen@20']:.3f}  unseen@20 {r['unseen@20']:.3f}  "
-                f"distinct top-1 labels {r['distinct_top1']}"
+        lines.append(
+            f"Sanity check ({s['filters']} filters, {s['images']} images; heads trained on those images' regions; "
+            f"random phrases@20 = {s.get('random_phrases@20', float('nan')):.4f}):"
+        )
+        names = {
+            "trained": "trained CNN",
+            "randomised": "randomised CNN, head retrained",
+            "randomised_head_not_retrained": "randomised CNN, trained head",
+        }
+        for key, title in names.items():
+            if key not in s:
+                continue
+            r = s[key]
+            agree = (
+                f"  top-1 agreement with trained {r['top1_agreement']:.3f}" if "top1_agreement" in r else ""
             )
-        lines.append(f"  top-1 label agreement trained vs randomised: {s['top1_agreement']:.3f}")
+            lines.append(
+                f"  {title:32s} seen@20 {r['seen@20']:.3f}  unseen@20 {r['unseen@20']:.3f}  "
+                f"distinct top-1 {r['distinct_top1']:3d}  distinct top-5 {r.get('distinct_top5', 0):3d}{agree}"
+            )
     return "\n".join(lines)

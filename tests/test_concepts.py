@@ -165,3 +165,23 @@ def test_minilm_embeddings_are_semantic(minilm):
     idx = ConceptIndex(minilm).build(vocab, minilm.embed(vocab))
     # an out-of-vocabulary text is embedded itself and finds its neighbour
     assert idx.search_text("scarlet feathers on the wing", 1)[0][0][0] == "red wing"
+
+
+def test_flat_index_fast_front_matches_exact_search():
+    x = unit(3000, 32, seed=2)
+    idx = ConceptIndex(HashEmbedder(), model_id="hash").build([f"p{i}" for i in range(3000)], x, kind="flat")
+    assert idx._fast is None  # below FAST_MIN: plain flat search
+    q = unit(20, 32, seed=3)
+    s_exact, i_exact = idx.search(q, 10)
+    idx._build_fast(fast_min=1000)
+    assert idx._fast is not None
+    s_fast, i_fast = idx.search(q, 10)
+    assert np.array_equal(i_fast, i_exact) and np.allclose(s_fast, s_exact, atol=1e-5)  # exact re-scoring
+    s_all, _ = idx.search(q[:1], 3000)  # k * refine_factor > n: falls back to the flat index
+    assert s_all.shape == (1, 3000)
+
+
+def test_query_path_equals_encode(minilm):
+    texts = ["glittering plumage at dusk", "red wing"]
+    assert minilm.fast_path() and not HashEmbedder().fast_path()
+    assert np.allclose(minilm._embed_short(texts), minilm.embed(texts), atol=1e-5)

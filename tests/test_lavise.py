@@ -102,7 +102,8 @@ def test_head_learns_separable_regions_and_round_trips(tmp_path):
     feats = centers[lab] + rng.standard_normal((300, 8)).astype(np.float32) * 0.3
     y = np.eye(3, dtype=bool)[lab]
     e = np.linalg.qr(rng.standard_normal((16, 3)))[0].T.astype(np.float32)  # orthonormal (3, 16)
-    head, log = train_head(feats, y, e, LaviseSettings(epochs=15, batch_size=32, lr=3e-3, threads=1))
+    st = LaviseSettings(epochs=15, batch_size=32, lr=3e-3, threads=1, margin=0.2, val_fraction=0.0)
+    head, log = train_head(feats, y, e, st)
     assert log["loss"][-1] < log["loss"][0]
     z = head.embed(feats)
     assert ((z @ e.T).argmax(1) == lab).mean() > 0.95
@@ -110,6 +111,55 @@ def test_head_learns_separable_regions_and_round_trips(tmp_path):
     back, meta = load_head(tmp_path)
     assert meta["channels"] == 8 and meta["dim"] == 16 and np.allclose(back.embed(feats), z, atol=1e-6)
     assert isinstance(back.net[0], nn.BatchNorm1d) and isinstance(back.net[6], nn.Linear)
+
+
+@pytest.mark.parametrize("normalise", ["standardise", "l2"])
+def test_head_normaliser_exact_and_saved(tmp_path, normalise):
+    from lavise_core.lavise import ExplainerHead
+
+    head = ExplainerHead(2, 3, normalise=normalise)
+    head.fit_normaliser(torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]]))  # second channel constant
+    assert head.feat_mean.tolist() == [3.0, 10.0] and head.feat_std[0].item() == pytest.approx(2.0)
+    u = head.normalised(torch.tensor([[5.0, 10.0]]))
+    expect = [1.0, 0.0] if normalise == "standardise" else [2**0.5, 0.0]  # l2: unit RMS over C = 2
+    assert torch.allclose(u, torch.tensor([expect]), atol=1e-6)
+    save_head(head, tmp_path, {})
+    back, meta = load_head(tmp_path)
+    assert meta["normalise"] == normalise and torch.equal(back.feat_mean, head.feat_mean)
+    with pytest.raises(LaviseError, match="normalise"):
+        ExplainerHead(2, 3, normalise="whiten")
+
+
+def test_old_head_without_normaliser_loads(tmp_path):
+    from safetensors.torch import save
+
+    from lavise_core.lavise import ExplainerHead
+
+    head = ExplainerHead(4, 3)
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("feat_")}
+    (tmp_path / "head.safetensors").write_bytes(save(state))
+    (tmp_path / "head.json").write_text(json.dumps({"channels": 4, "dim": 3, "dropout": 0.1}))
+    back, _ = load_head(tmp_path)
+    assert back.normalise == "none" and back.feat_std.tolist() == [1.0] * 4
+
+
+def test_early_stopping_holds_out_whole_images_and_keeps_best():
+    from lavise_core.lavise import _held_out_rows
+
+    groups = np.repeat(np.arange(50), 3)
+    held = _held_out_rows(len(groups), groups, 0.2, seed=0)
+    assert held.sum() == 30 and all(held[groups == g].all() or not held[groups == g].any() for g in range(50))
+    assert not _held_out_rows(len(groups), groups, 0.0, 0).any()
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 3, 150)
+    feats = rng.standard_normal((150, 6)).astype(np.float32)  # pure noise: held-out loss stops improving
+    e = np.eye(3, 8, dtype=np.float32)
+    st = LaviseSettings(epochs=60, batch_size=16, val_fraction=0.2, patience=3, threads=1, dropout=0.0)
+    _, log = train_head(feats, np.eye(3, dtype=bool)[lab], e, st, groups=groups)
+    assert log["val_regions"] == 30 and log["regions"] == 120
+    assert log["epochs"] < 60 and log["best_epoch"] == int(np.argmin(log["val_loss"])) + 1
+    with pytest.raises(LaviseError, match="groups"):
+        train_head(feats, np.eye(3, dtype=bool)[lab], e, st, groups=groups[:5])
 
 
 def test_vote_labels_exact():
@@ -190,6 +240,16 @@ def test_dataset_insight_finds_background_bias(spurious):
         assert out[1]["dominant_background"] == "water" and out[1]["dominant_background_share"] > 0.85
 
 
+def test_random_recall_exact():
+    from lavise_core.evaluation_lavise import random_recall
+
+    gt = [{"a": 0.5, "b": 0.1}, {"c": 0.2}, {}]
+    assert random_recall(gt, {"a", "b", "c"}, 100, 5) == pytest.approx(0.05)
+    # pool holding only "a" and "x": filter 0 gets (2/2) * 1/2, filter 1 nothing
+    assert random_recall(gt, {"a", "b", "c"}, {"a", "x"}, 1) == pytest.approx((0.25 + 0.0) / 2)
+    assert np.isnan(random_recall(gt, {"z"}, 10, 5))
+
+
 # ------------------------------------------------------------------------------- the whole stage
 class TinyCNN(nn.Module):
     def __init__(self, k: int = 12):
@@ -262,6 +322,11 @@ def test_explainer_query_and_evaluation(tiny_bundle):
     finally:
         lav_mod.ConceptIndex.load = orig
     assert set(res["recall"]) == {"seen@5", "unseen@5", "seen@20", "unseen@20"}
+    row = res["recall"]["seen@20"]
+    assert row["random_vocabulary"] == pytest.approx(20 / res["vocabulary"])  # every concept is in V
+    assert res["dataset_vocabulary"] < res["vocabulary"] and 0 <= row["lavise_oracle_vocabulary"] <= 1
     assert "randomised" in res["sanity"] and 0 <= res["sanity"]["top1_agreement"] <= 1
-    assert "LaViSE recall@s" in format_tables(res)
+    assert "randomised_head_not_retrained" in res["sanity"]
+    text = format_tables(res)
+    assert "LaViSE recall@s" in text and "random phrases, same vocabulary" in text and "oracle" in text
     assert (bundle.root / "eval/lavise.json").is_file()
