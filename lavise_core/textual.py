@@ -787,6 +787,8 @@ def build_textual_stage(
 
     from lavise_core.attributes import attributes_from_labels, extract_attributes, synonym_canonicalizer
 
+    if bundle.stage_done(STAGE):  # finished earlier: `lavise build --force textual` redoes it
+        return TextualExplainer.from_bundle(bundle)
     t0 = time.perf_counter()
     pooled = bundle.array("probe/pooled")
     n = pooled.shape[0]

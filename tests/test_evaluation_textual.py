@@ -315,3 +315,10 @@ def test_evaluate_textual_end_to_end(bird_bundle) -> None:
     text = format_tables(res)
     assert "specific p.d.f. (lift)" in text and "eq. 9 literal" in text
     assert "12.2 / 38.7 / 60.9" in text and "0.409" in text
+
+
+def test_build_textual_stage_skips_when_done(bird_bundle) -> None:
+    b, ds, _ = bird_bundle
+    stamp = b.manifest["stages"]["textual"]["finished"]
+    build_textual_stage(b, ds, progress=False)
+    assert b.manifest["stages"]["textual"]["finished"] == stamp
