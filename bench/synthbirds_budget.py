@@ -25,6 +25,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=DEFAULT_N)
     ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="generator processes (as `make demo` uses)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-generate", action="store_true", help="reuse the data set in --work")
     ap.add_argument("--models", default=None, help="where to write the checkpoint (default: WORK/models)")
@@ -35,7 +36,7 @@ def main() -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     if not args.skip_generate:
-        generate_synthbirds(data, n=args.n, seed=args.seed, progress=args.progress)
+        generate_synthbirds(data, n=args.n, seed=args.seed, progress=args.progress, workers=args.workers)
     t1 = time.perf_counter()
     card = train_demo(
         data,
