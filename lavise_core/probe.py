@@ -198,9 +198,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
 
 
-def bundle_dir_for(bundles_root: Path, lm: LoadedModel, layer: str, ds: ProbeDataset) -> tuple[Path, str]:
-    """Directory and key of the bundle for these inputs: ``<root>/<dataset>-<model>-<layer>-<key>``."""
-    key = bundle_key(lm.weights_hash, layer, ds.content_hash(), lm.preprocessing_spec())
+def bundle_dir_for(
+    bundles_root: Path, lm: LoadedModel, layer: str, ds: ProbeDataset, data_hash: str | None = None
+) -> tuple[Path, str]:
+    """Directory and key of the bundle for these inputs: ``<root>/<dataset>-<model>-<layer>-<key>``.
+
+    ``data_hash`` is ``ds.content_hash()``, computed here when the caller has not already.
+    """
+    data_hash = data_hash or ds.content_hash()
+    key = bundle_key(lm.weights_hash, layer, data_hash, lm.preprocessing_spec())
     model_slug = _slug(Path(lm.name).stem if lm.name.endswith(".json") else lm.name.split("?")[0])
     return Path(bundles_root) / f"{_slug(ds.name)}-{model_slug}-{_slug(layer)}-{key}", key
 
@@ -210,7 +216,8 @@ def open_or_create_bundle(
 ) -> Bundle:
     """The (possibly partly built) bundle for ``lm`` × ``layer`` × ``ds``, created if absent."""
     layer = lm.check_layer(layer or lm.default_layer)
-    root, key = bundle_dir_for(bundles_root, lm, layer, ds)
+    data_hash = ds.content_hash()
+    root, key = bundle_dir_for(bundles_root, lm, layer, ds, data_hash)
     manifest = {
         "key": key,
         "layer": layer,
@@ -220,7 +227,7 @@ def open_or_create_bundle(
         "dataset": {
             "name": ds.name,
             "root": str(Path(ds.root).resolve()),
-            "hash": ds.content_hash(),
+            "hash": data_hash,
             "n": len(ds),
         },
     }
