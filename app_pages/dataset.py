@@ -8,6 +8,18 @@ import streamlit as st
 from app_pages import _shared as sh
 from lavise_core import views
 
+
+def _class_heatmap(z, x: list[str], class_counts: list, base_height: int, **trace) -> go.Figure:
+    """A classes × columns heatmap (one row per class, in ``class_counts`` order)."""
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=[c for c, _ in class_counts], **trace))
+    fig.update_layout(
+        height=base_height + 26 * len(class_counts),
+        yaxis={"autorange": "reversed"},
+        margin={"l": 0, "r": 0, "t": 10, "b": 0},
+    )
+    return fig
+
+
 st.title("The probe data set and its biases")
 
 ws = sh.workspace()
@@ -84,19 +96,13 @@ if ws is not None:
             st.info(rep.bias_note, icon=":material/construction:")
         if rep.background is not None:
             st.subheader("Ground truth: background per class")
-            fig = go.Figure(
-                go.Heatmap(
-                    z=rep.background,
-                    x=rep.background_names,
-                    y=[c for c, _ in rep.class_counts],
-                    colorscale="Oranges",
-                    texttemplate="%{z}",
-                )
-            )
-            fig.update_layout(
-                height=200 + 26 * len(rep.class_counts),
-                yaxis={"autorange": "reversed"},
-                margin={"l": 0, "r": 0, "t": 10, "b": 0},
+            fig = _class_heatmap(
+                rep.background,
+                rep.background_names,
+                rep.class_counts,
+                200,
+                colorscale="Oranges",
+                texttemplate="%{z}",
             )
             st.plotly_chart(fig, width="stretch", key="bg")
         st.subheader("Concept frequencies per class")
@@ -104,19 +110,13 @@ if ws is not None:
             st.caption(
                 "Share of each class's images whose captions mention the concept (the concepts that vary most across classes)."
             )
-            fig = go.Figure(
-                go.Heatmap(
-                    z=rep.concept_freq,
-                    x=rep.concept_names,
-                    y=[c for c, _ in rep.class_counts],
-                    colorscale="Viridis",
-                    hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>",
-                )
-            )
-            fig.update_layout(
-                height=240 + 26 * len(rep.class_counts),
-                yaxis={"autorange": "reversed"},
-                margin={"l": 0, "r": 0, "t": 10, "b": 0},
+            fig = _class_heatmap(
+                rep.concept_freq,
+                rep.concept_names,
+                rep.class_counts,
+                240,
+                colorscale="Viridis",
+                hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>",
             )
             st.plotly_chart(fig, width="stretch", key="freq")
         else:
