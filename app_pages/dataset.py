@@ -40,36 +40,50 @@ if ws is not None:
                 st.caption("Generated without the spurious species–background correlation.")
         st.subheader("Bias findings (LaViSE dataset insight)")
         if rep.bias is not None:
+            st.caption(
+                "Each image is shown to the network **with its object painted out**; a held-out linear test asks "
+                "how well these backgrounds alone tell each class from a typical class (AUC, 0.5 = not at all). "
+                "A class is flagged when the AUC is at least 0.64 (a medium effect) and significant "
+                "(one-sided Mann–Whitney, Bonferroni p < 0.01 over the classes)."
+            )
             flagged = [b for b in rep.bias if b["confirmed"]]
             refuted = [b for b in rep.bias if b["background_bias"] and not b["confirmed"]]
             if refuted:
                 top = max(b["ground_truth_share"] for b in refuted)
                 st.info(
-                    f"LaViSE's background-purity test flags {len(refuted)} class(es) "
+                    f"The background test flags {len(refuted)} class(es) "
                     f"({', '.join(b['class'] for b in refuted[:4])}{'…' if len(refuted) > 4 else ''}), but the "
                     f"ground-truth backgrounds of those classes are mixed (the most common one covers at most "
                     f"{top:.0%} of a class's images), so these flags are false alarms on this data set.",
                     icon=":material/rule:",
                 )
-            if flagged:
-                for b in flagged:
-                    bg = (
-                        f" (mostly over **{b['dominant_background']}**, {b['dominant_background_share']:.0%})"
-                        if b.get("dominant_background")
-                        else ""
-                    )
-                    st.error(
-                        f"**{b['class']}** can be recognised from the background alone: background purity "
-                        f"{b['background_purity']:.0%}{bg}.",
-                        icon=":material/flag:",
-                    )
-            elif not refuted:
+            for b in flagged:
+                bg = (
+                    f" Its most common annotated background is **{b['dominant_background']}** "
+                    f"({b['dominant_background_share']:.0%} of the images tested)."
+                    if b.get("dominant_background")
+                    else ""
+                )
+                st.error(
+                    f"**{b['class']}** can be recognised from the background alone: AUC "
+                    f"{b['background_auc']:.2f}, p = {b['background_p']:.1e}.{bg} A network trained on this data "
+                    "can learn the background instead of the object. Its most typical backgrounds:",
+                    icon=":material/flag:",
+                )
+                pics = views.background_views(ws, b.get("background_examples", []))
+                if pics:
+                    st.image(pics, width=112)
+            if not flagged and not refuted:
                 st.success("No class can be told from its background alone.")
             st.dataframe(
                 {
                     "class": [b["class"] for b in rep.bias],
-                    "background purity": [
-                        None if b["background_purity"] is None else round(b["background_purity"], 3)
+                    "background AUC": [
+                        None if b["background_auc"] is None else round(b["background_auc"], 3)
+                        for b in rep.bias
+                    ],
+                    "p-value": [
+                        None if b["background_p"] is None else float(f"{b['background_p']:.2g}")
                         for b in rep.bias
                     ],
                     "flagged": [b["background_bias"] for b in rep.bias],
@@ -91,6 +105,10 @@ if ws is not None:
                     ],
                 },
                 hide_index=True,
+            )
+            st.caption(
+                "Off-object share: of the class's most important filters (by their contribution to its logit), "
+                "the share that fire less on the object than a uniform map would."
             )
         else:
             st.info(rep.bias_note, icon=":material/construction:")

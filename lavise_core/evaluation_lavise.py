@@ -252,7 +252,7 @@ def evaluate_lavise(
     oracle = ConceptIndex(ex.index.embedder, ex.index.model_id).build(
         ds_phrases, np.asarray(ex.index.embeddings[ds_ids], np.float32)
     )
-    v, _ = filter_attention_features(
+    v, *_ = filter_attention_features(
         lm,
         dataset,
         top_index,
@@ -338,7 +338,7 @@ def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, s
         e = np.asarray(ex.index.embeddings[np.array([ex.index.position(u) for u in used])], np.float32)
         heads[name], _ = train_head(rf.features[rows], y, e, quick, groups=rf.image[rows])
         ti, tv, tm, thr = _mini_probe(model, dataset, sub, layer, st.top_p, st.image_batch)
-        v, _ = filter_attention_features(
+        v, *_ = filter_attention_features(
             model, dataset, ti, st.top_p, layer, ks, st.image_batch, st.threads, object_fraction=False
         )
         gt = concept_ground_truth(dataset, model, ti, tm, thr, ks, st.top_p, eval_size)

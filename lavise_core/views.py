@@ -42,6 +42,7 @@ __all__ = [
     "StageMissing",
     "Workspace",
     "analyse_image",
+    "background_views",
     "build_bundle",
     "bundle_class_note",
     "class_report",
@@ -990,6 +991,24 @@ class DatasetReport:
     spurious: dict | None  # the generator's switch, when the data set records it
     bias: list[dict] | None  # LaViSE dataset insight per class
     bias_note: str | None
+
+
+def background_views(ws: Workspace, ids: Sequence[int], size: int = 112) -> list[np.ndarray]:
+    """Images ``ids`` with their object painted out, as the bias test saw them: ``(size, size, 3)`` uint8 each;
+    unreadable images and images without a mask are skipped."""
+    from .lavise import paint_out_object
+
+    ds = ws.dataset()
+    out = []
+    for i in ids:
+        try:
+            lab = ds.load_mask(int(i))
+            view = None if lab is None else paint_out_object(ds.load_image(int(i)), lab)
+        except (ImageLoadError, OSError):
+            continue
+        if view is not None:
+            out.append(np.asarray(view.resize((size, size))))
+    return out
 
 
 def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:

@@ -229,7 +229,7 @@ def test_dataset_page_shows_spurious_switch_and_findings(monkeypatch, bundles):
     at = open_app(monkeypatch, bundles, "app_pages/dataset.py")
     assert any("spurious correlation" in w.value and "water" in w.value for w in at.warning)
     df = at.dataframe[0].value
-    assert len(df) == 12 and "background purity" in df.columns
+    assert len(df) == 12 and {"background AUC", "p-value", "flagged"} <= set(df.columns)
     assert len(at.get("plotly_chart")) == 2  # backgrounds, concept frequencies
 
 

@@ -205,16 +205,16 @@ def test_query_out_of_vocabulary_text():
 
 
 def _insight_inputs(spurious: bool):
-    """Six background kinds (tight clusters in feature space); with ``spurious`` class 1 is 90 % water."""
+    """Six background kinds (clusters in feature space); with ``spurious`` class 1 is 90 % water."""
     rng = np.random.default_rng(1)
-    K, C, M = 3, 8, 180
+    K, C, M = 3, 8, 600
     labels = np.arange(M) % K
     kinds = ["sky", "water", "sand", "snow", "grass", "dusk"]
     centers = rng.standard_normal((6, C)) * 3
     kind = rng.integers(0, 6, M)
     if spurious:
-        kind[np.nonzero(labels == 1)[0][:54]] = 1
-    bg = centers[kind] + rng.standard_normal((M, C)) * 0.3
+        kind[np.nonzero(labels == 1)[0][:180]] = 1
+    bg = centers[kind] + rng.standard_normal((M, C))
     return K, C, labels, bg, [kinds[k] for k in kind]
 
 
@@ -227,17 +227,73 @@ def test_dataset_insight_finds_background_bias(spurious):
     label_ids = np.array([[0, 1]] * C)
     label_scores = np.array([[1.0, 0.5]] * C, np.float32)
     label_ids[1] = [2, -1]
-    inside = np.array([0.9, 0.1, 0.8, 0.5, 0.5, 0.5], np.float32)
+    inside = np.array([0.4, 0.1, 0.2, 0.5, 0.5, 0.5, 0.5, 0.5], np.float32)
+    area = np.full(C, 0.3, np.float32)  # filter 0 fires more on the object than a uniform map (0.4 > 0.3)
     out = dataset_insight(
         ["a", "b", "c"], W, pooled, labels, label_ids, label_scores, ["red wing", "blue tail", "water"],
-        inside, bg, labels, names, background_clusters=6,
+        inside, bg, labels, names, area, np.arange(len(labels)) + 1000,
     )  # fmt: skip
     flagged = [o["class"] for o in out if o["background_bias"]]
     assert flagged == (["b"] if spurious else [])
     assert out[1]["concepts"][0] == {"phrase": "water", "score": 1.0, "inside": 0.1, "off_object": True}
     assert out[0]["concepts"][0]["off_object"] is False and out[1]["off_object_share"] == 1.0
+    assert out[2]["concepts"][0]["off_object"] is True  # 0.2 < 0.3: on the object less than uniform
+    assert all(len(o["background_examples"]) == 6 for o in out)
     if spurious:
         assert out[1]["dominant_background"] == "water" and out[1]["dominant_background_share"] > 0.85
+        assert out[1]["background_auc"] > 0.8 and out[1]["background_p"] < 1e-10
+        # the class's most typical backgrounds are water ones
+        assert all(names[i - 1000] == "water" for i in out[1]["background_examples"])
+    # without the objects' area the cutoff is 0.5: filter 0 (0.4) counts as off the object
+    out = dataset_insight(
+        ["a", "b", "c"],
+        W,
+        pooled,
+        labels,
+        label_ids,
+        label_scores,
+        ["red wing", "blue tail", "water"],
+        inside,
+    )
+    assert out[0]["concepts"][0]["off_object"] is True and out[0]["background_auc"] is None
+
+
+def test_background_association_exact_and_null():
+    from lavise_core.lavise import background_association
+
+    labels = np.arange(40) % 2
+    sep = np.where(labels[:, None] == 1, 1.0, -1.0) + 0.01 * np.arange(40)[:, None]  # fully separable
+    auc, p, score = background_association(sep, labels, 2)
+    assert auc.tolist() == [1.0, 1.0] and np.all(p < 1e-6) and score.shape == (40, 2)
+    rng = np.random.default_rng(0)
+    aucs = [background_association(rng.standard_normal((300, 5)), np.arange(300) % 3, 3)[0] for _ in range(5)]
+    assert np.all(np.abs(np.concatenate(aucs) - 0.5) < 0.1)  # independent backgrounds: chance
+    auc, _, _ = background_association(sep, np.r_[labels[:-3], 2, 2, 2], 3)
+    assert np.isnan(auc[2])  # three images, five folds: not tested
+
+
+def test_paint_out_object_exact():
+    from PIL import Image
+
+    from lavise_core.lavise import paint_out_object
+
+    rgb = np.zeros((50, 50, 3), np.uint8)
+    rgb[:, :25] = (10, 20, 30)
+    rgb[:, 25:] = (10, 20, 40)
+    rgb[20:30, 20:30] = (255, 0, 0)  # the object
+    rgb[:, :2] = (200, 200, 200)  # a strip that pulls the mean but not the median
+    mask = np.zeros((50, 50), np.uint8)
+    mask[20:30, 20:30] = 3
+    out = np.asarray(paint_out_object(Image.fromarray(rgb), mask, dilate=0.04))  # 2 px around the object
+    painted = np.zeros((50, 50), bool)
+    painted[18:32, 18:32] = True
+    assert (out[painted] == out[25, 25]).all() and not (out == (255, 0, 0)).all(-1).any()
+    assert out[25, 25].tolist() in ([10, 20, 30], [10, 20, 35], [10, 20, 40])
+    assert (out[~painted] == rgb[~painted]).all()
+    full = np.ones((50, 50), np.uint8)
+    assert paint_out_object(Image.fromarray(rgb), full) is None  # nothing left to show
+    small = np.asarray(Image.fromarray(mask * 80).resize((25, 25), Image.NEAREST)) > 0  # coarser mask
+    assert np.asarray(paint_out_object(Image.fromarray(rgb), small)).shape == (50, 50, 3)
 
 
 def test_random_recall_exact():
@@ -304,6 +360,17 @@ def test_stage_writes_everything(tiny_bundle):
     assert build_lavise_stage(bundle, ds, lm, embedder=emb) == info  # finished: skipped
     ins = np.asarray(bundle.array("lavise/filter_inside"))
     assert np.all((ins[~np.isnan(ins)] >= 0) & (ins[~np.isnan(ins)] <= 1))
+    area = np.asarray(bundle.array("lavise/filter_object_area"))
+    assert area.shape == (c,) and np.all((area[~np.isnan(area)] > 0) & (area[~np.isnan(area)] < 1))
+    bg_img = np.asarray(bundle.array("lavise/background_image"))
+    assert len(bg_img) and bundle.array("lavise/background_features").shape == (len(bg_img), c)
+    # a bundle from the older recipe (backgrounds pooled outside the mask) redoes those two parts only
+    head_before = (bundle.root / "lavise/head.safetensors").read_bytes()
+    bundle.manifest["stages"]["lavise_regions"].pop("recipe")
+    bundle._save_manifest()
+    again = build_lavise_stage(bundle, ds, lm, embedder=emb)
+    assert again != info and bundle.manifest["stages"]["lavise_regions"]["recipe"] == 2
+    assert (bundle.root / "lavise/head.safetensors").read_bytes() == head_before
 
 
 def test_explainer_query_and_evaluation(tiny_bundle):
