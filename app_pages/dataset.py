@@ -83,8 +83,7 @@ if ws is not None:
                         for b in rep.bias
                     ],
                     "p-value": [
-                        None if b["background_p"] is None else float(f"{b['background_p']:.2g}")
-                        for b in rep.bias
+                        None if b["background_p"] is None else f"{b['background_p']:.1e}" for b in rep.bias
                     ],
                     "flagged": [b["background_bias"] for b in rep.bias],
                     "true top background share": [
