@@ -1,4 +1,4 @@
-"""Benchmark: LaViSE explainer-head training seconds (torch threads = ``LaviseSettings.threads``, 1).
+"""Benchmark: LaViSE explainer-head training seconds (torch threads = ``LaviseSettings.threads``: every core).
 
 With a bundle (``--bundle PATH`` whose ``lavise/region_features`` exist) it retrains on the real region
 features; otherwise on synthetic features of the given size (default: 20 000 regions, C = 1280 as
@@ -13,7 +13,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from lavise_core.lavise import LaviseSettings, train_head
 
@@ -27,7 +26,6 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=LaviseSettings().epochs)
     args = ap.parse_args()
     st = LaviseSettings(epochs=args.epochs, max_seconds=1e9, val_fraction=0.0)
-    torch.set_num_threads(st.threads)
     if args.bundle:
         from lavise_core.bundle import Bundle
         from lavise_core.concepts import ConceptIndex

@@ -99,7 +99,19 @@ class LaviseSettings:
     top_s: int = 20  # phrases retrieved per image
     labels_per_filter: int = 20  # stored labels per filter
     image_batch: int = 32
-    threads: int = 1  # torch threads; 2 oversubscribe a shared 2-core machine (17 vs 40 epochs in 170 s)
+    threads: int = (
+        0  # torch threads for head training and filter attention; 0 = every core this process may use
+    )
+
+
+def cpu_threads(n: int) -> int:
+    """``n`` torch threads, or with ``n = 0`` every core this process may use (its CPU affinity)."""
+    if n > 0:
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 # ============================================================================ masks and pooling
@@ -485,7 +497,7 @@ def train_head(
 
     torch.manual_seed(settings.seed)
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(cpu_threads(settings.threads))
     try:
         x = torch.as_tensor(np.asarray(features, np.float32))
         y = torch.as_tensor(np.asarray(targets, bool))
@@ -501,7 +513,10 @@ def train_head(
         x, y = x[~held], y[~held]
         head = ExplainerHead(x.shape[1], e.shape[1], settings.dropout, settings.normalise)
         head.fit_normaliser(x)
-        opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # fused: one kernel per step instead of ~10 per parameter (51 -> 31 ms a step for C = 1280, one thread)
+        opt = torch.optim.AdamW(
+            head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.epochs))
         gen = torch.Generator().manual_seed(settings.seed)
         t_start, losses, val_losses, epochs_run = time.perf_counter(), [], [], 0
@@ -698,7 +713,7 @@ def filter_attention_features(
     area_n = np.zeros(len(ks), np.float64)
     images = sorted(pairs)
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cpu_threads(threads))
     try:
         bar = tqdm(total=len(images), desc="filter attention", disable=not progress)
         for batch, x, _ in _image_batches(dataset, lm, images, image_batch):
