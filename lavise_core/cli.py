@@ -73,10 +73,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.force:
         for stage in args.force:
             bundle.clear_stage(stage)
+            if stage == "textual":  # fitted on the textual vocabulary
+                bundle.clear_stage("textual_grounding")
     run_probe(bundle, lm, ds, settings)
+    from .grounding import build_grounding_stage
     from .textual import build_textual_stage
 
     build_textual_stage(bundle, ds, progress=settings.progress)
+    build_grounding_stage(bundle, ds, lm, progress=settings.progress)
     if not args.no_lavise:
         from .lavise import build_lavise_stage
 
@@ -84,7 +88,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"bundle: {bundle.root}")
     for stage, info in bundle.manifest["stages"].items():
         secs = info.get("seconds")
-        print(f"  {stage:10s} done" + (f" in {secs} s" if secs is not None else ""))
+        print(f"  {stage:17s} done" + (f" in {secs} s" if secs is not None else ""))
     return 0
 
 
@@ -159,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_bundle_args(p)
     p.add_argument("--no-lavise", action="store_true", help="skip the LaViSE explainer and concept index")
-    p.add_argument("--force", nargs="*", metavar="STAGE", help="redo these stages (probe, textual, lavise)")
+    p.add_argument(
+        "--force",
+        nargs="*",
+        metavar="STAGE",
+        help="redo these stages (probe, textual, textual_grounding, lavise)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle's explanations against ground truth")

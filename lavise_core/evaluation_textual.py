@@ -12,7 +12,9 @@ Measured on the held-out split (``test``) of the probe data set:
   the lift over the mean filter, clipped at 0), each located on the receptive-field centres of the map
   cells (:func:`receptive_field_centres`) and, for comparison, on the uniform cell grid that bilinear
   upsampling assumes ("cell grid"); heatmaps are arg-maxed at map resolution (the arg-max of a bilinearly
-  upsampled map is a map cell). The attribute's keypoints: the regions whose
+  upsampled map is a map cell). Where the bundle has them, also the part-supervised weights of
+  :mod:`lavise_core.grounding` (fitted on the fit split's part masks / keypoints, never the test split's);
+  they are trained on the cell grid, so that is their natural grid. The attribute's keypoints: the regions whose
   ``region_concepts`` list the phrase; else the regions named by the phrase's noun ("red wing" ->
   "left wing", "right wing"; "bill" -> "beak"; "head" -> "crown", "forehead"); the closest one counts.
 - **Retrieval** (Table 2): for attribute t the method retrieves the images whose explanation (top-5 of
@@ -488,6 +490,8 @@ def _grounding(
         "literal": pdf_cols.astype(np.float32),
         "proposed": filter_specificity(pdf_cols),
     }
+    if ex.part_learned is not None and np.asarray(ex.part_learned)[cols].any():
+        weights["parts"] = ex.grounding_weights(cols, "auto")  # part-supervised (lavise_core.grounding)
     grid = receptive_field_centres(lm.model, layer, lm.input_size, seed=seed)
     rng = np.random.default_rng(seed)
     preds: dict[str, list[np.ndarray]] = {f"{m}{g}": [] for m in weights for g in ("", "_cell_grid")}
@@ -552,7 +556,9 @@ def _grounding(
     rnd = np.asarray(rand)  # (P, n_rand, 2): average PCK over the random draws
     out["random"] = np.mean([pck(rnd[:, d], kp, size, alphas) for d in range(rnd.shape[1])], axis=0).tolist()
     attr_of_a = np.asarray(attr_of)
-    for key in ("proposed", "literal"):
+    for key in ("proposed", "literal", "parts"):
+        if key not in preds:
+            continue
         xy = np.asarray(preds[key])
         out[f"per_attribute_{key}" if key != "proposed" else "per_attribute"] = {
             vocab[cols[a]]: pck(xy[attr_of_a == a], kp[attr_of_a == a], size[attr_of_a == a], alphas).tolist()
@@ -797,6 +803,8 @@ def format_tables(results: dict[str, Any]) -> str:
             ("literal", "eq. 9 literal p(t \\| f)", "proposed"),
             ("proposed_cell_grid", "specific p.d.f. (lift), cell grid", None),
             ("proposed", "specific p.d.f. (lift)", None),
+            ("parts_cell_grid", "part-supervised weights, cell grid", None),
+            ("parts", "part-supervised weights", None),
         )
         for key, label, paper_key in rows:
             if key not in g:

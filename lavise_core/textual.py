@@ -73,7 +73,7 @@ __all__ = [
 
 STAGE = "textual"
 Likelihood = Literal["normalized", "indicator"]
-Weighting = Literal["specific", "literal"]
+Weighting = Literal["auto", "learned", "specific", "literal"]
 
 
 class TextualError(ValueError):
@@ -605,6 +605,8 @@ class TextualExplainer:
     Attributes:
         vocabulary: ``(T,)`` phrases; prior: ``(T,)``; pdf: ``(C, T)`` p(t|f); class_pdf: ``(K, T)`` p(t|c);
         weight: ``(K, C)`` classifier weights; class_names: ``(K,)``.
+        part_weights: optional ``(C, T)`` part-supervised eq. 9 weights (:mod:`lavise_core.grounding`),
+            valid for the columns where ``part_learned (T,)`` is true.
     """
 
     vocabulary: list[str]
@@ -613,6 +615,8 @@ class TextualExplainer:
     class_pdf: np.ndarray
     weight: np.ndarray
     class_names: list[str]
+    part_weights: np.ndarray | None = None
+    part_learned: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         t, (c, t2), (k, c2) = len(self.vocabulary), self.pdf.shape, self.weight.shape
@@ -651,6 +655,7 @@ class TextualExplainer:
                 f"bundle {bundle.root} has no textual stage yet: run `lavise build` (stage {STAGE!r})"
             )
         vocab = bundle.read_json("textual/vocabulary")
+        parts = bundle.has("textual/grounding_learned")
         return cls(
             list(vocab),
             bundle.array("textual/prior"),
@@ -658,6 +663,8 @@ class TextualExplainer:
             bundle.array("textual/class_pdf"),
             bundle.array("probe/classifier_weight"),
             list(bundle.classes),
+            np.asarray(bundle.array("textual/grounding_weights")) if parts else None,
+            np.asarray(bundle.array("textual/grounding_learned"), bool) if parts else None,
         )
 
     # --------------------------------------------------------------- queries
@@ -721,26 +728,45 @@ class TextualExplainer:
         maps: Any,
         attribute: str | int | Sequence[str | int],
         out_size: tuple[int, int] | None = None,
-        weighting: Weighting = "specific",
+        weighting: Weighting = "auto",
     ) -> np.ndarray:
         """Heatmap(s) of attribute(s) on ``maps (C, h, w)`` (eq. 9); ``(H, W)`` or ``(Q, H, W)``.
 
-        ``weighting="specific"`` (default) weights filters by :func:`filter_specificity`, ``"literal"`` by
-        ``p(t | f_k)`` as the paper's eq. 9 (see the module docstring).
+        Filter weights (:meth:`grounding_weights`): ``"auto"`` (default) the part-supervised ones where
+        the bundle has them, else ``"specific"`` (:func:`filter_specificity`); ``"literal"`` is ``p(t | f_k)``
+        as the paper's eq. 9 (see the module docstring).
         """
         single = isinstance(attribute, str | int | np.integer)
         cols = [self.column(attribute)] if single else [self.column(a) for a in attribute]
         w = self.grounding_weights(cols, weighting)
         return ground_attribute(maps, w[:, 0] if single else w, out_size)
 
-    def grounding_weights(self, columns: Sequence[int], weighting: Weighting = "specific") -> np.ndarray:
-        """``(C, len(columns))`` filter weights of eq. 9 for these attribute columns."""
-        p = np.asarray(self.pdf)[:, list(columns)]
-        if weighting == "specific":
-            return filter_specificity(p)
+    def grounding_weights(self, columns: Sequence[int], weighting: Weighting = "auto") -> np.ndarray:
+        """``(C, len(columns))`` filter weights of eq. 9 for these attribute columns.
+
+        ``"learned"`` raises for a column without part-supervised weights; ``"auto"`` falls back to
+        ``"specific"`` for it.
+        """
+        cols = list(columns)
+        p = np.asarray(self.pdf)[:, cols]
         if weighting == "literal":
             return p.astype(np.float32)
-        raise TextualError(f"weighting must be 'specific' or 'literal', got {weighting!r}")
+        if weighting not in ("specific", "auto", "learned"):
+            raise TextualError(
+                f"weighting must be 'auto', 'learned', 'specific' or 'literal', got {weighting!r}"
+            )
+        out = filter_specificity(p)
+        if weighting == "specific":
+            return out
+        has = np.zeros(len(cols), bool) if self.part_learned is None else np.asarray(self.part_learned)[cols]
+        if weighting == "learned" and not has.all():
+            missing = [self.vocabulary[c] for c, h in zip(cols, has, strict=True) if not h][:3]
+            raise TextualError(
+                f"no part-supervised grounding weights for {missing}: build stage 'textual_grounding'"
+            )
+        if has.any():
+            out[:, has] = np.asarray(self.part_weights)[:, np.asarray(cols)[has]]
+        return out
 
     def filter_top_attributes(self, k: int, top: int = 10) -> list[tuple[str, float]]:
         """The ``top`` attributes of filter ``k``'s p.d.f. ``p(t | f_k)``."""

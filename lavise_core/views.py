@@ -1211,9 +1211,12 @@ def build_bundle(
     run_probe(bundle, lm, ds, ProbeSettings(progress=False, num_workers=0), on_progress=probe_progress)
     if "textual" in stages:
         say(0.55, "textual stage: attributes from captions and the filter–attribute p.d.f.")
+        from .grounding import build_grounding_stage
         from .textual import build_textual_stage
 
         build_textual_stage(bundle, ds, progress=False)
+        say(0.62, "textual stage: grounding weights from the part annotations")
+        build_grounding_stage(bundle, ds, lm, progress=False)
     if "lavise" in stages:
         say(0.7, "LaViSE stage: concept index, explainer head, filter labels")
         from .lavise import build_lavise_stage
