@@ -868,8 +868,11 @@ def explain_image(
         notes.append(str(e))
     if attrs:
         attribute = attribute if attribute in {t for t, _ in attrs} else attrs[0][0]
-        heat = ws.textual().ground(a.maps, attribute)
-        caption = f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k p(t|f_k)·A_k)"
+        tx = ws.textual()
+        heat = tx.ground(a.maps, attribute)
+        learned = tx.part_learned is not None and bool(tx.part_learned[tx.column(attribute)])
+        how = "w_kt fitted to the part annotations" if learned else "w_kt = specificity of p(t|f_k)"
+        caption = f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k w_kt·A_k, {how})"
     else:
         attribute = None
         k = contributions[0][0]
@@ -1126,7 +1129,7 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
     if name == "textual":
         row(
             "Does an attribute's heatmap point at the right body part? (PCK@0.2, %)",
-            _path(obj, "grounding", "proposed", 1),
+            _path(obj, "grounding", "parts_cell_grid", 1) or _path(obj, "grounding", "proposed", 1),
             _path(obj, "grounding", "constant", 1),
             "the same heatmap for every attribute",
             _path(obj, "paper", "pck", "proposed", 1),
