@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,24 @@ def _label(b: Bundle) -> str:
     return f"{m['dataset'].get('name', '?')} · {model_label(m['model']['spec'])} · {m['layer']} [{', '.join(stages) or 'empty'}]"
 
 
+def _unique_labels(bundles: list[Bundle]) -> dict[str, str]:
+    """``{bundle path: label}``; labels shared by several bundles get the data folder, then the bundle folder.
+
+    (The selectbox matches the chosen option by its label: two bundles with one label would be one choice.)
+    """
+    labels = {str(b.root): _label(b) for b in bundles}
+    for extra in (
+        lambda b: Path(str(b.manifest["dataset"].get("root", "?"))).name,
+        lambda b: Path(b.root).name,
+    ):
+        counts = Counter(labels.values())
+        labels = {
+            str(b.root): labels[str(b.root)] + (f" · {extra(b)}" if counts[labels[str(b.root)]] > 1 else "")
+            for b in bundles
+        }
+    return labels
+
+
 def available_bundles() -> list[Bundle]:
     return find_bundles(bundles_root())
 
@@ -104,7 +123,7 @@ def sidebar_bundle_choice() -> str | None:
         st.sidebar.warning(f"No bundle under `{bundles_root()}` yet.")
         return None
     paths = [str(b.root) for b in bundles]
-    labels = {str(b.root): _label(b) for b in bundles}
+    labels = _unique_labels(bundles)
     wanted = st.query_params.get("bundle")
     current = st.session_state.get(BUNDLE_KEY)
     if wanted:
