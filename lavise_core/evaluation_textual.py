@@ -732,6 +732,28 @@ def evaluate_textual(
                 reference_pdf=np.asarray(ex.pdf),
             ),
         }
+        g = results.get("grounding", {})
+        if grounding and ex.part_learned is not None and "parts" in g:
+            # the part-supervised weights refitted on the re-initialised network's maps: how much of their
+            # PCK comes from the trained features rather than from the annotations they were fitted to
+            from dataclasses import replace
+
+            from lavise_core.grounding import fit_part_grounding, grounding_images
+
+            lm_r = replace(lm, model=rand_model)
+            g_idx, _ = grounding_images(bundle, dataset, seed=seed)
+            fit_r = fit_part_grounding(
+                lm_r, dataset, bundle.layer, vocab, attr, g_idx, seed=seed, progress=progress
+            )
+            if fit_r is not None:
+                ex_r = replace(ex, part_weights=fit_r.weights, part_learned=fit_r.learned)
+                gr = _grounding(
+                    ex_r, lm_r, dataset, idx, attr, vocab, bundle.layer, n_attributes, alphas, batch_size, seed,
+                    progress,
+                )  # fmt: skip
+                for key in ("parts", "parts_cell_grid"):
+                    if key in gr:
+                        g[f"{key.replace('parts', 'parts_randomised')}"] = gr[key]
     results["seconds"] = round(time.perf_counter() - t0, 2)
     if save and getattr(bundle, "writable", False):
         bundle.write_json(RESULT_NAME, _jsonable(results))
@@ -805,6 +827,12 @@ def format_tables(results: dict[str, Any]) -> str:
             ("proposed", "specific p.d.f. (lift)", None),
             ("parts_cell_grid", "part-supervised weights, cell grid", None),
             ("parts", "part-supervised weights", None),
+            (
+                "parts_randomised_cell_grid",
+                "part-supervised weights, re-initialised network, cell grid",
+                None,
+            ),
+            ("parts_randomised", "part-supervised weights, re-initialised network", None),
         )
         for key, label, paper_key in rows:
             if key not in g:

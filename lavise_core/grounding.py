@@ -42,6 +42,8 @@ __all__ = [
     "build_grounding_stage",
     "cell_targets",
     "fit_grounding_weights",
+    "fit_part_grounding",
+    "grounding_images",
     "pointing_score",
 ]
 
@@ -168,64 +170,33 @@ def _region_values(dataset: ProbeDataset) -> dict[str, int]:
     return {name: j + 1 for j, name in enumerate(dataset.regions)}
 
 
-def build_grounding_stage(
-    bundle: Bundle,
+def fit_part_grounding(
+    lm,
     dataset: ProbeDataset,
-    lm=None,
+    layer: str,
+    vocabulary: Sequence[str],
+    attr: np.ndarray,
+    indices: Sequence[int],
     *,
-    max_images: int = 2000,
-    max_values: int = 128_000_000,
     val_fraction: float = 0.2,
     lambdas: Sequence[float] = LAMBDAS,
     batch_size: int = 32,
     seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Fit and store the part-supervised grounding weights (see the module docstring); skipped when done.
-
-    Uses up to ``max_images`` fit-split images (seeded subset) that have part masks or keypoints, fewer when
-    their maps would exceed ``max_values`` floats (512 MB; EfficientNet-Lite0's 1280 × 7 × 7 maps: 2,040). A data set
-    without either is recorded as ``{"skipped": why}`` and the specificity weights stay in use.
-    """
+    progress: bool = False,
+) -> GroundingFit | None:
+    """Fit the part-supervised weights on images ``indices`` with network ``lm`` at ``layer`` (the module
+    docstring); ``attr (N, T)`` bool is the attribute table of the data set. None when no pair is found."""
     from tqdm.auto import tqdm
 
     from lavise_core.evaluation_textual import attribute_regions
     from lavise_core.lavise import _image_batches, cpu_threads
     from lavise_core.networks import forward_maps
-    from lavise_core.textual import fit_indices
 
-    if bundle.stage_done(STAGE):
-        return bundle.manifest["stages"][STAGE]
-    t0 = time.perf_counter()
-    vocab = list(bundle.read_json("textual/vocabulary"))
-    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
     regions = list(dataset.regions) or sorted({k for r in dataset.records for k in r.keypoints})
-    regions_of = {t: attribute_regions(p, regions, {}) for t, p in enumerate(vocab)}
+    regions_of = {t: attribute_regions(p, regions, {}) for t, p in enumerate(vocabulary)}
     regions_of = {t: r for t, r in regions_of.items() if r}
-    valid = np.asarray(bundle.array("probe/valid"), bool) if bundle.has("probe/valid") else None
-    idx = [
-        int(i)
-        for i in fit_indices(dataset)
-        if (valid is None or valid[i])
-        and (dataset.records[i].mask or dataset.records[i].keypoints)
-        and any(t in regions_of for t in np.flatnonzero(attr[i]))
-    ]
-    why = None
-    if not regions_of:
-        why = "no attribute names a part of the data set"
-    elif len(idx) < 10:
-        why = "fewer than 10 fit images with part masks or keypoints"
-    if why:
-        bundle.mark_stage(STAGE, {"skipped": why})
-        return bundle.manifest["stages"][STAGE]
-    rng = np.random.default_rng(seed)
-    c, _, h, w = bundle.array("probe/top_maps").shape  # (C, k, h, w)
-    cap = max(10, min(max_images, max_values // (c * h * w)))
-    if len(idx) > cap:
-        idx = sorted(rng.choice(idx, cap, replace=False).tolist())
-    if lm is None:
-        lm = bundle.load_model()
     values = _region_values(dataset)
+    rng = np.random.default_rng(seed)
     feats: list[torch.Tensor] = []
     p_img: list[int] = []
     p_col: list[int] = []
@@ -233,9 +204,9 @@ def build_grounding_stage(
     prev = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(0))
     try:
-        bar = tqdm(total=len(idx), desc="grounding fit (maps)", disable=not progress)
-        for batch, x, images in _image_batches(dataset, lm, idx, batch_size):
-            maps, _ = forward_maps(lm, x, bundle.layer)
+        bar = tqdm(total=len(indices), desc="grounding fit (maps)", disable=not progress)
+        for batch, x, images in _image_batches(dataset, lm, indices, batch_size):
+            maps, _ = forward_maps(lm, x, layer)
             maps = maps.float().cpu()
             hw = tuple(maps.shape[-2:])
             for b, i in enumerate(batch):
@@ -257,8 +228,7 @@ def build_grounding_stage(
             bar.update(len(batch))
         bar.close()
         if not p_img:
-            bundle.mark_stage(STAGE, {"skipped": "no fit image has a located part for its attributes"})
-            return bundle.manifest["stages"][STAGE]
+            return None
         x = torch.stack(feats)  # (N, h·w, C)
         scale = x.amax((0, 1)).clamp_min(1e-6)  # (C,) max over the fit images
         x = x / scale
@@ -269,7 +239,7 @@ def build_grounding_stage(
         held[rng.permutation(n_img)[: max(1, round(val_fraction * n_img))]] = True
         tr, va = ~held[img], held[img]
         lams = sorted(lambdas, reverse=True)
-        path = fit_grounding_weights(x, img[tr], col[tr], tgt[tr], len(vocab), lams)
+        path = fit_grounding_weights(x, img[tr], col[tr], tgt[tr], len(vocabulary), lams)
         scores = {
             lam: pointing_score(x, w, img[va], col[va], tgt[va]) for lam, w in zip(lams, path, strict=True)
         }
@@ -277,20 +247,88 @@ def build_grounding_stage(
         w = path[lams.index(best)]
     finally:
         torch.set_num_threads(prev)
-    learned = np.zeros(len(vocab), bool)
+    learned = np.zeros(len(vocabulary), bool)
     learned[np.unique(col)] = True
     weights = (w / scale.numpy()[:, None]).astype(np.float32)  # act on raw maps A_k, not Â_k
     weights[:, ~learned] = 0.0
-    bundle.write_array("textual/grounding_weights", weights)
-    bundle.write_array("textual/grounding_learned", learned)
     info = {
-        "seconds": round(time.perf_counter() - t0, 2),
         "images": int(n_img),
         "pairs": len(img),
         "attributes": int(learned.sum()),
         "lambda": best,
         "held_out_pointing": {str(k): round(v, 4) for k, v in scores.items()},
-        "targets": "part masks" if any(dataset.records[i].mask for i in idx) else "part keypoints",
+        "targets": "part masks" if any(dataset.records[i].mask for i in indices) else "part keypoints",
     }
-    bundle.mark_stage(STAGE, info)
+    return GroundingFit(weights, learned, info)
+
+
+def grounding_images(
+    bundle: Bundle,
+    dataset: ProbeDataset,
+    max_images: int = 2000,
+    max_values: int = 128_000_000,
+    seed: int = 0,
+) -> tuple[list[int], str | None]:
+    """The fit-split images the weights are fitted on (seeded subset), or ``([], why)`` when there are none.
+
+    At most ``max_images``, fewer when their maps would exceed ``max_values`` floats (512 MB;
+    EfficientNet-Lite0's 1280 × 7 × 7 maps: 2,040)."""
+    from lavise_core.evaluation_textual import attribute_regions
+    from lavise_core.textual import fit_indices
+
+    vocab = list(bundle.read_json("textual/vocabulary"))
+    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
+    regions = list(dataset.regions) or sorted({k for r in dataset.records for k in r.keypoints})
+    named = np.array([bool(attribute_regions(p, regions, {})) for p in vocab], bool)
+    if not named.any():
+        return [], "no attribute names a part of the data set"
+    valid = np.asarray(bundle.array("probe/valid"), bool) if bundle.has("probe/valid") else None
+    idx = [
+        int(i)
+        for i in fit_indices(dataset)
+        if (valid is None or valid[i])
+        and (dataset.records[i].mask or dataset.records[i].keypoints)
+        and (attr[i] & named).any()
+    ]
+    if len(idx) < 10:
+        return [], "fewer than 10 fit images with part masks or keypoints"
+    cap = max_images
+    if bundle.has("probe/top_maps"):
+        c, _, h, w = bundle.array("probe/top_maps").shape  # (C, k, h, w)
+        cap = max(10, min(max_images, max_values // (c * h * w)))
+    if len(idx) > cap:
+        idx = sorted(np.random.default_rng(seed).choice(idx, cap, replace=False).tolist())
+    return idx, None
+
+
+def build_grounding_stage(
+    bundle: Bundle,
+    dataset: ProbeDataset,
+    lm=None,
+    *,
+    max_images: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fit (:func:`fit_part_grounding` on :func:`grounding_images`) and store the part-supervised grounding
+    weights; skipped when done. A data set without part masks or keypoints is recorded as
+    ``{"skipped": why}`` and the specificity weights stay in use."""
+    if bundle.stage_done(STAGE):
+        return bundle.manifest["stages"][STAGE]
+    t0 = time.perf_counter()
+    idx, why = grounding_images(bundle, dataset, max_images, seed=seed)
+    fit = None
+    if not why:
+        if lm is None:
+            lm = bundle.load_model()
+        vocab = list(bundle.read_json("textual/vocabulary"))
+        attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
+        fit = fit_part_grounding(lm, dataset, bundle.layer, vocab, attr, idx, seed=seed, progress=progress)
+        why = None if fit else "no fit image has a located part for its attributes"
+    if fit is None:
+        bundle.mark_stage(STAGE, {"skipped": why})
+        return bundle.manifest["stages"][STAGE]
+    bundle.write_array("textual/grounding_weights", fit.weights)
+    bundle.write_array("textual/grounding_learned", fit.learned)
+    bundle.mark_stage(STAGE, {"seconds": round(time.perf_counter() - t0, 2), **fit.info})
     return bundle.manifest["stages"][STAGE]

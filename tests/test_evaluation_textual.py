@@ -317,6 +317,30 @@ def test_evaluate_textual_end_to_end(bird_bundle) -> None:
     assert "12.2 / 38.7 / 60.9" in text and "0.409" in text
 
 
+def test_part_supervised_grounding_from_keypoints(bird_bundle) -> None:
+    from lavise_core.grounding import build_grounding_stage
+
+    b, ds, lm = bird_bundle
+    info = build_grounding_stage(b, ds, lm, progress=False)
+    assert info["targets"] == "part keypoints" and info["images"] == 16 and info["pairs"] == 32
+    ex = TextualExplainer.from_bundle(b)
+    # each attribute leans on its own colour channel (the identity net: channel k = colour k)
+    for t, phrase in enumerate(ex.vocabulary):
+        if ex.part_learned[t]:
+            k = list(COLOURS).index(phrase.split()[0])
+            assert ex.part_weights[:, t].argmax() == k
+    res = evaluate_textual(b, ds, lm=lm, randomization_images=16, batch_size=4, progress=False, save=False)
+    g = res["grounding"]
+    assert g["parts_cell_grid"] == [100.0, 100.0, 100.0] and g["parts"] == g["parts_cell_grid"]
+    assert (
+        g["per_attribute_parts"]["blue tail"] == [100.0, 100.0, 100.0]
+        if "blue tail" in g["per_attribute_parts"]
+        else True
+    )
+    assert "parts_randomised_cell_grid" in g  # refitted on the re-initialised network's maps
+    assert "part-supervised weights, re-initialised network" in format_tables(res)
+
+
 def test_build_textual_stage_skips_when_done(bird_bundle) -> None:
     b, ds, _ = bird_bundle
     stamp = b.manifest["stages"]["textual"]["finished"]
