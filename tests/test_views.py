@@ -184,8 +184,16 @@ def test_evaluation_headlines_and_tables():
         (0.1, 0.7, True),  # lower is better for the randomisation check
     ]
     assert rows[0]["paper"] == 38.7
-    lv = views.evaluation_headlines("lavise", {"recall": {"unseen@20": {"lavise": 0.1, "random": 0.2}}})
-    assert len(lv) == 1 and lv[0]["verdict"].startswith("NOT")
+    lv = views.evaluation_headlines("lavise", {"recall": {"unseen@20": {"lavise": 0.1, "no_attention": 0.2}}})
+    assert (
+        len(lv) == 1
+        and lv[0]["verdict"].startswith("NOT")
+        and "without filter attention" in lv[0]["baseline is"]
+    )
+    # with part-supervised grounding the headline reports it (and says so)
+    obj["grounding"]["parts_cell_grid"] = [5, 80.0, 9]
+    row = views.evaluation_headlines("textual", obj)[0]
+    assert row["ours"] == 80.0 and "part annotations" in row["question"]
     assert views.flatten_tables({"a": 1, "b": [{"m": "x", "v": 2}]}) == [
         ("summary", [{"a": 1}]),
         ("b", [{"m": "x", "v": 2}]),
