@@ -73,7 +73,14 @@ if ws is not None:
                 pics = views.background_views(ws, b.get("background_examples", []))
                 if pics:
                     st.image(pics, width=112)
-            if not flagged and not refuted:
+            tested = any(b["background_auc"] is not None for b in rep.bias)
+            if not tested:
+                st.info(
+                    "The background test needs object masks (SynthBirds, COCO, CUB with its segmentations): "
+                    "this data set has none, so its backgrounds were not tested.",
+                    icon=":material/info:",
+                )
+            elif not flagged and not refuted:
                 st.success("No class can be told from its background alone.")
             st.dataframe(
                 {
