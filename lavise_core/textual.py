@@ -27,8 +27,9 @@ The paper leaves every "normalisation function σ" open; the choices made here a
   weights are dominated by what all filters share (the prior, frequent attributes), so the literal heatmap
   is almost the constant-p.d.f. heatmap (all filters weighted 1/C). :func:`filter_specificity` instead
   weights a filter by how much *more* it says t than the average filter, the lift
-  ``max(p(t | f_k) / mean_k' p(t | f_k') − 1, 0)``; this is the default of :meth:`TextualExplainer.ground`
-  (``weighting="specific"``), ``weighting="literal"`` keeps the paper's eq. 9. Explanations (eq. 5–8) keep
+  ``max(p(t | f_k) / mean_k' p(t | f_k') − 1, 0)`` (``weighting="specific"``); ``weighting="literal"`` keeps
+  the paper's eq. 9. When the data set locates parts, :mod:`lavise_core.grounding` fits the weights to
+  them (``weighting="learned"``); the default ``"auto"`` uses those where they exist, else "specific". Explanations (eq. 5–8) keep
   the literal p.d.f.: there, frequent true attributes are what the sentence should say.
 """
 
