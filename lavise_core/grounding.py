@@ -189,7 +189,7 @@ def fit_part_grounding(
     from tqdm.auto import tqdm
 
     from lavise_core.evaluation_textual import attribute_regions
-    from lavise_core.lavise import _image_batches, cpu_threads
+    from lavise_core.lavise import _image_batches, torch_threads
     from lavise_core.networks import forward_maps
 
     regions = list(dataset.regions) or sorted({k for r in dataset.records for k in r.keypoints})
@@ -201,9 +201,7 @@ def fit_part_grounding(
     p_img: list[int] = []
     p_col: list[int] = []
     p_tgt: list[np.ndarray] = []
-    prev = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(0))
-    try:
+    with torch_threads(0):
         bar = tqdm(total=len(indices), desc="grounding fit (maps)", disable=not progress)
         for batch, x, images in _image_batches(dataset, lm, indices, batch_size):
             maps, _ = forward_maps(lm, x, layer)
@@ -245,8 +243,6 @@ def fit_part_grounding(
         }
         best = max(lams, key=lambda v: (scores[v], v))
         w = path[lams.index(best)]
-    finally:
-        torch.set_num_threads(prev)
     learned = np.zeros(len(vocabulary), bool)
     learned[np.unique(col)] = True
     weights = (w / scale.numpy()[:, None]).astype(np.float32)  # act on raw maps A_k, not Â_k

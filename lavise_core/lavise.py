@@ -21,6 +21,7 @@ Pieces, in the order the stage runs them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -112,6 +113,17 @@ def cpu_threads(n: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with :func:`cpu_threads` ``(n)`` torch threads, restoring the previous count after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 # ============================================================================ masks and pooling
@@ -496,9 +508,7 @@ def train_head(
     import copy
 
     torch.manual_seed(settings.seed)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(settings.threads))
-    try:
+    with torch_threads(settings.threads):
         x = torch.as_tensor(np.asarray(features, np.float32))
         y = torch.as_tensor(np.asarray(targets, bool))
         e = torch.as_tensor(np.asarray(concept_emb, np.float32))
@@ -568,8 +578,6 @@ def train_head(
             "concepts": int(t),
         }
         return head, log
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def save_head(head: ExplainerHead, directory: str | os.PathLike, info: dict) -> None:
@@ -712,9 +720,7 @@ def filter_attention_features(
     area_sum = np.zeros(len(ks), np.float64)
     area_n = np.zeros(len(ks), np.float64)
     images = sorted(pairs)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(threads))
-    try:
+    with torch_threads(threads):
         bar = tqdm(total=len(images), desc="filter attention", disable=not progress)
         for batch, x, _ in _image_batches(dataset, lm, images, image_batch):
             maps, _ = forward_maps(lm, x, layer)
@@ -738,8 +744,6 @@ def filter_attention_features(
                         np.add.at(area_n, rows.numpy(), 1.0)
             bar.update(len(batch))
         bar.close()
-    finally:
-        torch.set_num_threads(torch_threads)
     if v_all is None:
         raise LaviseError("none of the filters' top images could be read: check the data set's image folder")
     with np.errstate(invalid="ignore", divide="ignore"):
