@@ -422,6 +422,11 @@ def attribute_regions(
     return [r for r in regions if r.split()[-1] in targets or r in targets]
 
 
+def part_names(ds: ProbeDataset) -> list[str]:
+    """The data set's part names: its regions (label map values), else the names its keypoints use."""
+    return list(ds.regions) or sorted({k for r in ds.records for k in r.keypoints})
+
+
 # =========================================================================== the evaluation
 def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[i : i + size] for i in range(0, len(idx), size)]
@@ -467,7 +472,7 @@ def _grounding(
     from lavise_core.networks import forward_maps
 
     # candidate attributes: most frequent (vocabulary order) with a keypoint region in the data set
-    regions = list(ds.regions) or sorted({k for r in ds.records for k in r.keypoints})
+    regions = part_names(ds)
     has_kp = any(r.keypoints for r in ds.records)
     if not has_kp:
         return {"skipped": "the data set has no keypoints"}
@@ -741,7 +746,7 @@ def evaluate_textual(
             from lavise_core.grounding import fit_part_grounding, grounding_images
 
             lm_r = replace(lm, model=rand_model)
-            g_idx, _ = grounding_images(bundle, dataset, seed=seed)
+            g_idx, _ = grounding_images(bundle, dataset, vocab, attr, seed=seed)
             fit_r = fit_part_grounding(
                 lm_r, dataset, bundle.layer, vocab, attr, g_idx, seed=seed, progress=progress
             )

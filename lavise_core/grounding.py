@@ -166,6 +166,15 @@ def pointing_score(
     return float(np.asarray(pair_target)[np.arange(len(best)), best].mean())
 
 
+def _parts_of(dataset: ProbeDataset, vocabulary: Sequence[str]) -> dict[int, list[str]]:
+    """``{attribute column: the part names it refers to}`` for the attributes that name a part."""
+    from lavise_core.evaluation_textual import attribute_regions, part_names
+
+    parts = part_names(dataset)
+    regions_of = {t: attribute_regions(p, parts, {}) for t, p in enumerate(vocabulary)}
+    return {t: r for t, r in regions_of.items() if r}
+
+
 def _region_values(dataset: ProbeDataset) -> dict[str, int]:
     return {name: j + 1 for j, name in enumerate(dataset.regions)}
 
@@ -188,13 +197,10 @@ def fit_part_grounding(
     docstring); ``attr (N, T)`` bool is the attribute table of the data set. None when no pair is found."""
     from tqdm.auto import tqdm
 
-    from lavise_core.evaluation_textual import attribute_regions
     from lavise_core.lavise import _image_batches, torch_threads
     from lavise_core.networks import forward_maps
 
-    regions = list(dataset.regions) or sorted({k for r in dataset.records for k in r.keypoints})
-    regions_of = {t: attribute_regions(p, regions, {}) for t, p in enumerate(vocabulary)}
-    regions_of = {t: r for t, r in regions_of.items() if r}
+    regions_of = _parts_of(dataset, vocabulary)
     values = _region_values(dataset)
     rng = np.random.default_rng(seed)
     feats: list[torch.Tensor] = []
@@ -261,21 +267,21 @@ def fit_part_grounding(
 def grounding_images(
     bundle: Bundle,
     dataset: ProbeDataset,
+    vocabulary: Sequence[str],
+    attr: np.ndarray,
     max_images: int = 2000,
     max_values: int = 128_000_000,
     seed: int = 0,
 ) -> tuple[list[int], str | None]:
     """The fit-split images the weights are fitted on (seeded subset), or ``([], why)`` when there are none.
 
-    At most ``max_images``, fewer when their maps would exceed ``max_values`` floats (512 MB;
-    EfficientNet-Lite0's 1280 × 7 × 7 maps: 2,040)."""
-    from lavise_core.evaluation_textual import attribute_regions
+    ``attr (N, T)`` bool is the attribute table over ``vocabulary``. At most ``max_images`` images, fewer
+    when their maps would exceed ``max_values`` floats (512 MB; EfficientNet-Lite0's 1280 × 7 × 7 maps:
+    2,040)."""
     from lavise_core.textual import fit_indices
 
-    vocab = list(bundle.read_json("textual/vocabulary"))
-    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
-    regions = list(dataset.regions) or sorted({k for r in dataset.records for k in r.keypoints})
-    named = np.array([bool(attribute_regions(p, regions, {})) for p in vocab], bool)
+    named = np.zeros(len(vocabulary), bool)
+    named[list(_parts_of(dataset, vocabulary))] = True
     if not named.any():
         return [], "no attribute names a part of the data set"
     valid = np.asarray(bundle.array("probe/valid"), bool) if bundle.has("probe/valid") else None
@@ -312,13 +318,13 @@ def build_grounding_stage(
     if bundle.stage_done(STAGE):
         return bundle.manifest["stages"][STAGE]
     t0 = time.perf_counter()
-    idx, why = grounding_images(bundle, dataset, max_images, seed=seed)
+    vocab = list(bundle.read_json("textual/vocabulary"))
+    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
+    idx, why = grounding_images(bundle, dataset, vocab, attr, max_images, seed=seed)
     fit = None
     if not why:
         if lm is None:
             lm = bundle.load_model()
-        vocab = list(bundle.read_json("textual/vocabulary"))
-        attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
         fit = fit_part_grounding(lm, dataset, bundle.layer, vocab, attr, idx, seed=seed, progress=progress)
         why = None if fit else "no fit image has a located part for its attributes"
     if fit is None:
