@@ -54,7 +54,6 @@ __all__ = [
     "dataset_insight",
     "extract_region_features",
     "filter_attention_features",
-    "filter_object_fraction",
     "grounding_heatmap",
     "insight_for_bundle",
     "labels_from_features",
@@ -838,14 +837,6 @@ def _object_weights(dataset: ProbeDataset, i: int, lm, hw: tuple[int, int]) -> n
         ind[max(0, y0) : y1, max(0, x0) : x1] = 1
         return mask_weights(ind, hw, lm.crop_box(w, h))
     return None
-
-
-def filter_object_fraction(maps: np.ndarray, object_weights: np.ndarray) -> np.ndarray:
-    """Share of each filter's (clipped) activation mass inside the object: ``maps (C, h, w)``, ``(h, w)`` -> ``(C,)``."""
-    a = np.clip(np.asarray(maps, np.float64), 0, None)
-    tot = a.sum((1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(tot > 0, (a * object_weights).sum((1, 2)) / tot, np.nan)
 
 
 # ============================================================================ queries
