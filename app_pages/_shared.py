@@ -16,9 +16,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from lavise_core.bundle import Bundle, BundleError, find_bundles
-from lavise_core.images import ImageLoadError
-from lavise_core.views import StageMissing, Workspace
+from lavise_core.data.images import ImageLoadError
+from lavise_core.pipeline.bundle import Bundle, BundleError, find_bundles
+from lavise_core.views.workspace import StageMissing, Workspace
 
 log = logging.getLogger("lavise.app")
 
@@ -42,15 +42,15 @@ def get_model(path: str, stamp: float):
 
 @st.cache_resource(show_spinner="Loading the sentence encoder…")
 def get_embedder(model_id: str):
-    from lavise_core.concepts import shared_embedder
+    from lavise_core.explain.concepts import shared_embedder
 
     return shared_embedder(model_id)
 
 
 @st.cache_resource(show_spinner="Loading the concept index…")
 def get_lavise(path: str, stamp: float):
-    from lavise_core.concepts import DEFAULT_MODEL_ID, ConceptIndex
-    from lavise_core.lavise import LaviseExplainer
+    from lavise_core.explain.concepts import DEFAULT_MODEL_ID, ConceptIndex
+    from lavise_core.explain.lavise import LaviseExplainer
 
     bundle = get_bundle(path, stamp)
     index = ConceptIndex.load(Path(path) / "lavise", embedder=get_embedder(DEFAULT_MODEL_ID))
@@ -74,7 +74,7 @@ def _stamp(path: str) -> float:
 
 
 def _label(b: Bundle) -> str:
-    from lavise_core.views import model_label
+    from lavise_core.views.workspace import model_label
 
     m = b.manifest
     stages = [s for s in ("probe", "textual", "lavise") if b.stage_done(s)]

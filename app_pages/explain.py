@@ -7,8 +7,8 @@ import streamlit as st
 
 from app_pages import _shared as sh
 from lavise_core import views
-from lavise_core.images import ImageLoadError
-from lavise_core.samples import SAMPLE_PHOTOS, sample_photo
+from lavise_core.data.images import ImageLoadError
+from lavise_core.data.samples import SAMPLE_PHOTOS, sample_photo
 
 MAX_UPLOADS = 6
 CACHE = "analyses"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lavise_core.dataset import ImageRecord, ProbeDataset, write_dataset
-from lavise_core.samples import SAMPLE_PHOTOS, sample_photo
+from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
+from lavise_core.data.samples import SAMPLE_PHOTOS, sample_photo
 
 
 def photo_crops_dataset(out: Path, n: int, size: int = 256, seed: int = 0) -> ProbeDataset:

@@ -20,8 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import torch
 
-from lavise_core.concepts import ConceptIndex, TextEmbedder, load_general_vocabulary
-from lavise_core.lavise import query_concept
+from lavise_core.explain.concept_query import query_concept
+from lavise_core.explain.concepts import ConceptIndex, TextEmbedder, load_general_vocabulary
 
 QUERIES = [
     "red wing", "bird standing in shallow water", "glittering plumage", "striped tail feathers",

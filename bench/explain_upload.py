@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from lavise_core.images import load_image
-from lavise_core.networks import forward_maps, load_model
-from lavise_core.samples import sample_photo
-from lavise_core.textual import TextualExplainer
+from lavise_core.data.images import load_image
+from lavise_core.data.samples import sample_photo
+from lavise_core.explain.textual import TextualExplainer
+from lavise_core.models.networks import forward_maps, load_model
 
 
 def synthetic_explainer(lm, n_attributes: int, seed: int = 0) -> TextualExplainer:
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.bundle:
-        from lavise_core.bundle import Bundle
+        from lavise_core.pipeline.bundle import Bundle
 
         b = Bundle.open(args.bundle)
         lm, ex, layer = b.load_model(), TextualExplainer.from_bundle(b), b.layer

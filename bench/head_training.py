@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from lavise_core.lavise import LaviseSettings, train_head
+from lavise_core.explain.lavise_head import train_head
+from lavise_core.explain.lavise_settings import LaviseSettings
 
 
 def main() -> None:
@@ -27,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
     st = LaviseSettings(epochs=args.epochs, max_seconds=1e9, val_fraction=0.0)
     if args.bundle:
-        from lavise_core.bundle import Bundle
-        from lavise_core.concepts import ConceptIndex
-        from lavise_core.lavise import RegionFeatures, training_targets
+        from lavise_core.explain.concepts import ConceptIndex
+        from lavise_core.explain.lavise_head import RegionFeatures, training_targets
+        from lavise_core.pipeline.bundle import Bundle
 
         b = Bundle.open(args.bundle)
         rf = RegionFeatures.load(b)

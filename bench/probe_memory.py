@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def child(model: str, data: Path) -> None:
-    from lavise_core.dataset import ProbeDataset
-    from lavise_core.networks import load_model
-    from lavise_core.probe import ProbeSettings, open_or_create_bundle, run_probe
+    from lavise_core.data.dataset import ProbeDataset
+    from lavise_core.models.networks import load_model
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
 
     ds = ProbeDataset.open(data)
     lm = load_model(model)

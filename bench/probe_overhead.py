@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import photo_crops_dataset
 
-from lavise_core.dataset import ProbeDataset
-from lavise_core.networks import load_model
-from lavise_core.probe import ProbeSettings, _collate, _ProbeImages, open_or_create_bundle, run_probe
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.models.networks import load_model
+from lavise_core.pipeline.probe import ProbeSettings, _collate, _ProbeImages, open_or_create_bundle, run_probe
 
 
 def bare_pass(lm, ds: ProbeDataset, settings: ProbeSettings) -> float:

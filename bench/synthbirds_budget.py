@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from lavise_core.demo_cnn import DEFAULT_EPOCHS, train_demo
-from lavise_core.synthbirds import DEFAULT_N, generate_synthbirds
+from lavise_core.data.synthbirds import DEFAULT_N, generate_synthbirds
+from lavise_core.models.demo_cnn import DEFAULT_EPOCHS, train_demo
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ def _stats(xs: list[float], unit: float = 1000.0, name: str = "ms") -> str:
 def interactions(repeats: int, channels: int) -> dict[str, list[float]]:
     from streamlit.testing.v1 import AppTest
 
-    from lavise_core.samples import SAMPLE_PHOTOS, sample_photo
+    from lavise_core.data.samples import SAMPLE_PHOTOS, sample_photo
 
     buf = io.BytesIO()
     sample_photo(next(iter(SAMPLE_PHOTOS))).save(buf, "PNG")
@@ -146,7 +146,7 @@ def main() -> int:
     bundles = args.bundles or os.environ.get("LAVISE_BUNDLES") or str(browser_bundles().bundles)
     os.environ["LAVISE_BUNDLES"] = bundles
     from app_pages._shared import default_bundle
-    from lavise_core.bundle import find_bundles
+    from lavise_core.pipeline.bundle import find_bundles
 
     b = default_bundle(find_bundles(bundles))
     print(f"bundle {b.summary()} · {b.manifest['channels']} filters · load average {os.getloadavg()}")

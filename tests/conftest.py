@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lavise_core.dataset import ImageRecord, ProbeDataset, write_dataset
-from lavise_core.networks import LoadedModel
+from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
+from lavise_core.explain.concepts import TextEmbedder
+from lavise_core.models.networks import LoadedModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -92,3 +93,25 @@ def colour_dataset(tmp_path: Path) -> ProbeDataset:
     return write_dataset(
         root, name="Colours", source="test", classes=["red", "green", "blue"], records=records
     )
+
+
+class HashEmbedder(TextEmbedder):
+    """Deterministic fake embedder: unit vectors seeded by the text's hash; counts calls."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(model_id="hash")
+        self.d, self.calls, self.texts = d, 0, 0
+
+    @property
+    def dim(self) -> int:
+        return self.d
+
+    def embed(self, texts, batch_size=256, progress=False):
+        self.calls += 1
+        self.texts += len(texts)
+        out = np.zeros((len(texts), self.d), np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.d)
+            out[i] = v / np.linalg.norm(v)
+        return out

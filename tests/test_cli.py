@@ -4,9 +4,9 @@ import sys
 import numpy as np
 import pytest
 
-from lavise_core.bundle import Bundle, find_bundles
 from lavise_core.cli import build_parser, main
-from lavise_core.samples import write_sample_photos
+from lavise_core.data.samples import write_sample_photos
+from lavise_core.pipeline.bundle import Bundle, find_bundles
 
 
 def test_every_command_has_help(capsys):

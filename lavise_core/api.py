@@ -1,0 +1,501 @@
+"""The public Python API: open or build a bundle, then ask it about filters, concepts and images.
+
+>>> import lavise_core
+>>> ex = lavise_core.open("data/bundles/synthbirds-...")        # read-only, memory-mapped
+>>> ex.filters[7].labels[:3]                                     # [(phrase, score, source)]
+>>> ex.query("red breast").filters                               # filter indices, best first
+>>> ex.explain("bird.png").sentence                              # "This is a ... because it has ..."
+
+The CLI and the dashboard's views use these same objects; the names below are a contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lavise_core.data.dataset import DatasetError, ProbeDataset
+from lavise_core.data.images import crop_to_view, load_image
+from lavise_core.pipeline.bundle import Bundle, BundleError, StageMissing
+from lavise_core.pipeline.stages import BuildProgress, BuildSettings, build_stages
+
+__all__ = [
+    "ConceptAnswer",
+    "Explainer",
+    "FilterInfo",
+    "ImageAnalysis",
+    "ImageAnswer",
+    "StageMissing",
+    "build",
+    "build_hint",
+    "open_bundle",
+]
+
+#: default label sources, in the order a filter card prefers them
+SOURCE_ZERO_SHOT = "zero-shot (LaViSE)"
+SOURCE_PDF = "attribute p.d.f."
+
+
+def build_hint(bundle: Bundle) -> str:
+    """The command that builds (or finishes) ``bundle``."""
+    m = bundle.manifest
+    return f"lavise build --model {m['model']['spec']} --data {m['dataset']['root']}"
+
+
+# =========================================================================== results
+@dataclass(frozen=True)
+class FilterInfo:
+    """One filter of the explained layer.
+
+    Attributes:
+        index: the filter ``k``.
+        labels: ``[(phrase, score, source)]`` best first (zero-shot labels, else the p.d.f.'s top attributes).
+        top_images: ``(k,)`` probe record indices where it fires most, strongest first.
+        top_values: ``(k,)`` their pooled activations.
+        pdf: ``[(attribute, p(t | f_k))]`` best first (empty without the textual stage).
+    """
+
+    index: int
+    labels: list[tuple[str, float, str]]
+    top_images: np.ndarray
+    top_values: np.ndarray
+    pdf: list[tuple[str, float]]
+
+
+class FilterList(Sequence):
+    """``Explainer.filters``: ``len()`` filters, ``filters[k]`` -> :class:`FilterInfo` (built on access)."""
+
+    def __init__(self, ex: Explainer) -> None:
+        self._ex = ex
+
+    def __len__(self) -> int:
+        return self._ex.channels
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = int(k)
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"filter {k} out of range: the layer has {len(self)} filters")
+        return self._ex.filter_info(k % len(self))
+
+
+@dataclass
+class ConceptAnswer:
+    """Answer to a free-text concept query.
+
+    Attributes:
+        text: the query.
+        filters: ``(F,)`` filter indices, best first; ``scores (F,)`` their match scores.
+        confident: whether some filter of this layer responds to the concept (``message`` says why not).
+        message: one plain sentence about the answer.
+        images: ``(M,)`` probe record indices where the matched filters fire; ``image_scores (M,)``.
+        status: ``"seen"``, ``"unseen"``, ``"vocabulary"`` or ``"not in vocabulary"``.
+        suggestions: nearest vocabulary phrases ``[(phrase, cosine)]``.
+        label_scores: ``(F,)`` the query's vote score in each matched filter's labels (0 when absent).
+        weights: ``(F,)`` non-negative filter weights for grounding heatmaps (sum 1).
+    """
+
+    text: str
+    filters: np.ndarray
+    scores: np.ndarray
+    confident: bool
+    message: str
+    images: np.ndarray
+    image_scores: np.ndarray
+    status: str
+    suggestions: list[tuple[str, float]]
+    label_scores: np.ndarray
+    weights: np.ndarray
+
+
+@dataclass
+class ImageAnalysis:
+    """One forward pass of an image (cache it by :attr:`digest`)."""
+
+    digest: str
+    image: Image.Image  # what the network sees (cropped view, at most 384 px)
+    maps: np.ndarray  # (C, h, w)
+    phi: np.ndarray  # (C,)
+    logits: np.ndarray  # (K,)
+    probs: np.ndarray  # (K,)
+
+
+@dataclass
+class ImageAnswer:
+    """An image's prediction explained (Guo et al. eq. 5–6 and 9).
+
+    Attributes:
+        predicted: the network's class; ``target``: the class explained (the prediction unless asked).
+        probabilities: ``(K,)`` softmax over the network's classes; ``predictions``: the top 5 ``[(class, p)]``.
+        sentence: "This is a … because it has …" (``None`` without the textual stage).
+        contrast: why ``target`` rather than ``why_not`` (``None`` when not asked).
+        attributes: ``[(attribute, p(t | x, c))]`` behind the sentence.
+        in_distribution: whether the image looks like the probe set (``None``: not measured).
+        contributions: ``[(filter, phi_k · W[c, k])]`` largest first.
+        zero_shot: nearest open-vocabulary phrases of the image's pooled feature (LaViSE), if built.
+        notes: what could not be explained and why.
+    """
+
+    predicted: str
+    target: str
+    probabilities: np.ndarray
+    predictions: list[tuple[str, float]]
+    sentence: str | None
+    contrast: str | None
+    attributes: list[tuple[str, float]]
+    in_distribution: bool | None
+    contributions: list[tuple[int, float]]
+    zero_shot: list[tuple[str, float]] | None
+    notes: list[str] = field(default_factory=list)
+    analysis: ImageAnalysis | None = field(default=None, repr=False)
+    _explainer: Explainer | None = field(default=None, repr=False)
+
+    def heatmap(self, attribute: str | None = None) -> tuple[np.ndarray, str]:
+        """``(map (h, w) in [0, 1], caption)``: where the network sees ``attribute`` (eq. 9; default: the
+        first attribute of the sentence), or the largest contributing filter's map without attributes."""
+        ex, a = self._explainer, self.analysis
+        if ex is None or a is None:
+            raise ValueError("this answer holds no activation maps")
+        if self.attributes:
+            names = [t for t, _ in self.attributes]
+            attribute = attribute if attribute is not None else names[0]
+            tx = ex.textual()
+            heat = tx.ground(a.maps, attribute)
+            learned = tx.part_learned is not None and bool(tx.part_learned[tx.column(attribute)])
+            how = "w_kt fitted to the part annotations" if learned else "w_kt = specificity of p(t|f_k)"
+            return heat, f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k w_kt·A_k, {how})"
+        k = self.contributions[0][0]
+        m = np.clip(np.asarray(a.maps[k], np.float32), 0, None)
+        m = m / m.max() if m.max() > 0 else m
+        return m, f"filter {k}, the largest contributor to {self.target}"
+
+
+# =========================================================================== the explainer
+class Explainer:
+    """One bundle, opened read-only, and everything loaded from it at most once (thread-safe).
+
+    Args:
+        bundle: an opened bundle (or its folder).
+        model_loader: ``() -> LoadedModel``; default ``bundle.load_model()`` (verified by hash). The
+            dashboard passes a cached loader so one model (with its lock) serves every session.
+        lavise_loader: ``() -> LaviseExplainer``; default ``LaviseExplainer(bundle)``.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        model_loader: Callable[[], Any] | None = None,
+        lavise_loader: Callable[[], Any] | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self._model_loader = model_loader or self.bundle.load_model
+        self._lavise_loader = lavise_loader
+        self._lock = threading.RLock()
+        self._cache: dict[str, Any] = {}
+        self.built: dict[str, str] = {}  # {stage: "built" | "skipped" | "redone (…)"} after :func:`build`
+
+    def __repr__(self) -> str:
+        return f"Explainer({self.bundle.summary()}, stages={list(self.bundle.manifest.get('stages', {}))})"
+
+    def _once(self, name: str, make: Callable[[], Any]) -> tuple[Any, str | None]:
+        """``(value, None)`` or ``(None, error message)``; ``make`` runs at most once per name."""
+        with self._lock:
+            if name not in self._cache:
+                try:
+                    self._cache[name] = (make(), None)
+                except (ValueError, OSError) as e:  # our errors carry user messages
+                    self._cache[name] = (None, str(e))
+            return self._cache[name]
+
+    # ------------------------------------------------------------------ what the bundle holds
+    @property
+    def title(self) -> str:
+        return self.bundle.summary()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    @property
+    def layer(self) -> str:
+        return self.bundle.layer
+
+    @property
+    def channels(self) -> int:
+        return int(self.bundle.manifest.get("channels") or self.array("probe/pooled").shape[1])
+
+    def array(self, name: str) -> np.ndarray | None:
+        """A bundle array, memory-mapped once (``None`` when absent)."""
+        if not self.bundle.has(name):
+            return None
+        return self._once(f"array:{name}", lambda: self.bundle.array(name))[0]
+
+    def class_weight(self) -> np.ndarray | None:
+        """``W (K, C)`` when this layer feeds the classifier directly (else ``None``)."""
+        W = self.array("probe/classifier_weight")
+        return W if W is not None and W.shape[1] == self.channels else None
+
+    def require_probe(self) -> None:
+        if not self.bundle.stage_done("probe"):
+            raise StageMissing(f"this bundle has no probe pass yet: build it with `{build_hint(self.bundle)}`")
+
+    def has_textual(self) -> bool:
+        return self.bundle.stage_done("textual")
+
+    def has_lavise(self) -> bool:
+        return self.bundle.stage_done("lavise")
+
+    def dataset(self) -> ProbeDataset | None:
+        """The probe data set, or ``None`` (moved, changed: see :meth:`dataset_error`)."""
+        return self._once("dataset", self.bundle.dataset)[0]
+
+    def dataset_error(self) -> str | None:
+        return self._once("dataset", self.bundle.dataset)[1]
+
+    def textual(self):
+        """The :class:`~lavise_core.explain.textual.TextualExplainer`, or raise :class:`StageMissing`."""
+        if not self.has_textual():
+            raise StageMissing(
+                "this bundle has no textual stage (attribute p.d.f.s) yet: build it with "
+                f"`{build_hint(self.bundle)}`"
+            )
+        from lavise_core.explain.textual import TextualExplainer
+
+        value, err = self._once("textual", lambda: TextualExplainer.from_bundle(self.bundle))
+        if value is None:
+            raise StageMissing(
+                f"the textual stage could not be read ({err}); rebuild it with `{build_hint(self.bundle)}`"
+            )
+        return value
+
+    def lavise(self):
+        """The :class:`~lavise_core.explain.lavise.LaviseExplainer`, or raise :class:`StageMissing`."""
+        if not self.has_lavise():
+            raise StageMissing(
+                "this bundle has no LaViSE stage (zero-shot concepts) yet: build it with "
+                f"`{build_hint(self.bundle)}`"
+            )
+
+        def make():
+            if self._lavise_loader is not None:
+                return self._lavise_loader()
+            from lavise_core.explain.lavise import LaviseExplainer
+
+            return LaviseExplainer(self.bundle)
+
+        value, err = self._once("lavise", make)
+        if value is None:
+            raise StageMissing(
+                f"the LaViSE stage could not be read ({err}); rebuild it with `{build_hint(self.bundle)}`"
+            )
+        return value
+
+    def model(self):
+        """The :class:`~lavise_core.models.networks.LoadedModel` that built the bundle (verified by hash)."""
+        value, err = self._once("model", self._model_loader)
+        if value is None:
+            raise BundleError(f"the model of this bundle could not be loaded: {err}")
+        return value
+
+    # ------------------------------------------------------------------ filters
+    @property
+    def filters(self) -> FilterList:
+        """``filters[k]`` -> :class:`FilterInfo`; ``len(filters)`` = C."""
+        return FilterList(self)
+
+    def label_table(self) -> tuple[np.ndarray, np.ndarray, list[str], set[str], set[str]] | None:
+        """LaViSE labels read straight from the bundle (no torch, FAISS or encoder): ``ids (C, L)``,
+        ``scores (C, L)``, the phrases, and the seen / unseen concept sets; ``None`` without the stage."""
+        if not self.has_lavise() or not self.bundle.has("lavise/filter_label_ids"):
+            return None
+
+        def make():
+            import json
+
+            split = self.bundle.read_json("lavise/split")
+            phrases = json.loads((Path(self.bundle.root) / "lavise" / "phrases.json").read_text())
+            return (
+                self.bundle.array("lavise/filter_label_ids"),
+                self.bundle.array("lavise/filter_label_scores"),
+                phrases,
+                set(split.get("seen", [])),
+                set(split.get("unseen", [])),
+            )
+
+        value, err = self._once("label_table", make)
+        if value is None:
+            raise StageMissing(
+                f"the LaViSE labels could not be read ({err}); rebuild with `{build_hint(self.bundle)}`"
+            )
+        return value
+
+    def filter_info(self, k: int, n_labels: int = 10) -> FilterInfo:
+        """:class:`FilterInfo` of filter ``k`` (see :attr:`filters`)."""
+        self.require_probe()
+        labels: list[tuple[str, float, str]] = []
+        table = self.label_table()
+        if table is not None:
+            ids, scores, phrases, _, _ = table
+            labels = [
+                (phrases[int(j)], float(s), SOURCE_ZERO_SHOT)
+                for j, s in zip(ids[k][:n_labels], scores[k][:n_labels], strict=True)
+                if 0 <= j < len(phrases)
+            ]
+        pdf: list[tuple[str, float]] = []
+        if self.has_textual():
+            tx = self.textual()
+            row = np.asarray(tx.pdf[k], np.float64)
+            pdf = [(tx.vocabulary[int(t)], float(row[t])) for t in np.argsort(-row, kind="stable")]
+            if not labels:
+                labels = [(t, p, SOURCE_PDF) for t, p in pdf[:n_labels]]
+        return FilterInfo(
+            k, labels, np.asarray(self.array("probe/top_index")[k]), np.asarray(self.array("probe/top_value")[k]), pdf
+        )
+
+    # ------------------------------------------------------------------ concepts
+    def query(self, text: str, n: int = 10, n_images: int = 12) -> ConceptAnswer:
+        """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`."""
+        res = self.lavise().query(text, n_filters=n, n_images=n_images)
+        confident = True  # abstention: see issue 16
+        message = (
+            f"{len(res.filters)} filters of layer {self.layer} matched by the zero-shot explainer "
+            f"(best cosine {float(res.filter_scores[0]):.2f})"
+            if len(res.filters)
+            else f"layer {self.layer} has no filters"
+        )
+        return ConceptAnswer(
+            res.text, res.filters, res.filter_scores, confident, message, res.images, res.image_scores,
+            res.status, res.suggestions, res.label_scores, res.filter_weights(),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ images
+    def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """``maps (B, C, h, w)`` float32 and ``logits (B, K)`` for PIL images, under the model's lock."""
+        import torch
+
+        from lavise_core.models.networks import forward_maps
+
+        lm = self.model()
+        x = torch.stack([lm.preprocess(im) for im in images])
+        maps, logits = forward_maps(lm, x, self.layer)  # takes lm.lock
+        return maps.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    def analyse(self, image: Image.Image | bytes | str | os.PathLike, name: str | None = None) -> ImageAnalysis:
+        """Load ``image`` (raises :class:`~lavise_core.data.images.ImageLoadError` with a user message) and
+        run the network once."""
+        if isinstance(image, Image.Image):
+            img = image.convert("RGB")
+            digest = hashlib.sha256(img.tobytes()).hexdigest()[:16]
+        else:
+            if isinstance(image, str | os.PathLike):
+                name = name or str(image)
+                image = Path(image).read_bytes()
+            digest = hashlib.sha256(image).hexdigest()[:16]
+            img = load_image(image, name=name or "the uploaded file")
+        lm = self.model()
+        maps, logits = self.forward([img])
+        z = logits[0].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        view = crop_to_view(img, lm.crop_box(*img.size))
+        view.thumbnail((384, 384), Image.BILINEAR)
+        return ImageAnalysis(digest, view, maps[0], maps[0].mean((1, 2)), logits[0], p.astype(np.float32))
+
+    def explain(
+        self,
+        image: Image.Image | bytes | str | os.PathLike | ImageAnalysis,
+        target: str | None = None,
+        why_not: str | None = None,
+        n_contributions: int = 10,
+    ) -> ImageAnswer:
+        """Explain the prediction for ``image`` (PIL image, bytes or path), for class ``target`` (default: the
+        prediction); ``why_not``: a class to contrast with. See :class:`ImageAnswer`."""
+        a = image if isinstance(image, ImageAnalysis) else self.analyse(image)
+        classes = self.classes
+        if target is not None and target not in classes:
+            raise ValueError(f"unknown class {target!r}; the network's classes are e.g. {classes[:3]}")
+        if why_not is not None and why_not not in classes:
+            raise ValueError(f"unknown class {why_not!r}; the network's classes are e.g. {classes[:3]}")
+        order = np.argsort(-a.probs, kind="stable")
+        preds = [(classes[int(j)], float(a.probs[j])) for j in order[:5]]
+        c = int(order[0]) if not target else classes.index(target)
+        notes: list[str] = []
+        W = self.class_weight()
+        if W is None:  # an inner layer: rank filters by activation instead
+            contrib = a.phi.astype(np.float64)
+            notes.append(f"layer {self.layer} does not feed the classifier: filters are ranked by activation")
+        else:
+            contrib = a.phi.astype(np.float64) * np.asarray(W[c], np.float64)
+        top = np.argsort(-contrib, kind="stable")[:n_contributions]
+        sentence = contrast = None
+        attrs: list[tuple[str, float]] = []
+        try:
+            tx = self.textual()
+            exp = tx.explain(a.phi, class_index=c, top=5)
+            sentence = exp.sentence
+            attrs = [(t, float(s)) for t, s in exp.attributes]
+            if why_not and why_not != classes[c]:
+                contrast = tx.contrast(a.phi, c, why_not).sentence
+        except StageMissing as e:
+            notes.append(str(e))
+        zero_shot = None
+        if self.has_lavise():
+            try:
+                zero_shot = self.lavise().explain_feature(a.phi[None, :].astype(np.float32), 8)[0]
+            except StageMissing as e:
+                notes.append(str(e))
+        return ImageAnswer(
+            classes[int(order[0])], classes[c], a.probs, preds, sentence, contrast, attrs, None,
+            [(int(k), float(contrib[k])) for k in top], zero_shot, notes, a, self,
+        )  # fmt: skip
+
+
+# =========================================================================== entry points
+def open_bundle(bundle_dir: str | os.PathLike) -> Explainer:
+    """Open a built bundle read-only (arrays memory-mapped) -> :class:`Explainer`."""
+    return Explainer(Bundle.open(bundle_dir))
+
+
+def build(
+    model: str,
+    data: str | os.PathLike,
+    layer: str | None = None,
+    stages: Sequence[str] | None = None,
+    bundles: str | os.PathLike = "data/bundles",
+    progress: Callable[[BuildProgress], None] | None = None,
+    *,
+    force: Sequence[str] = (),
+    settings: BuildSettings = BuildSettings(),
+) -> Explainer:
+    """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
+
+    ``model``: a model spec (``"synthbirds"``, ``"efficientnet_lite0"``, ``"torchvision:resnet18"``, …);
+    ``data``: a probe data set folder; ``stages``: which stages (default: all default stages; what they need
+    is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes.
+    Finished stages are skipped, so calling it again on a built bundle only opens it.
+    """
+    from lavise_core.models.networks import load_model
+    from lavise_core.pipeline.probe import open_or_create_bundle
+    from lavise_core.stages import REGISTRY
+
+    try:
+        ds = ProbeDataset.open(data)
+    except DatasetError as e:
+        raise ValueError(str(e)) from e
+    lm = load_model(model, device=settings.device)
+    bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
+    outcome = build_stages(
+        bundle, ds, REGISTRY, stages, force=force, settings=settings, model_loader=lambda: lm, progress=progress
+    )
+    ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
+    ex.built = outcome
+    return ex

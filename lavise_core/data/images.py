@@ -1,0 +1,124 @@
+"""Safe image loading: every way an image file can be bad gets a message a user can act on.
+
+Handles EXIF orientation, grayscale / palette / CMYK / 16-bit / alpha modes (all to RGB; alpha is
+composited on white), animated files (first frame), truncated files, non-images and decompression
+bombs (refused above ``max_pixels`` before the pixels are decoded).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_to_view", "load_image"]
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+
+
+class ImageLoadError(ValueError):
+    """An image could not be used; ``str(err)`` is a message for the user."""
+
+
+def load_image(
+    source: str | os.PathLike | bytes | io.IOBase,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    upright: bool = True,
+) -> Image.Image:
+    """Open an image as an upright RGB ``PIL.Image``, fully decoded.
+
+    Args:
+        source: a path, raw bytes, or a binary file object.
+        max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
+        name: how to call the image in messages (defaults to the path).
+        upright: apply the EXIF orientation. Turn off for images whose annotations (masks, keypoints,
+            boxes) are in stored pixel order, as in CUB and COCO.
+
+    Raises:
+        ImageLoadError: not an image, unreadable, truncated, empty or too large.
+    """
+    if isinstance(source, bytes | bytearray):
+        label = name or "the uploaded file"
+        if len(source) == 0:
+            raise ImageLoadError(f"{label} is empty (0 bytes).")
+        fh: io.IOBase = io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        label = name or str(source)
+        p = Path(source)
+        if not p.is_file():
+            raise ImageLoadError(f"{label}: no such file.")
+        if p.stat().st_size == 0:
+            raise ImageLoadError(f"{label} is empty (0 bytes).")
+        fh = open(p, "rb")  # noqa: SIM115 - closed below
+    else:
+        label = name or "the uploaded file"
+        fh = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(fh)
+            except UnidentifiedImageError as e:
+                raise ImageLoadError(
+                    f"{label} is not an image PIL can read (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)."
+                ) from e
+            except (OSError, SyntaxError) as e:
+                raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise ImageLoadError(
+                    f"{label} is too large to open safely (over {max_pixels / 1e6:.0f} megapixels; {e}). "
+                    "Downscale it first."
+                ) from e
+            w, h = im.size
+            if w == 0 or h == 0:
+                raise ImageLoadError(f"{label} has no pixels ({w}×{h}).")
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    f"{label} is {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                    f"{max_pixels / 1e6:.0f} megapixels. Downscale it first."
+                )
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            try:
+                im.load()
+            except (OSError, SyntaxError) as e:
+                raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
+            if upright:
+                im = ImageOps.exif_transpose(im) or im
+            return _to_rgb(im)
+    finally:
+        if isinstance(source, str | os.PathLike):
+            fh.close()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; alpha is composited on white, 16-bit gray is rescaled."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        return Image.fromarray(a.astype("uint8")).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def crop_to_view(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """The part of ``image`` the network sees (``LoadedModel.crop_box``), so maps align with pixels."""
+    x0, y0, x1, y1 = box
+    if (x0, y0) == (0, 0) and (x1, y1) == image.size:
+        return image
+    return image.crop((round(x0), round(y0), round(x1), round(y1)))

@@ -1,0 +1,1219 @@
+"""Importers: turn real image data sets into the probe data set format of :mod:`lavise_core.data.dataset`.
+
+Three sources are supported (see ``docs/importing.md`` for the folder layouts and commands):
+
+- :func:`import_image_folder`: a folder of images, one sub-folder per class (or a flat folder of
+  unlabeled images);
+- :func:`import_cub`: CUB-200-2011 (labels, split, attribute labels turned into phrases, part
+  keypoints, boxes, optional Reed et al. ``text_c10`` captions and optional bird segmentations);
+- :func:`import_coco`: MS-COCO captions and/or instances (category label maps rasterised from
+  polygons, uncompressed RLE and compressed RLE).
+
+Images are never re-encoded. With ``link="symlink"`` (the default) the importer makes one symbolic
+link ``OUT/images`` to the absolute, resolved source image directory, and manifest paths read
+``images/<path inside the source>``: the data set directory can live anywhere, but the source
+must stay where it is. With ``link="copy"`` the selected image files are copied into
+``OUT/images/`` and the data set is self-contained.
+
+Files that cannot be used (unreadable images, missing files, bad masks) are skipped, logged, and
+listed in ``ProbeDataset.meta["skipped"]`` as ``{"path": ..., "reason": ...}``; a malformed
+annotation file is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lavise_core.data.dataset import DatasetError, ImageRecord, ProbeDataset, atomic_write_bytes, write_dataset
+
+__all__ = [
+    "CUB_PARTS",
+    "IMAGE_EXTENSIONS",
+    "Skipped",
+    "add_commands",
+    "clean_class_name",
+    "cub_attribute_phrase",
+    "decode_coco_segmentation",
+    "decode_rle",
+    "encode_rle",
+    "import_coco",
+    "import_cub",
+    "import_image_folder",
+    "rasterize_polygons",
+    "rle_from_string",
+    "rle_to_string",
+    "safe_id",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+LINK_MODES = ("symlink", "copy")
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+
+#: The 15 part names of CUB-200-2011 (``parts/parts.txt``), in part-id order.
+CUB_PARTS = (
+    "back",
+    "beak",
+    "belly",
+    "breast",
+    "crown",
+    "forehead",
+    "left eye",
+    "left leg",
+    "left wing",
+    "nape",
+    "right eye",
+    "right leg",
+    "right wing",
+    "tail",
+    "throat",
+)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source file an importer left out, and why."""
+
+    path: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+# ====================================================================== small shared helpers
+
+
+def safe_id(text: str) -> str:
+    """A file-name safe id: path separators become ``__``, other unsafe characters ``_``.
+
+    >>> safe_id("cat/img 1.jpg")
+    'cat__img_1.jpg'
+    """
+    text = text.replace("\\", "/").strip("/")
+    text = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in text.split("/"))
+    text = text.lstrip(".")
+    return text or "_"
+
+
+def clean_class_name(name: str) -> str:
+    """``"001.Black_footed_Albatross"`` -> ``"black footed albatross"`` (number prefix, ``_`` and case)."""
+    name = re.sub(r"^\d+[._-]", "", name.strip())
+    return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
+
+
+def _unique_ids(keys: Sequence[str]) -> list[str]:
+    """``safe_id`` of each key; keys whose safe ids collide get a short hash of the key appended.
+
+    The hash depends only on the key itself, so an id does not change with the order of the files.
+    """
+    base = [safe_id(k) for k in keys]
+    counts: dict[str, int] = defaultdict(int)
+    for b in base:
+        counts[b] += 1
+    return [
+        b if counts[b] == 1 else f"{b}-{hashlib.sha1(k.encode('utf-8')).hexdigest()[:8]}"
+        for b, k in zip(base, keys, strict=True)
+    ]
+
+
+def _check_out(src: Path, out: Path) -> None:
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise DatasetError(
+            f"the output directory {out} lies inside the source {src}: choose an --out outside it, "
+            "or the next import would read the data set as images"
+        )
+
+
+def _reference_images(src_dir: Path, out: Path, rel_paths: Iterable[str], link: str) -> None:
+    """Make ``out/images/<rel>`` point at ``src_dir/<rel>``: one directory symlink, or file copies."""
+    if link not in LINK_MODES:
+        raise ValueError(f"link must be one of {LINK_MODES}, not {link!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / IMAGES_DIR
+    if link == "symlink":
+        if dest.is_symlink():
+            dest.unlink()
+        elif dest.exists():
+            raise DatasetError(
+                f"{dest} already exists and is not a symbolic link (an earlier import with --link copy?): "
+                "remove it or choose another --out"
+            )
+        try:
+            os.symlink(src_dir.resolve(), dest, target_is_directory=True)
+        except OSError as e:
+            raise DatasetError(
+                f"cannot create the symbolic link {dest} -> {src_dir.resolve()} ({e}); "
+                "import with --link copy instead"
+            ) from e
+        return
+    if dest.is_symlink():
+        dest.unlink()
+    for rel in rel_paths:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src_dir / rel, target)
+
+
+def _tqdm(it, *, progress: bool, desc: str, total: int | None = None):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, disable=not progress, unit="img")
+
+
+def _write_mask(out: Path, rec_id: str, label_map: np.ndarray) -> str:
+    """Write a region label map PNG (uint8, or uint16 for more than 255 regions); return its relative path."""
+    from PIL import Image
+
+    rel = f"{MASKS_DIR}/{rec_id}.png"
+    if label_map.dtype == np.uint8:
+        im = Image.fromarray(label_map, mode="L")
+    else:
+        im = Image.fromarray(label_map.astype(np.uint16))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(out / rel, buf.getvalue())
+    return rel
+
+
+def _log_skipped(skipped: list[Skipped], source: str) -> None:
+    for s in skipped:
+        log.warning("%s import: skipped %s: %s", source, s.path, s.reason)
+
+
+# ====================================================================== image folder
+
+
+def _readable(path: Path, label: str) -> tuple[tuple[int, int] | None, str]:
+    """Decode an image with :func:`lavise_core.data.images.load_image` (what the probe pass will do).
+
+    Returns ``((width, height), "")`` of the upright image, or ``(None, reason)``.
+    """
+    from lavise_core.data.images import ImageLoadError, load_image
+
+    try:
+        im = load_image(path, name=label)
+    except ImageLoadError as e:
+        return None, str(e)
+    except Exception as e:  # anything else PIL raises for a broken file: report, do not abort the import
+        return None, f"{label}: cannot decode ({type(e).__name__}: {e})"
+    return im.size, ""
+
+
+def _split_by_hash(ids: Sequence[str], groups: Sequence[int], test_fraction: float, seed: int) -> list[str]:
+    """Per group, the ``round(n * test_fraction)`` ids with the smallest ``sha256(seed:id)`` go to test.
+
+    Deterministic, stratified, and stable: adding a file moves at most one other file per group.
+    """
+    split = ["train"] * len(ids)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    for idx in members.values():
+        ranked = sorted(idx, key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).hexdigest())
+        n_test = round(len(idx) * test_fraction)
+        for i in ranked[:n_test]:
+            split[i] = "test"
+    return split
+
+
+def import_image_folder(
+    src: Path,
+    out: Path,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    link: str = "symlink",
+    progress: bool = True,
+) -> ProbeDataset:
+    """Import a folder of images: one sub-folder per class, or a flat folder of unlabeled images.
+
+    - Classes are the sorted names of the first-level sub-folders that hold at least one image
+      (searched recursively; hidden files and folders are ignored). Images directly in ``src``
+      get label ``-1`` (unknown): a flat folder gives ``classes == []`` and every label ``-1``.
+    - Images are files with extensions in :data:`IMAGE_EXTENSIONS` (case-insensitive). Each is
+      decoded once; unreadable ones are skipped and listed in ``meta["skipped"]``.
+    - Ids are the relative paths made file-name safe (``cat/img 1.jpg`` -> ``cat__img_1.jpg``).
+    - Split: per class, ``round(n * test_fraction)`` images chosen by a seeded hash go to
+      ``"test"``, the rest to ``"train"`` (deterministic, independent of file order).
+    - Caption side-cars: ``photo.txt`` beside ``photo.jpg`` is read as one caption per line.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DatasetError(f"{src} is not a directory: give a folder of images (one sub-folder per class)")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
+    _check_out(src, out)
+
+    def visible(p: Path) -> bool:
+        return not any(part.startswith(".") for part in p.relative_to(src).parts)
+
+    files = sorted(
+        (p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and visible(p) and p.is_file()),
+        key=lambda p: p.relative_to(src).as_posix(),
+    )
+    if not files:
+        raise DatasetError(
+            f"no images in {src}: expected files ending in {', '.join(sorted(IMAGE_EXTENSIONS))} "
+            "in class sub-folders (SRC/<class>/<image>) or directly in SRC"
+        )
+    rels = [p.relative_to(src).as_posix() for p in files]
+    classes = sorted({r.split("/")[0] for r in rels if "/" in r})
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    kept: list[tuple[str, int, tuple[int, int], list[str]]] = []
+    skipped: list[Skipped] = []
+    for path, rel in _tqdm(
+        zip(files, rels, strict=True), progress=progress, desc="check images", total=len(files)
+    ):
+        size, reason = _readable(path, rel)
+        if size is None:
+            skipped.append(Skipped(rel, reason))
+            continue
+        label = class_index[rel.split("/")[0]] if "/" in rel else -1
+        side = path.with_suffix(".txt")
+        captions = _read_caption_file(side) if side.is_file() else []
+        kept.append((rel, label, size, captions))
+    _log_skipped(skipped, "folder")
+    if not kept:
+        raise DatasetError(
+            f"none of the {len(files)} image files in {src} could be decoded (first: {skipped[0].reason})"
+        )
+
+    ids = _unique_ids([k[0] for k in kept])
+    splits = _split_by_hash(ids, [k[1] for k in kept], test_fraction, seed)
+    records = [
+        ImageRecord(
+            id=rid,
+            path=f"{IMAGES_DIR}/{rel}",
+            split=sp,
+            label=label,
+            captions=caps,
+            meta={"width": size[0], "height": size[1]},
+        )
+        for rid, sp, (rel, label, size, caps) in zip(ids, splits, kept, strict=True)
+    ]
+    _reference_images(src, out, [k[0] for k in kept], link)
+    return write_dataset(
+        out,
+        name=src.resolve().name,
+        source="folder",
+        classes=classes,
+        records=records,
+        meta={
+            "source_dir": str(src.resolve()),
+            "link": link,
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "unlabeled": sum(1 for k in kept if k[1] == -1),
+            "skipped": [s.to_json() for s in skipped],
+        },
+    )
+
+
+def _read_caption_file(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ====================================================================== CUB-200-2011
+
+_CUB_PART_NOUN = {
+    "bill": "bill",
+    "wing": "wing",
+    "upperparts": "upperparts",
+    "underparts": "underparts",
+    "breast": "breast",
+    "back": "back",
+    "tail": "tail",
+    "upper_tail": "upper tail",
+    "under_tail": "under tail",
+    "head": "head",
+    "throat": "throat",
+    "eye": "eye",
+    "forehead": "forehead",
+    "nape": "nape",
+    "belly": "belly",
+    "primary": "body",
+    "leg": "leg",
+    "crown": "crown",
+}
+
+#: Which CUB parts (regions) an attribute group describes; whole-bird groups map to "bird".
+_CUB_GROUP_REGIONS = {
+    "bill": ("beak",),
+    "wing": ("left wing", "right wing"),
+    "upperparts": ("back", "nape"),
+    "underparts": ("breast", "belly"),
+    "breast": ("breast",),
+    "back": ("back",),
+    "tail": ("tail",),
+    "upper_tail": ("tail",),
+    "under_tail": ("tail",),
+    "head": ("crown", "forehead"),
+    "throat": ("throat",),
+    "eye": ("left eye", "right eye"),
+    "forehead": ("forehead",),
+    "nape": ("nape",),
+    "belly": ("belly",),
+    "leg": ("left leg", "right leg"),
+    "crown": ("crown",),
+    "primary": ("bird",),
+    "size": ("bird",),
+    "shape": ("bird",),
+}
+
+_CUB_SPECIAL = {
+    # bill shape
+    "has_bill_shape::curved_(up_or_down)": "curved bill",
+    "has_bill_shape::dagger": "dagger-shaped bill",
+    "has_bill_shape::needle": "needle-shaped bill",
+    "has_bill_shape::cone": "cone-shaped bill",
+    # bill length
+    "has_bill_length::about_the_same_as_head": "medium-length bill",
+    "has_bill_length::longer_than_head": "long bill",
+    "has_bill_length::shorter_than_head": "short bill",
+    # head pattern
+    "has_head_pattern::malar": "malar stripe",
+    "has_head_pattern::unique_pattern": "uniquely patterned head",
+    "has_head_pattern::eyebrow": "eyebrow stripe",
+    "has_head_pattern::eyering": "eye ring",
+    "has_head_pattern::eyeline": "eye line",
+    # shape (whole bird)
+    "has_shape::upright-perching_water-like": "upright-perching water bird",
+    "has_shape::chicken-like-marsh": "chicken-like marsh bird",
+    "has_shape::long-legged-like": "long-legged bird",
+    "has_shape::tree-clinging-like": "tree-clinging bird",
+    "has_shape::upland-ground-like": "upland ground bird",
+    "has_shape::perching-like": "perching bird",
+    # size
+    "has_size::medium_(9_-_16_in)": "medium-sized bird",
+}
+
+
+def _cub_group(name: str) -> str:
+    """``"has_upper_tail_color::red"`` -> ``"upper_tail"``; ``"has_size::small_(5_-_9_in)"`` -> ``"size"``."""
+    group = name.split("::", 1)[0]
+    group = group.removeprefix("has_")
+    return re.sub(r"_(color|pattern|shape|length)$", "", group)
+
+
+def cub_attribute_phrase(name: str) -> str:
+    """Readable phrase for a CUB attribute name.
+
+    ``has_wing_color::red`` -> ``red wing``; ``has_bill_shape::hooked`` -> ``hooked bill``;
+    ``has_wing_pattern::striped`` -> ``striped wing``; ``has_tail_shape::forked_tail`` -> ``forked tail``;
+    ``has_wing_shape::pointed-wings`` -> ``pointed wing``; ``has_size::small_(5_-_9_in)`` -> ``small bird``;
+    ``has_shape::duck-like`` -> ``duck-like bird``; ``has_primary_color::red`` -> ``red body``.
+    Unknown groups fall back to ``"<value> <part>"``.
+    """
+    name = name.strip()
+    if name in _CUB_SPECIAL:
+        return _CUB_SPECIAL[name]
+    if "::" not in name:
+        return re.sub(r"\s+", " ", name.replace("_", " ")).strip()
+    group_raw, value = name.split("::", 1)
+    group = _cub_group(name)
+    value = re.sub(r"\(.*?\)", "", value)  # "small_(5_-_9_in)" -> "small_"
+    value = re.sub(r"[\s_]+", " ", value).strip()
+    if group in ("size", "shape"):
+        return f"{value} bird"
+    if group_raw.endswith("_shape") and group in ("tail", "wing"):
+        value = re.sub(r"[ -](tail|wings?)$", "", value)  # "forked_tail", "pointed-wings"
+    noun = _CUB_PART_NOUN.get(group, group.replace("_", " "))
+    return f"{value} {noun}"
+
+
+class _LineReader:
+    """Whitespace-split lines of one annotation file with errors naming the file and line."""
+
+    def __init__(self, path: Path, what: str):
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing: it should contain {what}")
+        self.path, self.what = path, what
+
+    def rows(self, min_fields: int, max_split: int = -1) -> Iterable[tuple[int, list[str]]]:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                fields = line.split(None, max_split) if max_split > 0 else line.split()
+                if len(fields) < min_fields:
+                    self.fail(lineno, f"expected at least {min_fields} fields, found {len(fields)}")
+                yield lineno, [f.strip() for f in fields]
+
+    def fail(self, lineno: int, why: str):
+        raise DatasetError(f"{self.path}: line {lineno}: {why} (the file should contain {self.what})")
+
+    def as_int(self, lineno: int, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            self.fail(lineno, f"{text!r} is not an integer")
+
+    def as_float(self, lineno: int, text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(lineno, f"{text!r} is not a number")
+
+    def id_map(self) -> dict[int, str]:
+        """``<id> <text with spaces>`` lines -> ``{id: text}``."""
+        out: dict[int, str] = {}
+        for lineno, (i, text) in self.rows(2, max_split=1):
+            out[self.as_int(lineno, i)] = text
+        return out
+
+
+def _find_first(paths: Sequence[Path]) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def import_cub(
+    src: Path,
+    out: Path,
+    *,
+    captions: Path | None = None,
+    segmentations: Path | None = None,
+    min_certainty: int = 1,
+    link: str = "symlink",
+    progress: bool = True,
+) -> ProbeDataset:
+    """Import CUB-200-2011 from its extracted ``CUB_200_2011/`` directory.
+
+    Required: ``images.txt``, ``classes.txt``, ``image_class_labels.txt``, ``train_test_split.txt``
+    and ``images/``. Used when present: ``attributes/image_attribute_labels.txt`` with
+    ``attributes.txt`` (in ``src``, ``src/attributes/`` or ``src``'s parent, where the official
+    archive puts it), ``parts/parts.txt`` + ``parts/part_locs.txt``, ``bounding_boxes.txt``.
+
+    - label = class id - 1; classes cleaned (``"001.Black_footed_Albatross"`` -> ``"black footed albatross"``);
+      split = ``train`` where ``is_training_image`` is 1, else ``test``.
+    - attributes: phrases (:func:`cub_attribute_phrase`) of attributes with ``is_present == 1``
+      and ``certainty_id >= min_certainty`` (1 not visible, 2 guessing, 3 probably, 4 definitely);
+      extra columns after the fourth are ignored.
+    - keypoints: visible parts only, ``[x, y]`` in pixels as given; regions = the 15 part names
+      (plus ``"bird"`` when ``segmentations`` is given). ``region_concepts``: for each visible
+      part, the phrases of the attribute groups about it.
+    - bbox: ``[x, y, x + width, y + height]``.
+    - captions: ``<captions>/<class folder>/<image name>.txt`` (``captions`` may be ``text_c10``
+      itself or its parent).
+    - segmentations: ``<segmentations>/<class folder>/<image name>.png`` (grey, soft); pixels
+      ``>= 128`` become the region ``"bird"`` of a label map written to ``masks/<id>.png``.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DatasetError(f"{src} is not a directory: give the extracted CUB_200_2011 folder")
+    _check_out(src / "images", out)
+    images_dir = src / "images"
+
+    images = _LineReader(src / "images.txt", "'<image_id> <class folder>/<file name>' per image").id_map()
+    class_dirs = _LineReader(
+        src / "classes.txt", "'<class_id> <class folder>' per class, e.g. '1 001.Black_footed_Albatross'"
+    ).id_map()
+    lab_reader = _LineReader(src / "image_class_labels.txt", "'<image_id> <class_id>' per image")
+    labels = {lab_reader.as_int(n, f[0]): lab_reader.as_int(n, f[1]) for n, f in lab_reader.rows(2)}
+    split_reader = _LineReader(src / "train_test_split.txt", "'<image_id> <is_training_image>' per image")
+    is_train = {split_reader.as_int(n, f[0]): split_reader.as_int(n, f[1]) for n, f in split_reader.rows(2)}
+    if not images_dir.is_dir():
+        raise DatasetError(
+            f"{images_dir} is missing: it should hold the CUB images as <class folder>/<file name>.jpg"
+        )
+
+    class_ids = sorted(class_dirs)
+    class_pos = {cid: i for i, cid in enumerate(class_ids)}
+    classes = [clean_class_name(class_dirs[c]) for c in class_ids]
+    notes: list[str] = []
+
+    # ---- attributes
+    attr_names: dict[int, str] = {}
+    present: dict[int, list[int]] = defaultdict(list)
+    labels_path = src / "attributes" / "image_attribute_labels.txt"
+    names_path = _find_first(
+        [src / "attributes.txt", src / "attributes" / "attributes.txt", src.parent / "attributes.txt"]
+    )
+    if labels_path.is_file():
+        if names_path is None:
+            raise DatasetError(
+                f"{labels_path} is there but attributes.txt is not (looked in {src}, {src / 'attributes'} and "
+                f"{src.parent}): it should contain '<attribute_id> <name>' lines like '1 has_bill_shape::curved_(up_or_down)'"
+            )
+        attr_names = _LineReader(
+            names_path, "'<attribute_id> <name>' lines like '1 has_bill_shape::curved_(up_or_down)'"
+        ).id_map()
+        r = _LineReader(labels_path, "'<image_id> <attribute_id> <is_present> <certainty_id> <time>' lines")
+        for n, f in r.rows(4):
+            img, att, is_present, certainty = (r.as_int(n, x) for x in f[:4])
+            if is_present == 1 and certainty >= min_certainty:
+                if att not in attr_names:
+                    r.fail(n, f"attribute id {att} is not in {names_path}")
+                present[img].append(att)
+    else:
+        notes.append(f"{labels_path} not found: no attribute labels")
+    phrase_of = {a: cub_attribute_phrase(n) for a, n in attr_names.items()}
+    group_of = {a: _cub_group(n) for a, n in attr_names.items()}
+
+    # ---- parts and boxes
+    part_names: dict[int, str] = {}
+    part_locs: dict[int, dict[str, list[float]]] = defaultdict(dict)
+    parts_path = src / "parts" / "parts.txt"
+    if parts_path.is_file():
+        part_names = {
+            k: v.strip()
+            for k, v in _LineReader(parts_path, "'<part_id> <part name>' lines like '1 back'")
+            .id_map()
+            .items()
+        }
+        r = _LineReader(src / "parts" / "part_locs.txt", "'<image_id> <part_id> <x> <y> <visible>' lines")
+        for n, f in r.rows(5):
+            img, part, visible = r.as_int(n, f[0]), r.as_int(n, f[1]), r.as_int(n, f[4])
+            if part not in part_names:
+                r.fail(n, f"part id {part} is not in {parts_path}")
+            if visible == 1:
+                part_locs[img][part_names[part]] = [r.as_float(n, f[2]), r.as_float(n, f[3])]
+    else:
+        notes.append(f"{parts_path} not found: no keypoints")
+    regions = [part_names[k] for k in sorted(part_names)] if part_names else list(CUB_PARTS)
+    if segmentations is not None:
+        segmentations = Path(segmentations)
+        if not segmentations.is_dir():
+            raise DatasetError(
+                f"{segmentations} is not a directory: it should hold <class folder>/<image name>.png masks"
+            )
+        regions.append("bird")
+
+    boxes: dict[int, list[float]] = {}
+    bb_path = src / "bounding_boxes.txt"
+    if bb_path.is_file():
+        r = _LineReader(bb_path, "'<image_id> <x> <y> <width> <height>' lines")
+        for n, f in r.rows(5):
+            x, y, w, h = (r.as_float(n, v) for v in f[1:5])
+            boxes[r.as_int(n, f[0])] = [x, y, x + w, y + h]
+    else:
+        notes.append(f"{bb_path} not found: no boxes")
+
+    cap_dir = None
+    if captions is not None:
+        cap_dir = Path(captions)
+        if (cap_dir / "text_c10").is_dir():
+            cap_dir = cap_dir / "text_c10"
+        if not cap_dir.is_dir():
+            raise DatasetError(
+                f"{captions} is not a directory: it should be text_c10/ with <class folder>/<image name>.txt files"
+            )
+
+    # ---- records
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    no_captions = 0
+    for img in _tqdm(sorted(images), progress=progress, desc="CUB images", total=len(images)):
+        rel = images[img]
+        if img not in labels:
+            raise DatasetError(
+                f"{src / 'image_class_labels.txt'}: no class for image {img} ({rel}) of images.txt"
+            )
+        if labels[img] not in class_pos:
+            raise DatasetError(
+                f"{src / 'image_class_labels.txt'}: image {img} has class {labels[img]}, not in classes.txt"
+            )
+        if img not in is_train:
+            raise DatasetError(
+                f"{src / 'train_test_split.txt'}: no split for image {img} ({rel}) of images.txt"
+            )
+        if not (images_dir / rel).is_file():
+            skipped.append(Skipped(f"images/{rel}", "file not found"))
+            continue
+        stem = rel.rsplit(".", 1)[0]
+        rid = f"{img:05d}_{safe_id(stem.split('/')[-1])}"
+        phrases = list(dict.fromkeys(phrase_of[a] for a in present.get(img, [])))
+        kps = part_locs.get(img, {})
+        visible_regions = set(kps)
+        mask_rel = None
+        if segmentations is not None:
+            mask_rel, why = _cub_mask(images_dir / rel, segmentations / f"{stem}.png", out, rid, regions)
+            if mask_rel is None:
+                skipped.append(Skipped(f"segmentations/{stem}.png", why + " (image kept without mask)"))
+            else:
+                visible_regions.add("bird")
+        rc: dict[str, list[str]] = defaultdict(list)
+        for a in present.get(img, []):
+            for region in _CUB_GROUP_REGIONS.get(group_of[a], ()):
+                if region in visible_regions and phrase_of[a] not in rc[region]:
+                    rc[region].append(phrase_of[a])
+        caps: list[str] = []
+        if cap_dir is not None:
+            cp = cap_dir / f"{stem}.txt"
+            if cp.is_file():
+                caps = _read_caption_file(cp)
+            else:
+                no_captions += 1
+        records.append(
+            ImageRecord(
+                id=rid,
+                path=f"{IMAGES_DIR}/{rel}",
+                split="train" if is_train[img] == 1 else "test",
+                label=class_pos[labels[img]],
+                attributes=phrases,
+                captions=caps,
+                mask=mask_rel,
+                region_concepts={k: v for k, v in rc.items() if v},
+                keypoints=kps,
+                bbox=boxes.get(img),
+                meta={"cub_image_id": img, "class_folder": rel.split("/")[0]},
+            )
+        )
+    _log_skipped(skipped, "CUB")
+    if cap_dir is not None and no_captions:
+        notes.append(f"{no_captions} images have no caption file in {cap_dir}")
+    for note in notes:
+        log.info("CUB import: %s", note)
+    _reference_images(images_dir, out, [r.path.removeprefix(f"{IMAGES_DIR}/") for r in records], link)
+    return write_dataset(
+        out,
+        name="CUB-200-2011",
+        source="cub",
+        classes=classes,
+        records=records,
+        regions=regions,
+        meta={
+            "source_dir": str(src.resolve()),
+            "link": link,
+            "min_certainty": min_certainty,
+            "attribute_names": {phrase_of[a]: attr_names[a] for a in sorted(attr_names)},
+            "captions_dir": None if cap_dir is None else str(cap_dir.resolve()),
+            "segmentations_dir": None if segmentations is None else str(segmentations.resolve()),
+            "notes": notes,
+            "skipped": [s.to_json() for s in skipped],
+        },
+    )
+
+
+def _cub_mask(image: Path, seg: Path, out: Path, rid: str, regions: list[str]) -> tuple[str | None, str]:
+    from PIL import Image
+
+    if not seg.is_file():
+        return None, "segmentation not found"
+    try:
+        with Image.open(seg) as im:
+            m = np.asarray(im.convert("L"))
+        with Image.open(image) as im:
+            size = im.size
+    except Exception as e:
+        return None, f"cannot read: {type(e).__name__}: {e}"
+    if (m.shape[1], m.shape[0]) != size:
+        return (
+            None,
+            f"segmentation size {m.shape[1]}x{m.shape[0]} differs from image size {size[0]}x{size[1]}",
+        )
+    label_map = np.where(m >= 128, regions.index("bird") + 1, 0).astype(np.uint8)
+    return _write_mask(out, rid, label_map), ""
+
+
+# ====================================================================== COCO: RLE and polygons
+
+
+def rle_from_string(s: str) -> list[int]:
+    """Decode a COCO compressed RLE ``counts`` string into the list of run lengths.
+
+    Format (pycocotools ``rleFrString``): each count is written as characters ``chr(48 + c)``,
+    ``c`` a 6-bit chunk: 5 data bits, least significant first, and bit ``0x20`` = "more chunks
+    follow". In the last chunk of a count, bit ``0x10`` is the sign (the value is sign-extended).
+    From the fourth count on (index > 2) the stored value is the difference to the count two
+    places before (the previous run of the same colour), so it may be negative.
+    """
+    counts: list[int] = []
+    p = 0
+    n = len(s)
+    while p < n:
+        x = 0
+        k = 0
+        more = True
+        while more:
+            if p >= n:
+                raise ValueError(f"truncated compressed RLE string at character {p}")
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {s[p]!r} at {p} is not a compressed RLE character")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_to_string(counts: Sequence[int]) -> str:
+    """Inverse of :func:`rle_from_string` (pycocotools ``rleToString``)."""
+    chars: list[str] = []
+    for i, cnt in enumerate(counts):
+        x = int(cnt) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return "".join(chars)
+
+
+def decode_rle(counts: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Uncompressed COCO RLE -> ``(H, W)`` bool mask.
+
+    ``size = [H, W]``; runs alternate 0, 1, 0, ... starting with zeros, over the pixels in
+    column-major (Fortran) order.
+    """
+    h, w = int(size[0]), int(size[1])
+    counts = np.asarray(counts, dtype=np.int64)
+    if (counts < 0).any():
+        raise ValueError("RLE counts must be non-negative")
+    total = int(counts.sum())
+    if total != h * w:
+        raise ValueError(f"RLE counts sum to {total}, but size {h}x{w} has {h * w} pixels")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
+    return flat.reshape((w, h)).T
+
+
+def encode_rle(mask: np.ndarray) -> list[int]:
+    """``(H, W)`` bool mask -> uncompressed COCO RLE counts (column-major, starting with zeros)."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    return [int(r) for r in runs]
+
+
+def _fill_polygon(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scanline fill of one polygon ``(V, 2)``: a pixel is inside iff its centre ``(i + .5, j + .5)`` is.
+
+    Crossings of each edge with the row centres toggle the parity from the first pixel whose
+    centre lies right of the crossing; a cumulative sum along the row gives the even-odd rule.
+    """
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    first = np.ceil(lo - 0.5).astype(np.int64)  # rows j with lo <= j + .5 < hi
+    last = np.ceil(hi - 0.5).astype(np.int64)
+    first, last = np.clip(first, 0, height), np.clip(last, 0, height)
+    n = np.maximum(last - first, 0)
+    toggles = np.zeros((height, width + 1), dtype=np.int32)
+    if n.sum():
+        edge = np.repeat(np.arange(len(xy)), n)
+        row = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        yc = row + 0.5
+        xc = x0[edge] + (yc - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+        start = np.clip(np.floor(xc - 0.5).astype(np.int64) + 1, 0, width)
+        np.add.at(toggles, (row, start), 1)
+    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+
+
+def rasterize_polygons(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` -> ``(H, W)`` bool mask, the union of the polygons.
+
+    Coordinates are continuous (pixel ``(i, j)`` covers ``[i, i + 1) x [j, j + 1)``); a pixel is in
+    the mask iff its centre is inside the polygon (even-odd rule), so the pixel count matches
+    COCO's ``area`` (the box ``[1, 1, 4, 3]`` gives 3 x 2 = 6 pixels). A polygon too thin to cover
+    any pixel centre is drawn as its outline with PIL ``ImageDraw`` instead, so no instance vanishes.
+    """
+    mask = np.zeros((height, width), dtype=bool)
+    for poly in polygons:
+        if len(poly) < 6 or len(poly) % 2:
+            raise ValueError(f"a polygon needs an even number (>= 6) of coordinates, got {len(poly)}")
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        if not np.isfinite(xy).all():
+            raise ValueError("polygon coordinates must be finite numbers")
+        c0, r0 = (max(0, int(np.floor(v))) for v in xy.min(axis=0))
+        c1, r1 = min(width, int(np.ceil(xy[:, 0].max())) + 1), min(height, int(np.ceil(xy[:, 1].max())) + 1)
+        filled = np.zeros((height, width), dtype=bool)
+        if c1 > c0 and r1 > r0:  # fill only the box around the polygon (integer shifts are exact)
+            filled[r0:r1, c0:c1] = _fill_polygon(xy - [c0, r0], r1 - r0, c1 - c0)
+        if not filled.any():
+            from PIL import Image, ImageDraw
+
+            im = Image.new("L", (width, height), 0)
+            ImageDraw.Draw(im).polygon([(float(x), float(y)) for x, y in xy], outline=1)
+            filled = np.asarray(im, dtype=bool)
+        mask |= filled
+    return mask
+
+
+def decode_coco_segmentation(seg: object, height: int, width: int) -> np.ndarray:
+    """Any COCO ``segmentation`` (polygon list, uncompressed RLE, compressed RLE) -> ``(H, W)`` bool mask."""
+    if isinstance(seg, list):
+        return rasterize_polygons(seg, height, width)
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        size = seg["size"]
+        if [int(size[0]), int(size[1])] != [height, width]:
+            raise ValueError(f"RLE size {list(size)} differs from the image size [{height}, {width}]")
+        counts = seg["counts"]
+        if isinstance(counts, bytes):
+            counts = counts.decode("ascii")
+        if isinstance(counts, str):
+            counts = rle_from_string(counts)
+        return decode_rle(counts, size)
+    raise ValueError(
+        f"unknown segmentation format {type(seg).__name__}: expected a polygon list or an RLE dict"
+    )
+
+
+# ====================================================================== COCO
+
+
+def _load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: it should be {what}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); it should be {what}") from e
+    if not isinstance(obj, dict) or "images" not in obj or "annotations" not in obj:
+        raise DatasetError(f"{path} lacks 'images' or 'annotations': it should be {what}")
+    return obj
+
+
+def import_coco(
+    images: Path,
+    out: Path,
+    *,
+    captions_json: Path | None = None,
+    instances_json: Path | None = None,
+    split: str = "train",
+    max_images: int | None = None,
+    link: str = "symlink",
+    progress: bool = True,
+) -> ProbeDataset:
+    """Import MS-COCO images with captions and/or instance annotations.
+
+    - images: the union of the ``images`` lists of the given JSON files, in image-id order, first
+      ``max_images`` of them; images whose file is missing are skipped.
+    - classes = regions = category names in category-id order (80 for COCO 2017).
+    - COCO is multi-label: ``label`` = the category of the largest instance (by ``area``;
+      non-crowd instances first), ``bbox`` = its box ``[x0, y0, x1, y1]``; ``attributes`` and
+      ``region_concepts`` = the category names present; ``meta["instances"]`` keeps every box.
+      Images without instances get ``label = -1`` and no mask.
+    - masks: one label map ``masks/<id>.png`` per image with instances, pixel value = category
+      index + 1; instances are drawn largest first so smaller (often occluding) ones stay visible.
+    - every record gets ``split`` (COCO's own train/val become separate imports).
+    """
+    images, out = Path(images), Path(out)
+    if captions_json is None and instances_json is None:
+        raise DatasetError("give --captions-json and/or --instances-json: COCO annotations are needed")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+    if not images.is_dir():
+        raise DatasetError(f"{images} is not a directory: it should hold the COCO images (e.g. train2017/)")
+    _check_out(images, out)
+
+    info: dict[int, dict] = {}
+    caps: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    anns: dict[int, list[dict]] = defaultdict(list)
+    categories: list[dict] = []
+    for path, what in (
+        (
+            captions_json,
+            "a COCO captions file (captions_*.json: images, annotations with image_id and caption)",
+        ),
+        (instances_json, "a COCO instances file (instances_*.json: images, annotations, categories)"),
+    ):
+        if path is None:
+            continue
+        obj = _load_json(Path(path), what)
+        for k, im in enumerate(obj["images"]):
+            if not {"id", "file_name"} <= set(im):
+                raise DatasetError(f"{path}: images[{k}] lacks 'id' or 'file_name'")
+            info.setdefault(int(im["id"]), im)
+        if path is captions_json:
+            for k, a in enumerate(obj["annotations"]):
+                if "image_id" not in a or "caption" not in a:
+                    raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'caption'")
+                caps[int(a["image_id"])].append((int(a.get("id", k)), str(a["caption"]).strip()))
+        else:
+            if "categories" not in obj:
+                raise DatasetError(f"{path} lacks 'categories': it should be {what}")
+            categories = sorted(obj["categories"], key=lambda c: int(c["id"]))
+            for k, a in enumerate(obj["annotations"]):
+                if not {"image_id", "category_id"} <= set(a):
+                    raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'category_id'")
+                a = dict(a, _index=k)
+                anns[int(a["image_id"])].append(a)
+
+    classes = [str(c["name"]) for c in categories]
+    cat_pos = {int(c["id"]): i for i, c in enumerate(categories)}
+    ids = sorted(info)
+    if max_images is not None:
+        ids = ids[: max(0, int(max_images))]
+    if categories and len(classes) > 65535:
+        raise DatasetError(f"{instances_json}: {len(classes)} categories do not fit a 16-bit label map")
+
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for img_id in _tqdm(ids, progress=progress, desc="COCO images", total=len(ids)):
+        im = info[img_id]
+        fname = str(im["file_name"])
+        if not (images / fname).is_file():
+            skipped.append(Skipped(fname, "file not found"))
+            continue
+        rid = f"{img_id:012d}"
+        inst: list[dict] = []
+        mask_rel = None
+        if anns.get(img_id):
+            try:
+                mask_rel, inst = _coco_instances(images / fname, im, anns[img_id], cat_pos, classes, out, rid)
+            except ValueError as e:
+                skipped.append(Skipped(fname, f"bad annotation: {e}"))
+                continue
+        present = sorted({i["category"] for i in inst}, key=classes.index)
+        main = inst[0] if inst else None
+        records.append(
+            ImageRecord(
+                id=rid,
+                path=f"{IMAGES_DIR}/{fname}",
+                split=split,
+                label=-1 if main is None else classes.index(main["category"]),
+                attributes=present,
+                captions=[c for _, c in sorted(caps.get(img_id, []))],
+                mask=mask_rel,
+                region_concepts={c: [c] for c in present},
+                bbox=None if main is None else main["bbox"],
+                meta={"coco_id": img_id, "instances": inst},
+            )
+        )
+    _log_skipped(skipped, "COCO")
+    if not records:
+        raise DatasetError(f"no COCO image could be imported from {images} ({len(skipped)} skipped)")
+    _reference_images(images, out, [r.path.removeprefix(f"{IMAGES_DIR}/") for r in records], link)
+    return write_dataset(
+        out,
+        name="COCO",
+        source="coco",
+        classes=classes,
+        records=records,
+        regions=classes,
+        meta={
+            "images_dir": str(images.resolve()),
+            "captions_json": None if captions_json is None else str(Path(captions_json).resolve()),
+            "instances_json": None if instances_json is None else str(Path(instances_json).resolve()),
+            "link": link,
+            "split": split,
+            "max_images": max_images,
+            "multi_label": True,
+            "skipped": [s.to_json() for s in skipped],
+        },
+    )
+
+
+def _coco_instances(
+    image_path: Path,
+    im: dict,
+    anns: list[dict],
+    cat_pos: dict[int, int],
+    classes: list[str],
+    out: Path,
+    rid: str,
+) -> tuple[str | None, list[dict]]:
+    """Rasterise one image's instances into a label map; return (mask path, instances largest first)."""
+    if "height" in im and "width" in im:
+        h, w = int(im["height"]), int(im["width"])
+    else:
+        from PIL import Image
+
+        with Image.open(image_path) as pil:
+            w, h = pil.size
+    items = []
+    for a in anns:
+        if int(a["category_id"]) not in cat_pos:
+            raise ValueError(
+                f"annotation {a.get('id', a['_index'])} has unknown category_id {a['category_id']}"
+            )
+        m = decode_coco_segmentation(a["segmentation"], h, w) if a.get("segmentation") else None
+        area = float(a["area"]) if "area" in a else float(m.sum()) if m is not None else 0.0
+        if "bbox" in a:
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            box = [x, y, x + bw, y + bh]
+        elif m is not None and m.any():
+            ys, xs = np.nonzero(m)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        else:
+            box = None
+        crowd = int(a.get("iscrowd", 0))
+        items.append((crowd, -area, a["_index"], a, m, box))
+    items.sort(key=lambda t: (t[0], t[1], t[2]))  # non-crowd first, then largest first
+    dtype = np.uint8 if len(classes) < 256 else np.uint16
+    label_map = np.zeros((h, w), dtype=dtype)
+    drawn = False
+    for _, _, _, a, m, _ in sorted(items, key=lambda t: (t[1], t[2])):  # largest first, smallest last
+        if m is not None:
+            label_map[m] = cat_pos[int(a["category_id"])] + 1
+            drawn = True
+    inst = [
+        {
+            "category": classes[cat_pos[int(a["category_id"])]],
+            "bbox": box,
+            "area": -neg_area,
+            "iscrowd": crowd,
+        }
+        for crowd, neg_area, _, a, _, box in items
+    ]
+    mask_rel = _write_mask(out, rid, label_map) if drawn else None
+    return mask_rel, inst
+
+
+# ====================================================================== CLI
+
+
+def _report(ds: ProbeDataset, out: Path) -> int:
+    splits = {s: int((ds.splits() == s).sum()) for s in ("train", "val", "test")}
+    print(
+        f"wrote {out}: {len(ds)} images, {len(ds.classes)} classes, "
+        + ", ".join(f"{k} {v}" for k, v in splits.items() if v)
+    )
+    skipped = ds.meta.get("skipped", [])
+    if skipped:
+        print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+    for note in ds.meta.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _run(fn, args: argparse.Namespace) -> int:
+    try:
+        ds = fn()
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _report(ds, Path(args.out))
+
+
+def _cmd_folder(args: argparse.Namespace) -> int:
+    return _run(
+        lambda: import_image_folder(
+            Path(args.src),
+            Path(args.out),
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            link=args.link,
+            progress=not args.quiet,
+        ),
+        args,
+    )
+
+
+def _cmd_cub(args: argparse.Namespace) -> int:
+    return _run(
+        lambda: import_cub(
+            Path(args.src),
+            Path(args.out),
+            captions=None if args.captions is None else Path(args.captions),
+            segmentations=None if args.segmentations is None else Path(args.segmentations),
+            min_certainty=args.min_certainty,
+            link=args.link,
+            progress=not args.quiet,
+        ),
+        args,
+    )
+
+
+def _cmd_coco(args: argparse.Namespace) -> int:
+    return _run(
+        lambda: import_coco(
+            Path(args.images),
+            Path(args.out),
+            captions_json=None if args.captions_json is None else Path(args.captions_json),
+            instances_json=None if args.instances_json is None else Path(args.instances_json),
+            split=args.split,
+            max_images=args.max_images,
+            link=args.link,
+            progress=not args.quiet,
+        ),
+        args,
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``import-folder``, ``import-cub`` and ``import-coco``."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="directory of the probe data set to write")
+        p.add_argument(
+            "--link",
+            choices=LINK_MODES,
+            default="symlink",
+            help="symlink: OUT/images links to the source images (default); copy: copy them into OUT/images",
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "import-folder",
+        help="import a folder of images (one sub-folder per class)",
+        description="Import SRC/<class>/<image> (or a flat SRC/<image>, unlabeled) as a probe data set.",
+    )
+    p.add_argument("src", help="image folder")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="fraction of each class put in the test split"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    common(p)
+    p.set_defaults(func=_cmd_folder)
+
+    p = sub.add_parser(
+        "import-cub",
+        help="import CUB-200-2011 (labels, attributes, parts, boxes, captions)",
+        description="Import the extracted CUB_200_2011/ folder as a probe data set.",
+    )
+    p.add_argument("src", help="the CUB_200_2011 folder (holds images.txt and images/)")
+    p.add_argument("--captions", default=None, help="Reed et al. text_c10 folder (or its parent)")
+    p.add_argument("--segmentations", default=None, help="CUB segmentations folder (<class>/<image>.png)")
+    p.add_argument(
+        "--min-certainty",
+        type=int,
+        default=1,
+        choices=(1, 2, 3, 4),
+        help="keep present attributes with certainty >= this (1 not visible .. 4 definitely)",
+    )
+    common(p)
+    p.set_defaults(func=_cmd_cub)
+
+    p = sub.add_parser(
+        "import-coco",
+        help="import MS-COCO captions and/or instances",
+        description="Import COCO images with captions_*.json and/or instances_*.json as a probe data set.",
+    )
+    p.add_argument("--images", required=True, help="COCO image folder, e.g. val2017/")
+    p.add_argument("--captions-json", default=None, help="captions_*.json")
+    p.add_argument("--instances-json", default=None, help="instances_*.json")
+    p.add_argument(
+        "--split", choices=("train", "val", "test"), default="train", help="split given to every image"
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None, help="import only the first N images (by image id)"
+    )
+    common(p)
+    p.set_defaults(func=_cmd_coco)

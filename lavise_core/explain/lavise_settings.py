@@ -1,0 +1,73 @@
+"""LaViSE settings and errors (Yang, Kim & Joo, CVPR 2022; METHODS.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LaviseError", "LaviseSettings", "cpu_threads", "torch_threads"]
+
+
+
+
+class LaviseError(ValueError):
+    """LaViSE inputs are missing or inconsistent; the message says what to run or fix."""
+
+
+@dataclass(frozen=True)
+class LaviseSettings:
+    """Settings of the LaViSE stage (stored in ``lavise/head.json`` and the stage info)."""
+
+    seen_fraction: float = 0.5  # share of the data set's concepts used for supervision
+    split_seed: int = 0
+    dropout: float = 0.1
+    # Margin and normalisation were compared on seen concepts only (4-fold split of the seen concepts,
+    # held-out folds as pseudo-unseen): margin 1.2 won one single split but lost 3 of 4 folds to 0.2;
+    # "standardise" was neutral and "l2" worse. Unseen concepts took no part in the choice.
+    normalise: str = "standardise"  # feature normalisation inside the head: "none", "standardise", "l2"
+    margin: float = 0.2  # m of the cosine margin-ranking loss
+    n_negatives: int = 512  # negatives per batch (all seen concepts when fewer)
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.1  # share of training images held out for early stopping (seen concepts only)
+    patience: int = 5  # epochs without held-out improvement before stopping
+    max_seconds: float = 170.0  # head training stops after this wall time (target <= 3 min)
+    seed: int = 0
+    min_region_cells: float = 0.25  # regions covering less than this many map cells are skipped
+    top_p: int = 10  # top images per filter used for attention
+    top_s: int = 20  # phrases retrieved per image
+    labels_per_filter: int = 20  # stored labels per filter
+    image_batch: int = 32
+    threads: int = (
+        0  # torch threads for head training and filter attention; 0 = every core this process may use
+    )
+
+
+def cpu_threads(n: int) -> int:
+    """``n`` torch threads, or with ``n = 0`` every core this process may use (its CPU affinity)."""
+    if n > 0:
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with :func:`cpu_threads` ``(n)`` torch threads, restoring the previous count after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+

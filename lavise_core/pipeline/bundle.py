@@ -1,0 +1,242 @@
+"""The explanation bundle: one directory per (model weights, layer, probe data set, preprocessing).
+
+Layout::
+
+    <bundles>/<key>/bundle.json          manifest: key, versions, hashes, settings, stages, metrics
+    <bundles>/<key>/probe/pooled.npy     arrays, one .npy per name (memory-mapped when read)
+    <bundles>/<key>/textual/...          one folder per stage
+    <bundles>/<key>/lavise/...
+
+The key is a hash of all four inputs, so a bundle can never be silently reused for another model,
+layer, data set or preprocessing; :meth:`Bundle.verify` re-checks it against what is loaded.
+Every file is written atomically (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes, atomic_write_text
+
+__all__ = ["BUNDLE_FILE", "Bundle", "BundleError", "StageMissing", "bundle_key", "find_bundles"]
+
+BUNDLE_FILE = "bundle.json"
+FORMAT_VERSION = 1
+
+
+class StageMissing(ValueError):
+    """The bundle lacks a stage that is needed; the message says how to build it."""
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, stale or belongs to other inputs."""
+
+
+def bundle_key(weights_hash: str, layer: str, dataset_hash: str, preprocessing: dict) -> str:
+    """16 hex digits of SHA-256 over the four inputs that determine every array in a bundle."""
+    blob = json.dumps(
+        {
+            "weights": weights_hash,
+            "layer": layer,
+            "dataset": dataset_hash,
+            "pre": preprocessing,
+            "v": FORMAT_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Bundle:
+    """A bundle directory. Arrays are read as read-only memory maps; writes are atomic."""
+
+    def __init__(self, root: Path, manifest: dict, writable: bool) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.writable = writable
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def open(cls, root: str | os.PathLike, writable: bool = False) -> Bundle:
+        root = Path(root)
+        path = root / BUNDLE_FILE
+        if not path.is_file():
+            raise BundleError(
+                f"{root} is not a bundle ({BUNDLE_FILE} missing). Build one with `lavise build`."
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path} is corrupt ({e}); delete the folder and rebuild it") from e
+        if manifest.get("format") != FORMAT_VERSION:
+            raise BundleError(
+                f"{root} was written by format {manifest.get('format')}, this version reads {FORMAT_VERSION}: rebuild it"
+            )
+        return cls(root, manifest, writable)
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, manifest: dict) -> Bundle:
+        """Open the bundle at ``root`` for writing, creating it (or keeping it if its key matches)."""
+        root = Path(root)
+        if (root / BUNDLE_FILE).is_file():
+            b = cls.open(root, writable=True)
+            if b.key != manifest["key"]:
+                raise BundleError(
+                    f"{root} holds bundle {b.key}, not {manifest['key']}: choose another folder"
+                )
+            return b
+        full = {
+            "format": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": _versions(),
+            "stages": {},
+            **manifest,
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        b = cls(root, full, writable=True)
+        b._save_manifest()
+        return b
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def _save_manifest(self) -> None:
+        atomic_write_text(self.root / BUNDLE_FILE, json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise BundleError(f"bundle {self.root} was opened read-only")
+
+    # ------------------------------------------------------------------ arrays and json
+    def _path(self, name: str, suffix: str) -> Path:
+        if ".." in Path(name).parts:
+            raise BundleError(f"bad array name {name!r}")
+        return self.root / f"{name}{suffix}"
+
+    def has(self, name: str) -> bool:
+        return self._path(name, ".npy").is_file() or self._path(name, "").is_file()
+
+    def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        """The array ``name`` (e.g. ``"probe/pooled"``), memory-mapped read-only by default."""
+        path = self._path(name, ".npy")
+        if not path.is_file():
+            raise BundleError(
+                f"bundle {self.root.name} has no array {name!r}: the stage that makes it has not run"
+            )
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def write_array(self, name: str, arr: np.ndarray) -> None:
+        self._require_writable()
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        atomic_write_bytes(self._path(name, ".npy"), buf.getvalue())
+
+    def read_json(self, name: str) -> dict | list:
+        path = self._path(name, ".json")
+        if not path.is_file():
+            raise BundleError(
+                f"bundle {self.root.name} has no {name}.json: the stage that makes it has not run"
+            )
+        return json.loads(path.read_text())
+
+    def write_json(self, name: str, obj: dict | list) -> None:
+        self._require_writable()
+        atomic_write_text(self._path(name, ".json"), json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+    def file(self, name: str) -> Path:
+        """Path for a non-array file of a stage (FAISS index, safetensors); write it atomically yourself."""
+        path = self._path(name, "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ stages
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.manifest.get("stages", {})
+
+    def mark_stage(self, stage: str, info: dict | None = None) -> None:
+        """Record that ``stage`` finished, with its settings / timings / metrics."""
+        self._require_writable()
+        self.manifest.setdefault("stages", {})[stage] = {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(info or {}),
+        }
+        self._save_manifest()
+
+    def clear_stage(self, stage: str) -> None:
+        self._require_writable()
+        self.manifest.get("stages", {}).pop(stage, None)
+        self._save_manifest()
+
+    # ------------------------------------------------------------------ inputs
+    def dataset(self) -> ProbeDataset:
+        """The probe data set this bundle was built from; refuses one whose content changed."""
+        ds = ProbeDataset.open(self.manifest["dataset"]["root"])
+        if ds.content_hash() != self.manifest["dataset"]["hash"]:
+            raise BundleError(
+                f"the data set at {ds.root} changed since bundle {self.key} was built; rebuild with `lavise build`"
+            )
+        return ds
+
+    def load_model(self, device: str = "cpu"):  # -> LoadedModel (lazy torch import)
+        from lavise_core.models.networks import load_model
+
+        lm = load_model(self.manifest["model"]["spec"], device=device)
+        self.verify_model(lm)
+        return lm
+
+    def verify_model(self, lm) -> None:
+        """Raise :class:`BundleError` unless ``lm`` (weights + preprocessing) is what built this bundle."""
+        if lm.weights_hash != self.manifest["model"]["weights_hash"]:
+            raise BundleError(
+                f"the weights of {lm.name} changed since bundle {self.key} was built (hash "
+                f"{lm.weights_hash[:12]} vs {self.manifest['model']['weights_hash'][:12]}); rebuild it"
+            )
+        if lm.preprocessing_spec() != self.manifest["preprocessing"]:
+            raise BundleError(f"the preprocessing of {lm.name} differs from bundle {self.key}'s; rebuild it")
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def layer(self) -> str:
+        return self.manifest["layer"]
+
+    def summary(self) -> str:
+        m = self.manifest
+        return f"{m['model']['spec']} · {m['layer']} · {m['dataset']['name']} ({m['dataset']['n']} images)"
+
+
+def find_bundles(root: str | os.PathLike) -> list[Bundle]:
+    """All readable bundles directly under ``root``, newest first."""
+    root = Path(root)
+    out = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if (d / BUNDLE_FILE).is_file():
+                try:
+                    out.append(Bundle.open(d))
+                except BundleError:
+                    continue
+    return sorted(out, key=lambda b: b.manifest.get("created", ""), reverse=True)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "timm", "faiss-cpu", "sentence-transformers"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            v[pkg] = md.version(pkg)
+    return v

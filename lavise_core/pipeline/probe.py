@@ -1,0 +1,398 @@
+"""The streaming probe pass: one pass over a probe data set for a (model, layer).
+
+Per image it keeps the pooled activation of every filter (row of the ``(N, C)`` matrix, written to a
+memory-mapped file) and the logits; per filter the top-k images with their activation maps and a
+streaming histogram of all spatial activations (for quantiles such as Network Dissection's top 0.5 %
+threshold). Memory is bounded: ``N × C`` (on disk) plus ``C × k`` maps plus ``C × bins`` counts.
+
+The pass checkpoints its state every few batches; an interrupted pass resumes where it stopped.
+Unreadable images are reported and skipped (their row is marked invalid), never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes
+from lavise_core.data.images import ImageLoadError
+from lavise_core.models.networks import LoadedModel, record_layer
+from lavise_core.pipeline.bundle import Bundle, bundle_key
+
+__all__ = [
+    "QUANTILE_LEVELS",
+    "ProbeSettings",
+    "StreamingHistogram",
+    "TopKMaps",
+    "bundle_dir_for",
+    "open_or_create_bundle",
+    "run_probe",
+]
+
+QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+DISSECTION_LEVEL = 0.995
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Settings of the probe pass (not part of the bundle key: they do not change per-image values)."""
+
+    top_k: int = 16
+    batch_size: int = 32
+    num_workers: int = 1
+    histogram_bins: int = 2048
+    checkpoint_every: int = 20  # batches
+    device: str = "cpu"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------- reducers
+class StreamingHistogram:
+    """Per-filter histogram of activations with bins that double in width as the range grows.
+
+    ``counts (C, B)``; filter ``c``'s bin ``j`` covers ``[lo_c + j·w_c, lo_c + (j+1)·w_c)``. Values below
+    ``lo_c`` (fixed by the first batch) fall in bin 0. Quantiles interpolate linearly inside a bin,
+    so their error is at most one bin width = range / B.
+    """
+
+    def __init__(self, channels: int, bins: int = 2048) -> None:
+        if bins % 2:
+            raise ValueError("bins must be even")
+        self.bins = bins
+        self.counts = torch.zeros(channels, bins, dtype=torch.int64)
+        self.lo: torch.Tensor | None = None
+        self.width: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add ``values (C, M)`` (all spatial positions of a batch, per filter)."""
+        values = values.detach().float().cpu()
+        vmax = values.max(dim=1).values
+        if self.lo is None:
+            self.lo = values.min(dim=1).values.double()
+            span = (vmax.double() - self.lo).clamp_min(1e-6)
+            self.width = span * (1 + 1e-6) / self.bins
+        assert self.width is not None
+        # double the bin width of filters whose range grew, merging pairs of bins
+        while True:
+            hi = self.lo + self.width * self.bins
+            grow = vmax.double() >= hi
+            if not bool(grow.any()):
+                break
+            c = self.counts[grow]
+            merged = c[:, 0::2] + c[:, 1::2]
+            self.counts[grow] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+            self.width[grow] *= 2
+        # bin index in float32 (exact enough for 2048 bins), offset per filter, one bincount for all
+        lo32, inv32 = self.lo.float()[:, None], (1.0 / self.width).float()[:, None]
+        idx = ((values - lo32) * inv32).floor_().clamp_(0, self.bins - 1).long()
+        idx += torch.arange(values.shape[0])[:, None] * self.bins
+        flat = torch.bincount(idx.view(-1), minlength=values.shape[0] * self.bins)
+        self.counts += flat.view(-1, self.bins)
+
+    def quantiles(self, levels: tuple[float, ...] | list[float]) -> np.ndarray:
+        """``(C, Q)`` float32 quantiles at ``levels`` (each in [0, 1])."""
+        if self.lo is None:
+            raise ValueError("no values were added")
+        counts = self.counts.double()
+        cum = counts.cumsum(dim=1)
+        total = cum[:, -1:]
+        out = np.zeros((self.counts.shape[0], len(levels)), dtype=np.float32)
+        for qi, q in enumerate(levels):
+            target = q * total
+            j = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp_(0, self.bins - 1)
+            below = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(target))
+            inbin = counts.gather(1, j)
+            frac = ((target - below) / inbin.clamp_min(1e-12)).clamp(0, 1)
+            val = self.lo[:, None] + (j.double() + frac) * self.width[:, None]
+            out[:, qi] = val[:, 0].float().numpy()
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "hist_counts": self.counts.numpy(),
+            "hist_lo": self.lo.numpy(),
+            "hist_width": self.width.numpy(),
+        }
+
+    def load_state(self, st: dict[str, np.ndarray]) -> None:
+        self.counts = torch.from_numpy(np.array(st["hist_counts"]))
+        self.lo = torch.from_numpy(np.array(st["hist_lo"]))
+        self.width = torch.from_numpy(np.array(st["hist_width"]))
+
+
+class TopKMaps:
+    """The ``k`` images with the largest pooled activation per filter, with their maps.
+
+    ``values (C, k)`` descending, ``index (C, k)`` image indices (-1 = empty), ``maps (C, k, h, w)``.
+    """
+
+    def __init__(self, channels: int, k: int, map_size: tuple[int, int]) -> None:
+        self.k = k
+        self.values = torch.full((channels, k), float("-inf"))
+        self.index = torch.full((channels, k), -1, dtype=torch.long)
+        self.maps = torch.zeros(channels, k, *map_size)
+
+    def update(self, pooled: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge a batch: ``pooled (B, C)``, ``maps (B, C, h, w)``, ``index (B,)`` (invalid rows pre-set to -inf)."""
+        b = pooled.shape[0]
+        vals = torch.cat([self.values, pooled.T.float()], dim=1)  # (C, k + B)
+        idx = torch.cat([self.index, index[None, :].expand(self.values.shape[0], b)], dim=1)
+        top = vals.topk(self.k, dim=1)
+        self.values = top.values
+        self.index = idx.gather(1, top.indices)
+        allmaps = torch.cat([self.maps, maps.permute(1, 0, 2, 3).float()], dim=1)  # (C, k + B, h, w)
+        gidx = top.indices[:, :, None, None].expand(-1, -1, *allmaps.shape[2:])
+        self.maps = allmaps.gather(1, gidx)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "top_values": self.values.numpy(),
+            "top_index": self.index.numpy(),
+            "top_maps": self.maps.numpy(),
+        }
+
+    def load_state(self, st: dict[str, np.ndarray]) -> None:
+        self.values = torch.from_numpy(np.array(st["top_values"]))
+        self.index = torch.from_numpy(np.array(st["top_index"]))
+        self.maps = torch.from_numpy(np.array(st["top_maps"]))
+
+
+# --------------------------------------------------------------------------------------- data
+class _ProbeImages(Dataset):
+    """Loads and preprocesses image ``i``; a bad image yields zeros and its error message."""
+
+    def __init__(self, ds: ProbeDataset, lm: LoadedModel, start: int) -> None:
+        self.ds, self.lm, self.start = ds, lm, start
+
+    def __len__(self) -> int:
+        return len(self.ds) - self.start
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, str]:
+        i = self.start + j
+        try:
+            img = self.ds.load_image(i)
+            return i, self.lm.preprocess(img), ""
+        except ImageLoadError as e:
+            return i, torch.zeros(3, self.lm.input_size, self.lm.input_size), str(e)
+        except Exception as e:  # a transform failing on a strange image must not end the pass
+            return i, torch.zeros(3, self.lm.input_size, self.lm.input_size), f"{type(e).__name__}: {e}"
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
+    return idx, torch.stack([b[1] for b in batch]), [b[2] for b in batch]
+
+
+# --------------------------------------------------------------------------------------- bundles
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
+
+
+def bundle_dir_for(
+    bundles_root: Path, lm: LoadedModel, layer: str, ds: ProbeDataset, data_hash: str | None = None
+) -> tuple[Path, str]:
+    """Directory and key of the bundle for these inputs: ``<root>/<dataset>-<model>-<layer>-<key>``.
+
+    ``data_hash`` is ``ds.content_hash()``, computed here when the caller has not already.
+    """
+    data_hash = data_hash or ds.content_hash()
+    key = bundle_key(lm.weights_hash, layer, data_hash, lm.preprocessing_spec())
+    model_slug = _slug(Path(lm.name).stem if lm.name.endswith(".json") else lm.name.split("?")[0])
+    return Path(bundles_root) / f"{_slug(ds.name)}-{model_slug}-{_slug(layer)}-{key}", key
+
+
+def open_or_create_bundle(
+    bundles_root: Path, lm: LoadedModel, ds: ProbeDataset, layer: str | None = None
+) -> Bundle:
+    """The (possibly partly built) bundle for ``lm`` × ``layer`` × ``ds``, created if absent."""
+    layer = lm.check_layer(layer or lm.default_layer)
+    data_hash = ds.content_hash()
+    root, key = bundle_dir_for(bundles_root, lm, layer, ds, data_hash)
+    manifest = {
+        "key": key,
+        "layer": layer,
+        "classes": lm.class_names,
+        "model": {"spec": lm.name, "weights_hash": lm.weights_hash, "card": lm.card},
+        "preprocessing": lm.preprocessing_spec(),
+        "dataset": {
+            "name": ds.name,
+            "root": str(Path(ds.root).resolve()),
+            "hash": data_hash,
+            "n": len(ds),
+        },
+    }
+    return Bundle.create(root, manifest)
+
+
+# --------------------------------------------------------------------------------------- the pass
+def run_probe(
+    bundle: Bundle,
+    lm: LoadedModel,
+    ds: ProbeDataset,
+    settings: ProbeSettings = ProbeSettings(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Bundle:
+    """Run (or resume, or skip if done) the probe pass and store its arrays in ``bundle``.
+
+    ``on_progress(done, total)`` is called after every batch (for progress bars outside a terminal).
+
+    Writes ``probe/pooled (N, C)``, ``probe/logits (N, K)``, ``probe/valid (N,)``, ``probe/top_index (C, k)``,
+    ``probe/top_value (C, k)``, ``probe/top_maps (C, k, h, w)`` float16, ``probe/quantile_levels (Q,)``,
+    ``probe/quantiles (C, Q)``, ``probe/threshold (C,)``, ``probe/classifier_weight (K, C)``,
+    ``probe/classifier_bias (K,)`` and ``probe/failures.json``.
+    """
+    if bundle.stage_done("probe"):
+        return bundle
+    bundle.verify_model(lm)
+    layer = bundle.layer
+    device = torch.device(settings.device)
+    lm.model.to(device)
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"the data set at {ds.root} has no images")
+
+    # shapes from one dummy forward pass
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+        logits0 = lm.model(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+    c, h, w = rec.output.shape[1:]
+    k_cls = logits0.shape[1]
+    if k_cls != len(lm.class_names):
+        raise ValueError(f"the model outputs {k_cls} logits but has {len(lm.class_names)} class names")
+    top_k = min(settings.top_k, n)
+
+    work = bundle.root / "probe" / "_partial"
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.npz"
+    pooled = _open_memmap(work / "pooled.npy", (n, c))
+    logits = _open_memmap(work / "logits.npy", (n, k_cls))
+    valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
+    hist = StreamingHistogram(c, settings.histogram_bins)
+    top = TopKMaps(c, top_k, (h, w))
+    failures: dict[str, str] = {}
+    done = 0
+    if state_path.is_file():
+        st = dict(np.load(state_path, allow_pickle=False))
+        if tuple(st["top_maps"].shape) == (c, top_k, h, w) and int(st["n"]) == n:
+            done = int(st["done"])
+            top.load_state(st)
+            hist.load_state(st)
+            failures = json.loads(str(st["failures"]))
+
+    loader = DataLoader(
+        _ProbeImages(ds, lm, done),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        collate_fn=_collate,
+        shuffle=False,
+    )
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, initial=done, unit="img", desc="probe pass", disable=not settings.progress)
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+        for bi, (idx, x, errors) in enumerate(loader):
+            out = lm.model(x.to(device, non_blocking=True))
+            maps = rec.output.float()  # (B, C, h, w)
+            ok = torch.tensor([not e for e in errors])
+            pooled_b = maps.mean(dim=(2, 3)).cpu()
+            pooled_b[~ok] = 0.0
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            pooled[lo:hi] = pooled_b.numpy()
+            logits[lo:hi] = np.where(ok.numpy()[:, None], out.float().cpu().numpy(), 0.0)
+            valid[lo:hi] = ok.numpy()
+            for i, e in zip(idx.tolist(), errors, strict=True):
+                if e:
+                    failures[ds.records[i].path] = e
+                    bar.write(f"skipped {ds.records[i].path}: {e}")
+            if bool(ok.any()):
+                okd = ok.to(maps.device)
+                hist.update(maps[okd].permute(1, 0, 2, 3).reshape(c, -1))
+                ranked = pooled_b.clone()
+                ranked[~ok] = float("-inf")
+                top.update(ranked, maps.cpu(), idx)
+            done = hi
+            bar.update(hi - lo)
+            if on_progress is not None:
+                on_progress(done, n)
+            if (bi + 1) % settings.checkpoint_every == 0 and done < n:
+                _checkpoint(state_path, pooled, logits, valid, top, hist, done, n, failures)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    n_valid = int(np.asarray(valid).sum())
+    if n_valid == 0:
+        raise ValueError(
+            f"none of the {n} images of {ds.root} could be read; first error: {next(iter(failures.values()))}"
+        )
+
+    quantiles = hist.quantiles(QUANTILE_LEVELS)
+    wcls, bcls = lm.classifier_weights()
+    bundle.write_array("probe/pooled", np.asarray(pooled))
+    bundle.write_array("probe/logits", np.asarray(logits))
+    bundle.write_array("probe/valid", np.asarray(valid))
+    bundle.write_array("probe/top_index", top.index.numpy())
+    bundle.write_array("probe/top_value", top.values.numpy().astype(np.float32))
+    bundle.write_array("probe/top_maps", top.maps.numpy().astype(np.float16))
+    bundle.write_array("probe/quantile_levels", np.asarray(QUANTILE_LEVELS, dtype=np.float32))
+    bundle.write_array("probe/quantiles", quantiles)
+    bundle.write_array("probe/threshold", quantiles[:, QUANTILE_LEVELS.index(DISSECTION_LEVEL)].copy())
+    bundle.write_array("probe/classifier_weight", wcls)
+    bundle.write_array("probe/classifier_bias", bcls)
+    bundle.write_json("probe/failures", failures)
+    bundle.manifest.update({"channels": int(c), "map_size": [int(h), int(w)], "top_k": int(top_k)})
+    labels = ds.labels()
+    preds = np.asarray(logits).argmax(1)
+    known = np.asarray(valid) & (labels >= 0)
+    acc = float((preds[known] == labels[known]).mean()) if known.any() and k_cls == len(ds.classes) else None
+    bundle.mark_stage(
+        "probe",
+        {
+            "seconds": round(seconds, 2),
+            "images": n,
+            "valid": n_valid,
+            "skipped": len(failures),
+            "batch_size": settings.batch_size,
+            "device": str(device),
+            "accuracy": acc,
+        },
+    )
+    del pooled, logits, valid
+    shutil.rmtree(work, ignore_errors=True)
+    return bundle
+
+
+def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.memmap:
+    if path.is_file():
+        arr = np.lib.format.open_memmap(path, mode="r+")
+        if arr.shape == shape and arr.dtype == dtype:
+            return arr
+        del arr
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _checkpoint(
+    path: Path,
+    pooled,
+    logits,
+    valid,
+    top: TopKMaps,
+    hist: StreamingHistogram,
+    done: int,
+    n: int,
+    failures: dict,
+) -> None:
+    """Flush the memmaps, then atomically record how far the pass got (rows after ``done`` are redone)."""
+    import io
+
+    for arr in (pooled, logits, valid):
+        arr.flush()
+    buf = io.BytesIO()
+    np.savez(buf, done=done, n=n, failures=json.dumps(failures), **top.state(), **hist.state())
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,225 @@
+"""The stage registry: every piece of a bundle is made by one registered stage, built by one :func:`build_stages`.
+
+A :class:`Stage` declares its name, the stages it needs, a recipe version and one function
+``run(ctx: StageContext) -> dict | None``. :func:`build_stages` resolves the order (dependencies first),
+skips stages the bundle already holds with the same recipe, redoes a stage whose recipe changed (and every
+stage downstream of it), and reports progress through one callback. The CLI, the dashboard's build form
+and the Python API (:func:`lavise_core.build`) all call it; the default stages are registered in
+:mod:`lavise_core.stages`.
+
+Adding a stage::
+
+    from lavise_core.pipeline.stages import Stage
+    REGISTRY.register(Stage("my_stage", needs=("probe",), recipe=1, run=my_stage, doc="what it makes"))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.pipeline.bundle import Bundle
+
+__all__ = [
+    "BuildProgress",
+    "BuildSettings",
+    "Stage",
+    "StageContext",
+    "StageError",
+    "StageRegistry",
+    "build_stages",
+]
+
+
+class StageError(ValueError):
+    """An unknown stage, a dependency cycle, or a stage asked for without what it needs."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How the image loops run (the probe pass and any later stage that reads images)."""
+
+    device: str = "cpu"
+    batch_size: int = 32
+    top_k: int = 16
+    workers: int = 0
+    bars: bool = False  # tqdm progress bars on the terminal (the CLI); the callback is called either way
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """One progress report: ``fraction`` of the whole build in [0, 1], the stage, and a sentence."""
+
+    fraction: float
+    stage: str
+    message: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the bundle (writable), the data set, the model (loaded on first use)."""
+
+    bundle: Bundle
+    dataset: ProbeDataset
+    settings: BuildSettings
+    model_loader: Callable[[], Any]
+    report: Callable[[int, int, str], None] = field(default=lambda done, total, message: None)
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Any:
+        """The :class:`~lavise_core.models.networks.LoadedModel` that built the bundle (loaded once)."""
+        if self._model is None:
+            self._model = self.model_loader()
+        return self._model
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage.
+
+    Attributes:
+        name: the key under ``bundle.json``'s ``stages``.
+        needs: stages that must be finished first.
+        recipe: bumped when the stage's output changes; a bundle holding an older recipe redoes the stage.
+        run: ``run(ctx) -> dict | None``; the dict is recorded in the manifest with the recipe and seconds.
+        doc: one line for ``lavise build --help`` and the README.
+        parts: sub-stage marks the function keeps for resuming within the stage (cleared with it).
+        default: built by a plain ``lavise build``; ``False`` for stages built only on request.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    recipe: int
+    run: Callable[[StageContext], dict | None]
+    doc: str = ""
+    parts: tuple[str, ...] = ()
+    default: bool = True
+
+
+class StageRegistry:
+    """Stages by name, in registration order."""
+
+    def __init__(self, stages: Iterable[Stage] = ()) -> None:
+        self._stages: dict[str, Stage] = {}
+        for s in stages:
+            self.register(s)
+
+    def register(self, stage: Stage) -> Stage:
+        if stage.name in self._stages:
+            raise StageError(f"stage {stage.name!r} is registered twice")
+        missing = [n for n in stage.needs if n not in self._stages]
+        if missing:
+            raise StageError(f"stage {stage.name!r} needs {missing}, which are not registered before it")
+        self._stages[stage.name] = stage
+        return stage
+
+    def __getitem__(self, name: str) -> Stage:
+        try:
+            return self._stages[name]
+        except KeyError:
+            raise StageError(f"unknown stage {name!r}; stages: {', '.join(self._stages)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stages
+
+    def __iter__(self):
+        return iter(self._stages.values())
+
+    def names(self) -> list[str]:
+        return list(self._stages)
+
+    def defaults(self) -> list[str]:
+        return [s.name for s in self if s.default]
+
+    def resolve(self, targets: Sequence[str]) -> list[Stage]:
+        """``targets`` and everything they need, dependencies first (registration order otherwise)."""
+        want: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name not in want:
+                want.add(name)
+                for dep in self[name].needs:
+                    visit(dep)
+
+        for t in targets:
+            visit(t)
+        return [s for s in self if s.name in want]  # registration order is a topological order
+
+    def downstream(self, name: str) -> list[Stage]:
+        """``name`` and every stage that needs it, directly or not."""
+        out = {name}
+        for s in self:
+            if any(d in out for d in s.needs):
+                out.add(s.name)
+        return [s for s in self if s.name in out]
+
+
+def _recorded_recipe(bundle: Bundle, name: str) -> int | None:
+    info = bundle.manifest.get("stages", {}).get(name)
+    return None if info is None else int(info.get("recipe", 1))  # bundles from before recipes: 1
+
+
+def _clear(bundle: Bundle, stage: Stage) -> None:
+    for part in (*stage.parts, stage.name):
+        bundle.clear_stage(part)
+
+
+def build_stages(
+    bundle: Bundle,
+    dataset: ProbeDataset,
+    registry: StageRegistry,
+    stages: Sequence[str] | None = None,
+    *,
+    force: Sequence[str] = (),
+    settings: BuildSettings = BuildSettings(),
+    model_loader: Callable[[], Any] | None = None,
+    progress: Callable[[BuildProgress], None] | None = None,
+) -> dict[str, str]:
+    """Build ``stages`` (default: the registry's defaults) and what they need into ``bundle``.
+
+    A stage already recorded with the same recipe is skipped; one recorded with another recipe, or named in
+    ``force``, is redone together with every stage downstream of it. Returns ``{stage: "built" | "skipped" |
+    "redone (recipe N -> M)"}``. ``progress`` gets a :class:`BuildProgress` at each stage's start and end and
+    whenever a stage reports (the probe pass after every batch).
+    """
+    order = registry.resolve(list(stages) if stages is not None else registry.defaults())
+    for name in force:
+        for s in registry.downstream(registry[name].name):
+            _clear(bundle, s)
+    outcome: dict[str, str] = {}
+    for s in order:  # a changed recipe invalidates the stage and everything built on it
+        old = _recorded_recipe(bundle, s.name)
+        if old is not None and old != s.recipe:
+            for d in registry.downstream(s.name):
+                _clear(bundle, d)
+            outcome[s.name] = f"redone (recipe {old} -> {s.recipe})"
+    say = progress or (lambda event: None)
+    ctx = StageContext(bundle, dataset, settings, model_loader or bundle.load_model)
+    n = len(order)
+    for i, s in enumerate(order):
+        if bundle.stage_done(s.name):
+            outcome.setdefault(s.name, "skipped")
+            say(BuildProgress((i + 1) / n, s.name, f"{s.name}: already built"))
+            continue
+        say(BuildProgress(i / n, s.name, f"{s.name}: {s.doc or 'building'}"))
+
+        def report(done: int, total: int, message: str, i: int = i, name: str = s.name) -> None:
+            say(BuildProgress((i + done / max(total, 1)) / n, name, message, done, total))
+
+        ctx.report = report
+        t0 = time.perf_counter()
+        info = s.run(ctx) or {}
+        recorded = dict(bundle.manifest.get("stages", {}).get(s.name, {}))
+        recorded.pop("finished", None)
+        recorded.update({k: v for k, v in info.items() if k != "finished"})
+        recorded.setdefault("seconds", round(time.perf_counter() - t0, 2))
+        bundle.mark_stage(s.name, {**recorded, "recipe": s.recipe})
+        outcome.setdefault(s.name, "built")
+        say(BuildProgress((i + 1) / n, s.name, f"{s.name}: done"))
+    return outcome

@@ -1,0 +1,66 @@
+"""The default stage registry: what ``lavise build`` makes, in order.
+
+Each stage is one function in its method's module, registered here once; :func:`lavise_core.build`, the
+CLI and the dashboard's build form all build through :data:`REGISTRY` (see
+:mod:`lavise_core.pipeline.stages` for the rules: dependencies, recipes, progress).
+
+==================  ==================  ===========================================================
+stage               needs               makes
+==================  ==================  ===========================================================
+probe               —                   pooled (N, C), logits, top-k maps, quantiles, thresholds
+textual             probe               attributes from captions, p(t | f), class p.d.f.s (Guo et al.)
+textual_grounding   textual             eq. 9 weights fitted to part masks / keypoints
+lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
+==================  ==================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from lavise_core.explain.grounding import build_grounding_stage
+from lavise_core.explain.lavise import SUBSTAGES, build_lavise_stage
+from lavise_core.explain.textual import build_textual_stage
+from lavise_core.pipeline.probe import ProbeSettings, run_probe
+from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
+
+__all__ = ["REGISTRY"]
+
+
+def _probe(ctx: StageContext) -> dict:
+    s = ctx.settings
+    settings = ProbeSettings(
+        top_k=s.top_k, batch_size=s.batch_size, num_workers=s.workers, device=s.device, progress=s.bars
+    )
+    run_probe(
+        ctx.bundle, ctx.model, ctx.dataset, settings,
+        on_progress=lambda done, total: ctx.report(done, total, f"probe pass: {done} / {total} images"),
+    )  # fmt: skip
+    return {}
+
+
+def _textual(ctx: StageContext) -> dict:
+    build_textual_stage(ctx.bundle, ctx.dataset, progress=ctx.settings.bars)
+    return {}
+
+
+def _textual_grounding(ctx: StageContext) -> dict:
+    return build_grounding_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars)
+
+
+def _lavise(ctx: StageContext) -> dict:
+    return build_lavise_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars)
+
+
+REGISTRY = StageRegistry(
+    [
+        Stage("probe", (), 1, _probe, "one streaming pass over the probe images"),
+        Stage("textual", ("probe",), 1, _textual, "attributes from captions and the filter–attribute p.d.f."),
+        Stage(
+            "textual_grounding", ("textual",), 1, _textual_grounding,
+            "grounding weights fitted to the part annotations",
+        ),
+        Stage(
+            "lavise", ("probe",), 1, _lavise, "concept index, explainer head, zero-shot filter labels",
+            parts=SUBSTAGES,
+        ),
+    ]
+)

@@ -1,0 +1,74 @@
+"""Concepts page: free-text concept search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lavise_core.views.home import _filter_labels
+from lavise_core.views.overlays import encode_jpeg, overlay
+from lavise_core.views.workspace import Workspace
+
+__all__ = ["ConceptView", "concept_choices", "concept_view"]
+
+
+# =========================================================================== concepts
+@dataclass
+class ConceptView:
+    """Answer to a concept query, with grounding overlays."""
+
+    text: str
+    status: str
+    suggestions: list[tuple[str, float]]
+    filters: list[tuple[int, float, str, float]]  # filter, cosine, its best label, query's vote score
+    images: list[tuple[bytes, int, float, str]]  # grounding overlay (JPEG), record, score, class
+
+
+def concept_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """Data set concepts for the suggestion box: ``[(phrase, "seen" | "zero-shot")]``."""
+    lv = ws.lavise()
+    return [(p, "seen") for p in lv.seen] + [(p, "zero-shot") for p in lv.unseen]
+
+
+def concept_view(
+    ws: Workspace, text: str, n_filters: int = 8, n_images: int = 8, side: int = 180
+) -> ConceptView:
+    """Free text -> matching filters (cosine with their embeddings), images where they fire, grounding maps.
+
+    ``images`` holds JPEG bytes ``side`` pixels wide. Cached per ``(text, n_filters, n_images, side)``.
+    """
+    key = (" ".join(str(text).split()).lower(), n_filters, n_images, side)
+    return ws.queries.get(key, lambda: _concept_view(ws, text, n_filters, n_images, side))
+
+
+def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side: int) -> ConceptView:
+    from lavise_core.explain.concept_query import grounding_heatmap
+
+    lv = ws.lavise()
+    res = lv.query(text, n_filters=n_filters, n_images=n_images)
+    best = _filter_labels(ws)[0]
+    filters = [
+        (int(k), float(s), str(best[k]), float(ls))
+        for k, s, ls in zip(res.filters, res.filter_scores, res.label_scores, strict=True)
+    ]
+    ds = ws.dataset()
+    images = []
+    if len(res.images):
+        maps = ws.record_maps([int(i) for i in res.images])
+        w = res.filter_weights()
+        for i, s in zip(res.images, res.image_scores, strict=True):
+            img = ws.record_image(int(i), side=side)
+            heat = grounding_heatmap(maps[int(i)].astype(np.float32), res.filters, w)
+            cls = ""
+            if ds is not None and 0 <= ds.records[int(i)].label < len(ds.classes):
+                cls = ds.classes[ds.records[int(i)].label]
+            pic = overlay(img, heat, alpha=0.6, normalize=None, mask_below=0.15)
+            images.append((encode_jpeg(pic), int(i), float(s), cls))
+    status = {"unseen": "zero-shot (held out in training)", "seen": "seen in training"}.get(
+        res.status, res.status
+    )
+    return ConceptView(res.text, status, res.suggestions, filters, images)
+
+

@@ -1,0 +1,106 @@
+"""Data set page: concepts per class and background bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lavise_core.data.images import ImageLoadError
+from lavise_core.views.workspace import BIAS_CONFIRM_SHARE, StageMissing, Workspace, build_hint
+
+__all__ = ["DatasetReport", "background_views", "dataset_report"]
+
+
+# =========================================================================== data set
+@dataclass
+class DatasetReport:
+    name: str
+    n_images: int
+    class_counts: list[tuple[str, int]]
+    concept_freq: np.ndarray | None  # (K, T') share of class images with each concept
+    concept_names: list[str]
+    freq_note: str | None
+    background: np.ndarray | None  # (K, B) counts of the ground-truth background per class
+    background_names: list[str]
+    spurious: dict | None  # the generator's switch, when the data set records it
+    bias: list[dict] | None  # LaViSE dataset insight per class
+    bias_note: str | None
+
+
+def background_views(ws: Workspace, ids: Sequence[int], size: int = 112) -> list[np.ndarray]:
+    """Images ``ids`` with their object painted out, as the bias test saw them: ``(size, size, 3)`` uint8 each;
+    unreadable images and images without a mask are skipped."""
+    from lavise_core.explain.lavise_head import paint_out_object
+
+    ds = ws.dataset()
+    out = []
+    for i in ids:
+        try:
+            lab = ds.load_mask(int(i))
+            view = None if lab is None else paint_out_object(ds.load_image(int(i)), lab)
+        except (ImageLoadError, OSError):
+            continue
+        if view is not None:
+            out.append(np.asarray(view.resize((size, size))))
+    return out
+
+
+def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:
+    """Concept frequencies per class, ground-truth backgrounds, and the LaViSE bias findings."""
+    ds = ws.dataset()
+    if ds is None:
+        raise StageMissing(f"the probe data set of this bundle is unavailable: {ws.dataset_error()}")
+    labels = ds.labels()
+    K = len(ds.classes)
+    counts = np.bincount(labels[labels >= 0], minlength=K)
+    freq, names, fnote = None, [], None
+    if ws.bundle.has("textual/attribute_matrix"):
+        A = np.asarray(ws.array("textual/attribute_matrix"), np.float32)
+        vocab = ws.textual().vocabulary
+        per = np.zeros((K, A.shape[1]), np.float32)
+        for c in range(K):
+            if counts[c]:
+                per[c] = A[labels == c].mean(0)
+        spread = per.max(0) - per.min(0)
+        top = np.argsort(-spread, kind="stable")[:n_concepts]
+        freq, names = per[:, top], [vocab[j] for j in top]
+    else:
+        fnote = f"concept frequencies need the textual stage: build it with `{build_hint(ws.bundle)}`"
+    bgs = [r.meta.get("background") for r in ds.records]
+    bg, bg_names = None, []
+    if any(bgs):
+        bg_names = sorted({b for b in bgs if b})
+        bg = np.zeros((K, len(bg_names)), np.int64)
+        pos = {b: j for j, b in enumerate(bg_names)}
+        for lab, b in zip(labels, bgs, strict=True):
+            if lab >= 0 and b:
+                bg[lab, pos[b]] += 1
+    spurious = ds.meta.get("spurious") if isinstance(ds.meta.get("spurious"), dict) else None
+    bias, bnote = None, None
+    try:
+        from lavise_core.explain.lavise import insight_for_bundle
+
+        lv = ws.lavise()
+        bias = ws._once("insight", lambda: insight_for_bundle(ws.bundle, ds, lv))[0]
+    except StageMissing as e:
+        bnote = str(e)
+    if bias is not None:
+        bias = [dict(b) for b in bias]
+        for b in bias:  # check each flag against the ground-truth backgrounds, when the data set has them
+            b["ground_truth_share"], b["confirmed"] = None, bool(b.get("background_bias"))
+            if bg is not None and b.get("class") in ds.classes:
+                row = bg[ds.classes.index(b["class"])]
+                share = float(row.max() / row.sum()) if row.sum() else 0.0
+                b["ground_truth_share"] = share
+                b["confirmed"] = bool(b.get("background_bias")) and share >= BIAS_CONFIRM_SHARE
+    # bias rows also carry ``ground_truth_share`` (the class's most common true background) and
+    # ``confirmed`` (flagged and that share ≥ BIAS_CONFIRM_SHARE; flagged when no ground truth exists)
+    return DatasetReport(
+        ds.name, len(ds), [(ds.classes[c], int(counts[c])) for c in range(K)], freq, names, fnote,
+        bg, bg_names, spurious, bias, bnote,
+    )  # fmt: skip
+
+

@@ -1,0 +1,131 @@
+"""Evaluation page: the stored evaluation results with their baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lavise_core.views.workspace import PAPER_NUMBERS, Workspace
+
+__all__ = ["EvaluationReport", "evaluation_headlines", "evaluation_report", "flatten_tables"]
+
+
+# =========================================================================== evaluation
+@dataclass
+class EvaluationReport:
+    sections: dict[str, Any]  # "textual" / "lavise" -> the stored JSON
+    missing: list[str]
+    paper: dict[str, list[dict[str, Any]]]
+
+
+def evaluation_report(ws: Workspace) -> EvaluationReport:
+    """The stored evaluation results (``eval/textual.json``, ``eval/lavise.json``) and the papers' numbers."""
+    sections, missing = {}, []
+    for name in ("textual", "lavise"):
+        if ws.bundle.has(f"eval/{name}.json") or (Path(ws.bundle.root) / "eval" / f"{name}.json").is_file():
+            sections[name] = ws.bundle.read_json(f"eval/{name}")
+        else:
+            missing.append(
+                f"no {name} evaluation yet: run `lavise evaluate {ws.bundle.root}"
+                + ("" if name == "textual" else " --only lavise")
+                + "`"
+            )
+    return EvaluationReport(sections, missing, PAPER_NUMBERS)
+
+
+def _path(obj: Any, *keys: Any) -> Any:
+    for k in keys:
+        in_dict = isinstance(obj, dict) and k in obj
+        in_list = isinstance(obj, list) and isinstance(k, int) and -len(obj) <= k < len(obj)
+        if not (in_dict or in_list):
+            return None
+        obj = obj[k]
+    return obj if isinstance(obj, int | float) and not isinstance(obj, bool) else None
+
+
+def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
+    """The few numbers of an evaluation JSON a non-expert needs, each with its baseline and a verdict.
+
+    Rows: ``question, ours, baseline, baseline_name, paper, verdict`` (``None`` where not stored);
+    ``higher`` is better for every row except the randomisation check (lower = explanations depend on
+    the weights, as they should)."""
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        question: str, ours: Any, base: Any, base_name: str, paper: Any = None, higher: bool = True
+    ) -> None:
+        if ours is None:
+            return
+        verdict = "—"
+        if base is not None:
+            better = ours > base if higher else ours < base
+            verdict = "better than the baseline" if better else "NOT better than the baseline"
+        rows.append(
+            {"question": question, "ours": round(float(ours), 3),
+             "baseline": None if base is None else round(float(base), 3), "baseline is": base_name,
+             "paper": paper, "verdict": verdict}
+        )  # fmt: skip
+
+    if name == "textual":
+        parts = _path(obj, "grounding", "parts_cell_grid", 1)
+        row(
+            "Does an attribute's heatmap point at the right body part? (PCK@0.2, %"
+            + (", weights fitted to the part annotations)" if parts is not None else ")"),
+            parts if parts is not None else _path(obj, "grounding", "proposed", 1),
+            _path(obj, "grounding", "constant", 1),
+            "the same heatmap for every attribute",
+            _path(obj, "paper", "pck", "proposed", 1),
+        )
+        row(
+            "Are the attributes an explanation names really in the image? (precision, %)",
+            _path(obj, "retrieval", "labels", "precision"),
+            _path(obj, "retrieval", "labels", "random", "precision"),
+            "random attributes",
+        )
+        row(
+            "Share of the image's attributes the explanation finds (recall, %)",
+            _path(obj, "retrieval", "labels", "recall"),
+            _path(obj, "retrieval", "labels", "random", "recall"),
+            "random attributes",
+            _path(obj, "paper", "retrieval", "recall"),
+        )
+        row(
+            "Sentences vs. the human captions (BLEU-4, 0–1)",
+            _path(obj, "bleu", "overall"),
+            None,
+            "",
+            _path(obj, "paper", "bleu", "overall"),
+        )
+        row("Do explanations change when the network's weights are randomised? (rank correlation; low = yes)",
+            _path(obj, "randomization", "spearman_explanation"),
+            _path(obj, "randomization", "spearman_explanation_control"), "the same network explained twice",
+            higher=False)  # fmt: skip
+    elif name == "lavise":
+        # the labels rank the whole open vocabulary, so the fair baselines rank it too: the same head
+        # without filter attention (the issue's baseline) and random phrases of that vocabulary; the
+        # 102-concept "oracle" numbers are in the full table
+        for split, what in (("seen", "concepts seen in training"), ("unseen", "zero-shot concepts")):
+            row(f"Filter labels that match the ground truth, {what} (recall@20)",
+                _path(obj, "recall", f"{split}@20", "lavise"),
+                _path(obj, "recall", f"{split}@20", "no_attention"),
+                "the same head without filter attention")  # fmt: skip
+    return rows
+
+
+def flatten_tables(obj: Any, prefix: str = "") -> list[tuple[str, list[dict]]]:
+    """Find the tables in an evaluation JSON: lists of dicts become tables, dicts of scalars one-row tables."""
+    out: list[tuple[str, list[dict]]] = []
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        out.append((prefix or "results", obj))
+    elif isinstance(obj, dict):
+        scalars = {k: v for k, v in obj.items() if isinstance(v, int | float | str | bool) or v is None}
+        if scalars:
+            out.append((prefix or "summary", [scalars]))
+        for k, v in obj.items():
+            if isinstance(v, dict | list):
+                out.extend(flatten_tables(v, f"{prefix} / {k}" if prefix else str(k)))
+    return out
+
+

@@ -1,0 +1,62 @@
+"""Explain page: an uploaded image's prediction explained (through :meth:`lavise_core.api.Explainer.explain`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from lavise_core.api import ImageAnalysis
+from lavise_core.views.home import _filter_labels
+from lavise_core.views.overlays import overlay
+from lavise_core.views.workspace import Workspace
+
+__all__ = ["ImageAnalysis", "ImageExplanation", "analyse_image", "explain_image"]
+
+
+def analyse_image(
+    ws: Workspace, source: bytes | Image.Image, name: str = "the uploaded file"
+) -> ImageAnalysis:
+    """Load (raises :class:`~lavise_core.data.images.ImageLoadError` with a user message) and run the model once."""
+    return ws.analyse(source, name=name)
+
+
+@dataclass
+class ImageExplanation:
+    """Predictions, sentence, contrast, attribute chips with the chosen grounding, contributing filters."""
+
+    predictions: list[tuple[str, float]]
+    predicted: str
+    target: str
+    sentence: str | None
+    contrast: str | None
+    attributes: list[tuple[str, float]]
+    attribute: str | None
+    heatmap: Image.Image
+    heatmap_caption: str
+    contributions: list[tuple[int, float, str]]  # filter, phi_k W[c, k], its label
+    zero_shot: list[tuple[str, float]] | None
+    notes: list[str] = field(default_factory=list)
+    in_distribution: bool | None = None
+
+
+def explain_image(
+    ws: Workspace,
+    a: ImageAnalysis,
+    target: str | None = None,
+    why_not: str | None = None,
+    attribute: str | None = None,
+    n_contrib: int = 10,
+) -> ImageExplanation:
+    """Explain ``a`` for class ``target`` (default: the prediction); ``why_not``: a contrast class."""
+    ans = ws.explain(a, target=target, why_not=why_not, n_contributions=n_contrib)
+    best = _filter_labels(ws)[0]
+    contributions = [(k, v, str(best[k])) for k, v in ans.contributions]
+    names = {t for t, _ in ans.attributes}
+    attribute = (attribute if attribute in names else ans.attributes[0][0]) if ans.attributes else None
+    heat, caption = ans.heatmap(attribute)
+    hm = overlay(a.image, heat, alpha=0.6, mask_below=0.1)
+    return ImageExplanation(
+        ans.predictions, ans.predicted, ans.target, ans.sentence, ans.contrast, ans.attributes, attribute, hm,
+        caption, contributions, ans.zero_shot, ans.notes, ans.in_distribution,
+    )  # fmt: skip

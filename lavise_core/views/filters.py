@@ -1,0 +1,200 @@
+"""Filters page: the filter table, cards and one filter's detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lavise_core.views.home import _filter_labels
+from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
+from lavise_core.views.workspace import StageMissing, Workspace, _placeholder, build_hint
+
+__all__ = ["SORT_KEYS", "FilterDetail", "filter_card_image", "filter_detail", "filter_table", "select_filters"]
+
+
+# =========================================================================== filters
+def filter_table(ws: Workspace) -> Any:
+    """One row per filter: ``filter, label, score, confident, mean_activation, top_class, class_weight``.
+
+    ``class_weight`` is ``max_c W[c, k] · mean phi_k`` (the largest mean contribution of filter k to a
+    class logit); ``top_class`` is that class. Returns a ``pandas.DataFrame`` (cached by the workspace).
+    """
+    import pandas as pd
+
+    def make():
+        ws.require_probe()
+        pooled = ws.array("probe/pooled")
+        valid = ws.array("probe/valid")
+        rows = np.asarray(valid, bool) if valid is not None else slice(None)
+        mean = np.asarray(pooled[rows], np.float64).mean(0)
+        Wc = ws.class_weight()
+        W = np.asarray(Wc, np.float64) if Wc is not None else np.zeros((len(ws.classes), ws.channels))
+        contrib = W * mean[None, :]  # (K, C)
+        top_c = contrib.argmax(0)
+        labels, scores, source, confident = _filter_labels(ws)
+        df = pd.DataFrame(
+            {
+                "filter": np.arange(ws.channels),
+                "label": labels,
+                "score": np.round(scores, 4),
+                "confident": confident,
+                "mean_activation": np.round(mean, 4),
+                "top_class": [ws.classes[int(c)] if Wc is not None else "" for c in top_c],
+                "class_weight": np.round(contrib.max(0), 4),
+            }
+        )
+        df.attrs["source"] = source
+        return df
+
+    ws.require_probe()
+    table, err = ws._once("filter_table", make)
+    if table is None:
+        raise ValueError(err)
+    return table
+
+
+SORT_KEYS = {
+    "label score": "score",
+    "class importance": "class_weight",
+    "mean activation": "mean_activation",
+    "filter number": "filter",
+}
+
+
+def select_filters(
+    table: Any,
+    sort_by: str = "label score",
+    concept: str = "",
+    min_score: float = 0.0,
+    class_name: str | None = None,
+    confident_only: bool = False,
+    ws: Workspace | None = None,
+) -> Any:
+    """Filter and sort the filter table (pure). ``class_name``: rank by ``W[c, k] · mean phi_k`` of that class."""
+    df = table
+    if concept.strip():
+        df = df[df["label"].str.contains(concept.strip(), case=False, regex=False)]
+    if min_score > 0:
+        df = df[df["score"] >= min_score]
+    if confident_only:
+        df = df[df["confident"]]
+    if class_name and ws is not None and ws.class_weight() is not None:
+        c = ws.classes.index(class_name)
+        W = np.asarray(ws.class_weight()[c], np.float64)
+        contrib = W[df["filter"].to_numpy()] * df["mean_activation"].to_numpy()
+        df = df.assign(class_weight=np.round(contrib, 4))
+        df = df[df["class_weight"] > 0]
+        return df.sort_values("class_weight", ascending=False, kind="stable")
+    key = SORT_KEYS.get(sort_by, "score")
+    return df.sort_values(key, ascending=key == "filter", kind="stable")
+
+
+def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 96) -> bytes:
+    """JPEG of a 2 × 2 mosaic of filter ``k``'s top-``n`` images with its activation maps overlaid.
+
+    All tiles share one scale (the largest activation in them), so a weak tile looks weak. Cached per
+    ``(k, n, tile)`` in the workspace: the first call renders, later ones cost a dictionary lookup.
+    """
+
+    def make() -> bytes:
+        idx = ws.array("probe/top_index")[k][:n]
+        maps = np.asarray(ws.array("probe/top_maps")[k][:n], np.float32)
+        norm = relative_to(max(float(maps.max()), 1e-6)) if maps.size else None
+        tiles = []
+        for i, a in zip(idx, maps, strict=True):
+            if i < 0:
+                tiles.append(_placeholder(tile, ""))
+                continue
+            img = ws.record_image(int(i), side=tile)
+            tiles.append(overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.2))
+        return encode_jpeg(mosaic(tiles, cols=2, tile=tile, pad=1))
+
+    return ws.cards.get((int(k), n, tile), make)
+
+
+@dataclass
+class FilterDetail:
+    """Everything about one filter."""
+
+    k: int
+    label: str
+    score: float
+    top_images: list[tuple[bytes, int, float, str]]  # overlay (JPEG), record, phi_k, class
+    attributes: list[tuple[str, float]] | None
+    attributes_note: str | None
+    labels: list[tuple[str, float, str]] | None  # phrase, score, seen/unseen/vocabulary
+    labels_note: str | None
+    classes: list[tuple[str, float]]  # class, W[c, k], most positive and most negative
+    activations: np.ndarray  # (N_valid,) pooled phi_k over the probe set
+    quantiles: list[tuple[float, float]]
+    threshold: float | None
+    inside: float | None = None
+
+
+def filter_detail(ws: Workspace, k: int, n_images: int = 8, side: int = 192) -> FilterDetail:
+    """Top images with overlays, attribute p.d.f., zero-shot labels, class weights, activation distribution.
+
+    ``top_images`` holds JPEG bytes ``side`` pixels wide (shown at that width, so the page never re-encodes).
+    Cached per ``(k, n_images, side)`` in the workspace: opening a filter again costs a lookup.
+    """
+    ws.require_probe()
+    if not 0 <= k < ws.channels:
+        raise ValueError(f"there is no filter {k}: this layer has filters 0..{ws.channels - 1}")
+    return ws.details.get((int(k), n_images, side), lambda: _filter_detail(ws, int(k), n_images, side))
+
+
+def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDetail:
+    idx = ws.array("probe/top_index")[k][:n_images]
+    vals = ws.array("probe/top_value")[k][:n_images]
+    maps = np.asarray(ws.array("probe/top_maps")[k][:n_images], np.float32)
+    norm = relative_to(max(float(maps.max()), 1e-6))
+    ds = ws.dataset()
+    labels_all = ds.labels() if ds is not None else None
+    tops = []
+    for i, v, a in zip(idx, vals, maps, strict=True):
+        if i < 0:
+            continue
+        img = ws.record_image(int(i), side=side)
+        cls = ""
+        if labels_all is not None and 0 <= labels_all[i] < len(ds.classes):
+            cls = ds.classes[int(labels_all[i])]
+        heat = overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.15)
+        tops.append((encode_jpeg(heat), int(i), float(v), cls))
+    attrs, anote = None, None
+    try:
+        attrs = ws.textual().filter_top_attributes(k, 15)
+    except StageMissing as e:
+        anote = str(e)
+    labs, lnote, inside = None, None, None
+    labs = ws.filter_labels(k, 10)
+    if labs is None:
+        lnote = (
+            "this bundle has no LaViSE stage (zero-shot concepts) yet: build it with "
+            f"`{build_hint(ws.bundle)}`"
+        )
+    else:
+        inside = ws.filter_inside(k)
+    classes: list[tuple[str, float]] = []
+    if ws.class_weight() is not None:
+        W = np.asarray(ws.class_weight()[:, k], np.float64)
+        order = np.argsort(-W, kind="stable")
+        pick = list(order[:8]) + [j for j in order[::-1][:4] if W[j] < 0 and j not in order[:8]]
+        classes = [(ws.classes[int(j)], float(W[j])) for j in pick]
+    valid = ws.array("probe/valid")
+    act = np.asarray(ws.array("probe/pooled")[:, k], np.float32)
+    if valid is not None:
+        act = act[np.asarray(valid, bool)]
+    q = ws.array("probe/quantiles")
+    levels = ws.array("probe/quantile_levels")
+    quant = [(float(lv_), float(v)) for lv_, v in zip(levels, q[k], strict=True)] if q is not None else []
+    thr = ws.array("probe/threshold")
+    labels, scores, _, _ = _filter_labels(ws)
+    return FilterDetail(
+        k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
+        float(thr[k]) if thr is not None else None, inside,
+    )  # fmt: skip
+
+

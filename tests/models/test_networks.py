@@ -1,0 +1,154 @@
+import pytest
+import torch
+from conftest import IdentityCNN, wrap
+from safetensors.torch import save_file
+from torch import nn
+
+from lavise_core.data.samples import sample_photo
+from lavise_core.models.networks import ModelLoadError, default_layer, forward_maps, load_model, record_layer
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_record_layer_removes_hook_on_success(identity_model):
+    m = identity_model.model
+    with record_layer(m, "features") as rec:
+        m(torch.rand(2, 3, 16, 16))
+    assert rec.output.shape == (2, 3, 16, 16)
+    assert _hook_count(m) == 0
+
+
+def test_record_layer_removes_hook_when_forward_raises():
+    m = IdentityCNN(fail_after=0)
+    with pytest.raises(RuntimeError, match="simulated"), record_layer(m, "features"):
+        m(torch.rand(1, 3, 8, 8))
+    assert _hook_count(m) == 0
+
+
+def test_forward_maps_identity_values(identity_model):
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, 1] = 0.5
+    maps, logits = forward_maps(identity_model, x)
+    assert torch.equal(maps[0, 1], torch.full((16, 16), 0.5))
+    assert torch.allclose(logits, torch.tensor([[0.0, 0.5, 0.0]]))
+
+
+def test_default_layer_is_last_spatial_module():
+    # the container's output is the same tensor as its last child's; the outermost name wins
+    assert default_layer(IdentityCNN(), 16) == "features"
+
+
+def test_classifier_weights(identity_model):
+    w, b = identity_model.classifier_weights()
+    assert w.shape == (3, 3) and (w == torch.eye(3).numpy()).all() and (b == 0).all()
+
+
+def test_missing_layer_message(identity_model):
+    with pytest.raises(ModelLoadError, match="no layer 'layer9'"):
+        identity_model.check_layer("layer9")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_model("efficientnet_lite0")
+
+
+def _top5(lm, name):
+    x = lm.preprocess(sample_photo(name))[None]
+    with torch.no_grad():
+        p = lm.model(x).softmax(1)[0]
+    return [lm.class_names[i] for i in p.topk(5).indices]
+
+
+def test_efficientnet_lite0_classifies_chelsea_as_a_cat(lite0):
+    assert _top5(lite0, "chelsea")[0] in {"tabby", "tiger cat", "Egyptian cat"}
+
+
+def test_efficientnet_lite0_classifies_coffee(lite0):
+    assert _top5(lite0, "coffee")[0] in {"espresso", "cup"}
+
+
+def test_efficientnet_lite0_layer_feeds_pooling(lite0):
+    x = lite0.preprocess(sample_photo("coffee"))[None]
+    maps, logits = forward_maps(lite0, x)
+    assert maps.shape == (1, 1280, 7, 7)
+    w, b = lite0.classifier_weights()
+    # the classifier sees exactly the spatial mean of the explained layer
+    recomputed = maps.mean((2, 3)) @ torch.from_numpy(w).T + torch.from_numpy(b)
+    assert torch.allclose(recomputed, logits, atol=1e-4)
+    assert _hook_count(lite0.model) == 0
+
+
+def test_unknown_spec():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("alexnet-from-the-moon")
+
+
+def test_named_architecture_without_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"not on disk: expected .*resnet18"):
+        load_model("torchvision:resnet18")
+
+
+def test_named_architecture_from_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    m = torchvision.models.resnet18(weights=None)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(m.state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+    lm = load_model("torchvision:resnet18")
+    assert lm.default_layer == "layer4" and lm.classifier == "fc" and len(lm.class_names) == 1000
+
+
+def _write_resnet_checkpoint(tmp_path, classes=3):
+    import torchvision
+
+    m = torchvision.models.resnet18(weights=None, num_classes=classes)
+    path = tmp_path / "w.safetensors"
+    save_file(m.state_dict(), str(path))
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"c{i}\n" for i in range(classes)))
+    return path, names
+
+
+def test_user_checkpoint_safetensors(tmp_path):
+    path, names = _write_resnet_checkpoint(tmp_path)
+    lm = load_model(f"checkpoint:{path}?arch=torchvision:resnet18&classes={names}")
+    assert lm.class_names == ["c0", "c1", "c2"] and lm.default_layer == "layer4"
+
+
+def test_user_checkpoint_wrong_class_count(tmp_path):
+    path, _ = _write_resnet_checkpoint(tmp_path, classes=3)
+    names = tmp_path / "five.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    with pytest.raises(ModelLoadError, match="shape mismatches: fc"):
+        load_model(f"checkpoint:{path}?arch=torchvision:resnet18&classes={names}")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def test_pickled_checkpoint_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Evil()}, path)
+    with pytest.raises(ModelLoadError, match="arbitrary pickles"):
+        load_model(f"checkpoint:{path}?arch=torchvision:resnet18")
+
+
+def test_checkpoint_needs_architecture(tmp_path):
+    path, _ = _write_resnet_checkpoint(tmp_path)
+    with pytest.raises(ModelLoadError, match="needs its architecture"):
+        load_model(f"checkpoint:{path}")
+
+
+def test_wrap_helper_hash_changes_with_weights():
+    a, b = IdentityCNN(), IdentityCNN()
+    with torch.no_grad():
+        b.classifier.bias.fill_(1.0)
+    assert wrap(a).weights_hash != wrap(b).weights_hash
