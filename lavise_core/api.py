@@ -475,12 +475,14 @@ def build(
     *,
     force: Sequence[str] = (),
     settings: BuildSettings = BuildSettings(),
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
     ``model``: a model spec (``"synthbirds"``, ``"efficientnet_lite0"``, ``"torchvision:resnet18"``, …);
     ``data``: a probe data set folder; ``stages``: which stages (default: all default stages; what they need
-    is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes.
+    is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes;
+    ``options``: keyword arguments per stage, e.g. ``{"lavise": {"settings": LaviseSettings(epochs=20)}}``.
     Finished stages are skipped, so calling it again on a built bundle only opens it.
     """
     from lavise_core.models.networks import load_model
@@ -494,7 +496,8 @@ def build(
     lm = load_model(model, device=settings.device)
     bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
     outcome = build_stages(
-        bundle, ds, REGISTRY, stages, force=force, settings=settings, model_loader=lambda: lm, progress=progress
+        bundle, ds, REGISTRY, stages, force=force, settings=settings, model_loader=lambda: lm, progress=progress,
+        options=options,
     )
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     ex.built = outcome

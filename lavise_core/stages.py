@@ -16,8 +16,10 @@ lavise              probe               vocabulary + FAISS index, explainer head
 
 from __future__ import annotations
 
+import dataclasses
+
 from lavise_core.explain.grounding import build_grounding_stage
-from lavise_core.explain.lavise import SUBSTAGES, build_lavise_stage
+from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
 from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
@@ -30,6 +32,7 @@ def _probe(ctx: StageContext) -> dict:
     settings = ProbeSettings(
         top_k=s.top_k, batch_size=s.batch_size, num_workers=s.workers, device=s.device, progress=s.bars
     )
+    settings = dataclasses.replace(settings, **ctx.options_for("probe"))  # e.g. {"histogram_bins": 512}
     run_probe(
         ctx.bundle, ctx.model, ctx.dataset, settings,
         on_progress=lambda done, total: ctx.report(done, total, f"probe pass: {done} / {total} images"),
@@ -38,16 +41,25 @@ def _probe(ctx: StageContext) -> dict:
 
 
 def _textual(ctx: StageContext) -> dict:
-    build_textual_stage(ctx.bundle, ctx.dataset, progress=ctx.settings.bars)
+    build_textual_stage(ctx.bundle, ctx.dataset, progress=ctx.settings.bars, **ctx.options_for("textual"))
     return {}
 
 
 def _textual_grounding(ctx: StageContext) -> dict:
-    return build_grounding_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars)
+    return build_grounding_stage(
+        ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **ctx.options_for("textual_grounding")
+    )
 
 
 def _lavise(ctx: StageContext) -> dict:
-    return build_lavise_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars)
+    return build_lavise_stage(
+        ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **ctx.options_for("lavise")
+    )
+
+
+def _lavise_stale(bundle) -> bool:
+    stages = bundle.manifest.get("stages", {})
+    return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
 
 
 REGISTRY = StageRegistry(
@@ -60,7 +72,7 @@ REGISTRY = StageRegistry(
         ),
         Stage(
             "lavise", ("probe",), 1, _lavise, "concept index, explainer head, zero-shot filter labels",
-            parts=SUBSTAGES,
+            parts=SUBSTAGES, stale=_lavise_stale,
         ),
     ]
 )

@@ -115,3 +115,15 @@ class HashEmbedder(TextEmbedder):
             v = np.random.default_rng(seed).standard_normal(self.d)
             out[i] = v / np.linalg.norm(v)
         return out
+
+
+def build_stage(bundle, dataset, stage: str, lm=None, **options) -> dict:
+    """Build ``stage`` (and what it needs) through the stage registry -> its manifest record."""
+    from lavise_core.pipeline.stages import build_stages
+    from lavise_core.stages import REGISTRY
+
+    build_stages(
+        bundle, dataset, REGISTRY, [stage], options={stage: options} if options else None,
+        model_loader=(lambda: lm) if lm is not None else None,
+    )  # fmt: skip
+    return bundle.manifest["stages"][stage]

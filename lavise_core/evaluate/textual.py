@@ -43,7 +43,6 @@ import copy
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -251,34 +250,19 @@ def bleu_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def sentence_bleu(references: Sequence[str], hypothesis: str, max_n: int = 4, epsilon: float = 0.1) -> float:
-    """Sentence BLEU (Papineni et al.) with uniform weights and smoothing method 1 (Chen & Cherry 2014).
+def sentence_bleu(references: Sequence[str], hypothesis: str, max_n: int = 4) -> float:
+    """Sentence BLEU (Papineni et al.), NLTK's ``sentence_bleu`` on :func:`bleu_tokens`: uniform weights over
+    1..``max_n``-grams, smoothing method 1 (Chen & Cherry 2014: an order with no match counts ``0.1 / count``),
+    brevity penalty against the closest reference length. 0 for an empty hypothesis or no references."""
+    from nltk.translate.bleu_score import SmoothingFunction
+    from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
-    Clipped n-gram precisions over all references; an order with no match gets ``ε / count``; brevity
-    penalty against the reference length closest to the hypothesis length (shorter on ties). Returns 0 for
-    an empty hypothesis, no references, or no unigram match (as NLTK does).
-    """
     hyp = bleu_tokens(hypothesis)
-    refs = [bleu_tokens(r) for r in references]
-    refs = [r for r in refs if r]
+    refs = [r for r in (bleu_tokens(x) for x in references) if r]
     if not hyp or not refs:
         return 0.0
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
-        total = sum(h.values())
-        max_ref: Counter[tuple[str, ...]] = Counter()
-        for r in refs:
-            for g, c in Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1)).items():
-                max_ref[g] = max(max_ref[g], c)
-        match = sum(min(c, max_ref[g]) for g, c in h.items())
-        if n == 1 and match == 0:
-            return 0.0
-        log_p += math.log((match if match > 0 else epsilon) / max(total, 1)) / max_n
-    c = len(hyp)
-    r = min((abs(len(x) - c), len(x)) for x in refs)[1]
-    bp = 1.0 if c > r else math.exp(1 - r / c)
-    return bp * math.exp(log_p)
+    weights = tuple(1.0 / max_n for _ in range(max_n))
+    return float(nltk_sentence_bleu(refs, hyp, weights, smoothing_function=SmoothingFunction().method1))
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -69,6 +69,7 @@ class StageContext:
     settings: BuildSettings
     model_loader: Callable[[], Any]
     report: Callable[[int, int, str], None] = field(default=lambda done, total, message: None)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -77,6 +78,10 @@ class StageContext:
         if self._model is None:
             self._model = self.model_loader()
         return self._model
+
+    def options_for(self, stage: str) -> dict[str, Any]:
+        """Keyword arguments given for ``stage`` (``build(..., options={stage: {...}})``)."""
+        return dict(self.options.get(stage, {}))
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,9 @@ class Stage:
         doc: one line for ``lavise build --help`` and the README.
         parts: sub-stage marks the function keeps for resuming within the stage (cleared with it).
         default: built by a plain ``lavise build``; ``False`` for stages built only on request.
+        stale: ``stale(bundle) -> bool`` for a stage that knows more than its recipe (e.g. a part of it
+            written by an older recipe); a finished stage that is stale is run again (its function redoes
+            only what is out of date).
     """
 
     name: str
@@ -100,6 +108,7 @@ class Stage:
     doc: str = ""
     parts: tuple[str, ...] = ()
     default: bool = True
+    stale: Callable[[Bundle], bool] | None = None
 
 
 class StageRegistry:
@@ -180,13 +189,15 @@ def build_stages(
     settings: BuildSettings = BuildSettings(),
     model_loader: Callable[[], Any] | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Build ``stages`` (default: the registry's defaults) and what they need into ``bundle``.
 
     A stage already recorded with the same recipe is skipped; one recorded with another recipe, or named in
     ``force``, is redone together with every stage downstream of it. Returns ``{stage: "built" | "skipped" |
     "redone (recipe N -> M)"}``. ``progress`` gets a :class:`BuildProgress` at each stage's start and end and
-    whenever a stage reports (the probe pass after every batch).
+    whenever a stage reports (the probe pass after every batch). ``options``: keyword arguments per stage
+    (``{"textual": {"source": "labels"}}``), passed on to the stage's function.
     """
     order = registry.resolve(list(stages) if stages is not None else registry.defaults())
     for name in force:
@@ -199,8 +210,14 @@ def build_stages(
             for d in registry.downstream(s.name):
                 _clear(bundle, d)
             outcome[s.name] = f"redone (recipe {old} -> {s.recipe})"
+        elif old is not None and s.stale is not None and s.stale(bundle):
+            for d in registry.downstream(s.name):
+                bundle.clear_stage(d.name)  # parts stay: the function redoes what is out of date
+            outcome[s.name] = "redone (part of it out of date)"
     say = progress or (lambda event: None)
-    ctx = StageContext(bundle, dataset, settings, model_loader or bundle.load_model)
+    for name in options or {}:
+        registry[name]  # an unknown stage name fails early
+    ctx = StageContext(bundle, dataset, settings, model_loader or bundle.load_model, options=dict(options or {}))
     n = len(order)
     for i, s in enumerate(order):
         if bundle.stage_done(s.name):

@@ -37,11 +37,11 @@ def build_app_bundles(root: Path | None = None) -> AppBundles:
     root.mkdir(parents=True, exist_ok=True)
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.data.synthbirds import SPECIES, generate_synthbirds
-    from lavise_core.explain.lavise import build_lavise_stage
     from lavise_core.explain.lavise_settings import LaviseSettings
-    from lavise_core.explain.textual import build_textual_stage
     from lavise_core.models.networks import load_model
     from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+    from lavise_core.pipeline.stages import BuildSettings, build_stages
+    from lavise_core.stages import REGISTRY
 
     data = root / "synthbirds"
     if (data / "manifest.jsonl").is_file():
@@ -62,11 +62,10 @@ def build_app_bundles(root: Path | None = None) -> AppBundles:
     bundles = root / "bundles"
     settings = ProbeSettings(progress=False, num_workers=0, top_k=8)
     full = open_or_create_bundle(bundles, lm, ds, "layer4")
-    run_probe(full, lm, ds, settings)
-    if not full.stage_done("textual"):
-        build_textual_stage(full, ds, progress=False)
-    if not full.stage_done("lavise"):
-        build_lavise_stage(full, ds, lm, LaviseSettings(epochs=5), progress=False)
+    build_stages(
+        full, ds, REGISTRY, ["probe", "textual", "lavise"], settings=BuildSettings(top_k=8),
+        model_loader=lambda: lm, options={"lavise": {"settings": LaviseSettings(epochs=5)}},
+    )  # fmt: skip
     probe_only = open_or_create_bundle(bundles, lm, ds, "layer3")
     run_probe(probe_only, lm, ds, settings)
     return AppBundles(bundles, full.root, probe_only.root, data)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IdentityCNN, wrap
+from conftest import IdentityCNN, build_stage, wrap
 from PIL import Image
 from torch import nn
 
@@ -31,7 +31,6 @@ from lavise_core.evaluate.textual import (
 from lavise_core.explain.textual import (
     TextualError,
     TextualExplainer,
-    build_textual_stage,
     filter_attribute_pdf,
 )
 from lavise_core.models.networks import forward_maps
@@ -273,7 +272,8 @@ def bird_bundle(tmp_path_factory):
     w, bias = lm.classifier_weights()
     b.write_array("probe/classifier_weight", w)
     b.write_array("probe/classifier_bias", bias)
-    build_textual_stage(b, ds, progress=False)
+    b.mark_stage("probe", {})
+    build_stage(b, ds, "textual")
     return b, ds, lm
 
 
@@ -323,10 +323,8 @@ def test_evaluate_textual_end_to_end(bird_bundle) -> None:
 
 
 def test_part_supervised_grounding_from_keypoints(bird_bundle) -> None:
-    from lavise_core.explain.grounding import build_grounding_stage
-
     b, ds, lm = bird_bundle
-    info = build_grounding_stage(b, ds, lm, progress=False)
+    info = build_stage(b, ds, "textual_grounding", lm)
     assert info["targets"] == "part keypoints" and info["images"] == 16 and info["pairs"] == 32
     ex = TextualExplainer.from_bundle(b)
     # each attribute leans on its own colour channel (the identity net: channel k = colour k)
@@ -345,5 +343,5 @@ def test_part_supervised_grounding_from_keypoints(bird_bundle) -> None:
 def test_build_textual_stage_skips_when_done(bird_bundle) -> None:
     b, ds, _ = bird_bundle
     stamp = b.manifest["stages"]["textual"]["finished"]
-    build_textual_stage(b, ds, progress=False)
+    build_stage(b, ds, "textual")
     assert b.manifest["stages"]["textual"]["finished"] == stamp

@@ -9,12 +9,11 @@ from torch import nn
 
 from lavise_core.explain.grounding import (
     STAGE,
-    build_grounding_stage,
     cell_targets,
     fit_grounding_weights,
     pointing_score,
 )
-from tests.conftest import wrap
+from tests.conftest import build_stage, wrap
 
 
 def test_cell_targets_from_masks_and_keypoints():
@@ -67,15 +66,15 @@ class _Tiny(nn.Module):
 
 def test_stage_on_a_tiny_bundle(tmp_path):
     from lavise_core.data.synthbirds import generate_synthbirds
-    from lavise_core.explain.textual import TextualError, TextualExplainer, build_textual_stage
+    from lavise_core.explain.textual import TextualError, TextualExplainer
     from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
 
     ds = generate_synthbirds(tmp_path / "birds", n=40, seed=0, image_size=64, progress=False)
     lm = wrap(_Tiny(len(ds.classes)), size=64, classes=ds.classes)
     bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
     run_probe(bundle, lm, ds, ProbeSettings(top_k=4, batch_size=16, num_workers=0, progress=False))
-    build_textual_stage(bundle, ds, source="labels", progress=False)
-    info = build_grounding_stage(bundle, ds, lm, progress=False)
+    build_stage(bundle, ds, "textual", lm, source="labels")
+    info = build_stage(bundle, ds, "textual_grounding", lm)
     assert info["targets"] == "part masks" and info["images"] == len(ds.indices("train"))
     assert set(info["held_out_pointing"]) == {"0.1", "0.01", "0.001", "0.0001"}
     ex = TextualExplainer.from_bundle(bundle)
@@ -88,7 +87,7 @@ def test_stage_on_a_tiny_bundle(tmp_path):
     np.testing.assert_array_equal(ex.grounding_weights([j], "auto")[:, 0], ex.part_weights[:, j])
     np.testing.assert_array_equal(ex.grounding_weights([j], "learned"), ex.grounding_weights([j], "auto"))
     assert not np.array_equal(ex.grounding_weights([j], "specific"), ex.grounding_weights([j], "auto"))
-    assert build_grounding_stage(bundle, ds, lm, progress=False) == info  # finished: skipped
+    assert build_stage(bundle, ds, "textual_grounding", lm) == info  # finished: skipped
     unlearned = np.flatnonzero(~learned)
     if unlearned.size:
         with pytest.raises(TextualError, match="textual_grounding"):
@@ -101,7 +100,7 @@ def test_stage_without_parts_is_skipped(tmp_path):
 
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.data.synthbirds import generate_synthbirds
-    from lavise_core.explain.textual import TextualExplainer, build_textual_stage
+    from lavise_core.explain.textual import TextualExplainer
     from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
 
     root = tmp_path / "birds"
@@ -113,7 +112,7 @@ def test_stage_without_parts_is_skipped(tmp_path):
     lm = wrap(_Tiny(len(ds.classes)), size=32, classes=ds.classes)
     bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
     run_probe(bundle, lm, ds, ProbeSettings(top_k=2, num_workers=0, progress=False))
-    build_textual_stage(bundle, ds, source="labels", min_images=1, progress=False)
-    info = build_grounding_stage(bundle, ds, lm, progress=False)
+    build_stage(bundle, ds, "textual", lm, source="labels", min_images=1)
+    info = build_stage(bundle, ds, "textual_grounding", lm)
     assert "fewer than 10" in info["skipped"]
     assert TextualExplainer.from_bundle(bundle).part_learned is None  # grounding falls back to "specific"

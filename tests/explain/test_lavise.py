@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import HashEmbedder
+from conftest import HashEmbedder, build_stage
 from torch import nn
 
 from lavise_core.explain.concept_query import grounding_heatmap, query_concept
@@ -334,10 +334,8 @@ def tiny_bundle(tmp_path_factory):
     run_probe(bundle, lm, ds, ProbeSettings(top_k=6, batch_size=16, num_workers=0, progress=False))
     emb = HashEmbedder()
     general = ["water", "sky", "red", "wing", "feather"]
-    from lavise_core.explain.lavise import build_lavise_stage
-
     st = LaviseSettings(epochs=3, top_p=4, top_s=5, labels_per_filter=6, threads=1)
-    info = build_lavise_stage(bundle, ds, lm, st, vocabulary=(general, emb.embed(general)), embedder=emb)
+    info = build_stage(bundle, ds, "lavise", lm, settings=st, vocabulary=(general, emb.embed(general)), embedder=emb)
     return bundle, ds, lm, emb, info
 
 
@@ -353,9 +351,7 @@ def test_stage_writes_everything(tiny_bundle):
     assert head_meta["trained_concepts"] and not set(head_meta["trained_concepts"]) & set(split["unseen"])
     assert set(head_meta["trained_concepts"]) <= set(split["seen"])
     assert info["unseen"] > 0 and bundle.stage_done("lavise")
-    from lavise_core.explain.lavise import build_lavise_stage
-
-    assert build_lavise_stage(bundle, ds, lm, embedder=emb) == info  # finished: skipped
+    assert build_stage(bundle, ds, "lavise", lm, embedder=emb) == info  # finished: skipped
     ins = np.asarray(bundle.array("lavise/filter_inside"))
     assert np.all((ins[~np.isnan(ins)] >= 0) & (ins[~np.isnan(ins)] <= 1))
     area = np.asarray(bundle.array("lavise/filter_object_area"))
@@ -366,7 +362,7 @@ def test_stage_writes_everything(tiny_bundle):
     head_before = (bundle.root / "lavise/head.safetensors").read_bytes()
     bundle.manifest["stages"]["lavise_regions"].pop("recipe")
     bundle._save_manifest()
-    again = build_lavise_stage(bundle, ds, lm, embedder=emb)
+    again = build_stage(bundle, ds, "lavise", lm, embedder=emb)
     assert again != info and bundle.manifest["stages"]["lavise_regions"]["recipe"] == 2
     assert (bundle.root / "lavise/head.safetensors").read_bytes() == head_before
 

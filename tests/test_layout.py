@@ -1,0 +1,101 @@
+"""The package layout holds: imports run only downward through the layers, and no module imports itself back."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lavise_core"
+
+#: layer rank of each top-level part of lavise_core; a module may import only ranks <= its own
+LAYERS = {
+    "data": 0,
+    "models": 1,
+    "pipeline": 2,
+    "explain": 3,
+    "evaluate": 4,
+    "api": 5,
+    "stages": 5,
+    "views": 6,
+    "cli": 7,
+    "__init__": 8,
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 2:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS[parts[1] if len(parts) > 1 else "__init__"]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``lavise_core`` module imported anywhere in the file (function-level imports included)."""
+    out: set[str] = set()
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("lavise_core")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("lavise_core"):
+                out.add(mod)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer() -> None:
+    for mod in graph():
+        layer_of(mod)  # KeyError names a module outside the layers
+
+
+def test_no_upward_imports() -> None:
+    upward = [
+        f"{mod} (layer {layer_of(mod)}) imports {dep} (layer {layer_of(dep)})"
+        for mod, deps in graph().items()
+        for dep in deps
+        if dep != "lavise_core" and layer_of(dep) > layer_of(mod)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles() -> None:
+    graph_all = graph()
+    g = {m: {d for d in deps if d in graph_all} for m, deps in graph_all.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(g[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(d) :], d]))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph_all):
+        if m not in state:
+            visit(m)
+
+
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
+    p = PACKAGE / "explain" / "textual.py"
+    assert "lavise_core.pipeline.bundle" in imports_of(p) or "lavise_core.data.dataset" in imports_of(p)
+    assert "lavise_core.explain.grounding" in imports_of(PACKAGE / "stages.py")
