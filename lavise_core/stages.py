@@ -10,6 +10,7 @@ stage               needs               makes
 probe               —                   pooled (N, C), logits, top-k maps, quantiles, thresholds
 textual             probe               attributes from captions, p(t | f), class p.d.f.s (Guo et al.)
 textual_grounding   textual             eq. 9 weights fitted to part masks / keypoints
+dissection          probe               IoU of each filter with each annotated concept (labels, search)
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
 ==================  ==================  ===========================================================
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.textual import build_textual_stage
@@ -57,6 +59,13 @@ def _lavise(ctx: StageContext) -> dict:
     )
 
 
+def _dissection(ctx: StageContext) -> dict:
+    return build_dissection_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, progress=ctx.settings.bars,
+        **ctx.options_for("dissection"),
+    )  # fmt: skip
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -69,6 +78,10 @@ REGISTRY = StageRegistry(
         Stage(
             "textual_grounding", ("textual",), 1, _textual_grounding,
             "grounding weights fitted to the part annotations",
+        ),
+        Stage(
+            "dissection", ("probe",), 1, _dissection,
+            "Network Dissection labels: IoU of each filter with each annotated concept",
         ),
         Stage(
             "lavise", ("probe",), 1, _lavise, "concept index, explainer head, zero-shot filter labels",

@@ -177,11 +177,11 @@ def _reinitialised(lm, seed: int):
 
 def _mini_probe(lm, dataset: ProbeDataset, indices: np.ndarray, layer: str, top_k: int, batch: int):
     """Top images, values, maps and 0.995 thresholds over a subset of images (for the sanity check)."""
-    from lavise_core.explain.lavise_head import _image_batches
     from lavise_core.models.networks import forward_maps
+    from lavise_core.pipeline.probe import image_batches
 
     pooled, maps_all, idx_all = [], [], []
-    for b, x, _ in _image_batches(dataset, lm, indices, batch):
+    for b, x, _ in image_batches(dataset, lm, indices, batch):
         maps, _ = forward_maps(lm, x, layer)
         maps = maps.float().cpu()
         pooled.append(maps.mean((2, 3)).numpy())

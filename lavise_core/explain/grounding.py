@@ -197,9 +197,9 @@ def fit_part_grounding(
     docstring); ``attr (N, T)`` bool is the attribute table of the data set. None when no pair is found."""
     from tqdm.auto import tqdm
 
-    from lavise_core.explain.lavise_head import _image_batches
     from lavise_core.explain.lavise_settings import torch_threads
     from lavise_core.models.networks import forward_maps
+    from lavise_core.pipeline.probe import image_batches
 
     regions_of = _parts_of(dataset, vocabulary)
     values = _region_values(dataset)
@@ -210,7 +210,7 @@ def fit_part_grounding(
     p_tgt: list[np.ndarray] = []
     with torch_threads(0):
         bar = tqdm(total=len(indices), desc="grounding fit (maps)", disable=not progress)
-        for batch, x, images in _image_batches(dataset, lm, indices, batch_size):
+        for batch, x, images in image_batches(dataset, lm, indices, batch_size):
             maps, _ = forward_maps(lm, x, layer)
             maps = maps.float().cpu()
             hw = tuple(maps.shape[-2:])

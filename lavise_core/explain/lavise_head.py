@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings, torch_threads
+from lavise_core.pipeline.probe import image_batches
 
 __all__ = ["ExplainerHead", "RegionFeatures", "attention_pool", "concept_split", "cosine_margin_ranking_loss", "extract_region_features", "load_head", "mask_weights", "paint_out_object", "save_head", "train_head", "training_targets"]
 
@@ -105,30 +106,6 @@ class RegionFeatures:
         )
 
 
-def _image_batches(
-    ds: ProbeDataset, lm, indices: Sequence[int], batch_size: int
-) -> Iterator[tuple[list[int], torch.Tensor, list]]:
-    """Yield ``(record indices, x (B, 3, H, W), PIL images)``; unreadable images are skipped."""
-    from lavise_core.data.images import ImageLoadError
-
-    batch: list[int] = []
-    xs: list[torch.Tensor] = []
-    images: list = []
-    for i in indices:
-        try:
-            img = ds.load_image(int(i))
-        except ImageLoadError:
-            continue
-        batch.append(int(i))
-        images.append(img)
-        xs.append(lm.preprocess(img))
-        if len(batch) == batch_size:
-            yield batch, torch.stack(xs), images
-            batch, xs, images = [], [], []
-    if batch:
-        yield batch, torch.stack(xs), images
-
-
 def paint_out_object(img, label_map: np.ndarray, dilate: float = 0.04, min_background: float = 0.1):
     """The image with its object removed, for background features: ``label_map > 0`` dilated by ``dilate`` ×
     the shorter side (anti-aliased edges, shadows) and filled with the median colour of the rest.
@@ -194,7 +171,7 @@ def extract_region_features(
     bg_feats: list[np.ndarray] = []
     bg_img: list[int] = []
     bar = tqdm(total=len(idx), desc="region features", disable=not progress)
-    for batch, x, images in _image_batches(dataset, lm, idx, batch_size):
+    for batch, x, images in image_batches(dataset, lm, idx, batch_size):
         maps, _ = forward_maps(lm, x, layer)
         maps = maps.float().cpu()
         hw = tuple(maps.shape[-2:])

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.explain.concepts import ConceptIndex
-from lavise_core.explain.lavise_head import ExplainerHead, _image_batches, attention_pool, mask_weights
+from lavise_core.explain.lavise_head import ExplainerHead, attention_pool, mask_weights
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings, torch_threads
+from lavise_core.pipeline.probe import image_batches
 
 __all__ = ["FilterLabels", "compute_filter_labels", "filter_attention_features", "labels_from_features", "no_attention_labels", "vote_labels"]
 
@@ -128,7 +129,7 @@ def filter_attention_features(
     images = sorted(pairs)
     with torch_threads(threads):
         bar = tqdm(total=len(images), desc="filter attention", disable=not progress)
-        for batch, x, _ in _image_batches(dataset, lm, images, image_batch):
+        for batch, x, _ in image_batches(dataset, lm, images, image_batch):
             maps, _ = forward_maps(lm, x, layer)
             maps = maps.float().cpu()
             hw = tuple(maps.shape[-2:])

@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "StreamingHistogram",
     "TopKMaps",
     "bundle_dir_for",
+    "image_batches",
     "open_or_create_bundle",
     "run_probe",
 ]
@@ -396,3 +397,28 @@ def _checkpoint(
     buf = io.BytesIO()
     np.savez(buf, done=done, n=n, failures=json.dumps(failures), **top.state(), **hist.state())
     atomic_write_bytes(path, buf.getvalue())
+
+
+def image_batches(
+    ds: ProbeDataset, lm, indices: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, list]]:
+    """Yield ``(record indices, x (B, 3, H, W) preprocessed, PIL images)`` for the records ``indices``, in order;
+    unreadable images are skipped (the probe pass records which)."""
+    from lavise_core.data.images import ImageLoadError
+
+    batch: list[int] = []
+    xs: list[torch.Tensor] = []
+    images: list = []
+    for i in indices:
+        try:
+            img = ds.load_image(int(i))
+        except ImageLoadError:
+            continue
+        batch.append(int(i))
+        images.append(img)
+        xs.append(lm.preprocess(img))
+        if len(batch) == batch_size:
+            yield batch, torch.stack(xs), images
+            batch, xs, images = [], [], []
+    if batch:
+        yield batch, torch.stack(xs), images

@@ -1,0 +1,392 @@
+"""Network Dissection labels (Bau et al. 2017; METHODS.md §5–6): which annotated concept each filter detects.
+
+**Concepts.** For a data set with region label maps (pixel value ``r`` = ``regions[r - 1]``, 0 = outside every
+region): every part + attribute phrase of ``record.region_concepts`` ("red breast") on its part's pixels, the
+part name alone ("breast") on the same pixels, and one phrase per background kind (``"water background"``,
+from ``record.meta["background"]``) on the pixels with label 0. A concept is attached to a *region slot* of an
+image (slot 0 = outside, slot r = region r), so everything works on per-image, per-slot pixel counts and
+never materialises per-concept masks:
+
+- :func:`region_overlap`: maps ``(B, C, h, w)`` + label maps ``(B, S, S)`` -> ``inter (B, C, R+1)``,
+  ``act (B, C)``, ``area (B, R+1)``;
+- :func:`concept_incidence`: ``A (N, R+1, T)`` = slot r of image i carries concept t;
+- :func:`dissection_iou`: the data-set-wide IoU ``IoU_kt = Σ_i |T_ki ∩ M_ti| / Σ_i |T_ki ∪ M_ti|``
+  (``T_ki`` = filter k's map on image i above its 0.995 activation quantile), or per filter over its own top-p
+  images (the G_k rule of METHODS.md §6, used for ground truth on held-out images).
+
+**The stage** (:func:`build_dissection_stage`) runs one forward pass over the fit split (train + val), keeps
+only the pixel counts (memory ``N × C × (R+1)`` floats), and stores the IoU table, each filter's ranked labels
+and the evidence the concept search needs (:func:`subsampled_ground_truth`). A label is shown when its IoU
+reaches :data:`IOU_MIN` (0.04, Network Dissection's rule); a re-initialised network gets none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.models.networks import record_layer
+from lavise_core.pipeline.probe import image_batches
+
+__all__ = [
+    "IOU_MIN",
+    "STAGE",
+    "DissectionTables",
+    "background_phrase",
+    "build_dissection_stage",
+    "concept_incidence",
+    "crop_label_map",
+    "dissection_concepts",
+    "dissection_iou",
+    "ground_truth_matrix",
+    "rank_labels",
+    "region_overlap",
+    "split_overlaps",
+    "subsampled_ground_truth",
+    "top_images",
+]
+
+STAGE = "dissection"
+EVAL_SIZE = 64  # label maps and upsampled activation maps are compared at 64 × 64 (as evaluate.lavise)
+IOU_MIN = 0.04
+
+
+# ----------------------------------------------------------------------------------------------- concepts
+def background_phrase(kind: str) -> str:
+    """The concept phrase of a background kind: ``"water"`` -> ``"water background"``."""
+    return f"{str(kind).strip().lower()} background"
+
+
+def dissection_concepts(
+    records: Sequence, part_names: bool = True, backgrounds: bool = True, regions: Sequence[str] = ()
+) -> list[str]:
+    """Sorted concept phrases of ``records`` (:class:`ImageRecord`): part+attribute phrases, optionally the
+    part names of ``regions`` present in some record, and ``"<kind> background"`` per ``meta["background"]``."""
+    out: set[str] = set()
+    for r in records:
+        for name, phrases in r.region_concepts.items():
+            out.update(p.strip().lower() for p in phrases if p.strip())
+            if part_names and name in regions:
+                out.add(name.strip().lower())
+        if backgrounds and r.meta.get("background"):
+            out.add(background_phrase(r.meta["background"]))
+    return sorted(out)
+
+
+def concept_incidence(
+    records: Sequence, regions: Sequence[str], concepts: Sequence[str], part_names: bool = True
+) -> np.ndarray:
+    """``A (N, R+1, T)`` bool: slot ``r`` of image ``i`` carries concept ``t`` (slot 0 = outside the object).
+
+    Slot r (1-based) carries the phrases of ``region_concepts[regions[r-1]]`` (and the part name when
+    ``part_names`` and it is a concept); slot 0 carries ``"<meta['background']> background"`` when that is a
+    concept. ``R = len(regions)``.
+    """
+    pos = {c: j for j, c in enumerate(concepts)}
+    slot = {name: r + 1 for r, name in enumerate(regions)}
+    a = np.zeros((len(records), len(regions) + 1, len(concepts)), bool)
+    for i, rec in enumerate(records):
+        for name, phrases in rec.region_concepts.items():
+            r = slot.get(name)
+            if r is None:
+                continue
+            for ph in phrases:
+                j = pos.get(ph.strip().lower())
+                if j is not None:
+                    a[i, r, j] = True
+            if part_names and name in pos:
+                a[i, r, pos[name]] = True
+        bg = rec.meta.get("background")
+        if bg:
+            j = pos.get(background_phrase(bg))
+            if j is not None:
+                a[i, 0, j] = True
+    return a
+
+
+def crop_label_map(label: np.ndarray, crop_box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The network-input crop of a label map ``(H, W)`` uint8, resized (nearest) to ``(size, size)``.
+
+    ``crop_box`` = ``LoadedModel.crop_box(W, H)`` (same rule as ``evaluation_lavise._label_map_at``).
+    """
+    from PIL import Image
+
+    x0, y0, x1, y1 = (round(v) for v in crop_box)
+    lab = label[max(0, y0) : y1, max(0, x0) : x1]
+    return np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))
+
+
+# ------------------------------------------------------------------------------------------ overlaps / IoU
+def region_overlap(
+    maps: np.ndarray | torch.Tensor, labels: np.ndarray, threshold: np.ndarray, n_slots: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image pixel counts of thresholded maps against region slots.
+
+    Args:
+        maps: ``(B, C, h, w)`` activation maps (any float dtype).
+        labels: ``(B, S, S)`` integer label maps at the evaluation size (0 = outside, r = region r).
+        threshold: ``(C,)`` per-filter activation thresholds (e.g. ``probe/threshold``, 0.995 quantile).
+        n_slots: ``R + 1``.
+
+    Returns:
+        ``inter (B, C, R+1)`` float32 = |{A_k↑ > thr_k} ∩ {label = r}|, ``act (B, C)`` float32 =
+        |{A_k↑ > thr_k}|, ``area (B, R+1)`` float32 = |{label = r}|; ``A_k↑`` is the map bilinearly upsampled
+        to ``S × S`` (``align_corners=False``, as ``evaluation_lavise.concept_ground_truth``).
+    """
+    m = torch.as_tensor(np.asarray(maps, np.float32)) if not isinstance(maps, torch.Tensor) else maps.float()
+    b, c = m.shape[:2]
+    s = labels.shape[-1]
+    up = torch.nn.functional.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+    t = (up > torch.tensor(np.asarray(threshold, np.float32)).view(1, c, 1, 1)).reshape(b, c, s * s).float()
+    lab = torch.as_tensor(np.asarray(labels, np.int64)).reshape(b, s * s)
+    onehot = torch.nn.functional.one_hot(lab.clamp(0, n_slots - 1), n_slots).float()  # (B, S², R+1)
+    inter = torch.bmm(t, onehot)  # (B, C, R+1)
+    return inter.numpy(), t.sum(2).numpy(), onehot.sum(1).numpy()
+
+
+def dissection_iou(
+    inter: np.ndarray,
+    act: np.ndarray,
+    area: np.ndarray,
+    incidence: np.ndarray,
+    images: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Network Dissection IoU of every filter with every concept.
+
+    Args:
+        inter, act, area: from :func:`region_overlap`, ``(N, C, R+1)``, ``(N, C)``, ``(N, R+1)``.
+        incidence: ``(N, R+1, T)`` from :func:`concept_incidence`.
+        images: ``None`` -> data-set-wide IoU over all N images (one image set for all filters);
+            ``(C, p)`` int row indices -> IoU of filter k over its own images ``images[k]`` (top-p rule).
+
+    Returns:
+        ``iou (C, T)`` float32 and ``intersection (C, T)`` float32 (pixel counts, for evidence weighting).
+    """
+    a = incidence.astype(np.float32)
+    if images is None:
+        i_ct = np.einsum("ncr,nrt->ct", inter, a, optimize=True)
+        m_t = np.einsum("nr,nrt->t", area, a, optimize=True)
+        u = act.sum(0)[:, None] + m_t[None, :] - i_ct
+        return (i_ct / np.maximum(u, 1e-9)).astype(np.float32), i_ct.astype(np.float32)
+    c = inter.shape[1]
+    out = np.zeros((c, a.shape[2]), np.float32)
+    inter_out = np.zeros_like(out)
+    for k in range(c):
+        idx = np.asarray(images[k])
+        i_t = np.einsum("nr,nrt->t", inter[idx, k], a[idx])
+        m_t = np.einsum("nr,nrt->t", area[idx], a[idx])
+        u = act[idx, k].sum() + m_t - i_t
+        out[k] = i_t / np.maximum(u, 1e-9)
+        inter_out[k] = i_t
+    return out, inter_out
+
+
+def top_images(pooled: np.ndarray, p: int) -> np.ndarray:
+    """``(C, p)`` row indices of each filter's top-p images by pooled activation ``pooled (N, C)`` (stable)."""
+    return np.argsort(-np.asarray(pooled, np.float32), axis=0, kind="stable")[:p].T.copy()
+
+
+def ground_truth_matrix(
+    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
+    p: int = 10, iou_min: float = IOU_MIN,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """G (METHODS.md §6) on a held-out split: ``G (C, T)`` bool = IoU over filter k's top-p images > iou_min.
+
+    Inputs as :func:`dissection_iou` (computed on the held-out images) and their ``pooled (N, C)``.
+    Returns ``(G, iou)``.
+    """
+    iou, _ = dissection_iou(inter, act, area, incidence, top_images(pooled, p))
+    return iou > iou_min, iou
+
+
+def subsampled_ground_truth(
+    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
+    size: int, p: int = 10, draws: int = 8, iou_min: float = IOU_MIN, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """How the G_k rule would judge each (filter, concept) on a held-out split of ``size`` images, estimated
+    on the fit split: ``draws`` random subsets of ``size`` fit images, the G rule (top-p images, IoU) on each.
+
+    Inputs as :func:`ground_truth_matrix` (fit split). Returns ``rate (C, T)`` float32 = share of draws with
+    IoU > iou_min (an estimate of P(t ∈ G_k)) and ``mean_iou (C, T)`` float32 = mean top-p IoU over draws.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(pooled)
+    size = min(size, n)
+    rate = np.zeros((inter.shape[1], incidence.shape[2]), np.float32)
+    mean = np.zeros_like(rate)
+    for _ in range(draws):
+        rows = np.sort(rng.choice(n, size, replace=False))
+        iou, _ = dissection_iou(inter, act, area, incidence, rows[top_images(pooled[rows], p)])
+        rate += iou > iou_min
+        mean += iou
+    return rate / draws, mean / draws
+
+
+def rank_labels(iou: np.ndarray, concepts: Sequence[str], n: int = 10, allowed: np.ndarray | None = None):
+    """Per filter, its ``n`` best ``(concept, IoU)`` by ``iou (C, T)`` (``allowed (T,)`` bool restricts the
+    candidates). Returns ``(ids (C, n) int64, scores (C, n) float32, names list[list[(str, float)]])``."""
+    x = np.where(allowed[None, :], iou, -np.inf) if allowed is not None else iou
+    ids = np.argsort(-x, axis=1, kind="stable")[:, :n]
+    sc = np.take_along_axis(iou, ids, 1).astype(np.float32)
+    names = [
+        [(concepts[int(j)], float(s)) for j, s in zip(r, q, strict=True)]
+        for r, q in zip(ids, sc, strict=True)
+    ]
+    return ids.astype(np.int64), sc, names
+
+
+# ------------------------------------------------------------------------------------------- the pass
+def _label_crops(dataset: ProbeDataset, lm, rows: Sequence[int], size: int) -> np.ndarray | None:
+    """``(B, size, size)`` uint8 network-input crops of the records' label maps (``None`` if one is missing)."""
+    out = []
+    for i in rows:
+        lab = dataset.load_mask(int(i))
+        if lab is None:
+            return None
+        out.append(crop_label_map(lab, lm.crop_box(lab.shape[1], lab.shape[0]), size))
+    return np.stack(out)
+
+
+def activation_thresholds(
+    lm, dataset: ProbeDataset, layer: str, indices: Sequence[int], level: float = 0.995, batch_size: int = 64,
+    max_images: int = 512,
+) -> np.ndarray:  # fmt: skip
+    """``(C,)`` per-filter ``level`` quantile of the spatial activations over (up to ``max_images`` of) the
+    records ``indices``: the Network Dissection threshold, for a network that has no probe pass (a
+    re-initialised copy in the sanity check)."""
+    idx = np.asarray(indices)[:max_images]
+    maps = []
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+        for _, x, _ in image_batches(dataset, lm, idx, batch_size):
+            lm.model(x)
+            m = rec.output.float()
+            maps.append(m.permute(1, 0, 2, 3).reshape(m.shape[1], -1))
+    return torch.quantile(torch.cat(maps, 1), level, dim=1).numpy().astype(np.float32)
+
+
+def split_overlaps(
+    lm, dataset: ProbeDataset, layer: str, indices: Sequence[int], threshold: np.ndarray,
+    batch_size: int = 64, size: int = EVAL_SIZE, report: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """One forward pass over the records ``indices`` -> ``(rows (N,), inter (N, C, R+1), act (N, C),
+    area (N, R+1), pooled (N, C))`` for the images that have a label map (the others are left out).
+
+    Memory: the counts only (``N × C × (R+1)`` float32), never the maps.
+    """
+    n_slots = len(dataset.regions) + 1
+    thr = np.asarray(threshold, np.float32)
+    rows, inter, act, area, pooled = [], [], [], [], []
+    done, total = 0, len(indices)
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+        for batch, x, _ in image_batches(dataset, lm, indices, batch_size):
+            done += len(batch)
+            labels = [(_label_crops(dataset, lm, [i], size), i) for i in batch]
+            keep = [j for j, (lab, _) in enumerate(labels) if lab is not None]
+            if keep:
+                lm.model(x[keep])
+                m = rec.output.float()
+                lab = np.concatenate([labels[j][0] for j in keep])
+                i_, a_, r_ = region_overlap(m, lab, thr, n_slots)
+                rows.extend(batch[j] for j in keep)
+                inter.append(i_)
+                act.append(a_)
+                area.append(r_)
+                pooled.append(m.mean((2, 3)).numpy())
+            if report is not None:
+                report(done, total)
+    if not rows:
+        c = len(thr)
+        return (np.zeros(0, np.int64), np.zeros((0, c, n_slots), np.float32), np.zeros((0, c), np.float32),
+                np.zeros((0, n_slots), np.float32), np.zeros((0, c), np.float32))  # fmt: skip
+    return (np.asarray(rows, np.int64), np.concatenate(inter), np.concatenate(act), np.concatenate(area),
+            np.concatenate(pooled).astype(np.float32))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- the stage
+class DissectionTables:
+    """What the dissection stage stored in a bundle (memory-mapped): ``concepts`` (T,), ``iou (C, T)``,
+    ``label_ids / label_scores (C, L)`` (labels: part+attribute and background phrases, not bare part
+    names), ``rate / mean_iou (C, T)`` (evidence for the concept search), ``is_part (T,)``."""
+
+    def __init__(self, bundle) -> None:
+        self.concepts: list[str] = list(bundle.read_json("dissection/concepts"))
+        self.iou = bundle.array("dissection/iou")
+        self.label_ids = bundle.array("dissection/label_ids")
+        self.label_scores = bundle.array("dissection/label_scores")
+        self.rate = bundle.array("dissection/rate")
+        self.mean_iou = bundle.array("dissection/mean_iou")
+        self.is_part = np.asarray(bundle.array("dissection/is_part"), bool)
+
+    def labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
+        """Filter ``k``'s best ``n`` labels ``[(concept, IoU)]`` (IoU below :data:`IOU_MIN` included: check)."""
+        return [
+            (self.concepts[int(j)], float(s))
+            for j, s in zip(self.label_ids[k][:n], self.label_scores[k][:n], strict=True)
+        ]
+
+
+def build_dissection_stage(
+    bundle,
+    dataset: ProbeDataset,
+    lm,
+    *,
+    batch_size: int = 64,
+    n_labels: int = 10,
+    draws: int = 16,
+    p: int = 10,
+    report: Callable[[int, int, str], None] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Network Dissection of the bundle's layer on the fit split (train + val); see the module docstring.
+
+    Writes ``dissection/concepts.json`` (T), ``dissection/iou (C, T)``, ``dissection/label_ids`` and
+    ``label_scores (C, L)``, ``dissection/rate`` and ``mean_iou (C, T)`` (:func:`subsampled_ground_truth`
+    with ``draws`` subsets the size of the test split), ``dissection/is_part (T,)``. A data set without
+    region label maps is recorded as ``{"skipped": why}``.
+    """
+    from tqdm import tqdm
+
+    from lavise_core.explain.textual import fit_indices
+
+    t0 = time.perf_counter()
+    if not dataset.regions or not any(r.mask for r in dataset.records):
+        return {"skipped": "the data set has no region label maps (SynthBirds masks, COCO instance masks)"}
+    fit = [int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask]
+    bar = tqdm(total=len(fit), unit="img", desc="dissection", disable=not progress)
+
+    def tick(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if report is not None:
+            report(done, total, f"dissection: {done} / {total} images")
+
+    thr = np.asarray(bundle.array("probe/threshold"), np.float32)
+    rows, inter, act, area, pooled = split_overlaps(lm, dataset, bundle.layer, fit, thr, batch_size, report=tick)
+    bar.close()
+    recs = [dataset.records[int(i)] for i in rows]
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
+    inc = concept_incidence(recs, dataset.regions, concepts)
+    iou, _ = dissection_iou(inter, act, area, inc)
+    is_part = np.array([c in dataset.regions for c in concepts])
+    ids, scores, _ = rank_labels(iou, concepts, n=min(n_labels, int((~is_part).sum())), allowed=~is_part)
+    n_test = int((dataset.splits() == "test").sum()) or max(1, len(rows) // 4)
+    rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=n_test, p=p, draws=draws)
+    bundle.write_json("dissection/concepts", concepts)
+    bundle.write_array("dissection/iou", iou.astype(np.float32))
+    bundle.write_array("dissection/label_ids", ids)
+    bundle.write_array("dissection/label_scores", scores)
+    bundle.write_array("dissection/rate", rate.astype(np.float32))
+    bundle.write_array("dissection/mean_iou", mean.astype(np.float32))
+    bundle.write_array("dissection/is_part", is_part)
+    labelled = int((scores[:, 0] >= IOU_MIN).sum())
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "images": len(rows),
+        "concepts": len(concepts),
+        "labelled_filters": labelled,
+        "unique_labels": len({int(j) for j, s in zip(ids[:, 0], scores[:, 0], strict=True) if s >= IOU_MIN}),
+        "median_best_iou": round(float(np.median(scores[:, 0])), 4),
+    }
