@@ -50,10 +50,29 @@ def detail(ws: views.Workspace, k: int) -> None:
         caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
         width=DETAIL_SIDE,
     )
-    left, right = st.columns(2)
-    with left:
+    if d.label:
+        how = "dissection, IoU" if d.label_source.startswith("dissection") else "score"
+        st.caption(f"Best label: “{d.label}” ({how} {d.score:.2f}).")
+    elif d.label_source.startswith("dissection"):
+        st.caption("No label: no annotated concept overlaps this filter's regions with IoU ≥ 0.04.")
+    lab_l, lab_r = st.columns(2)
+    with lab_l:
+        st.subheader("Network Dissection (annotations)")
+        if d.dissection is not None:
+            st.dataframe(
+                {
+                    "concept": [c for c, _ in d.dissection],
+                    "IoU": [round(s, 3) for _, s in d.dissection],
+                    "evidence": ["detects (IoU ≥ 0.04)" if s >= 0.04 else "weak" for _, s in d.dissection],
+                },
+                hide_index=True,
+            )
+            st.caption("IoU of the filter's top-0.5 % region with each concept's annotated pixels, training images.")
+        else:
+            st.info(d.dissection_note, icon=":material/construction:")
+    with lab_r:
+        st.subheader("Zero-shot labels (LaViSE)")
         if d.labels is not None:
-            st.subheader("Zero-shot labels (LaViSE)")
             st.dataframe(
                 {
                     "concept": [p for p, _, _ in d.labels],
@@ -64,12 +83,15 @@ def detail(ws: views.Workspace, k: int) -> None:
                 },
                 hide_index=True,
             )
+            st.caption("Vote score: mean similarity of the word to what the explainer sees; no annotation used.")
             if d.inside is not None:
                 st.caption(
                     f"{d.inside:.0%} of its activation lies on the object (the rest on the background)."
                 )
         else:
             st.info(d.labels_note, icon=":material/construction:")
+    left, right = st.columns(2)
+    with left:
         if d.attributes is not None:
             st.plotly_chart(
                 _bar(
@@ -154,9 +176,10 @@ def grid(ws: views.Workspace) -> None:
         with cols[j % COLS].container(border=True):
             st.image(views.filter_card_image(ws, k), width="stretch")
             label = r["label"] or "—"
+            how = "dissection, IoU" if table.attrs.get("source", "").startswith("dissection") else "score"
             st.markdown(
                 f"**#{k}** · {label}"
-                + ("" if not r["label"] else f"  \n<small>score {r['score']:.2f} · {r['top_class']}</small>"),
+                + ("" if not r["label"] else f"  \n<small>{how} {r['score']:.2f} · {r['top_class']}</small>"),
                 unsafe_allow_html=True,
             )
             st.button("Open", key=f"open_{k}", on_click=_open, args=(k,), width="stretch")

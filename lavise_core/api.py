@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 #: default label sources, in the order a filter card prefers them
+SOURCE_DISSECTION = "dissection"
 SOURCE_ZERO_SHOT = "zero-shot (LaViSE)"
 SOURCE_PDF = "attribute p.d.f."
 
@@ -57,7 +58,8 @@ class FilterInfo:
 
     Attributes:
         index: the filter ``k``.
-        labels: ``[(phrase, score, source)]`` best first (zero-shot labels, else the p.d.f.'s top attributes).
+        labels: ``[(phrase, score, source)]``: Network Dissection labels (score = IoU on the fit split, only those
+            with IoU ≥ 0.04) first, then the zero-shot labels (score = vote score), else the p.d.f.'s top attributes.
         top_images: ``(k,)`` probe record indices where it fires most, strongest first.
         top_values: ``(k,)`` their pooled activations.
         pdf: ``[(attribute, p(t | f_k))]`` best first (empty without the textual stage).
@@ -254,6 +256,25 @@ class Explainer:
     def has_lavise(self) -> bool:
         return self.bundle.stage_done("lavise")
 
+    def has_dissection(self) -> bool:
+        """Whether the bundle holds Network Dissection labels (a data set with region masks)."""
+        return self.bundle.stage_done("dissection") and self.bundle.has("dissection/iou")
+
+    def dissection(self):
+        """The :class:`~lavise_core.explain.dissection.DissectionTables`, or raise :class:`StageMissing`."""
+        if not self.has_dissection():
+            why = self.bundle.manifest.get("stages", {}).get("dissection", {}).get("skipped")
+            raise StageMissing(
+                f"no Network Dissection labels: {why}" if why else
+                f"this bundle has no dissection stage yet: build it with `{build_hint(self.bundle)}`"
+            )  # fmt: skip
+        from lavise_core.explain.dissection import DissectionTables
+
+        value, err = self._once("dissection", lambda: DissectionTables(self.bundle))
+        if value is None:
+            raise StageMissing(f"the dissection stage could not be read ({err}); rebuild it")
+        return value
+
     def dataset(self) -> ProbeDataset | None:
         """The probe data set, or ``None`` (moved, changed: see :meth:`dataset_error`)."""
         return self._once("dataset", self.bundle.dataset)[0]
@@ -340,12 +361,18 @@ class Explainer:
 
     def filter_info(self, k: int, n_labels: int = 10) -> FilterInfo:
         """:class:`FilterInfo` of filter ``k`` (see :attr:`filters`)."""
+        from lavise_core.explain.dissection import IOU_MIN
+
         self.require_probe()
         labels: list[tuple[str, float, str]] = []
+        if self.has_dissection():
+            labels += [
+                (c, s, SOURCE_DISSECTION) for c, s in self.dissection().labels(k, n_labels) if s >= IOU_MIN
+            ]
         table = self.label_table()
         if table is not None:
             ids, scores, phrases, _, _ = table
-            labels = [
+            labels += [
                 (phrases[int(j)], float(s), SOURCE_ZERO_SHOT)
                 for j, s in zip(ids[k][:n_labels], scores[k][:n_labels], strict=True)
                 if 0 <= j < len(phrases)

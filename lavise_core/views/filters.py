@@ -127,6 +127,9 @@ class FilterDetail:
     attributes_note: str | None
     labels: list[tuple[str, float, str]] | None  # phrase, score, seen/unseen/vocabulary
     labels_note: str | None
+    dissection: list[tuple[str, float]] | None = None  # concept, IoU with its annotated regions (fit split)
+    dissection_note: str | None = None
+    label_source: str = ""
     classes: list[tuple[str, float]]  # class, W[c, k], most positive and most negative
     activations: np.ndarray  # (N_valid,) pooled phi_k over the probe set
     quantiles: list[tuple[float, float]]
@@ -191,10 +194,15 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
     levels = ws.array("probe/quantile_levels")
     quant = [(float(lv_), float(v)) for lv_, v in zip(levels, q[k], strict=True)] if q is not None else []
     thr = ws.array("probe/threshold")
-    labels, scores, _, _ = _filter_labels(ws)
+    labels, scores, source, _ = _filter_labels(ws)
+    dis, dnote = None, None
+    try:
+        dis = ws.dissection().labels(k, 10)
+    except StageMissing as e:
+        dnote = str(e)
     return FilterDetail(
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
-        float(thr[k]) if thr is not None else None, inside,
+        float(thr[k]) if thr is not None else None, inside, dis, dnote, source,
     )  # fmt: skip
 
 

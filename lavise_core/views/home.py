@@ -54,6 +54,13 @@ def _filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarra
 
 def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
     c = ws.channels
+    if ws.has_dissection():  # ground-truth IoU on the fit split beats any word model
+        from lavise_core.explain.dissection import IOU_MIN
+
+        d = ws.dissection()
+        sc = np.asarray(d.label_scores[:, 0], np.float32)
+        labels = [d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)]
+        return labels, sc, "dissection (IoU)", sc >= IOU_MIN
     table = ws.label_table()
     if table is not None:
         # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
@@ -79,6 +86,8 @@ def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, n
 
 def confident_rule_short(source: str) -> str:
     """One line saying when a filter's label counts as confident, for the label ``source``."""
+    if source.startswith("dissection"):
+        return "IoU ≥ 0.04 with the concept's annotated regions (Network Dissection)"
     if source.startswith("zero"):
         return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
     if source and source != "none":
@@ -90,7 +99,7 @@ def overview(ws: Workspace) -> Overview:
     """Model accuracy, filter count, share of filters with a confident concept, concept word counts."""
     ws.require_probe()
     m = ws.bundle.manifest
-    stages = {s: ws.bundle.stage_done(s) for s in ("probe", "textual", "lavise")}
+    stages = {s: ws.bundle.stage_done(s) for s in ("probe", "textual", "dissection", "lavise")}
     msgs = []
     labels, scores, source, confident = _filter_labels(ws)
     if source == "none":
@@ -111,7 +120,13 @@ def overview(ws: Workspace) -> Overview:
         if named.size
         else ""
     )
-    if source.startswith("zero"):
+    if source.startswith("dissection"):
+        rule = (
+            "the filter's map, thresholded at its top 0.5 % of activations, overlaps the concept's annotated "
+            "regions with IoU ≥ 0.04 over the training images (Network Dissection; a re-initialised network "
+            "reaches no such overlap)." + spread
+        )
+    elif source.startswith("zero"):
         rule = (
             f"the filter's best word has a zero-shot vote score ≥ {CONFIDENT_SCORE} (the activation-weighted "
             "mean similarity between the word and what the explainer sees in the filter's top images; "

@@ -1,0 +1,149 @@
+"""Are the dashboard's words right? Fidelity of labels, concept search, abstention and the upload check,
+against held-out ground truth (METHODS.md §6), each number beside its baseline; run as the build stage
+``fidelity`` so the Evaluation page is populated after ``make demo``.
+
+Ground truth: ``G_k`` = the concepts (part + attribute phrases, background kinds) whose annotated regions have
+IoU > 0.04 with filter k's thresholded map over its top-10 **test** images. Everything judged was fitted on
+the fit split (train + val) or on other concepts; nothing here is fitted on the test split.
+
+- **Labels**: share of filters whose top-1 label is in ``G_k`` — Network Dissection labels, zero-shot
+  (LaViSE) labels, the Guo p.d.f.'s top attribute, and a random concept (expected ``|G_k| / T``).
+- **Sanity**: the same for a re-initialised network (its own thresholds and ground truth): how many units
+  still have a dissection label (IoU ≥ 0.04).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.explain.dissection import (
+    IOU_MIN,
+    DissectionTables,
+    activation_thresholds,
+    concept_incidence,
+    dissection_iou,
+    ground_truth_matrix,
+    rank_labels,
+    split_overlaps,
+)
+from lavise_core.explain.textual import fit_indices
+
+__all__ = ["STAGE", "build_fidelity_stage", "label_accuracy", "test_ground_truth"]
+
+STAGE = "fidelity"
+RESULT_NAME = "eval/fidelity"
+
+
+def test_ground_truth(
+    lm, dataset: ProbeDataset, layer: str, threshold: np.ndarray, concepts: Sequence[str], p: int = 10,
+    report: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``G (C, T)`` bool and ``iou (C, T)`` on the test split (METHODS.md §6; top-``p`` test images per filter)."""
+    test = [int(i) for i in np.flatnonzero(dataset.splits() == "test") if dataset.records[int(i)].mask]
+    rows, inter, act, area, pooled = split_overlaps(lm, dataset, layer, test, threshold, report=report)
+    inc = concept_incidence([dataset.records[int(i)] for i in rows], dataset.regions, concepts)
+    return ground_truth_matrix(inter, act, area, inc, pooled, p=p)
+
+
+def label_accuracy(top1: np.ndarray, G: np.ndarray) -> float:
+    """Share of filters whose label ``top1 (C,)`` (concept index, -1 = no label) is in ``G (C, T)``."""
+    ok = [bool(t >= 0 and G[k, t]) for k, t in enumerate(np.asarray(top1))]
+    return float(np.mean(ok)) if ok else float("nan")
+
+
+def _concept_ids(phrases: Sequence[str], concepts: Sequence[str]) -> np.ndarray:
+    pos = {c: j for j, c in enumerate(concepts)}
+    return np.array([pos.get(str(p).strip().lower(), -1) for p in phrases], np.int64)
+
+
+def _labels_section(bundle, dataset: ProbeDataset, d: DissectionTables, G: np.ndarray) -> dict[str, Any]:
+    """Top-1 label in the test ``G_k`` for each label source, and the random-concept baseline."""
+    labelled = np.asarray(d.label_scores[:, 0]) >= IOU_MIN
+    dis_top = np.where(labelled, np.asarray(d.label_ids[:, 0]), -1)
+    allowed = ~d.is_part
+    rows: dict[str, Any] = {
+        "dissection": label_accuracy(dis_top, G),
+        "dissection_labelled_filters": int(labelled.sum()),
+        "random_concept": float((G[:, allowed].sum(1) / max(int(allowed.sum()), 1)).mean()),
+    }
+    if bundle.has("lavise/filter_label_ids"):
+        import json
+
+        phrases = json.loads((bundle.root / "lavise" / "phrases.json").read_text())
+        ids = np.asarray(bundle.array("lavise/filter_label_ids"))
+        top = [phrases[int(j)] if 0 <= j < len(phrases) else "" for j in ids[:, 0]]
+        rows["zero_shot"] = label_accuracy(_concept_ids(top, d.concepts), G)
+    if bundle.has("textual/pdf"):
+        vocab = list(bundle.read_json("textual/vocabulary"))
+        top = [vocab[int(j)] for j in np.asarray(bundle.array("textual/pdf")).argmax(1)]
+        rows["pdf_top_attribute"] = label_accuracy(_concept_ids(top, d.concepts), G)
+    rows["filters"] = int(G.shape[0])
+    rows["filters_with_ground_truth"] = int(G[:, allowed].any(1).sum())
+    return rows
+
+
+def _sanity_section(
+    lm, dataset: ProbeDataset, layer: str, concepts: Sequence[str], is_part: np.ndarray, n_fit: int, seed: int
+) -> dict[str, Any]:
+    """A re-initialised copy of the network: its own thresholds, its dissection on ``n_fit`` fit images, its own
+    test ground truth; labels should vanish (units with IoU ≥ 0.04)."""
+    from lavise_core.evaluate.textual import reinitialize
+
+    rnd = dataclasses.replace(lm, model=reinitialize(lm.model, seed))
+    fit = [int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask]
+    fit = sorted(np.random.default_rng(seed).choice(fit, min(n_fit, len(fit)), replace=False).tolist())
+    thr = activation_thresholds(rnd, dataset, layer, fit)
+    rows, inter, act, area, _ = split_overlaps(rnd, dataset, layer, fit, thr)
+    inc = concept_incidence([dataset.records[int(i)] for i in rows], dataset.regions, concepts)
+    iou, _ = dissection_iou(inter, act, area, inc)
+    ids, scores, _ = rank_labels(iou, concepts, n=1, allowed=~is_part)
+    G, _ = test_ground_truth(rnd, dataset, layer, thr, concepts)
+    labelled = scores[:, 0] >= IOU_MIN
+    return {
+        "fit_images": len(rows),
+        "labelled_filters": int(labelled.sum()),
+        "best_iou_max": round(float(scores[:, 0].max()), 4),
+        "best_iou_median": round(float(np.median(scores[:, 0])), 4),
+        "dissection": label_accuracy(np.where(labelled, ids[:, 0], -1), G),
+        "random_concept": float((G[:, ~is_part].sum(1) / max(int((~is_part).sum()), 1)).mean()),
+    }
+
+
+def build_fidelity_stage(
+    bundle,
+    dataset: ProbeDataset,
+    lm,
+    *,
+    sanity_images: int = 960,
+    seed: int = 0,
+    report: Callable[[int, int, str], None] | None = None,
+    save: bool = True,
+) -> dict:
+    """Measure the bundle's fidelity (see the module docstring) -> the results dict, stored as
+    ``eval/fidelity.json``. Needs the ``dissection`` stage (a data set with region masks and a test split)."""
+    t0 = time.perf_counter()
+    if not bundle.stage_done("dissection") or not bundle.has("dissection/iou"):
+        return {"skipped": "no Network Dissection ground truth (the data set has no region masks)"}
+    if not (dataset.splits() == "test").any():
+        return {"skipped": "the data set has no test split to hold out"}
+    d = DissectionTables(bundle)
+    thr = np.asarray(bundle.array("probe/threshold"), np.float32)
+    say = report or (lambda done, total, message: None)
+    G, _ = test_ground_truth(
+        lm, dataset, bundle.layer, thr, d.concepts,
+        report=lambda done, total: say(done, 3 * total, f"ground truth on the test split: {done} / {total}"),
+    )  # fmt: skip
+    res: dict[str, Any] = {"ground_truth": "G_k on the top-10 test images, IoU > 0.04 (METHODS.md §6)"}
+    res["labels"] = _labels_section(bundle, dataset, d, G)
+    say(1, 3, "re-initialised network (sanity check)")
+    res["sanity"] = _sanity_section(lm, dataset, bundle.layer, d.concepts, d.is_part, sanity_images, seed)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    if save:
+        bundle.write_json(RESULT_NAME, res)
+    return {"seconds": res["seconds"], "labels_dissection": round(res["labels"]["dissection"], 4)}
