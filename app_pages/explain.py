@@ -42,7 +42,13 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
             why_not=None if why_not.startswith("(") else why_not,
             attribute=st.session_state.get(attr_key),
         )
-        st.markdown(f"#### {ex.sentence or f'Predicted: {ex.predicted}'}")
+        if ex.in_distribution is False:
+            st.error(f"**Unlike the probe images.** {ex.ood_message}", icon=":material/warning:")
+            st.markdown(f"The network's answer, for what it is worth: {ex.sentence or ex.predicted}")
+        else:
+            st.markdown(f"#### {ex.sentence or f'Predicted: {ex.predicted}'}")
+            if ex.ood_message:
+                st.caption(ex.ood_message)
         if ex.contrast:
             st.markdown(f"**Why not {why_not}?** {ex.contrast}")
         for n in ex.notes:

@@ -129,6 +129,7 @@ class ImageAnalysis:
     phi: np.ndarray  # (C,)
     logits: np.ndarray  # (K,)
     probs: np.ndarray  # (K,)
+    ood: Any = None  # OODVerdict (in_distribution, score, percentile, message) when the bundle has the check
 
 
 @dataclass
@@ -141,7 +142,8 @@ class ImageAnswer:
         sentence: "This is a … because it has …" (``None`` without the textual stage).
         contrast: why ``target`` rather than ``why_not`` (``None`` when not asked).
         attributes: ``[(attribute, p(t | x, c))]`` behind the sentence.
-        in_distribution: whether the image looks like the probe set (``None``: not measured).
+        in_distribution: whether the image looks like the probe set's train images (the ``ood`` stage; ``None``
+            without it). When ``False``, ``notes[0]`` says so in plain words.
         contributions: ``[(filter, phi_k · W[c, k])]`` largest first.
         zero_shot: nearest open-vocabulary phrases of the image's pooled feature (LaViSE), if built.
         notes: what could not be explained and why.
@@ -405,6 +407,14 @@ class Explainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ images
+    def ood_model(self):
+        """The fitted upload check (:class:`~lavise_core.explain.ood.OODModel`), or ``None`` without the stage."""
+        if not (self.bundle.stage_done("ood") and self.bundle.has("ood/bank")):
+            return None
+        from lavise_core.explain.ood import load_ood
+
+        return self._once("ood", lambda: load_ood(self.bundle))[0]
+
     def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """``maps (B, C, h, w)`` float32 and ``logits (B, K)`` for PIL images, under the model's lock."""
         import torch
@@ -428,14 +438,24 @@ class Explainer:
                 image = Path(image).read_bytes()
             digest = hashlib.sha256(image).hexdigest()[:16]
             img = load_image(image, name=name or "the uploaded file")
+        import torch
+
+        from lavise_core.explain.ood import forward_with_ood
+
         lm = self.model()
-        maps, logits = self.forward([img])
+        ood = self.ood_model()
+        x = torch.stack([lm.preprocess(img)])
+        maps_t, logits_t, early = forward_with_ood(lm, x, self.layer, ood.early_layers if ood is not None else ())
+        maps, logits = maps_t.float().cpu().numpy(), logits_t.float().cpu().numpy()
+        verdict = None
+        if ood is not None:
+            verdict = ood.verdict(maps[0].mean((1, 2)), None if early is None else early[0])
         z = logits[0].astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
         view = crop_to_view(img, lm.crop_box(*img.size))
         view.thumbnail((384, 384), Image.BILINEAR)
-        return ImageAnalysis(digest, view, maps[0], maps[0].mean((1, 2)), logits[0], p.astype(np.float32))
+        return ImageAnalysis(digest, view, maps[0], maps[0].mean((1, 2)), logits[0], p.astype(np.float32), verdict)
 
     def explain(
         self,
@@ -456,6 +476,9 @@ class Explainer:
         preds = [(classes[int(j)], float(a.probs[j])) for j in order[:5]]
         c = int(order[0]) if not target else classes.index(target)
         notes: list[str] = []
+        in_dist = None if a.ood is None else bool(a.ood.in_distribution)
+        if a.ood is not None and not in_dist:
+            notes.append(a.ood.message)
         W = self.class_weight()
         if W is None:  # an inner layer: rank filters by activation instead
             contrib = a.phi.astype(np.float64)
@@ -481,7 +504,7 @@ class Explainer:
             except StageMissing as e:
                 notes.append(str(e))
         return ImageAnswer(
-            classes[int(order[0])], classes[c], a.probs, preds, sentence, contrast, attrs, None,
+            classes[int(order[0])], classes[c], a.probs, preds, sentence, contrast, attrs, in_dist,
             [(int(k), float(contrib[k])) for k in top], zero_shot, notes, a, self,
         )  # fmt: skip
 

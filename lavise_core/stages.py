@@ -12,6 +12,8 @@ textual             probe               attributes from captions, p(t | f), clas
 textual_grounding   textual             eq. 9 weights fitted to part masks / keypoints
 dissection          probe               IoU of each filter with each annotated concept (labels, search)
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
+ood                 probe               the upload check (feature distances to the train images)
+fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 ==================  ==================  ===========================================================
 """
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
+from lavise_core.explain.ood import build_ood_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
 from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
@@ -66,6 +70,14 @@ def _dissection(ctx: StageContext) -> dict:
     )  # fmt: skip
 
 
+def _ood(ctx: StageContext) -> dict:
+    return build_ood_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("ood"))
+
+
+def _fidelity(ctx: StageContext) -> dict:
+    return build_fidelity_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("fidelity"))
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -86,6 +98,11 @@ REGISTRY = StageRegistry(
         Stage(
             "lavise", ("probe",), 1, _lavise, "concept index, explainer head, zero-shot filter labels",
             parts=SUBSTAGES, stale=_lavise_stale,
+        ),
+        Stage("ood", ("probe",), 1, _ood, "the upload check: is an image like the probe images?"),
+        Stage(
+            "fidelity", ("dissection", "textual", "lavise", "ood"), 1, _fidelity,
+            "are the words right? labels, search, abstention and the upload check against held-out truth",
         ),
     ]
 )

@@ -38,6 +38,7 @@ class ImageExplanation:
     zero_shot: list[tuple[str, float]] | None
     notes: list[str] = field(default_factory=list)
     in_distribution: bool | None = None
+    ood_message: str | None = None  # plain words: does the image look like the probe images?
 
 
 def explain_image(
@@ -56,7 +57,8 @@ def explain_image(
     attribute = (attribute if attribute in names else ans.attributes[0][0]) if ans.attributes else None
     heat, caption = ans.heatmap(attribute)
     hm = overlay(a.image, heat, alpha=0.6, mask_below=0.1)
+    notes = [n for n in ans.notes if a.ood is None or n != a.ood.message]
     return ImageExplanation(
         ans.predictions, ans.predicted, ans.target, ans.sentence, ans.contrast, ans.attributes, attribute, hm,
-        caption, contributions, ans.zero_shot, ans.notes, ans.in_distribution,
+        caption, contributions, ans.zero_shot, notes, ans.in_distribution, None if a.ood is None else a.ood.message,
     )  # fmt: skip
