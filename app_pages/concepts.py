@@ -9,8 +9,9 @@ from lavise_core import views
 
 st.title("Search a concept")
 st.caption(
-    "Type any words. They are embedded with a sentence encoder and compared with what each filter means "
-    "to the LaViSE explainer, so concepts never seen in training (zero-shot) work too."
+    "Type any words. Where the probe images are annotated, filters are ranked by how often they fire on the "
+    "concept's annotated regions (words the data set never uses are read through a sentence encoder and a "
+    "colour / bird-anatomy lexicon); the page says so when no filter of this layer responds."
 )
 
 
@@ -39,33 +40,53 @@ if ws is not None:
                 else ":gray-badge[open vocabulary]"
             )
             st.markdown(f"### “{res.text}” {badge} <small>{res.status}</small>", unsafe_allow_html=True)
-            st.caption("Nearest phrases in the vocabulary (click to search):")
+            if not res.confident:
+                st.warning(res.message, icon=":material/search_off:")
+            elif res.weak:
+                st.warning(res.message, icon=":material/help:")
+            else:
+                st.success(res.message, icon=":material/check_circle:")
+            st.caption(
+                "Concepts this layer detects that come closest (click to search):"
+                if res.method == "evidence"
+                else "Nearest phrases in the vocabulary (click to search):"
+            )
             sug = [p for p, _ in res.suggestions if p != res.text][:8]
             scols = st.columns(max(len(sug), 1))
             for i, p in enumerate(sug):
                 scols[i].button(p, key=f"sug_{i}", on_click=_use, args=(p,), width="stretch")
-            st.subheader("Filters that detect it")
-            st.dataframe(
-                {
+            if res.filters:
+                st.subheader(
+                    "Filters that detect it" if not res.weak else "The closest filter (weak evidence)"
+                )
+                table = {
                     "filter": [k for k, *_ in res.filters],
-                    "similarity": [round(s, 3) for _, s, _, _ in res.filters],
+                    ("evidence" if res.method == "evidence" else "similarity"): [
+                        round(s, 3) for _, s, _, _ in res.filters
+                    ],
                     "filter's best label": [lab for _, _, lab, _ in res.filters],
                     "vote for this concept": [round(v, 3) for *_, v in res.filters],
                     "open": [f"/filters?filter={k}" for k, *_ in res.filters],
-                },
-                column_config={"open": st.column_config.LinkColumn("open", display_text="open filter")},
-                hide_index=True,
-            )
-            st.subheader("Where those filters fire")
-            st.caption(
-                "The images these filters respond to most; coloured = where they fire together "
-                "(grounding heatmap Σ_k w_k A_k(x), yellow = strongest). The number is the image's match score."
-            )
-            if res.images:
-                st.image(
-                    [im for im, *_ in res.images],
-                    caption=[
-                        f"#{i} · {c} · {s:.2f}" if c else f"#{i} · {s:.2f}" for _, i, s, c in res.images
-                    ],
-                    width=180,  # the views render them 180 px wide: shown as they are
+                }
+                if (
+                    res.method == "evidence"
+                ):  # evidence = estimated chance the concept is in the filter's regions
+                    table.pop("vote for this concept")
+                st.dataframe(
+                    table,
+                    column_config={"open": st.column_config.LinkColumn("open", display_text="open filter")},
+                    hide_index=True,
                 )
+                st.subheader("Where those filters fire")
+                st.caption(
+                    "The images these filters respond to most; coloured = where they fire together "
+                    "(grounding heatmap Σ_k w_k A_k(x), yellow = strongest). The number is the image's match score."
+                )
+                if res.images:
+                    st.image(
+                        [im for im, *_ in res.images],
+                        caption=[
+                            f"#{i} · {c} · {s:.2f}" if c else f"#{i} · {s:.2f}" for _, i, s, c in res.images
+                        ],
+                        width=180,  # the views render them 180 px wide: shown as they are
+                    )

@@ -67,7 +67,9 @@ def detail(ws: views.Workspace, k: int) -> None:
                 },
                 hide_index=True,
             )
-            st.caption("IoU of the filter's top-0.5 % region with each concept's annotated pixels, training images.")
+            st.caption(
+                "IoU of the filter's top-0.5 % region with each concept's annotated pixels, training images."
+            )
         else:
             st.info(d.dissection_note, icon=":material/construction:")
     with lab_r:
@@ -83,7 +85,9 @@ def detail(ws: views.Workspace, k: int) -> None:
                 },
                 hide_index=True,
             )
-            st.caption("Vote score: mean similarity of the word to what the explainer sees; no annotation used.")
+            st.caption(
+                "Vote score: mean similarity of the word to what the explainer sees; no annotation used."
+            )
             if d.inside is not None:
                 st.caption(
                     f"{d.inside:.0%} of its activation lies on the object (the rest on the background)."

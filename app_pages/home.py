@@ -99,9 +99,7 @@ with st.expander(":material/build: Build a bundle", expanded=ws is None):
         data = st.text_input("Probe data set folder", "data/synthbirds")
         layer = st.text_input("Layer (empty: the one feeding global pooling)", "")
         all_stages, default_stages = views.stage_choices()
-        stages = st.multiselect(
-            "Stages (what they need is added)", all_stages, default=default_stages
-        )
+        stages = st.multiselect("Stages (what they need is added)", all_stages, default=default_stages)
         go_build = st.form_submit_button("Build")
     if go_build:
         bar = st.progress(0.0, text="starting…")

@@ -104,6 +104,9 @@ class ConceptAnswer:
         suggestions: nearest vocabulary phrases ``[(phrase, cosine)]``.
         label_scores: ``(F,)`` the query's vote score in each matched filter's labels (0 when absent).
         weights: ``(F,)`` non-negative filter weights for grounding heatmaps (sum 1).
+        method: ``"evidence"`` (ranked by annotated evidence: dissection) or ``"zero-shot"`` (LaViSE head only).
+        read_as: the query as grounded in the data set's words ("ruby bosom" -> "red breast"), if rewritten.
+        weak: confident, but no filter passed the evidence floor (``filters`` holds the best one anyway).
     """
 
     text: str
@@ -117,6 +120,9 @@ class ConceptAnswer:
     suggestions: list[tuple[str, float]]
     label_scores: np.ndarray
     weights: np.ndarray
+    method: str = "zero-shot"
+    read_as: str | None = None
+    weak: bool = False
 
 
 @dataclass
@@ -176,7 +182,10 @@ class ImageAnswer:
             heat = tx.ground(a.maps, attribute)
             learned = tx.part_learned is not None and bool(tx.part_learned[tx.column(attribute)])
             how = "w_kt fitted to the part annotations" if learned else "w_kt = specificity of p(t|f_k)"
-            return heat, f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k w_kt·A_k, {how})"
+            return (
+                heat,
+                f"Where the network sees “{attribute}” (yellow = strongest; eq. 9: Σ_k w_kt·A_k, {how})",
+            )
         k = self.contributions[0][0]
         m = np.clip(np.asarray(a.maps[k], np.float32), 0, None)
         m = m / m.max() if m.max() > 0 else m
@@ -250,7 +259,9 @@ class Explainer:
 
     def require_probe(self) -> None:
         if not self.bundle.stage_done("probe"):
-            raise StageMissing(f"this bundle has no probe pass yet: build it with `{build_hint(self.bundle)}`")
+            raise StageMissing(
+                f"this bundle has no probe pass yet: build it with `{build_hint(self.bundle)}`"
+            )
 
     def has_textual(self) -> bool:
         return self.bundle.stage_done("textual")
@@ -387,12 +398,66 @@ class Explainer:
             if not labels:
                 labels = [(t, p, SOURCE_PDF) for t, p in pdf[:n_labels]]
         return FilterInfo(
-            k, labels, np.asarray(self.array("probe/top_index")[k]), np.asarray(self.array("probe/top_value")[k]), pdf
+            k,
+            labels,
+            np.asarray(self.array("probe/top_index")[k]),
+            np.asarray(self.array("probe/top_value")[k]),
+            pdf,
         )
 
     # ------------------------------------------------------------------ concepts
+    def _search(self):
+        """``(QueryIndex, Lexicon, word table, embedder)`` of the concept search, built once per bundle."""
+
+        def make():
+            from lavise_core.explain.concept_search import search_index, word_table
+            from lavise_core.explain.concepts import shared_embedder
+            from lavise_core.explain.lexicon import build_lexicon
+
+            d = self.dissection()
+            emb = shared_embedder()
+            qi = search_index(d.concepts, d.rate, d.mean_iou, emb)
+            table: dict = {}
+            if self.has_lavise():
+                ix = self.lavise().index
+                table = word_table(ix.phrases, np.asarray(ix.embeddings))
+            return qi, build_lexicon(qi.concepts), table, emb
+
+        value, err = self._once("search", make)
+        if value is None:
+            raise StageMissing(f"the concept search could not be built ({err})")
+        return value
+
+    def _images_for(
+        self, filters: np.ndarray, weights: np.ndarray, n_images: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probe images where ``filters`` fire most: ``Σ_k w_k phi_k(x) / max phi_k`` over valid images."""
+        if not len(filters):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        pooled = self.array("probe/pooled")
+        top_value = np.asarray(self.array("probe/top_value"))
+        scale = np.maximum(top_value[filters, 0], 1e-12)
+        s = np.asarray(pooled[:, filters], np.float32) @ (weights / scale).astype(np.float32)
+        valid = self.array("probe/valid")
+        if valid is not None:
+            s = np.where(np.asarray(valid, bool), s, -np.inf)
+        order = np.argsort(-s, kind="stable")[:n_images]
+        return order.astype(np.int64), s[order].astype(np.float32)
+
     def query(self, text: str, n: int = 10, n_images: int = 12) -> ConceptAnswer:
-        """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`."""
+        """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`.
+
+        With Network Dissection evidence (a data set with region masks) filters are ranked by how often the
+        concept lands in their annotated regions, only filters that pass the evidence floor are returned, and
+        ``confident`` is False when no filter of the layer responds (with the nearest concepts it does detect);
+        otherwise the LaViSE head ranks filters by embedding similarity (``confident`` True, ``method``
+        "zero-shot": no annotation to check against).
+        """
+        text = str(text).strip()
+        if not text:
+            raise ValueError("the query is empty: type a concept such as 'red wing'")
+        if self.has_dissection():
+            return self._query_evidence(text, n, n_images)
         res = self.lavise().query(text, n_filters=n, n_images=n_images)
         confident = True  # abstention: see issue 16
         message = (
@@ -404,6 +469,44 @@ class Explainer:
         return ConceptAnswer(
             res.text, res.filters, res.filter_scores, confident, message, res.images, res.image_scores,
             res.status, res.suggestions, res.label_scores, res.filter_weights(),
+        )  # fmt: skip
+
+    def _query_evidence(self, text: str, n: int, n_images: int) -> ConceptAnswer:
+        from lavise_core.explain.concept_search import embed_query, rank_filters_for_query
+        from lavise_core.explain.lexicon import rewrite_query
+
+        qi, lex, table, emb = self._search()
+        read_as = rewrite_query(text, lex)[0]
+        q, qw = embed_query(text, emb, table, lexicon=lex)
+        a = rank_filters_for_query(q, qi, n=n, q_words=qw)
+        near = ", ".join(f"“{c}”" for c, _, _ in a.nearest[:4])
+        shown = f"“{text}”" + (f" (read as “{read_as}”)" if read_as.strip().lower() != text.lower() else "")
+        if not a.confident:
+            message = (
+                f"No filter of layer {self.layer} responds to {shown}: nothing in the annotated probe images "
+                f"makes any filter fire on it. Concepts this layer does detect that come closest: {near}."
+            )
+        elif a.weak:
+            message = (
+                f"Only weak evidence for {shown}: no filter fires on it reliably; the one shown comes closest. "
+                f"Closest concepts the layer detects: {near}."
+            )
+        else:
+            how = "its annotated regions" if a.mode == "exact" else "the concepts that share its words"
+            message = (
+                f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
+                f"{shown}, judged by where they fire on {how} in the probe images."
+            )
+        w = np.clip(np.asarray(a.scores, np.float64), 0, None)
+        w = (w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))).astype(np.float32)
+        images, image_scores = self._images_for(a.filters, w, n_images)
+        status = "annotated concept" if a.mode == "exact" else "composed from annotated concepts"
+        if self.has_lavise():
+            status = self.lavise().concept_status(read_as) if a.mode == "exact" else status
+        return ConceptAnswer(
+            text, a.filters, a.scores, bool(a.confident), message, images, image_scores, status,
+            [(c, s) for c, s, _ in a.nearest], np.zeros(len(a.filters), np.float32), w, "evidence",
+            read_as if read_as.strip().lower() != text.lower() else None, bool(a.weak),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ images
@@ -426,7 +529,9 @@ class Explainer:
         maps, logits = forward_maps(lm, x, self.layer)  # takes lm.lock
         return maps.float().cpu().numpy(), logits.float().cpu().numpy()
 
-    def analyse(self, image: Image.Image | bytes | str | os.PathLike, name: str | None = None) -> ImageAnalysis:
+    def analyse(
+        self, image: Image.Image | bytes | str | os.PathLike, name: str | None = None
+    ) -> ImageAnalysis:
         """Load ``image`` (raises :class:`~lavise_core.data.images.ImageLoadError` with a user message) and
         run the network once."""
         if isinstance(image, Image.Image):
@@ -445,7 +550,9 @@ class Explainer:
         lm = self.model()
         ood = self.ood_model()
         x = torch.stack([lm.preprocess(img)])
-        maps_t, logits_t, early = forward_with_ood(lm, x, self.layer, ood.early_layers if ood is not None else ())
+        maps_t, logits_t, early = forward_with_ood(
+            lm, x, self.layer, ood.early_layers if ood is not None else ()
+        )
         maps, logits = maps_t.float().cpu().numpy(), logits_t.float().cpu().numpy()
         verdict = None
         if ood is not None:
@@ -455,7 +562,9 @@ class Explainer:
         p /= p.sum()
         view = crop_to_view(img, lm.crop_box(*img.size))
         view.thumbnail((384, 384), Image.BILINEAR)
-        return ImageAnalysis(digest, view, maps[0], maps[0].mean((1, 2)), logits[0], p.astype(np.float32), verdict)
+        return ImageAnalysis(
+            digest, view, maps[0], maps[0].mean((1, 2)), logits[0], p.astype(np.float32), verdict
+        )
 
     def explain(
         self,
@@ -546,7 +655,14 @@ def build(
     lm = load_model(model, device=settings.device)
     bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
     outcome = build_stages(
-        bundle, ds, REGISTRY, stages, force=force, settings=settings, model_loader=lambda: lm, progress=progress,
+        bundle,
+        ds,
+        REGISTRY,
+        stages,
+        force=force,
+        settings=settings,
+        model_loader=lambda: lm,
+        progress=progress,
         options=options,
     )
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)

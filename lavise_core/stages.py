@@ -75,7 +75,9 @@ def _ood(ctx: StageContext) -> dict:
 
 
 def _fidelity(ctx: StageContext) -> dict:
-    return build_fidelity_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("fidelity"))
+    return build_fidelity_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("fidelity")
+    )
 
 
 def _lavise_stale(bundle) -> bool:
@@ -88,20 +90,34 @@ REGISTRY = StageRegistry(
         Stage("probe", (), 1, _probe, "one streaming pass over the probe images"),
         Stage("textual", ("probe",), 1, _textual, "attributes from captions and the filter–attribute p.d.f."),
         Stage(
-            "textual_grounding", ("textual",), 1, _textual_grounding,
+            "textual_grounding",
+            ("textual",),
+            1,
+            _textual_grounding,
             "grounding weights fitted to the part annotations",
         ),
         Stage(
-            "dissection", ("probe",), 1, _dissection,
+            "dissection",
+            ("probe",),
+            1,
+            _dissection,
             "Network Dissection labels: IoU of each filter with each annotated concept",
         ),
         Stage(
-            "lavise", ("probe",), 1, _lavise, "concept index, explainer head, zero-shot filter labels",
-            parts=SUBSTAGES, stale=_lavise_stale,
+            "lavise",
+            ("probe",),
+            1,
+            _lavise,
+            "concept index, explainer head, zero-shot filter labels",
+            parts=SUBSTAGES,
+            stale=_lavise_stale,
         ),
         Stage("ood", ("probe",), 1, _ood, "the upload check: is an image like the probe images?"),
         Stage(
-            "fidelity", ("dissection", "textual", "lavise", "ood"), 1, _fidelity,
+            "fidelity",
+            ("dissection", "textual", "lavise", "ood"),
+            1,
+            _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
         ),
     ]

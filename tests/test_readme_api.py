@@ -27,7 +27,11 @@ def test_readme_api_example_runs(monkeypatch, capsys) -> None:
     assert len(ex.filters) == 128 and f.index == 7 and f.labels and len(f.top_images) == 16
     assert len(answer.filters) == 5 and isinstance(answer.confident, bool) and answer.message
     assert why.predicted in ex.classes and why.sentence.startswith("This is a")
-    assert why.contrast and namespace["heat"].ndim == 2 and 0 <= namespace["heat"].min() <= namespace["heat"].max() <= 1
+    assert (
+        why.contrast
+        and namespace["heat"].ndim == 2
+        and 0 <= namespace["heat"].min() <= namespace["heat"].max() <= 1
+    )
     assert "bundle" not in capsys.readouterr().err
 
 

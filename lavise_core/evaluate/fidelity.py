@@ -8,6 +8,9 @@ the fit split (train + val) or on other concepts; nothing here is fitted on the 
 
 - **Labels**: share of filters whose top-1 label is in ``G_k`` — Network Dissection labels, zero-shot
   (LaViSE) labels, the Guo p.d.f.'s top attribute, and a random concept (expected ``|G_k| / T``).
+- **Upload check**: share of the probe test images flagged (target ≤ 5 %) and of seeded images unlike any
+  probe set (:mod:`lavise_core.data.ood_images`: photos, noise, flat colours, text, screenshots; target
+  ≥ 95 %), beside the max-softmax baseline at the same false-alarm rate on the test images.
 - **Sanity**: the same for a re-initialised network (its own thresholds and ground truth): how many units
   still have a dissection label (IoU ≥ 0.04).
 """
@@ -115,6 +118,52 @@ def _sanity_section(
     }
 
 
+def _ood_section(bundle, dataset: ProbeDataset, lm, n_per_kind: int = 40, seed: int = 2) -> dict[str, Any]:
+    """Flag rates of the upload check on the test split and on seeded out-of-distribution images."""
+    import torch
+
+    from lavise_core.data.ood_images import OOD_KINDS, synthetic_ood_images
+    from lavise_core.explain.ood import forward_with_ood, load_ood, msp_score
+
+    model = load_ood(bundle)
+    test = np.flatnonzero(dataset.splits() == "test")
+    valid = (
+        np.asarray(bundle.array("probe/valid"), bool)
+        if bundle.has("probe/valid")
+        else np.ones(len(dataset), bool)
+    )
+    test = test[valid[test]]
+    ref = np.asarray(model.reference) if model.reference is not None else np.zeros(0)
+    test_flag = float(np.mean(ref > model.threshold)) if len(ref) else float("nan")
+    msp_test = msp_score(np.asarray(bundle.array("probe/logits"))[test])
+    msp_thr = float(np.quantile(msp_test, 1 - test_flag)) if len(msp_test) else float("inf")
+    kinds: dict[str, Any] = {}
+    for kind in OOD_KINDS:
+        imgs = synthetic_ood_images(kind, n_per_kind, seed=seed)
+        flags, msp = [], []
+        for s in range(0, len(imgs), 16):
+            x = torch.stack([lm.preprocess(im) for im in imgs[s : s + 16]])
+            maps, logits, early = forward_with_ood(lm, x, bundle.layer, model.early_layers)
+            phi = maps.float().mean((2, 3)).numpy()
+            flags.extend(~model.in_distribution(phi, early))
+            msp.extend(msp_score(logits.float().numpy()) > msp_thr)
+        kinds[kind] = {
+            "flagged": float(np.mean(flags)),
+            "max_softmax_flagged": float(np.mean(msp)),
+            "n": len(imgs),
+        }
+    every = [v["flagged"] for v in kinds.values()]
+    return {
+        "test_flagged": test_flag,
+        "test_images": len(ref),
+        "kinds": kinds,
+        "ood_flagged": float(np.mean(every)),
+        "ood_flagged_worst_kind": float(np.min(every)),
+        "max_softmax_ood_flagged": float(np.mean([v["max_softmax_flagged"] for v in kinds.values()])),
+        "calibration": bundle.manifest.get("stages", {}).get("ood", {}).get("calibration"),
+    }
+
+
 def build_fidelity_stage(
     bundle,
     dataset: ProbeDataset,
@@ -141,6 +190,9 @@ def build_fidelity_stage(
     )  # fmt: skip
     res: dict[str, Any] = {"ground_truth": "G_k on the top-10 test images, IoU > 0.04 (METHODS.md §6)"}
     res["labels"] = _labels_section(bundle, dataset, d, G)
+    if bundle.has("ood/bank"):
+        say(1, 3, "the upload check on seeded images unlike the probe set")
+        res["ood"] = _ood_section(bundle, dataset, lm)
     say(1, 3, "re-initialised network (sanity check)")
     res["sanity"] = _sanity_section(lm, dataset, bundle.layer, d.concepts, d.is_part, sanity_images, seed)
     res["seconds"] = round(time.perf_counter() - t0, 2)

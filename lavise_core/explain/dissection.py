@@ -364,7 +364,9 @@ def build_dissection_stage(
             report(done, total, f"dissection: {done} / {total} images")
 
     thr = np.asarray(bundle.array("probe/threshold"), np.float32)
-    rows, inter, act, area, pooled = split_overlaps(lm, dataset, bundle.layer, fit, thr, batch_size, report=tick)
+    rows, inter, act, area, pooled = split_overlaps(
+        lm, dataset, bundle.layer, fit, thr, batch_size, report=tick
+    )
     bar.close()
     recs = [dataset.records[int(i)] for i in rows]
     concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)

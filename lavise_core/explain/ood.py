@@ -743,7 +743,9 @@ def calibration_images_for(dataset: Any, n: int = 600) -> tuple[list[Image.Image
     SynthBirds generator (indices the data set never uses), else the val split, else none (cross-fitting)."""
     gen = dataset.meta.get("generator") if isinstance(dataset.meta, dict) else None
     if dataset.source == "synthbirds" and isinstance(gen, dict):
-        imgs = fresh_synthbirds(n, 100000, seed=int(gen.get("seed", 0)), image_size=int(gen.get("image_size", 128)))
+        imgs = fresh_synthbirds(
+            n, 100000, seed=int(gen.get("seed", 0)), image_size=int(gen.get("image_size", 128))
+        )
         return imgs, f"{n} new SynthBirds images (generator indices 100000+)"
     val = np.flatnonzero(dataset.splits() == "val")[:n]
     if len(val):
@@ -751,20 +753,30 @@ def calibration_images_for(dataset: Any, n: int = 600) -> tuple[list[Image.Image
     return None, "5-fold cross-fitted train scores"
 
 
-def build_ood_stage(bundle: Any, dataset: Any, lm: Any, *, report: Any = None, progress: bool = False) -> dict:
+def build_ood_stage(
+    bundle: Any, dataset: Any, lm: Any, *, report: Any = None, progress: bool = False
+) -> dict:
     """Fit the upload check on the train split's features (:func:`fit_ood_from_dataset`), store it under
     ``ood/`` (:func:`save_ood`) with the test split's scores as the display reference."""
     import time
 
     t0 = time.perf_counter()
     splits = dataset.splits()
-    valid = np.asarray(bundle.array("probe/valid"), bool) if bundle.has("probe/valid") else np.ones(len(splits), bool)
+    valid = (
+        np.asarray(bundle.array("probe/valid"), bool)
+        if bundle.has("probe/valid")
+        else np.ones(len(splits), bool)
+    )
     train = np.flatnonzero((splits == "train") & valid)
     if not len(train):
         train = np.flatnonzero((splits != "test") & valid)
     test = np.flatnonzero((splits == "test") & valid)
     cal, how = calibration_images_for(dataset)
-    cb = None if report is None else (lambda done, total: report(done, total, f"upload check: {done} / {total} images"))
+    cb = (
+        None
+        if report is None
+        else (lambda done, total: report(done, total, f"upload check: {done} / {total} images"))
+    )
     model = fit_ood_from_dataset(lm, dataset, bundle.layer, train, calibration_images=cal, progress=cb,
                                  reference_indices=test if len(test) else None)  # fmt: skip
     save_ood(bundle, model)

@@ -217,7 +217,9 @@ def build_stages(
     say = progress or (lambda event: None)
     for name in options or {}:
         registry[name]  # an unknown stage name fails early
-    ctx = StageContext(bundle, dataset, settings, model_loader or bundle.load_model, options=dict(options or {}))
+    ctx = StageContext(
+        bundle, dataset, settings, model_loader or bundle.load_model, options=dict(options or {})
+    )
     n = len(order)
     for i, s in enumerate(order):
         if bundle.stage_done(s.name):

@@ -1,5 +1,4 @@
-"""Classes page: class descriptions and failure patterns.
-"""
+"""Classes page: class descriptions and failure patterns."""
 
 from __future__ import annotations
 
@@ -99,5 +98,3 @@ def class_report(ws: Workspace, max_errors: int = 24, split: str = "test") -> Cl
         for i in np.flatnonzero(sel & (pred != labels))[:max_errors]:
             errors.append({"index": int(i), "true": classes[labels[i]], "predicted": classes[int(pred[i])]})
     return ClassReport(desc, dnote, classes, conf, classes, acc, split, errors, confusing, note)
-
-

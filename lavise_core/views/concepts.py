@@ -1,5 +1,4 @@
-"""Concepts page: free-text concept search.
-"""
+"""Concepts page: free-text concept search."""
 
 from __future__ import annotations
 
@@ -22,12 +21,19 @@ class ConceptView:
     text: str
     status: str
     suggestions: list[tuple[str, float]]
-    filters: list[tuple[int, float, str, float]]  # filter, cosine, its best label, query's vote score
+    filters: list[tuple[int, float, str, float]]  # filter, match score, its best label, query's vote score
     images: list[tuple[bytes, int, float, str]]  # grounding overlay (JPEG), record, score, class
+    confident: bool = True
+    message: str = ""
+    weak: bool = False
+    method: str = "zero-shot"
 
 
 def concept_choices(ws: Workspace) -> list[tuple[str, str]]:
-    """Data set concepts for the suggestion box: ``[(phrase, "seen" | "zero-shot")]``."""
+    """Data set concepts for the suggestion box: ``[(phrase, "seen" | "zero-shot" | "annotated")]``."""
+    if not ws.has_lavise() and ws.has_dissection():
+        d = ws.dissection()
+        return [(c, "annotated") for c, part in zip(d.concepts, d.is_part, strict=True) if not part]
     lv = ws.lavise()
     return [(p, "seen") for p in lv.seen] + [(p, "zero-shot") for p in lv.unseen]
 
@@ -46,18 +52,17 @@ def concept_view(
 def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side: int) -> ConceptView:
     from lavise_core.explain.concept_query import grounding_heatmap
 
-    lv = ws.lavise()
-    res = lv.query(text, n_filters=n_filters, n_images=n_images)
+    res = ws.query(text, n=n_filters, n_images=n_images)
     best = _filter_labels(ws)[0]
     filters = [
         (int(k), float(s), str(best[k]), float(ls))
-        for k, s, ls in zip(res.filters, res.filter_scores, res.label_scores, strict=True)
+        for k, s, ls in zip(res.filters, res.scores, res.label_scores, strict=True)
     ]
     ds = ws.dataset()
     images = []
     if len(res.images):
         maps = ws.record_maps([int(i) for i in res.images])
-        w = res.filter_weights()
+        w = res.weights
         for i, s in zip(res.images, res.image_scores, strict=True):
             img = ws.record_image(int(i), side=side)
             heat = grounding_heatmap(maps[int(i)].astype(np.float32), res.filters, w)
@@ -69,6 +74,6 @@ def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side:
     status = {"unseen": "zero-shot (held out in training)", "seen": "seen in training"}.get(
         res.status, res.status
     )
-    return ConceptView(res.text, status, res.suggestions, filters, images)
-
-
+    return ConceptView(
+        res.text, status, res.suggestions, filters, images, res.confident, res.message, res.weak, res.method
+    )

@@ -1,5 +1,4 @@
-"""Data set page: concepts per class and background bias.
-"""
+"""Data set page: concepts per class and background bias."""
 
 from __future__ import annotations
 
@@ -102,5 +101,3 @@ def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:
         ds.name, len(ds), [(ds.classes[c], int(counts[c])) for c in range(K)], freq, names, fnote,
         bg, bg_names, spurious, bias, bnote,
     )  # fmt: skip
-
-

@@ -1,5 +1,4 @@
-"""Evaluation page: the stored evaluation results with their baselines.
-"""
+"""Evaluation page: the stored evaluation results with their baselines."""
 
 from __future__ import annotations
 
@@ -127,5 +126,3 @@ def flatten_tables(obj: Any, prefix: str = "") -> list[tuple[str, list[dict]]]:
             if isinstance(v, dict | list):
                 out.extend(flatten_tables(v, f"{prefix} / {k}" if prefix else str(k)))
     return out
-
-

@@ -1,5 +1,4 @@
-"""Filters page: the filter table, cards and one filter's detail.
-"""
+"""Filters page: the filter table, cards and one filter's detail."""
 
 from __future__ import annotations
 
@@ -12,7 +11,14 @@ from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
 from lavise_core.views.workspace import StageMissing, Workspace, _placeholder, build_hint
 
-__all__ = ["SORT_KEYS", "FilterDetail", "filter_card_image", "filter_detail", "filter_table", "select_filters"]
+__all__ = [
+    "SORT_KEYS",
+    "FilterDetail",
+    "filter_card_image",
+    "filter_detail",
+    "filter_table",
+    "select_filters",
+]
 
 
 # =========================================================================== filters
@@ -204,5 +210,3 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
         float(thr[k]) if thr is not None else None, inside, dis, dnote, source,
     )  # fmt: skip
-
-

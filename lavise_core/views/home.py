@@ -1,5 +1,4 @@
-"""Home page: the bundle overview and each filter's best label.
-"""
+"""Home page: the bundle overview and each filter's best label."""
 
 from __future__ import annotations
 
@@ -59,7 +58,9 @@ def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, n
 
         d = ws.dissection()
         sc = np.asarray(d.label_scores[:, 0], np.float32)
-        labels = [d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)]
+        labels = [
+            d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)
+        ]
         return labels, sc, "dissection (IoU)", sc >= IOU_MIN
     table = ws.label_table()
     if table is not None:
@@ -157,5 +158,3 @@ def overview(ws: Workspace) -> Overview:
         confident_score=CONFIDENT_SCORE if source.startswith("zero") else None,
         class_note=bundle_class_note(ws),
     )
-
-

@@ -23,8 +23,15 @@ from lavise_core.data.images import ImageLoadError, load_image
 from lavise_core.pipeline.bundle import Bundle, StageMissing
 from lavise_core.views.overlays import crop_to_view
 
-__all__ = ["BIAS_CONFIRM_SHARE", "CONFIDENT_LIFT", "CONFIDENT_SCORE", "StageMissing", "Workspace", "bundle_class_note", "model_label"]
-
+__all__ = [
+    "BIAS_CONFIRM_SHARE",
+    "CONFIDENT_LIFT",
+    "CONFIDENT_SCORE",
+    "StageMissing",
+    "Workspace",
+    "bundle_class_note",
+    "model_label",
+]
 
 
 #: a filter "has a confident concept" when its top LaViSE vote score (activation-weighted mean cosine of
@@ -71,7 +78,6 @@ def bundle_class_note(ws: Workspace) -> str | None:
         f"the probe images show ({len(classes)}: {shown}). Class names below are the network's own "
         "classes; the filters are explained with images it was not trained on."
     )
-
 
 
 # =========================================================================== workspace
@@ -140,7 +146,9 @@ class Workspace(Explainer):
         """The LaViSE vocabulary (``lavise/phrases.json``), read without loading the index."""
         table = self.label_table()
         if table is None:
-            raise StageMissing(f"this bundle has no LaViSE vocabulary: build it with `{build_hint(self.bundle)}`")
+            raise StageMissing(
+                f"this bundle has no LaViSE vocabulary: build it with `{build_hint(self.bundle)}`"
+            )
         return table[2]
 
     def filter_labels(self, k: int, n: int = 10) -> list[tuple[str, float, str]] | None:
@@ -226,7 +234,3 @@ def _placeholder(side: int, text: str) -> Image.Image:
     img = Image.new("RGB", (side, side), (235, 235, 235))
     ImageDraw.Draw(img).text((6, side // 2 - 6), text, fill=(90, 90, 90))
     return img
-
-
-
-
