@@ -8,6 +8,14 @@ the fit split (train + val) or on other concepts; nothing here is fitted on the 
 
 - **Labels**: share of filters whose top-1 label is in ``G_k`` — Network Dissection labels, zero-shot
   (LaViSE) labels, the Guo p.d.f.'s top attribute, and a random concept (expected ``|G_k| / T``).
+- **Concept search**: for each query, the precision of the filters it returns (at most 5; a query returns
+  only filters whose evidence passes the floor) against the test ``G_k`` of the intended concept, for seen
+  concepts, held-out concepts (the search index built WITHOUT their annotations), background kinds and
+  paraphrases in words the data set never uses; beside a random filter (the share of filters whose ``G_k``
+  holds the concept) and the unfloored top-5. Main column: concepts some filter detects on the test split.
+- **Abstention**: share of concepts absent from the data (everyday objects, scenes, textures; the evaluation
+  half of ``probe_sets/absent_concepts.json``) answered as confident (target ≤ 5 %), and of seen concepts that
+  some filter detects (target ≥ 90 %).
 - **Upload check**: share of the probe test images flagged (target ≤ 5 %) and of seeded images unlike any
   probe set (:mod:`lavise_core.data.ood_images`: photos, noise, flat colours, text, screenshots; target
   ≥ 95 %), beside the max-softmax baseline at the same false-alarm rate on the test images.
@@ -164,6 +172,127 @@ def _ood_section(bundle, dataset: ProbeDataset, lm, n_per_kind: int = 40, seed: 
     }
 
 
+def probe_set(name: str) -> dict:
+    """A JSON file of ``lavise_core/evaluate/probe_sets/`` (paraphrases, absent concepts)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "probe_sets" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _search_rows(
+    queries: Sequence[tuple[str, str]], qi, lex, table, emb, G: np.ndarray, concepts: Sequence[str]
+) -> dict[str, Any]:
+    """Precision of the returned filters for ``queries [(text, intended concept)]`` against ``G (C, T)``."""
+    from lavise_core.explain.concept_search import embed_query, rank_filters_for_query
+
+    pos = {c: j for j, c in enumerate(concepts)}
+    prec, prec0, p5, rand, n_ret, conf, detectable = [], [], [], [], [], [], []
+    for text, concept in queries:
+        t = pos.get(concept)
+        if t is None:
+            continue
+        q, qw = embed_query(text, emb, table, lexicon=lex)
+        a = rank_filters_for_query(q, qi, n=5, q_words=qw)
+        g = G[:, t]
+        detectable.append(bool(g.any()))
+        rand.append(float(g.mean()))
+        p5.append(float(g[a.ranked[:5]].mean()) if a.ranked is not None and len(a.ranked) else 0.0)
+        n_ret.append(len(a.filters))
+        conf.append(bool(a.confident))
+        prec.append(float(g[a.filters].mean()) if len(a.filters) else float("nan"))
+        prec0.append(prec[-1] if len(a.filters) else 0.0)
+    det = np.array(detectable, bool)
+
+    def mean(v, mask=None) -> float | None:
+        x = np.asarray(v, np.float64)
+        x = x[mask] if mask is not None else x
+        x = x[~np.isnan(x)]
+        return float(x.mean()) if x.size else None
+
+    return {
+        "queries": len(det),
+        "detectable": int(det.sum()),
+        "precision": mean(prec, det),
+        "precision_empty_as_0": mean(prec0, det),
+        "precision_all_concepts": mean(prec0),
+        "p_at_5_unfloored": mean(p5, det),
+        "random_filter": mean(rand, det),
+        "filters_returned": mean(n_ret, det),
+        "answered": mean([n > 0 for n in n_ret], det),
+        "confident": mean(conf, det),
+    }
+
+
+def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any]:
+    """Concept search and abstention (see the module docstring)."""
+    from lavise_core.explain.concept_search import (
+        embed_query,
+        rank_filters_for_query,
+        search_index,
+        word_table,
+    )
+    from lavise_core.explain.concepts import shared_embedder
+    from lavise_core.explain.lexicon import build_lexicon
+
+    emb = shared_embedder()
+    table: dict = {}
+    if (bundle.root / "lavise" / "index.json").is_file():
+        from lavise_core.explain.concepts import ConceptIndex
+
+        ix = ConceptIndex.load(bundle.root / "lavise", embedder=emb)
+        table = word_table(ix.phrases, np.asarray(ix.embeddings))
+    has_split = (bundle.root / "lavise" / "split.json").is_file()
+    split = bundle.read_json("lavise/split") if has_split else {"seen": [], "unseen": []}
+    concepts = list(d.concepts)
+    is_bg = np.array([c.endswith(" background") for c in concepts])
+    unseen = set(split.get("unseen", []))
+    deployed = search_index(concepts, d.rate, d.mean_iou, emb)
+    held = search_index(
+        concepts, d.rate, d.mean_iou, emb, known=np.array([c not in unseen for c in concepts])
+    )
+    lex_d, lex_h = build_lexicon(deployed.concepts), build_lexicon(held.concepts)
+    seen = [
+        c
+        for c, bg, part in zip(concepts, is_bg, d.is_part, strict=True)
+        if not bg and not part and c not in unseen
+    ]
+    para = probe_set("paraphrases")
+    out: dict[str, Any] = {
+        "seen": _search_rows([(c, c) for c in seen], deployed, lex_d, table, emb, G, concepts),
+        "held_out": _search_rows([(c, c) for c in sorted(unseen)], held, lex_h, table, emb, G, concepts),
+        "background": _search_rows(
+            [(c, c) for c, bg in zip(concepts, is_bg, strict=True) if bg],
+            deployed,
+            lex_d,
+            table,
+            emb,
+            G,
+            concepts,
+        ),
+        "paraphrases_development": _search_rows(
+            list(para["development"].items()), deployed, lex_d, table, emb, G, concepts
+        ),
+        "paraphrases_held_out": _search_rows(
+            list(para["held_out"].items()), deployed, lex_d, table, emb, G, concepts
+        ),
+    }
+    absent = probe_set("absent_concepts")
+    answers = []
+    for text in absent["evaluation"]:
+        q, qw = embed_query(text, emb, table, lexicon=lex_d)
+        answers.append(bool(rank_filters_for_query(q, deployed, n=5, q_words=qw).confident))
+    out["abstention"] = {
+        "absent_confident": float(np.mean(answers)),
+        "absent_concepts": len(answers),
+        "seen_detected_confident": out["seen"]["confident"],
+        "seen_detected": out["seen"]["detectable"],
+        "rule": "confident when some filter's estimated chance to hold the concept reaches 3/16 (exact match), "
+        f"else when the phrase is within cosine {deployed.sim_threshold:.3f} of a concept the layer detects",
+    }
+    return out
+
+
 def build_fidelity_stage(
     bundle,
     dataset: ProbeDataset,
@@ -190,6 +319,8 @@ def build_fidelity_stage(
     )  # fmt: skip
     res: dict[str, Any] = {"ground_truth": "G_k on the top-10 test images, IoU > 0.04 (METHODS.md §6)"}
     res["labels"] = _labels_section(bundle, dataset, d, G)
+    say(1, 3, "concept search and abstention")
+    res["search"] = _search_section(bundle, d, G)
     if bundle.has("ood/bank"):
         say(1, 3, "the upload check on seeded images unlike the probe set")
         res["ood"] = _ood_section(bundle, dataset, lm)
