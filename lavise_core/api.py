@@ -472,13 +472,11 @@ class Explainer:
         )  # fmt: skip
 
     def _query_evidence(self, text: str, n: int, n_images: int) -> ConceptAnswer:
-        from lavise_core.explain.concept_search import embed_query, rank_filters_for_query
-        from lavise_core.explain.lexicon import rewrite_query
+        from lavise_core.explain.concept_search import answer_query
 
         qi, lex, table, emb = self._search()
-        read_as = rewrite_query(text, lex)[0]
-        q, qw = embed_query(text, emb, table, lexicon=lex)
-        a = rank_filters_for_query(q, qi, n=n, q_words=qw)
+        d = self.dissection()
+        a, read_as = answer_query(text, qi, lex, table, emb, d.colour, d.regions, n=n)
         near = ", ".join(f"“{c}”" for c, _, _ in a.nearest[:4])
         shown = f"“{text}”" + (f" (read as “{read_as}”)" if read_as.strip().lower() != text.lower() else "")
         if not a.confident:
@@ -492,7 +490,10 @@ class Explainer:
                 f"Closest concepts the layer detects: {near}."
             )
         else:
-            how = "its annotated regions" if a.mode == "exact" else "the concepts that share its words"
+            how = {
+                "exact": "its annotated regions",
+                "colour+part": "the part's annotated regions and the colour of the pixels they fire on",
+            }.get(a.mode, "the concepts that share its words")
             message = (
                 f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
                 f"{shown}, judged by where they fire on {how} in the probe images."
@@ -500,7 +501,9 @@ class Explainer:
         w = np.clip(np.asarray(a.scores, np.float64), 0, None)
         w = (w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))).astype(np.float32)
         images, image_scores = self._images_for(a.filters, w, n_images)
-        status = "annotated concept" if a.mode == "exact" else "composed from annotated concepts"
+        status = {"exact": "annotated concept", "colour+part": "part masks + pixel colour"}.get(
+            a.mode, "composed from annotated concepts"
+        )
         if self.has_lavise():
             status = self.lavise().concept_status(read_as) if a.mode == "exact" else status
         return ConceptAnswer(

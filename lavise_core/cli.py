@@ -57,7 +57,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """The streaming probe pass only (stage ``probe``)."""
     import lavise_core
 
-    ex = lavise_core.build(args.model, args.data, args.layer, ["probe"], args.bundles, settings=_settings(args))
+    ex = lavise_core.build(
+        args.model, args.data, args.layer, ["probe"], args.bundles, settings=_settings(args)
+    )
     info = ex.bundle.manifest["stages"]["probe"]
     print(f"bundle: {ex.bundle.root}")
     print(f"probe: {info['valid']}/{info['images']} images in {info['seconds']} s, skipped {info['skipped']}")
@@ -76,7 +78,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name in [*stages, *(args.force or [])]:
         REGISTRY[name]  # unknown names fail here, with the list of stages
     ex = lavise_core.build(
-        args.model, args.data, args.layer, stages, args.bundles, force=args.force or (), settings=_settings(args)
+        args.model,
+        args.data,
+        args.layer,
+        stages,
+        args.bundles,
+        force=args.force or (),
+        settings=_settings(args),
     )
     _print_build(ex, ex.built)
     return 0
@@ -106,7 +114,10 @@ def cmd_stages(_args: argparse.Namespace) -> int:
 
     for s in REGISTRY:
         needs = ", ".join(s.needs) or "-"
-        print(f"{s.name:18s} needs {needs:10s} recipe {s.recipe}  {s.doc}" + ("" if s.default else "  (on request)"))
+        print(
+            f"{s.name:18s} needs {needs:10s} recipe {s.recipe}  {s.doc}"
+            + ("" if s.default else "  (on request)")
+        )
     return 0
 
 

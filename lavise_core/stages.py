@@ -99,7 +99,7 @@ REGISTRY = StageRegistry(
         Stage(
             "dissection",
             ("probe",),
-            1,
+            2,  # 2: pixel colours per part for the colour path of the concept search
             _dissection,
             "Network Dissection labels: IoU of each filter with each annotated concept",
         ),

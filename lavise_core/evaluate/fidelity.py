@@ -181,10 +181,11 @@ def probe_set(name: str) -> dict:
 
 
 def _search_rows(
-    queries: Sequence[tuple[str, str]], qi, lex, table, emb, G: np.ndarray, concepts: Sequence[str]
-) -> dict[str, Any]:
+    queries: Sequence[tuple[str, str]], qi, lex, table, emb, G: np.ndarray, concepts: Sequence[str],
+    d: DissectionTables | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Precision of the returned filters for ``queries [(text, intended concept)]`` against ``G (C, T)``."""
-    from lavise_core.explain.concept_search import embed_query, rank_filters_for_query
+    from lavise_core.explain.concept_search import answer_query
 
     pos = {c: j for j, c in enumerate(concepts)}
     prec, prec0, p5, rand, n_ret, conf, detectable = [], [], [], [], [], [], []
@@ -192,8 +193,7 @@ def _search_rows(
         t = pos.get(concept)
         if t is None:
             continue
-        q, qw = embed_query(text, emb, table, lexicon=lex)
-        a = rank_filters_for_query(q, qi, n=5, q_words=qw)
+        a, _ = answer_query(text, qi, lex, table, emb, d.colour if d else None, d.regions if d else (), n=5)
         g = G[:, t]
         detectable.append(bool(g.any()))
         rand.append(float(g.mean()))
@@ -226,12 +226,7 @@ def _search_rows(
 
 def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any]:
     """Concept search and abstention (see the module docstring)."""
-    from lavise_core.explain.concept_search import (
-        embed_query,
-        rank_filters_for_query,
-        search_index,
-        word_table,
-    )
+    from lavise_core.explain.concept_search import answer_query, search_index, word_table
     from lavise_core.explain.concepts import shared_embedder
     from lavise_core.explain.lexicon import build_lexicon
 
@@ -258,30 +253,22 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
         if not bg and not part and c not in unseen
     ]
     para = probe_set("paraphrases")
-    out: dict[str, Any] = {
-        "seen": _search_rows([(c, c) for c in seen], deployed, lex_d, table, emb, G, concepts),
-        "held_out": _search_rows([(c, c) for c in sorted(unseen)], held, lex_h, table, emb, G, concepts),
-        "background": _search_rows(
-            [(c, c) for c, bg in zip(concepts, is_bg, strict=True) if bg],
-            deployed,
-            lex_d,
-            table,
-            emb,
-            G,
-            concepts,
-        ),
-        "paraphrases_development": _search_rows(
-            list(para["development"].items()), deployed, lex_d, table, emb, G, concepts
-        ),
-        "paraphrases_held_out": _search_rows(
-            list(para["held_out"].items()), deployed, lex_d, table, emb, G, concepts
-        ),
+    bgs = [(c, c) for c, bg in zip(concepts, is_bg, strict=True) if bg]
+    groups = {
+        "seen": ([(c, c) for c in seen], deployed, lex_d),
+        "held_out": ([(c, c) for c in sorted(unseen)], held, lex_h),  # the index never saw their annotations
+        "background": (bgs, deployed, lex_d),
+        "paraphrases_development": (list(para["development"].items()), deployed, lex_d),
+        "paraphrases_held_out": (list(para["held_out"].items()), deployed, lex_d),
     }
-    absent = probe_set("absent_concepts")
-    answers = []
-    for text in absent["evaluation"]:
-        q, qw = embed_query(text, emb, table, lexicon=lex_d)
-        answers.append(bool(rank_filters_for_query(q, deployed, n=5, q_words=qw).confident))
+    out: dict[str, Any] = {
+        name: _search_rows(queries, qi, lex, table, emb, G, concepts, d)
+        for name, (queries, qi, lex) in groups.items()
+    }
+    answers = [
+        bool(answer_query(text, deployed, lex_d, table, emb, d.colour, d.regions)[0].confident)
+        for text in probe_set("absent_concepts")["evaluation"]
+    ]
     out["abstention"] = {
         "absent_confident": float(np.mean(answers)),
         "absent_concepts": len(answers),

@@ -4,9 +4,12 @@ For filter k and its top-p images: the map ``A_k`` (``probe/top_maps``) is bilin
 network-input crop of the region label map (resized, nearest, to ``eval_size``²) and thresholded at
 ``probe/threshold`` (the 0.995 activation quantile, Network Dissection). For each concept t of the
 data set, ``IoU_t = Σ_i |M_t,i ∩ T_i| / Σ_i |M_t,i ∪ T_i|`` over the p images (images without t add
-``|T_i|`` to the union). ``G_k = {t : IoU_t > 0.04}``; ``W_k`` = the explainer's top-s phrases;
-``recall@s = |G ∩ W| / |G|``, averaged over the filters with non-empty G, separately for seen and
-unseen concepts.
+``|T_i|`` to the union). Concepts are the region phrases and one ``"{kind} background"`` phrase per image
+(label 0, the pixels outside the object; ``meta["background"]``). ``G_k = {t : IoU_t > 0.04}``; ``W_k`` = the
+explainer's top-s phrases; ``recall@s = |G ∩ W| / |G|``, averaged over the filters with non-empty G,
+separately for seen and unseen region concepts (``recall``) and for the background concepts
+(``recall_backgrounds``; they are always seen); ``top1_in_gt``: share of all filters whose top-1 label is in
+``G_k``.
 
 Rows of the table (each with the size of the vocabulary it ranks):
 
@@ -17,7 +20,7 @@ Rows of the table (each with the size of the vocabulary it ranks):
 - *LaViSE, oracle vocabulary* — the same attention features and head, ranking only the data set's
   concepts (the comparison fair the other way: no general phrase can crowd the list);
 - *random (data-set concepts)* — s phrases drawn from the data set's concepts only: ``s / |D|``,
-  the baseline of the oracle row.
+  the baseline of the oracle row and of any labeller with a data-set prior (``LaviseSettings.dataset_prior``).
 
 Sanity check: the CNN's weights are re-initialised; region features, the head (retrained on the
 randomised features, as LaViSE would), top images, thresholds and labels are all recomputed on a subset
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.explain.concepts import ConceptIndex
+from lavise_core.explain.concepts import ConceptIndex, background_phrase
 from lavise_core.explain.lavise import LaviseExplainer
 from lavise_core.explain.lavise_head import extract_region_features, train_head, training_targets
 from lavise_core.explain.lavise_labels import (
@@ -46,7 +49,15 @@ from lavise_core.explain.lavise_labels import (
 )
 from lavise_core.explain.lavise_settings import LaviseSettings
 
-__all__ = ["concept_ground_truth", "evaluate_lavise", "format_tables", "random_recall", "recall_at"]
+__all__ = [
+    "concept_ground_truth",
+    "evaluate_lavise",
+    "format_tables",
+    "random_recall",
+    "random_top1",
+    "recall_at",
+    "top1_in_gt",
+]
 
 IOU_MIN = 0.04
 
@@ -72,10 +83,12 @@ def concept_ground_truth(
     p: int,
     eval_size: int = 64,
     iou_min: float = IOU_MIN,
+    backgrounds: bool = True,
 ) -> list[dict[str, float]]:
     """For each filter: ``{concept: IoU}`` of the concepts with IoU > ``iou_min`` (see module docstring).
 
-    ``top_index (C, k)``, ``top_maps (C, k, h, w)``, ``threshold (C,)``.
+    ``top_index (C, k)``, ``top_maps (C, k, h, w)``, ``threshold (C,)``. ``backgrounds``: label 0 of an image
+    is the concept ``"{kind} background"`` of its ``meta["background"]``.
     """
     cache: dict[int, np.ndarray | None] = {}
     region_val = {name: r + 1 for r, name in enumerate(dataset.regions)}
@@ -108,6 +121,9 @@ def concept_ground_truth(
                 for ph in phrases:
                     ph = ph.strip().lower()
                     masks[ph] = masks[ph] | m if ph in masks else m
+            bg = background_phrase(dataset.records[i].meta.get("background")) if backgrounds else None
+            if bg is not None:
+                masks[bg] = masks[bg] | (lab == 0) if bg in masks else lab == 0
             for ph, m in masks.items():
                 inter[ph] = inter.get(ph, 0.0) + float((m & t).sum())
                 union_in[ph] = union_in.get(ph, 0.0) + float((m | t).sum())
@@ -152,6 +168,21 @@ def random_recall(gt: list[dict[str, float]], concepts: set[str], pool: set[str]
             inside = len(gs) if isinstance(pool, int) else len(gs & pool)
             vals.append(share * inside / len(gs))
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def top1_in_gt(gt: list[dict[str, float]], words: list[list[str]]) -> float:
+    """Share of all filters whose top-1 label is in ``G_k`` (filters with an empty ``G_k`` count as misses)."""
+    hits = [bool(w) and w[0] in g for g, w in zip(gt, words, strict=True)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def random_top1(gt: list[dict[str, float]], pool: set[str] | int) -> float:
+    """Expected :func:`top1_in_gt` of one phrase drawn uniformly from ``pool`` (phrases, or their number when
+    every concept is in it): mean over all filters of ``|G ∩ pool| / |pool|``."""
+    n = pool if isinstance(pool, int) else len(pool)
+    if not n or not gt:
+        return float("nan")
+    return float(np.mean([(len(g) if isinstance(pool, int) else len(set(g) & pool)) / n for g in gt]))
 
 
 def _words(ids: np.ndarray, phrases: list[str]) -> list[list[str]]:
@@ -219,8 +250,15 @@ def evaluate_lavise(
     """
     t0 = time.perf_counter()
     ex = LaviseExplainer(bundle)
+    stored = ex.settings()
+    # heads stored before these settings existed: the old recipe (margin loss, no rows of backgrounds, no prior)
+    old = {"loss": "margin", "background_rows": False, "dataset_prior": 0.0}
     st = LaviseSettings(
-        **{k: v for k, v in ex.settings().items() if k in LaviseSettings.__dataclass_fields__}
+        **{
+            k: v
+            for k, v in ({**old, **stored} if stored else {}).items()
+            if k in LaviseSettings.__dataclass_fields__
+        }
     )
     phrases = ex.index.phrases
     top_index = np.asarray(bundle.array("probe/top_index"))
@@ -240,7 +278,11 @@ def evaluate_lavise(
         p,
         eval_size,
     )
-    seen, unseen = set(ex.seen), set(ex.unseen)
+    split = bundle.read_json("lavise/split")
+    bgs = {background_phrase(r.meta.get("background")) for r in dataset.records} - {None}
+    bgs |= set(split.get("backgrounds", []))
+    # "seen" stays the split's seen *region* concepts (comparable with older results); backgrounds apart
+    seen, unseen = set(ex.seen) - bgs, set(ex.unseen)
     words = _words(np.asarray(ex.label_ids)[ks], phrases)
     noatt = no_attention_labels(bundle.array("probe/pooled"), top_index, top_value, ex.head, ex.index, st, ks)
     words_noatt = _words(noatt.ids, phrases)
@@ -263,7 +305,7 @@ def evaluate_lavise(
         object_fraction=False,
     )
     words_oracle = _words(
-        labels_from_features(v, top_value[ks], ex.head, oracle, st.top_s, st.labels_per_filter).ids,
+        labels_from_features(v, top_value[ks], ex.head, oracle, st.top_s, st.labels_per_filter, 0.0).ids,
         ds_phrases,
     )
     res: dict = {
@@ -273,6 +315,8 @@ def evaluate_lavise(
         "dataset_vocabulary": len(ds_phrases),
         "seen": len(seen),
         "unseen": len(unseen),
+        "backgrounds": len(bgs),
+        "dataset_prior": st.dataset_prior,
     }
     table = {}
     for s in s_values:
@@ -287,6 +331,26 @@ def evaluate_lavise(
                 "filters_with_gt": n,
             }
     res["recall"] = table
+    bg_table = {}
+    for s in s_values:
+        for name, cs in (("background", bgs), ("seen_with_backgrounds", seen | bgs)):
+            r, n = recall_at(gt, words, cs, s)
+            bg_table[f"{name}@{s}"] = {
+                "lavise": r,
+                "no_attention": recall_at(gt, words_noatt, cs, s)[0],
+                "random_vocabulary": random_recall(gt, cs, len(phrases), s),
+                "lavise_oracle_vocabulary": recall_at(gt, words_oracle, cs, s)[0],
+                "random_dataset_concepts": random_recall(gt, cs, set(ds_phrases), s),
+                "filters_with_gt": n,
+            }
+    res["recall_backgrounds"] = bg_table
+    res["top1_in_gt"] = {
+        "lavise": top1_in_gt(gt, words),
+        "no_attention": top1_in_gt(gt, words_noatt),
+        "random_vocabulary": random_top1(gt, len(phrases)),
+        "lavise_oracle_vocabulary": top1_in_gt(gt, words_oracle),
+        "random_dataset_concepts": random_top1(gt, set(ds_phrases)),
+    }
     res["filters_with_any_gt"] = int(sum(bool(g) for g in gt))
     if sanity:
         res["sanity"] = _sanity_check(
@@ -330,8 +394,9 @@ def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, s
     heads = {}
     for name, model in (("trained", lm), ("randomised", _reinitialised(lm, seed))):
         rf = extract_region_features(
-            model, _Reindexed(dataset, sub), layer, None, st.image_batch, st.min_region_cells
-        )
+            model, _Reindexed(dataset, sub), layer, None, st.image_batch, st.min_region_cells,
+            background_rows=st.background_rows,
+        )  # fmt: skip
         rows, y, used = training_targets(rf.concepts, ex.seen)
         e = np.asarray(ex.index.embeddings[np.array([ex.index.position(u) for u in used])], np.float32)
         heads[name], _ = train_head(rf.features[rows], y, e, quick, groups=rf.image[rows])
@@ -343,7 +408,9 @@ def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, s
         for key, head in ((name, heads[name]),) + (
             (("randomised_head_not_retrained", heads["trained"]),) if name == "randomised" else ()
         ):
-            labels = labels_from_features(v, tv[ks], head, ex.index, st.top_s, st.labels_per_filter)
+            labels = labels_from_features(
+                v, tv[ks], head, ex.index, st.top_s, st.labels_per_filter, st.dataset_prior
+            )
             out[key] = _label_stats(gt, _words(labels.ids, ex.index.phrases), seen, unseen)
     out["random_phrases@20"] = min(1.0, 20 / len(ex.index))
     a = out["trained"].pop("top1")
@@ -390,6 +457,19 @@ def format_tables(res: dict) -> str:
         f"{'filters with ground truth':54s}"
         + "".join(f"{res['recall'][c]['filters_with_gt']:10d}" for c in cols)
     )
+    if "top1_in_gt" in res:
+        lines.append(
+            f"Top-1 label in G_k (all {res['filters']} filters; data-set prior {res.get('dataset_prior', 0)}):"
+        )
+        for key, title, vocab in ROWS:
+            if key in res["top1_in_gt"]:
+                lines.append(f"  {title:45s}{res.get(vocab, 0):7d}{res['top1_in_gt'][key]:10.3f}")
+    if res.get("recall_backgrounds"):
+        bt = res["recall_backgrounds"]
+        lines.append(
+            f"Background concepts ({res.get('backgrounds', 0)}, always seen): LaViSE "
+            + "  ".join(f"{c} {bt[c]['lavise']:.3f}" for c in bt)
+        )
     if "sanity" in res:
         s = res["sanity"]
         lines.append(

@@ -99,7 +99,6 @@ PAPER_RETRIEVAL = {"recall": 30.9, "true_negative": 92.9, "accuracy": 27.9}
 PAPER_BLEU = {"correct": 0.415, "wrong": 0.381, "overall": 0.409}
 
 
-
 # =========================================================================== pure metrics
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """``(N, T)`` bool, True at each row's ``k`` largest scores (ties: lower index first)."""
@@ -441,7 +440,9 @@ def _grounding(
         "proposed": filter_specificity(pdf_cols),
     }
     if ex.part_learned is not None and np.asarray(ex.part_learned)[cols].any():
-        weights["parts"] = ex.grounding_weights(cols, "auto")  # part-supervised (lavise_core.explain.grounding)
+        weights["parts"] = ex.grounding_weights(
+            cols, "auto"
+        )  # part-supervised (lavise_core.explain.grounding)
     grid = receptive_field_centres(lm.model, layer, lm.input_size, seed=seed)
     rng = np.random.default_rng(seed)
     preds: dict[str, list[np.ndarray]] = {f"{m}{g}": [] for m in weights for g in ("", "_cell_grid")}

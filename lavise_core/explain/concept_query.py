@@ -144,5 +144,3 @@ def grounding_heatmap(
         ]
     mx = float(h.max())
     return (h / mx if mx > 0 else h).numpy().astype(np.float32)
-
-

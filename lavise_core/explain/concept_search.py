@@ -17,6 +17,11 @@ embeddings (held-out concepts' columns can be dropped, for evaluation).
 - *composed* (otherwise): each content word picks the known concepts sharing a similar word and a filter
   scores the geometric mean over the words of their expected IoU ("red wing" never annotated -> filters
   that answer to "red …" AND to "… wing");
+- *colour + part* (a query that is not a known concept and reads as "<colour> <part>" after the lexicon):
+  filters are scored from PIXELS and part masks, never from the concept's attribute labels — the part's
+  evidence (the part-name concept's expected IoU) ^ 0.5 × the share of the filter's firing pixels inside that
+  part whose nearest basic colour is the query's (:mod:`lavise_core.explain.part_colour`); a unit that fires
+  on red breasts answers "crimson chest" even when "red breast" was never annotated;
 - ``confident``: exact -> some filter detects the concept (``rate ≥ min_rate``); otherwise the phrase
   cosine to the nearest *detected* concept is ≥ ``sim_threshold`` (calibrated on phrases absent from the data:
   objects, scenes and textures SynthBirds never draws). ``nearest`` lists the detected concepts closest to the
@@ -36,6 +41,7 @@ __all__ = [
     "SEARCH_SETTINGS",
     "QueryAnswer",
     "QueryIndex",
+    "answer_query",
     "build_query_index",
     "embed_query",
     "query_words",
@@ -331,3 +337,37 @@ def search_index(
     floor = np.where(is_bg, FLOOR_RATE_BACKGROUND, FLOOR_RATE_PART).astype(np.float32)
     settings = {**SEARCH_SETTINGS, "floor_rate": floor, **overrides}
     return build_query_index(phrases, emb, rate, mean_iou, known=keep, embedder=embedder, **settings)
+
+
+#: colour path settings, chosen on the fit split with the seen colour + part concepts (floor: 90 % answered)
+COLOUR_PATH = {"mode": "hist", "power": 0.5, "min_count": 20.0, "floor": 0.041}
+
+
+def answer_query(
+    text: str, qi: QueryIndex, lexicon, words_table: dict, embedder, colour: dict | None = None,
+    regions: Sequence[str] = (), n: int = 5,
+) -> tuple[QueryAnswer, str]:  # fmt: skip
+    """The whole search for ``text`` -> ``(answer, the text as read by the lexicon)``: :func:`embed_query` +
+    :func:`rank_filters_for_query`, and the colour path when ``colour`` (the dissection stage's ``hist``,
+    ``count``, ``palette_lab``) is given and the query, not a known concept, reads as "<colour> <part>"."""
+    from lavise_core.explain.lexicon import rewrite_query
+    from lavise_core.explain.part_colour import rank_colour_part
+
+    read_as = rewrite_query(text, lexicon)[0] if lexicon is not None else text
+    q, qw = embed_query(text, embedder, words_table, lexicon=lexicon)
+    a = rank_filters_for_query(q, qi, n=n, q_words=qw)
+    if colour is None or a.mode == "exact" or not a.confident or not regions:
+        return a, read_as
+    part_ev = {r: qi.iou[qi.concepts.index(r)] for r in regions if r in qi.concepts}
+    hit = rank_colour_part(
+        read_as, [r for r in regions if r in part_ev], part_ev, colour, colour["palette_lab"], n=n,
+        **{k: v for k, v in COLOUR_PATH.items()},
+    )  # fmt: skip
+    if hit is None:
+        return a, read_as
+    filters, scores, ranked = hit
+    answer = QueryAnswer(
+        filters, scores.astype(np.float32), bool(len(filters)), a.nearest, a.similarity, "colour+part", ranked,
+        np.zeros(len(ranked), np.float32), False,
+    )  # fmt: skip
+    return answer, read_as

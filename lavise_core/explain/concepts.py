@@ -46,6 +46,7 @@ import numpy as np
 from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "BACKGROUND_TEMPLATE",
     "COLOUR_ADJECTIVES",
     "CONCRETE_NOUNS",
     "DEFAULT_MODEL_ID",
@@ -55,7 +56,9 @@ __all__ = [
     "ConceptIndex",
     "TextEmbedder",
     "VocabularySettings",
+    "background_phrase",
     "build_vocabulary",
+    "dataset_backgrounds",
     "dataset_concepts",
     "default_cache_dir",
     "general_vocabulary",
@@ -377,14 +380,32 @@ def load_general_vocabulary(
     return phrases, emb
 
 
+#: A background kind's concept phrase: ``"water"`` -> ``"water background"``.
+BACKGROUND_TEMPLATE = "{} background"
+
+
+def background_phrase(kind: str | None) -> str | None:
+    """The concept phrase of a background kind (a record's ``meta["background"]``), or None without one."""
+    if not kind or not str(kind).strip():
+        return None
+    return BACKGROUND_TEMPLATE.format(str(kind).strip().lower())
+
+
+def dataset_backgrounds(dataset: ProbeDataset) -> list[str]:
+    """Sorted background phrases of a data set (:func:`background_phrase` of every record's background kind)."""
+    out = {background_phrase(r.meta.get("background")) for r in dataset.records}
+    return sorted(p for p in out if p)
+
+
 def dataset_concepts(dataset: ProbeDataset) -> list[str]:
-    """Sorted concept phrases of a data set: every ``region_concepts`` phrase and every attribute."""
-    out: set[str] = set()
+    """Sorted concept phrases of a data set: every ``region_concepts`` phrase, every attribute and one
+    ``"{kind} background"`` phrase per background kind (``meta["background"]``; the pixels outside the object)."""
+    out: set[str] = set(dataset_backgrounds(dataset))
     for r in dataset.records:
         out.update(r.attributes)
         for phrases in r.region_concepts.values():
             out.update(phrases)
-    return sorted(p.strip().lower() for p in out if p.strip())
+    return sorted({p.strip().lower() for p in out if p.strip()})
 
 
 def build_vocabulary(

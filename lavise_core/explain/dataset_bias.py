@@ -190,5 +190,3 @@ def background_association(
         auc[c] = u.statistic / (own.sum() * (~own).sum())
         p[c] = u.pvalue
     return auc, p, score
-
-

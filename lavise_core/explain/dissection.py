@@ -271,18 +271,24 @@ def activation_thresholds(
 def split_overlaps(
     lm, dataset: ProbeDataset, layer: str, indices: Sequence[int], threshold: np.ndarray,
     batch_size: int = 64, size: int = EVAL_SIZE, report: Callable[[int, int], None] | None = None,
+    colour: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """One forward pass over the records ``indices`` -> ``(rows (N,), inter (N, C, R+1), act (N, C),
     area (N, R+1), pooled (N, C))`` for the images that have a label map (the others are left out).
 
+    ``colour``: a dict with ``"palette_lab" (P, 3)``; the pixel colours of each filter's firing region per part
+    slot are then summed into it (:func:`~lavise_core.explain.part_colour.part_colour_stats`: ``count``,
+    ``lab_sum``, ``hist``), for the colour path of the concept search.
     Memory: the counts only (``N × C × (R+1)`` float32), never the maps.
     """
+    from lavise_core.explain.part_colour import add_stats, images_to_lab, part_colour_stats
+
     n_slots = len(dataset.regions) + 1
     thr = np.asarray(threshold, np.float32)
     rows, inter, act, area, pooled = [], [], [], [], []
     done, total = 0, len(indices)
     with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
-        for batch, x, _ in image_batches(dataset, lm, indices, batch_size):
+        for batch, x, images in image_batches(dataset, lm, indices, batch_size):
             done += len(batch)
             labels = [(_label_crops(dataset, lm, [i], size), i) for i in batch]
             keep = [j for j, (lab, _) in enumerate(labels) if lab is not None]
@@ -296,6 +302,11 @@ def split_overlaps(
                 act.append(a_)
                 area.append(r_)
                 pooled.append(m.mean((2, 3)).numpy())
+                if colour is not None:
+                    kept = [images[j] for j in keep]
+                    lab64 = images_to_lab(kept, [lm.crop_box(*im.size) for im in kept], size)
+                    stats = part_colour_stats(m, lab, lab64, thr, n_slots, colour["palette_lab"])
+                    colour["stats"] = add_stats(colour.get("stats"), stats)
             if report is not None:
                 report(done, total)
     if not rows:
@@ -314,6 +325,15 @@ class DissectionTables:
 
     def __init__(self, bundle) -> None:
         self.concepts: list[str] = list(bundle.read_json("dissection/concepts"))
+        self.regions: list[str] = []
+        self.colour: dict | None = None  # the colour path's evidence (explain.part_colour), when stored
+        if bundle.has("dissection/colour_hist"):
+            self.colour = {
+                "hist": np.asarray(bundle.array("dissection/colour_hist"), np.float64),
+                "count": np.asarray(bundle.array("dissection/colour_count"), np.float64),
+                "palette_lab": np.asarray(bundle.array("dissection/palette_lab"), np.float64),
+            }
+            self.regions = list(bundle.read_json("dissection/regions"))
         self.iou = bundle.array("dissection/iou")
         self.label_ids = bundle.array("dissection/label_ids")
         self.label_scores = bundle.array("dissection/label_scores")
@@ -345,7 +365,8 @@ def build_dissection_stage(
 
     Writes ``dissection/concepts.json`` (T), ``dissection/iou (C, T)``, ``dissection/label_ids`` and
     ``label_scores (C, L)``, ``dissection/rate`` and ``mean_iou (C, T)`` (:func:`subsampled_ground_truth`
-    with ``draws`` subsets the size of the test split), ``dissection/is_part (T,)``. A data set without
+    with ``draws`` subsets the size of the test split), ``dissection/is_part (T,)``, and the colour path's
+    ``dissection/colour_hist (C, R+1, P)``, ``colour_count (C, R+1)``, ``palette_lab (P, 3)``. A data set without
     region label maps is recorded as ``{"skipped": why}``.
     """
     from tqdm import tqdm
@@ -363,9 +384,15 @@ def build_dissection_stage(
         if report is not None:
             report(done, total, f"dissection: {done} / {total} images")
 
+    from lavise_core.explain.part_colour import default_palette
+
     thr = np.asarray(bundle.array("probe/threshold"), np.float32)
+    fit_recs = [dataset.records[i] for i in fit]
+    words = {w for c in dissection_concepts(fit_recs, regions=dataset.regions) for w in c.split()}
+    palette_names, palette_lab = default_palette(sorted(words))
+    colour = {"palette_lab": palette_lab}
     rows, inter, act, area, pooled = split_overlaps(
-        lm, dataset, bundle.layer, fit, thr, batch_size, report=tick
+        lm, dataset, bundle.layer, fit, thr, batch_size, report=tick, colour=colour
     )
     bar.close()
     recs = [dataset.records[int(i)] for i in rows]
@@ -383,6 +410,12 @@ def build_dissection_stage(
     bundle.write_array("dissection/rate", rate.astype(np.float32))
     bundle.write_array("dissection/mean_iou", mean.astype(np.float32))
     bundle.write_array("dissection/is_part", is_part)
+    if "stats" in colour:
+        bundle.write_array("dissection/colour_hist", colour["stats"]["hist"].astype(np.float32))
+        bundle.write_array("dissection/colour_count", colour["stats"]["count"].astype(np.float32))
+        bundle.write_array("dissection/palette_lab", palette_lab.astype(np.float32))
+        bundle.write_json("dissection/palette", palette_names)
+        bundle.write_json("dissection/regions", list(dataset.regions))
     labelled = int((scores[:, 0] >= IOU_MIN).sum())
     return {
         "seconds": round(time.perf_counter() - t0, 2),

@@ -27,7 +27,14 @@ from lavise_core.explain.lavise_head import (
 from lavise_core.explain.lavise_labels import compute_filter_labels
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings
 
-__all__ = ["RECIPES", "SUBSTAGES", "LaviseExplainer", "build_lavise_stage", "insight_for_bundle", "settings_dict"]
+__all__ = [
+    "RECIPES",
+    "SUBSTAGES",
+    "LaviseExplainer",
+    "build_lavise_stage",
+    "insight_for_bundle",
+    "settings_dict",
+]
 
 
 # ============================================================================ the explainer as a whole
@@ -114,7 +121,9 @@ def _region_concept_phrases(dataset: ProbeDataset) -> list[str]:
 
 #: Recipe version of the LaViSE sub-stages whose outputs changed; a bundle with an older one redoes them.
 #: 2: background features from painted-out images; the objects' area share per filter.
-RECIPES = {"lavise_regions": 2, "lavise_filters": 2}
+#: Zero-shot recipe (index 2, regions 3, head 2, filters 3): "{kind} background" phrases among the data set's
+#: phrases and always seen; one background row per image; multi-label softmax head; labels with the data-set prior.
+RECIPES = {"lavise_index": 2, "lavise_regions": 3, "lavise_head": 2, "lavise_filters": 3}
 
 
 def build_lavise_stage(
@@ -139,6 +148,7 @@ def build_lavise_stage(
     """
     from lavise_core.explain.concepts import (
         build_vocabulary,
+        dataset_backgrounds,
         dataset_concepts,
         load_general_vocabulary,
         shared_embedder,
@@ -169,17 +179,26 @@ def build_lavise_stage(
         seen, unseen = concept_split(
             _region_concept_phrases(dataset), settings.seen_fraction, settings.split_seed
         )
+        # background kinds are not split: all seen (trained on; SynthBirds has 7)
+        backgrounds = [b for b in dataset_backgrounds(dataset) if b not in unseen]
         bundle.write_json(
             "lavise/split",
             {
-                "seen": seen,
+                "seen": sorted(set(seen) | set(backgrounds)),
                 "unseen": unseen,
+                "backgrounds": backgrounds,
                 "seed": settings.split_seed,
                 "seen_fraction": settings.seen_fraction,
             },
         )
         bundle.mark_stage(
-            "lavise_index", {"phrases": len(phrases), "dataset_phrases": n_ds, "kind": index.kind}
+            "lavise_index",
+            {
+                "phrases": len(phrases),
+                "dataset_phrases": n_ds,
+                "kind": index.kind,
+                "recipe": RECIPES["lavise_index"],
+            },
         )
     index = ConceptIndex.load(lav, embedder=emb_model)
     split = bundle.read_json("lavise/split")
@@ -192,7 +211,7 @@ def build_lavise_stage(
         has_train = any(r.split == "train" and r.mask for r in dataset.records)
         rf = extract_region_features(
             lm, dataset, layer, "train" if has_train else None, settings.image_batch,
-            settings.min_region_cells, progress=progress,
+            settings.min_region_cells, progress=progress, background_rows=settings.background_rows,
         )  # fmt: skip
         rf.save(bundle)
         bundle.mark_stage(
@@ -221,7 +240,9 @@ def build_lavise_stage(
             head, lav, {"settings": asdict(settings), "log": log, "trained_concepts": used, "layer": layer}
         )
         bundle.mark_stage(
-            "lavise_head", {k: v for k, v in log.items() if k != "loss"} | {"final_loss": log["loss"][-1]}
+            "lavise_head",
+            {k: v for k, v in log.items() if k != "loss"}
+            | {"final_loss": log["loss"][-1], "recipe": RECIPES["lavise_head"]},
         )
     head, _ = load_head(lav)
     timings["head"] = time.perf_counter() - t

@@ -3,9 +3,12 @@
 1. **Region features** (one streaming pass over the train split): for each annotated region r of an
    image, the region's indicator in the label map is cropped like the network input
    (:meth:`LoadedModel.crop_box`) and area-averaged to the map size ``h × w`` -> weights ``m (h, w)``;
-   the region feature is the masked mean ``v_r = Σ_hw F · m / Σ_hw m``  ``(C,)``.
-2. **Explainer head** ``g``: BN → Dropout → Linear(C, C) → ReLU → BN → Dropout → Linear(C, d), trained with
-   the cosine margin-ranking loss :func:`cosine_margin_ranking_loss` on the *seen* concepts only.
+   the region feature is the masked mean ``v_r = Σ_hw F · m / Σ_hw m``  ``(C,)``. Each row carries the
+   region's full concept set (multi-label). With ``background_rows`` every image also gives one row for the
+   pixels outside the object (label 0) with the concept ``"{kind} background"`` (``meta["background"]``).
+2. **Explainer head** ``g``: BN → Dropout → Linear(C, C) → ReLU → BN → Dropout → Linear(C, d), trained on the
+   *seen* concepts only with the multi-label softmax loss :func:`multilabel_softmax_loss` (default) or
+   LaViSE's cosine margin-ranking loss :func:`cosine_margin_ranking_loss`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,25 @@ from torch import nn
 from tqdm import tqdm
 
 from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes
+from lavise_core.explain.concepts import background_phrase
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings, torch_threads
 from lavise_core.pipeline.probe import image_batches
 
-__all__ = ["ExplainerHead", "RegionFeatures", "attention_pool", "concept_split", "cosine_margin_ranking_loss", "extract_region_features", "load_head", "mask_weights", "paint_out_object", "save_head", "train_head", "training_targets"]
+__all__ = [
+    "ExplainerHead",
+    "RegionFeatures",
+    "attention_pool",
+    "concept_split",
+    "cosine_margin_ranking_loss",
+    "extract_region_features",
+    "load_head",
+    "mask_weights",
+    "multilabel_softmax_loss",
+    "paint_out_object",
+    "save_head",
+    "train_head",
+    "training_targets",
+]
 
 
 # ============================================================================ masks and pooling
@@ -148,8 +166,14 @@ def extract_region_features(
     min_region_cells: float = 0.25,
     max_images: int | None = None,
     progress: bool = False,
+    background_rows: bool = True,
 ) -> RegionFeatures:
-    """One streaming pass: masked mean-pooled ``(R, C)`` features of every annotated region (METHODS §2)."""
+    """One streaming pass: masked mean-pooled ``(R, C)`` features of every annotated region (METHODS §2).
+
+    With ``background_rows``, each image with a background kind (``meta["background"]``) also gives one row
+    for its pixels outside the object (label 0 of the intact image), region ``"background"``, concepts
+    ``["{kind} background"]``. (The painted-out ``background`` features are separate: the bias test.)
+    """
     from lavise_core.models.networks import forward_maps
 
     idx = [
@@ -185,8 +209,12 @@ def extract_region_features(
                 painted.append(lm.preprocess(view))
                 bg_img.append(i)
             box = lm.crop_box(label_map.shape[1], label_map.shape[0])
-            for name, phrases in dataset.records[i].region_concepts.items():
-                val = _region_value(dataset, name)
+            rows = [(name, _region_value(dataset, name), phrases)
+                    for name, phrases in dataset.records[i].region_concepts.items()]  # fmt: skip
+            bg = background_phrase(dataset.records[i].meta.get("background")) if background_rows else None
+            if bg is not None:
+                rows.append(("background", 0, [bg]))
+            for name, val, phrases in rows:
                 if val is None or not phrases:
                     continue
                 m = mask_weights(label_map == val, hw, box)
@@ -351,6 +379,38 @@ def cosine_margin_ranking_loss(
     return per_pair.mean()
 
 
+def multilabel_softmax_loss(
+    pred: torch.Tensor,
+    concept_emb: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.1,
+    negative_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-label softmax (InfoNCE) loss.
+
+    ``s_ij = cos(g(v_i), e_j) / τ``; for every positive p of sample i, with N(i) its negatives (the candidate
+    columns that are not positives of i): ``-log(exp(s_ip) / (exp(s_ip) + Σ_{n ∈ N(i)} exp(s_in)))``, averaged
+    over all (i, p) pairs (the other positives are not competitors: a red, striped breast pulls toward both).
+
+    Args:
+        pred: ``(B, d)`` head outputs.
+        concept_emb: ``(T, d)`` embeddings of the training (seen) concepts.
+        targets: ``(B, T)`` bool multi-hot positives.
+        temperature: τ.
+        negative_columns: ``(T,)`` bool, the concepts eligible as negatives (default all).
+    """
+    s = nn.functional.normalize(pred, dim=1) @ nn.functional.normalize(concept_emb, dim=1).T / temperature
+    if not bool(targets.any()):
+        return pred.sum() * 0.0
+    excluded = targets if negative_columns is None else targets | ~negative_columns[None, :]
+    lse_neg = torch.logsumexp(s.masked_fill(excluded, float("-inf")), dim=1, keepdim=True)  # (B, 1)
+    per = torch.logaddexp(s, lse_neg.expand_as(s)) - s  # -log softmax of each column against the negatives
+    return per[targets].mean()
+
+
+LOSSES = ("softmax", "margin")
+
+
 def _held_out_rows(n: int, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
     """``(n,)`` bool: rows held out for early stopping, whole groups (images) at a time, seeded."""
     out = np.zeros(n, bool)
@@ -375,6 +435,8 @@ def train_head(
 ) -> tuple[ExplainerHead, dict]:
     """Train g on ``features (R, C)`` with multi-hot ``targets (R, T)`` over ``concept_emb (T, d)``.
 
+    Loss: ``settings.loss``, :func:`multilabel_softmax_loss` (``"softmax"``, ``settings.temperature``) or
+    :func:`cosine_margin_ranking_loss` (``"margin"``, ``settings.margin``).
     Negatives: all T seen concepts when ``T <= n_negatives``, else a fresh uniform sample of
     ``n_negatives`` concept columns per batch. Early stopping: ``val_fraction`` of the regions, whole
     images at a time (``groups (R,)``, the image of each region), are held out; after each epoch the
@@ -385,6 +447,14 @@ def train_head(
     Returns the head (eval mode) and a log dict.
     """
     import copy
+
+    if settings.loss not in LOSSES:
+        raise LaviseError(f"loss must be one of {LOSSES}, got {settings.loss!r}")
+
+    def loss_fn(pred, e, yy, cols=None):
+        if settings.loss == "softmax":
+            return multilabel_softmax_loss(pred, e, yy, settings.temperature, cols)
+        return cosine_margin_ranking_loss(pred, e, yy, settings.margin, cols)
 
     torch.manual_seed(settings.seed)
     with torch_threads(settings.threads):
@@ -424,7 +494,7 @@ def train_head(
                 if t > settings.n_negatives:
                     cols = torch.zeros(t, dtype=torch.bool)
                     cols[torch.randperm(t, generator=gen)[: settings.n_negatives]] = True
-                loss = cosine_margin_ranking_loss(head(x[b]), e, y[b], settings.margin, cols)
+                loss = loss_fn(head(x[b]), e, y[b], cols)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -435,7 +505,7 @@ def train_head(
             if len(x_val):
                 head.eval()
                 with torch.no_grad():
-                    vl = float(cosine_margin_ranking_loss(head(x_val), e, y_val, settings.margin))
+                    vl = float(loss_fn(head(x_val), e, y_val))
                 val_losses.append(vl)
                 if vl < best - 1e-5:
                     best, best_epoch, best_state = vl, epoch + 1, copy.deepcopy(head.state_dict())
@@ -455,6 +525,7 @@ def train_head(
             "regions": int(n),
             "val_regions": len(x_val),
             "concepts": int(t),
+            "loss_kind": settings.loss,
         }
         return head, log
 
@@ -494,5 +565,3 @@ def load_head(directory: str | os.PathLike) -> tuple[ExplainerHead, dict]:
     head.load_state_dict(state)
     head.eval()
     return head, meta
-
-

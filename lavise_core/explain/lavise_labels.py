@@ -4,6 +4,13 @@ For filter k and one of its top images, ``v = Σ_hw F · A_k / ||A_k||_1`` (``A_
 norm makes the attention a convex weighting of positions, exactly the scale of the masked mean the head
 was trained on), ``z = g(v) / ||g(v)||``, top-s phrases of the index; votes over the top-p images weighted
 by ``phi_k(x) / Σ phi_k``.
+
+**Data-set prior** (``LaviseSettings.dataset_prior``, default 0.2): phrases are ranked by
+``cos(z, e_t) + δ·[t is one of the data set's own phrases]`` (the first ``index.meta["n_dataset"]`` phrases,
+names only, no masks: generalised zero-shot with known class names), so general phrases that sit next to every
+head output ("orange paws" beside "orange breast") no longer crowd the data set's held-out concepts out. The
+ranking is exact (one matrix product with the stored phrase embeddings; the same as a FAISS inner-product search
+with ``-1`` appended to each query and ``bias_t = -δ·[t ∈ D]`` to each phrase vector). Vote scores include δ.
 """
 
 from __future__ import annotations
@@ -21,7 +28,16 @@ from lavise_core.explain.lavise_head import ExplainerHead, attention_pool, mask_
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings, torch_threads
 from lavise_core.pipeline.probe import image_batches
 
-__all__ = ["FilterLabels", "compute_filter_labels", "filter_attention_features", "labels_from_features", "no_attention_labels", "vote_labels"]
+__all__ = [
+    "FilterLabels",
+    "compute_filter_labels",
+    "dataset_prior_bias",
+    "filter_attention_features",
+    "labels_from_features",
+    "no_attention_labels",
+    "rank_phrases",
+    "vote_labels",
+]
 
 
 # ============================================================================ filter attention
@@ -71,12 +87,47 @@ def _activation_weights(top_value: np.ndarray) -> np.ndarray:
     return np.where(s > 0, v / np.where(s > 0, s, 1), uniform).astype(np.float32)
 
 
+def dataset_prior_bias(n_phrases: int, n_dataset: int, delta: float) -> np.ndarray:
+    """``(T,)`` float32 bias to *subtract* from the cosine: ``-delta`` for the first ``n_dataset`` phrases, else 0."""
+    b = np.zeros(n_phrases, np.float32)
+    b[: max(0, min(int(n_dataset), n_phrases))] = -float(delta)
+    return b
+
+
+def rank_phrases(
+    z: np.ndarray, index: ConceptIndex, k: int, dataset_prior: float = 0.0, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` phrases of unit queries ``z (Q, d)`` by ``cos + dataset_prior·[data-set phrase]``.
+
+    Returns ``(scores (Q, k) float32, ids (Q, k) int64)``, best first (ties: lower id first). Without a prior
+    (or without ``index.meta["n_dataset"]``) this is the index's own search.
+    """
+    n_ds = int(index.meta.get("n_dataset") or 0)
+    if not dataset_prior or n_ds <= 0:
+        return index.search(z, k)
+    q = np.ascontiguousarray(np.atleast_2d(z), np.float32)
+    emb = np.asarray(index.embeddings, np.float32)
+    bias = dataset_prior_bias(len(emb), n_ds, dataset_prior)
+    k = max(1, min(int(k), len(emb)))
+    out_s = np.zeros((len(q), k), np.float32)
+    out_i = np.zeros((len(q), k), np.int64)
+    for a in range(0, len(q), chunk):
+        s = q[a : a + chunk] @ emb.T - bias[None, :]
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        ps = np.take_along_axis(s, part, 1)
+        order = np.lexsort((part, -ps), axis=1)
+        out_s[a : a + chunk] = np.take_along_axis(ps, order, 1)
+        out_i[a : a + chunk] = np.take_along_axis(part, order, 1)
+    return out_s, out_i
+
+
 def _labels_from_embeddings(
-    z: np.ndarray, weights: np.ndarray, index: ConceptIndex, top_s: int, n_labels: int
-) -> FilterLabels:
+    z: np.ndarray, weights: np.ndarray, index: ConceptIndex, top_s: int, n_labels: int,
+    dataset_prior: float = 0.0,
+) -> FilterLabels:  # fmt: skip
     """``z (C, p, d)`` unit head outputs per filter and image -> votes and mean embeddings."""
     c, p, d = z.shape
-    sc, ids = index.search(z.reshape(c * p, d), top_s)
+    sc, ids = rank_phrases(z.reshape(c * p, d), index, top_s, dataset_prior)
     sc, ids = sc.reshape(c, p, -1), ids.reshape(c, p, -1)
     out_ids = np.full((c, n_labels), -1, np.int64)
     out_sc = np.zeros((c, n_labels), np.float32)
@@ -166,12 +217,16 @@ def labels_from_features(
     index: ConceptIndex,
     top_s: int,
     n_labels: int,
+    dataset_prior: float = LaviseSettings.dataset_prior,
 ) -> FilterLabels:
-    """Head + vote: ``v (K, p, C)`` attention features, ``top_value (K, p)`` activations -> :class:`FilterLabels`."""
+    """Head + vote: ``v (K, p, C)`` attention features, ``top_value (K, p)`` activations -> :class:`FilterLabels`.
+
+    ``dataset_prior``: added to the data set's own phrases in the ranking (see the module docstring).
+    """
     k, p, c = v.shape
     z = head.embed(v.reshape(k * p, c)).reshape(k, p, -1)
     weights = _activation_weights(np.asarray(top_value)[:, :p])
-    return _labels_from_embeddings(z, weights, index, top_s, n_labels)
+    return _labels_from_embeddings(z, weights, index, top_s, n_labels, dataset_prior)
 
 
 def compute_filter_labels(
@@ -202,8 +257,9 @@ def compute_filter_labels(
         progress, object_fraction,
     )  # fmt: skip
     labels = labels_from_features(
-        v, np.asarray(top_value)[ks], head, index, settings.top_s, settings.labels_per_filter
-    )
+        v, np.asarray(top_value)[ks], head, index, settings.top_s, settings.labels_per_filter,
+        settings.dataset_prior,
+    )  # fmt: skip
     return labels, inside, area
 
 
@@ -224,7 +280,9 @@ def no_attention_labels(
     emb = head.embed(np.asarray(pooled[uniq], np.float32))
     z = emb[inv.reshape(ti.shape)]
     weights = _activation_weights(np.asarray(top_value)[ks, :p])
-    return _labels_from_embeddings(z, weights, index, settings.top_s, settings.labels_per_filter)
+    return _labels_from_embeddings(
+        z, weights, index, settings.top_s, settings.labels_per_filter, settings.dataset_prior
+    )
 
 
 def _object_weights(dataset: ProbeDataset, i: int, lm, hw: tuple[int, int]) -> np.ndarray | None:
@@ -245,5 +303,3 @@ def _object_weights(dataset: ProbeDataset, i: int, lm, hw: tuple[int, int]) -> n
         ind[max(0, y0) : y1, max(0, x0) : x1] = 1
         return mask_weights(ind, hw, lm.crop_box(w, h))
     return None
-
-

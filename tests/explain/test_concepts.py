@@ -13,7 +13,10 @@ from lavise_core.explain.concepts import (
     ConceptIndex,
     TextEmbedder,
     VocabularySettings,
+    background_phrase,
     build_vocabulary,
+    dataset_backgrounds,
+    dataset_concepts,
     general_vocabulary,
     load_general_vocabulary,
     phrase_pairs,
@@ -74,6 +77,22 @@ def test_build_vocabulary_puts_dataset_first_without_duplicates():
     )
     assert phrases == ["red wing", "blue crown", "water", "tail"] and n == 2
     assert np.allclose(e[2], emb.embed(["water"])[0]) and e.shape == (4, 16)
+
+
+def test_dataset_concepts_include_one_background_phrase_per_kind(tmp_path):
+    from lavise_core.data.dataset import ImageRecord, ProbeDataset
+
+    recs = [
+        ImageRecord("a", "a.png", region_concepts={"wing": ["Red Wing "]}, meta={"background": "Water"}),
+        ImageRecord("b", "b.png", attributes=["blue tail"], meta={"background": "sky"}),
+        ImageRecord("c", "c.png", meta={"background": "water"}),
+        ImageRecord("d", "d.png"),  # no background kind: no phrase
+    ]
+    ds = ProbeDataset(tmp_path, "t", "custom", ["x"], ["wing"], recs, {})
+    assert background_phrase(" Dusk ") == "dusk background" and background_phrase(None) is None
+    assert background_phrase("") is None
+    assert dataset_backgrounds(ds) == ["sky background", "water background"]
+    assert dataset_concepts(ds) == ["blue tail", "red wing", "sky background", "water background"]
 
 
 def test_query_lru_cache():

@@ -13,18 +13,24 @@ from torch import nn
 from lavise_core.explain.concept_query import grounding_heatmap, query_concept
 from lavise_core.explain.concepts import ConceptIndex
 from lavise_core.explain.dataset_bias import dataset_insight
-from lavise_core.explain.lavise import LaviseExplainer
+from lavise_core.explain.lavise import RECIPES, LaviseExplainer
 from lavise_core.explain.lavise_head import (
     attention_pool,
     concept_split,
     cosine_margin_ranking_loss,
     load_head,
     mask_weights,
+    multilabel_softmax_loss,
     save_head,
     train_head,
     training_targets,
 )
-from lavise_core.explain.lavise_labels import vote_labels
+from lavise_core.explain.lavise_labels import (
+    dataset_prior_bias,
+    labels_from_features,
+    rank_phrases,
+    vote_labels,
+)
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings
 from tests.conftest import wrap
 
@@ -46,6 +52,91 @@ def test_loss_gradient_pulls_towards_positive():
     pred = torch.tensor([[0.2, 1.0, 0.1]], requires_grad=True)
     cosine_margin_ranking_loss(pred, e, torch.tensor([[True, False, False]]), 0.5).backward()
     assert pred.grad[0, 0] < 0 and pred.grad[0, 1] > 0  # descent raises e0, lowers e1
+
+
+def test_multilabel_softmax_loss_exact_values():
+    import math
+
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    pred = torch.tensor([[3.0, 0.0], [0.0, 2.0]])  # cosines: row 0 (1, 0, -1), row 1 (0, 1, 0)
+    y = torch.tensor([[True, False, False], [False, True, True]])
+    tau = 0.5
+    # row 0, positive 0 against negatives 1, 2; row 1: positives 1 and 2, each only against negative 0
+    # (the other positive is not a competitor)
+    p00 = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(-2)))
+    p11 = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+    p12 = -math.log(math.exp(0) / (math.exp(0) + math.exp(0)))
+    loss = multilabel_softmax_loss(pred, e, y, temperature=tau)
+    assert loss.item() == pytest.approx((p00 + p11 + p12) / 3, rel=1e-6)
+    # column 2 not eligible as a negative: row 0 competes with column 1 only
+    only = torch.tensor([True, True, False])
+    p00b = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+    assert multilabel_softmax_loss(pred, e, y, tau, only).item() == pytest.approx(
+        (p00b + p11 + p12) / 3, rel=1e-6
+    )
+    assert multilabel_softmax_loss(pred, e, torch.zeros_like(y), tau).item() == 0.0
+    # gradient pulls towards the positive
+    q = torch.tensor([[0.2, 1.0, 0.1]], requires_grad=True)
+    multilabel_softmax_loss(q, torch.eye(3), torch.tensor([[True, False, False]]), 0.1).backward()
+    assert q.grad[0, 0] < 0 and q.grad[0, 1] > 0
+
+
+def test_train_head_loss_choice():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((40, 6)).astype(np.float32)
+    y = np.eye(2, dtype=bool)[rng.integers(0, 2, 40)]
+    e = np.eye(2, 4, dtype=np.float32)
+    assert LaviseSettings().loss == "softmax" and LaviseSettings().temperature == 0.1
+    assert LaviseSettings().dataset_prior == 0.2 and LaviseSettings().top_s == 20
+    st = LaviseSettings(epochs=1, batch_size=8, threads=1, val_fraction=0.0)
+    _, log_soft = train_head(feats, y, e, st)
+    _, log_margin = train_head(feats, y, e, LaviseSettings(**{**st.__dict__, "loss": "margin"}))
+    assert log_soft["loss_kind"] == "softmax" and log_margin["loss_kind"] == "margin"
+    assert log_soft["loss"][0] != pytest.approx(log_margin["loss"][0])  # a different objective
+    with pytest.raises(LaviseError, match="loss"):
+        train_head(feats, y, e, LaviseSettings(**{**st.__dict__, "loss": "hinge"}))
+
+
+def _prior_index(n_dataset: int):
+    """Phrases 0-1 the data set's, 2 a general phrase; a query with cos 0.85 to phrase 0, 0.9 to phrase 2."""
+    e = np.zeros((3, 4), np.float32)
+    e[0] = [0.85, np.sqrt(1 - 0.85**2), 0, 0]
+    e[1] = [0, 0, 1, 0]
+    e[2] = [0.9, -np.sqrt(1 - 0.9**2), 0, 0]
+    idx = ConceptIndex(HashEmbedder(4), model_id="hash").build(["red breast", "blue tail", "orange paws"], e)
+    idx.meta["n_dataset"] = n_dataset
+    return idx
+
+
+def test_dataset_prior_wins_a_near_tie():
+    assert dataset_prior_bias(4, 2, 0.2).tolist() == pytest.approx([-0.2, -0.2, 0.0, 0.0])
+    z = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    idx = _prior_index(2)
+    sc, ids = rank_phrases(z, idx, 3, dataset_prior=0.0)  # no prior: the general phrase first
+    assert ids[0].tolist() == [2, 0, 1] and sc[0, 0] == pytest.approx(0.9, abs=1e-6)
+    sc, ids = rank_phrases(z, idx, 3, dataset_prior=0.2)  # the data set's phrase wins the near tie
+    assert ids[0].tolist() == [0, 2, 1]
+    assert sc[0].tolist() == pytest.approx([1.05, 0.9, 0.2], abs=1e-6)
+    sc, ids = rank_phrases(z, idx, 2, dataset_prior=0.04)  # a small prior does not turn a clear lead
+    assert ids[0].tolist() == [2, 0]
+    assert rank_phrases(z, _prior_index(0), 1, 0.2)[1][0].tolist() == [2]  # no data-set phrases known
+
+    # through the stage's labeller: an identity head, two top images voting
+    from lavise_core.explain.lavise_head import ExplainerHead
+
+    head = ExplainerHead(4, 4, dropout=0.0)
+    with torch.no_grad():
+        for m in head.net:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.eye(4))
+                m.bias.zero_()
+    head.eval()
+    v = np.array([[[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]], np.float32)  # (K=1, p=2, C=4), ReLU-safe
+    top_value = np.array([[3.0, 1.0]], np.float32)
+    lab0 = labels_from_features(v, top_value, head, idx, top_s=2, n_labels=3, dataset_prior=0.0)
+    lab = labels_from_features(v, top_value, head, idx, top_s=2, n_labels=3)  # default prior 0.2
+    assert lab0.ids[0, 0] == 2 and lab.ids[0].tolist() == [0, 2, -1]
+    assert lab.scores[0, 0] == pytest.approx(1.05, abs=1e-5)
 
 
 def test_attention_pool_exact():
@@ -294,6 +385,32 @@ def test_paint_out_object_exact():
     assert np.asarray(paint_out_object(Image.fromarray(rgb), small)).shape == (50, 50, 3)
 
 
+def test_top1_in_gt_and_random_top1_exact():
+    from lavise_core.evaluate.lavise import random_top1, top1_in_gt
+
+    gt = [{"a": 0.5, "b": 0.1}, {"c": 0.2}, {}]
+    assert top1_in_gt(gt, [["b", "x"], ["x", "c"], ["a"]]) == pytest.approx(1 / 3)
+    assert random_top1(gt, 10) == pytest.approx((0.2 + 0.1 + 0.0) / 3)
+    assert random_top1(gt, {"a", "c", "x", "y"}) == pytest.approx((0.25 + 0.25) / 3)
+
+
+def test_ground_truth_includes_backgrounds(tiny_bundle):
+    from lavise_core.evaluate.lavise import concept_ground_truth
+
+    bundle, ds, lm, _, _ = tiny_bundle
+    ti, tm, thr = (
+        bundle.array("probe/top_index"),
+        bundle.array("probe/top_maps"),
+        bundle.array("probe/threshold"),
+    )
+    ks = range(ti.shape[0])
+    gt = concept_ground_truth(ds, lm, ti, tm, thr, ks, 4, iou_min=0.0)
+    plain = concept_ground_truth(ds, lm, ti, tm, thr, ks, 4, iou_min=0.0, backgrounds=False)
+    assert any(t.endswith(" background") for g in gt for t in g)
+    assert not any(t.endswith(" background") for g in plain for t in g)
+    assert [{t: v for t, v in g.items() if not t.endswith(" background")} for g in gt] == plain
+
+
 def test_random_recall_exact():
     from lavise_core.evaluate.lavise import random_recall
 
@@ -335,7 +452,9 @@ def tiny_bundle(tmp_path_factory):
     emb = HashEmbedder()
     general = ["water", "sky", "red", "wing", "feather"]
     st = LaviseSettings(epochs=3, top_p=4, top_s=5, labels_per_filter=6, threads=1)
-    info = build_stage(bundle, ds, "lavise", lm, settings=st, vocabulary=(general, emb.embed(general)), embedder=emb)
+    info = build_stage(
+        bundle, ds, "lavise", lm, settings=st, vocabulary=(general, emb.embed(general)), embedder=emb
+    )
     return bundle, ds, lm, emb, info
 
 
@@ -363,8 +482,47 @@ def test_stage_writes_everything(tiny_bundle):
     bundle.manifest["stages"]["lavise_regions"].pop("recipe")
     bundle._save_manifest()
     again = build_stage(bundle, ds, "lavise", lm, embedder=emb)
-    assert again != info and bundle.manifest["stages"]["lavise_regions"]["recipe"] == 2
+    assert (
+        again != info and bundle.manifest["stages"]["lavise_regions"]["recipe"] == RECIPES["lavise_regions"]
+    )
     assert (bundle.root / "lavise/head.safetensors").read_bytes() == head_before
+
+
+def test_stage_trains_on_background_rows(tiny_bundle):
+    from lavise_core.explain.concepts import background_phrase
+    from lavise_core.explain.lavise_head import RegionFeatures
+    from lavise_core.models.networks import forward_maps
+    from lavise_core.pipeline.probe import image_batches
+
+    bundle, ds, lm, emb, _ = tiny_bundle
+    rf = RegionFeatures.load(bundle)
+    split = bundle.read_json("lavise/split")
+    bgs = sorted({background_phrase(r.meta["background"]) for r in ds.records})
+    assert len(bgs) > 1 and split["backgrounds"] == bgs and set(bgs) <= set(split["seen"])
+    assert not set(bgs) & set(split["unseen"])
+    index = ConceptIndex.load(bundle.root / "lavise", embedder=emb)
+    assert set(index.phrases[: index.meta["n_dataset"]]) >= set(bgs)  # among the data set's phrases
+    is_bg = np.array([r == "background" for r in rf.region])
+    train = [i for i in ds.indices("train") if ds.records[i].mask and ds.records[i].region_concepts]
+    # exactly one background row per training image, with its kind's phrase, beside the part rows
+    assert sorted(rf.image[is_bg].tolist()) == train and (~is_bg).sum() > is_bg.sum()
+    for r in np.nonzero(is_bg)[0]:
+        assert rf.concepts[r] == [background_phrase(ds.records[rf.image[r]].meta["background"])]
+    # multi-label: a part row keeps every phrase of its region
+    r = int(np.nonzero(~is_bg)[0][0])
+    rec = ds.records[rf.image[r]]
+    assert rf.concepts[r] == [p.strip().lower() for p in rec.region_concepts[rf.region[r]]]
+    # the background row is the masked mean of the map over label 0 (the intact image)
+    r = int(np.nonzero(is_bg)[0][0])
+    i = int(rf.image[r])
+    _, x, _ = next(iter(image_batches(ds, lm, [i], 1)))
+    maps = forward_maps(lm, x, bundle.layer)[0].float()[0]
+    lab = ds.load_mask(i)
+    m = mask_weights(lab == 0, tuple(maps.shape[-2:]), lm.crop_box(lab.shape[1], lab.shape[0]))
+    expect = (maps * torch.from_numpy(m)).sum((1, 2)) / m.sum()
+    assert np.allclose(rf.features[r], expect.numpy(), atol=1e-4)
+    head_meta = json.loads((bundle.root / "lavise/head.json").read_text())
+    assert set(bgs) & set(head_meta["trained_concepts"]) and head_meta["settings"]["loss"] == "softmax"
 
 
 def test_explainer_query_and_evaluation(tiny_bundle):
@@ -390,4 +548,10 @@ def test_explainer_query_and_evaluation(tiny_bundle):
     assert "randomised_head_not_retrained" in res["sanity"]
     text = format_tables(res)
     assert "LaViSE recall@s" in text and "random phrases, same vocabulary" in text and "oracle" in text
+    # backgrounds are concepts of the ground truth, reported apart; top-1 in G_k with its baselines
+    assert res["backgrounds"] > 0 and set(res["recall_backgrounds"]) == {
+        "background@5", "seen_with_backgrounds@5", "background@20", "seen_with_backgrounds@20"
+    }  # fmt: skip
+    t1 = res["top1_in_gt"]
+    assert 0 <= t1["lavise"] <= 1 and 0 <= t1["random_dataset_concepts"] <= 1 and "Top-1 label in G_k" in text
     assert (bundle.root / "eval/lavise.json").is_file()
