@@ -8,12 +8,17 @@ import streamlit as st
 from app_pages import _shared as sh
 from lavise_core import views
 
-TITLES = {"textual": "Textual explanations (Guo et al.)", "lavise": "Zero-shot filter labels (LaViSE)"}
+TITLES = {
+    "fidelity": "Are the words right? (held-out test images and concepts)",
+    "textual": "Textual explanations (Guo et al.)",
+    "lavise": "Zero-shot filter labels (LaViSE)",
+}
 
 st.title("How good are the explanations?")
 st.caption(
-    "Measured against the probe set's ground truth by `lavise evaluate`; each number next to a baseline "
-    "that knows nothing (an explanation is only worth reading when it beats its baseline)."
+    "Measured against the probe set's ground truth on images and concepts the methods were not fitted on; each "
+    "number next to a baseline that knows nothing (an explanation is only worth reading when it beats its "
+    "baseline). The first section is built with the bundle; the others come from `lavise evaluate`."
 )
 
 

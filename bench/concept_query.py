@@ -4,7 +4,9 @@ Two vocabularies: the real general vocabulary (~37k phrases, MiniLM embeddings, 
 a synthetic 1M-phrase vocabulary of random unit vectors (IVF index, nprobe 16). Targets: <= 30 ms and
 <= 50 ms. Prints median and p95 of the whole query and of its two main parts (query embedding, phrase
 search), with the machine's load average (the numbers depend on it). torch and FAISS use one thread.
-Run: ``.venv/bin/python bench/concept_query.py [--million N]``.
+Third, on the default bundle (when built): the Explainer's query as the dashboard runs it — lexicon, embedding,
+evidence ranking, abstention and the colour path — beside the LaViSE-only query of the same bundle.
+Run: ``.venv/bin/python bench/concept_query.py [--million N] [--bundle DIR]``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,26 @@ def bench(
     return f"query {_stats(times)}; embedding {_stats(t_embed)}; search {_stats(t_search)}"
 
 
+def bench_bundle(bundle_dir: str, repeats: int = 3) -> str:
+    """The full ``Explainer.query`` (abstention included) vs the LaViSE-only query, fresh texts, one bundle."""
+    import lavise_core
+
+    ex = lavise_core.open(bundle_dir)
+    ex.query("warm-up")
+    lv = ex.lavise()
+    full, zero, confident = [], [], 0
+    for r in range(repeats):
+        for q in QUERIES:
+            t = time.perf_counter()
+            a = ex.query(f"{q} {'x' * (r + 1)}", n=5)
+            full.append((time.perf_counter() - t) * 1e3)
+            confident += a.confident
+            t = time.perf_counter()
+            lv.query(f"{q} {'y' * (r + 1)}", n_filters=5)
+            zero.append((time.perf_counter() - t) * 1e3)
+    return f"Explainer.query (evidence + abstention): {_stats(full)}; LaViSE query alone: {_stats(zero)}"
+
+
 def _load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -69,12 +91,19 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--million", type=int, default=1_000_000, help="size of the synthetic vocabulary")
+    ap.add_argument("--bundle", default=None, help="bundle folder (default: the newest under data/bundles)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import faiss
 
     faiss.omp_set_num_threads(1)
     print(_load())
+    from lavise_core.pipeline.bundle import find_bundles
+
+    bundles = [args.bundle] if args.bundle else [str(b.root) for b in find_bundles("data/bundles")][:1]
+    if bundles:
+        print(f"bundle {bundles[0]}: {bench_bundle(bundles[0])}")
+        print(_load())
     emb = TextEmbedder()
     phrases, e = load_general_vocabulary(embedder=emb)
     idx = ConceptIndex(emb).build(phrases, e)

@@ -86,7 +86,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         force=args.force or (),
         settings=_settings(args),
     )
-    _print_build(ex, ex.built)
+    _print_build(ex, {s.name: ex.built[s.name] for s in REGISTRY if s.name in ex.built})
     return 0
 
 

@@ -188,7 +188,7 @@ def _search_rows(
     from lavise_core.explain.concept_search import answer_query
 
     pos = {c: j for j, c in enumerate(concepts)}
-    prec, prec0, p5, rand, n_ret, conf, detectable = [], [], [], [], [], [], []
+    prec, prec0, p5, rand, n_ret, conf, detectable, asserted = [], [], [], [], [], [], [], []
     for text, concept in queries:
         t = pos.get(concept)
         if t is None:
@@ -202,6 +202,7 @@ def _search_rows(
         conf.append(bool(a.confident))
         prec.append(float(g[a.filters].mean()) if len(a.filters) else float("nan"))
         prec0.append(prec[-1] if len(a.filters) else 0.0)
+        asserted.append(prec[-1] if len(a.filters) and not a.weak else float("nan"))
     det = np.array(detectable, bool)
 
     def mean(v, mask=None) -> float | None:
@@ -215,6 +216,8 @@ def _search_rows(
         "detectable": int(det.sum()),
         "precision": mean(prec, det),
         "precision_empty_as_0": mean(prec0, det),
+        "precision_asserted": mean(asserted, det),
+        "asserted": mean([not np.isnan(x) for x in asserted], det),
         "precision_all_concepts": mean(prec0),
         "p_at_5_unfloored": mean(p5, det),
         "random_filter": mean(rand, det),

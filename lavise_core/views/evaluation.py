@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavise_core.views.workspace import PAPER_NUMBERS, Workspace
+from lavise_core.views.workspace import PAPER_NUMBERS, Workspace, build_hint
 
 __all__ = ["EvaluationReport", "evaluation_headlines", "evaluation_report", "flatten_tables"]
 
@@ -20,11 +20,17 @@ class EvaluationReport:
 
 
 def evaluation_report(ws: Workspace) -> EvaluationReport:
-    """The stored evaluation results (``eval/textual.json``, ``eval/lavise.json``) and the papers' numbers."""
+    """The stored evaluation results (``eval/fidelity.json`` from the build stage ``fidelity``, and
+    ``eval/textual.json``, ``eval/lavise.json`` from ``lavise evaluate``) and the papers' numbers."""
     sections, missing = {}, []
-    for name in ("textual", "lavise"):
-        if ws.bundle.has(f"eval/{name}.json") or (Path(ws.bundle.root) / "eval" / f"{name}.json").is_file():
+    for name in ("fidelity", "textual", "lavise"):
+        if (Path(ws.bundle.root) / "eval" / f"{name}.json").is_file():
             sections[name] = ws.bundle.read_json(f"eval/{name}")
+        elif name == "fidelity":
+            why = ws.bundle.manifest.get("stages", {}).get("fidelity", {}).get("skipped")
+            missing.append(
+                f"no fidelity check: {why}" if why else f"no fidelity check yet: build it with `{build_hint(ws.bundle)}`"
+            )
         else:
             missing.append(
                 f"no {name} evaluation yet: run `lavise evaluate {ws.bundle.root}"
@@ -53,21 +59,55 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(
-        question: str, ours: Any, base: Any, base_name: str, paper: Any = None, higher: bool = True
-    ) -> None:
+        question: str, ours: Any, base: Any, base_name: str, paper: Any = None, higher: bool = True,
+        target: float | None = None,
+    ) -> None:  # fmt: skip
         if ours is None:
             return
         verdict = "—"
         if base is not None:
             better = ours > base if higher else ours < base
             verdict = "better than the baseline" if better else "NOT better than the baseline"
+        if target is not None:
+            met = ours >= target if higher else ours <= target
+            verdict += "; target met" if met else f"; target {target:g} missed"
         rows.append(
             {"question": question, "ours": round(float(ours), 3),
              "baseline": None if base is None else round(float(base), 3), "baseline is": base_name,
              "paper": paper, "verdict": verdict}
         )  # fmt: skip
 
-    if name == "textual":
+    if name == "fidelity":
+        pct = lambda *k: None if _path(obj, *k) is None else 100 * _path(obj, *k)  # noqa: E731
+        row("Is a filter's label right? (% of filters whose label is among the concepts its top test images "
+            "show; Network Dissection labels)", pct("labels", "dissection"), pct("labels", "random_concept"),
+            "a random concept", target=90)  # fmt: skip
+        row("…with zero-shot labels (LaViSE: no annotation used, what data without masks gets)",
+            pct("labels", "zero_shot"), pct("labels", "random_concept"), "a random concept", target=60)  # fmt: skip
+        for key, what, target in (
+            ("seen", "concepts it was fitted on", 85),
+            ("held_out", "concepts whose annotations it never saw", 50),
+            ("background", "background kinds (water, sand, …)", 50),
+            ("paraphrases_development", "paraphrases in words the data set never uses (development set)", 60),
+            ("paraphrases_held_out", "paraphrases (a second set, never tuned on)", 60),
+        ):
+            row(f"Do the filters a concept search returns fire on the concept? (precision %, {what})",
+                pct("search", key, "precision"), pct("search", key, "random_filter"), "a random filter",
+                target=target)  # fmt: skip
+        row("Does the search say “no filter responds” to things absent from the data? (% answered as if "
+            "found; lower is better)", pct("search", "abstention", "absent_confident"), 100.0,
+            "a search that always answers", higher=False, target=5)  # fmt: skip
+        row("…and answer concepts the layer does detect? (% of detected seen concepts answered)",
+            pct("search", "abstention", "seen_detected_confident"), None, "", target=90)  # fmt: skip
+        row("Does the upload check flag images unlike the probe set? (% of photos, noise, flat colours, text, "
+            "screenshots flagged)", pct("ood", "ood_flagged"), pct("ood", "max_softmax_ood_flagged"),
+            "low max-softmax confidence, same false alarms", target=95)  # fmt: skip
+        row("…while passing the probe set's own test images? (% wrongly flagged; lower is better)",
+            pct("ood", "test_flagged"), None, "", higher=False, target=5)  # fmt: skip
+        row("Sanity: a re-initialised network's filters that still get a dissection label (of "
+            f"{_path(obj, 'labels', 'filters')}; lower is better)", _path(obj, "sanity", "labelled_filters"),
+            _path(obj, "labels", "dissection_labelled_filters"), "the trained network", higher=False)  # fmt: skip
+    elif name == "textual":
         parts = _path(obj, "grounding", "parts_cell_grid", 1)
         row(
             "Does an attribute's heatmap point at the right body part? (PCK@0.2, %"

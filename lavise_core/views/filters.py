@@ -133,14 +133,14 @@ class FilterDetail:
     attributes_note: str | None
     labels: list[tuple[str, float, str]] | None  # phrase, score, seen/unseen/vocabulary
     labels_note: str | None
-    dissection: list[tuple[str, float]] | None = None  # concept, IoU with its annotated regions (fit split)
-    dissection_note: str | None = None
-    label_source: str = ""
     classes: list[tuple[str, float]]  # class, W[c, k], most positive and most negative
     activations: np.ndarray  # (N_valid,) pooled phi_k over the probe set
     quantiles: list[tuple[float, float]]
     threshold: float | None
     inside: float | None = None
+    dissection: list[tuple[str, float]] | None = None  # concept, IoU with its annotated regions (fit split)
+    dissection_note: str | None = None
+    label_source: str = ""
 
 
 def filter_detail(ws: Workspace, k: int, n_images: int = 8, side: int = 192) -> FilterDetail:

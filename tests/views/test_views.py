@@ -83,7 +83,7 @@ def test_overview_counts_labels_and_confident_share(tmp_path):
     assert ov.confident_share == pytest.approx(2 / 3)
     assert ov.confident_score == views.CONFIDENT_SCORE
     assert "0.10–0.50" in ov.confident_rule and "median 0.40" in ov.confident_rule
-    assert ov.stages == {"probe": True, "textual": False, "lavise": True}
+    assert ov.stages == {"probe": True, "textual": False, "dissection": False, "lavise": True}
     assert ov.class_note is None
 
 
@@ -206,3 +206,23 @@ def test_stage_missing_messages(tmp_path):
         ws.lavise()
     with pytest.raises(views.StageMissing, match="textual stage"):
         ws.textual()
+
+
+def test_fidelity_headlines_say_targets_and_baselines():
+    obj = {
+        "labels": {"dissection": 0.98, "zero_shot": 0.5, "random_concept": 0.07, "filters": 128,
+                   "dissection_labelled_filters": 127},
+        "search": {"seen": {"precision": 0.9, "random_filter": 0.14}, "held_out": {"precision": 0.3, "random_filter": 0.17},
+                   "abstention": {"absent_confident": 0.02, "seen_detected_confident": 0.86}},
+        "ood": {"ood_flagged": 1.0, "max_softmax_ood_flagged": 0.3, "test_flagged": 0.034},
+        "sanity": {"labelled_filters": 0},
+    }  # fmt: skip
+    rows = {r["question"].split(" (")[0]: r for r in views.evaluation_headlines("fidelity", obj)}
+    label = rows["Is a filter's label right?"]
+    assert label["ours"] == 98.0 and label["baseline"] == 7.0 and label["verdict"].endswith("target met")
+    assert rows["…with zero-shot labels"]["verdict"] == "better than the baseline; target 60 missed"
+    absent = rows["Does the search say “no filter responds” to things absent from the data?"]
+    assert absent["ours"] == 2.0 and absent["verdict"] == "better than the baseline; target met"
+    assert rows["…and answer concepts the layer does detect?"]["verdict"] == "—; target 90 missed"
+    sanity = next(r for q, r in rows.items() if q.startswith("Sanity"))
+    assert sanity["ours"] == 0 and sanity["baseline"] == 127 and sanity["verdict"] == "better than the baseline"
