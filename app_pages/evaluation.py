@@ -53,7 +53,25 @@ if ws is not None:
         for name, obj in rep.sections.items():
             st.subheader(TITLES.get(name, name))
             head = views.evaluation_headlines(name, obj)
-            if head:
+            if head and name == "fidelity":  # plain sentences, one per question, with a traffic light
+                for r in head:
+                    v = r["verdict"]
+                    icon = (
+                        ":red[:material/cancel:]"
+                        if v.startswith("NOT")
+                        else ":orange[:material/warning:]"
+                        if "missed" in v
+                        else ":green[:material/check_circle:]"
+                    )
+                    base = "" if r["baseline"] is None else f" · {r['baseline is']}: {r['baseline']:g}"
+                    st.markdown(f"{icon} **{r['ours']:g}** — {r['question']}{base} · *{v.lstrip('—; ')}*")
+                st.caption(
+                    ":green[:material/check_circle:] better than its baseline and at its target · "
+                    ":orange[:material/warning:] better than its baseline, short of its target · "
+                    ":red[:material/cancel:] not better than its baseline. Ground truth: the test split's images, or "
+                    "concepts the method never saw; see the README for the protocol."
+                )
+            elif head:
                 st.dataframe(
                     head,
                     hide_index=True,

@@ -4,7 +4,9 @@ Both start from the uploaded bytes (JPEG) and decode + preprocess them the same 
 the model; the explain path runs it with the layer hook (``forward_maps``), pools the maps, computes the
 image-class attribute p.d.f. and its sentence (eq. 5–6) and grounds the top attribute at the input size
 (eq. 9). The textual state (p.d.f. ``(C, T)``, classifier ``(K, C)``) is a synthetic one of realistic
-size unless ``--bundle`` gives a built bundle. Target (issue 4): explain <= 1.2 × bare + 20 ms.
+size unless ``--bundle`` gives a built bundle; with a bundle that has the ``ood`` stage the explain path also
+records the early layers in the same forward pass and runs the out-of-distribution check (issue 16).
+Target (issue 4): explain <= 1.2 × bare + 20 ms.
 
     python bench/explain_upload.py [--model efficientnet_lite0] [--bundle PATH] [--repeats 30] [--threads 1]
 """
@@ -46,11 +48,18 @@ def bare(lm, data: bytes) -> float:
     return time.perf_counter() - t0
 
 
-def explain(lm, ex: TextualExplainer, data: bytes, layer: str) -> tuple[float, str]:
+def explain(lm, ex: TextualExplainer, data: bytes, layer: str, ood=None) -> tuple[float, str]:
     t0 = time.perf_counter()
     x = lm.preprocess(load_image(data)).unsqueeze(0)
-    maps, logits = forward_maps(lm, x, layer)
-    phi = maps[0].float().mean(dim=(1, 2)).cpu().numpy()
+    if ood is None:
+        maps, logits = forward_maps(lm, x, layer)
+        phi = maps[0].float().mean(dim=(1, 2)).cpu().numpy()
+    else:
+        from lavise_core.explain.ood import forward_with_ood
+
+        maps, logits, early = forward_with_ood(lm, x, layer, ood.early_layers)
+        phi = maps[0].float().mean(dim=(1, 2)).cpu().numpy()
+        ood.verdict(phi, None if early is None else early[0])
     e = ex.explain(phi, logits[0].cpu().numpy())
     ex.ground(maps[0], e.attributes[0][0], (lm.input_size, lm.input_size))
     return time.perf_counter() - t0, e.sentence
@@ -68,11 +77,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    ood = None
     if args.bundle:
         from lavise_core.pipeline.bundle import Bundle
 
         b = Bundle.open(args.bundle)
         lm, ex, layer = b.load_model(), TextualExplainer.from_bundle(b), b.layer
+        if b.has("ood/bank"):
+            from lavise_core.explain.ood import load_ood
+
+            ood = load_ood(b)
     else:
         lm = load_model(args.model)
         ex, layer = synthetic_explainer(lm, args.attributes), lm.default_layer
@@ -81,13 +95,13 @@ def main() -> None:
     data = buf.getvalue()
     for _ in range(3):  # warm-up: allocator, kernels, lazy imports
         bare(lm, data)
-        explain(lm, ex, data, layer)
+        explain(lm, ex, data, layer, ood)
     tb, te = [], []
     sentence = ""
     for r in range(args.repeats):  # interleaved, order alternating, so that machine load hits both alike
         if r % 2:
             tb.append(bare(lm, data))
-        t, sentence = explain(lm, ex, data, layer)
+        t, sentence = explain(lm, ex, data, layer, ood)
         te.append(t)
         if not r % 2:
             tb.append(bare(lm, data))
@@ -106,6 +120,7 @@ def main() -> None:
     c, t = ex.pdf.shape
     print(
         f"model {lm.name}, layer {layer}, C={c}, T={t}, K={len(ex.class_names)}, torch threads {torch.get_num_threads()}"
+        + (f", OOD check with early layers {ood.early_layers}" if ood is not None else ", no OOD check")
     )
     print(f"bare forward    : median {b_ms:7.1f} ms  (min {1000 * min(tb):.1f})")
     print(f"explain + ground: median {e_ms:7.1f} ms  (min {1000 * min(te):.1f})")

@@ -498,16 +498,19 @@ class Explainer:
                 f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
                 f"{shown}, judged by where they fire on {how} in the probe images."
             )
+        scores = np.clip(np.asarray(a.scores, np.float32), 0, 1)  # exact path: ≈ P(concept in the filter's G_k)
         w = np.clip(np.asarray(a.scores, np.float64), 0, None)
         w = (w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))).astype(np.float32)
         images, image_scores = self._images_for(a.filters, w, n_images)
         status = {"exact": "annotated concept", "colour+part": "part masks + pixel colour"}.get(
             a.mode, "composed from annotated concepts"
         )
-        if self.has_lavise():
-            status = self.lavise().concept_status(read_as) if a.mode == "exact" else status
+        if self.has_lavise() and a.mode == "exact":
+            status = self.lavise().concept_status(read_as)
+        if not a.confident:
+            status = "no filter responds"
         return ConceptAnswer(
-            text, a.filters, a.scores, bool(a.confident), message, images, image_scores, status,
+            text, a.filters, scores, bool(a.confident), message, images, image_scores, status,
             [(c, s) for c, s, _ in a.nearest], np.zeros(len(a.filters), np.float32), w, "evidence",
             read_as if read_as.strip().lower() != text.lower() else None, bool(a.weak),
         )  # fmt: skip

@@ -72,8 +72,9 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
             met = ours >= target if higher else ours <= target
             verdict += "; target met" if met else f"; target {target:g} missed"
         rows.append(
-            {"question": question, "ours": round(float(ours), 3),
-             "baseline": None if base is None else round(float(base), 3), "baseline is": base_name,
+            {"question": question, "ours": round(float(ours), 1 if name == "fidelity" else 3),
+             "baseline": None if base is None else round(float(base), 1 if name == "fidelity" else 3),
+             "baseline is": base_name,
              "paper": paper, "verdict": verdict}
         )  # fmt: skip
 
