@@ -103,20 +103,39 @@ def _sanity_section(
     lm, dataset: ProbeDataset, layer: str, concepts: Sequence[str], is_part: np.ndarray, n_fit: int, seed: int
 ) -> dict[str, Any]:
     """A re-initialised copy of the network: its own thresholds, its dissection on ``n_fit`` fit images, its own
-    test ground truth; labels should vanish (units with IoU ≥ 0.04)."""
+    test ground truth; labels should vanish (units with IoU ≥ 0.04) and the concept search, rebuilt on its
+    evidence, should fall toward the random-filter rate."""
     from lavise_core.evaluate.textual import reinitialize
 
     rnd = dataclasses.replace(lm, model=reinitialize(lm.model, seed))
     fit = [int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask]
     fit = sorted(np.random.default_rng(seed).choice(fit, min(n_fit, len(fit)), replace=False).tolist())
     thr = activation_thresholds(rnd, dataset, layer, fit)
-    rows, inter, act, area, _ = split_overlaps(rnd, dataset, layer, fit, thr)
+    rows, inter, act, area, pooled = split_overlaps(rnd, dataset, layer, fit, thr)
     inc = concept_incidence([dataset.records[int(i)] for i in rows], dataset.regions, concepts)
     iou, _ = dissection_iou(inter, act, area, inc)
     ids, scores, _ = rank_labels(iou, concepts, n=1, allowed=~is_part)
     G, _ = test_ground_truth(rnd, dataset, layer, thr, concepts)
     labelled = scores[:, 0] >= IOU_MIN
+    search = {}
+    if len(rows):
+        from lavise_core.explain.concept_search import search_index
+        from lavise_core.explain.concepts import shared_embedder
+        from lavise_core.explain.dissection import subsampled_ground_truth
+        from lavise_core.explain.lexicon import build_lexicon
+
+        n_test = int((dataset.splits() == "test").sum())
+        rate, mean = subsampled_ground_truth(
+            inter, act, area, inc, pooled, size=min(n_test, len(rows) // 2), draws=8
+        )
+        emb = shared_embedder()
+        qi = search_index(concepts, rate, mean, emb)
+        parts = [
+            c for c, part in zip(concepts, is_part, strict=True) if not part and not c.endswith(" background")
+        ]
+        search = _search_rows([(c, c) for c in parts], qi, build_lexicon(qi.concepts), {}, emb, G, concepts)
     return {
+        "search_part_concepts": search,
         "fit_images": len(rows),
         "labelled_filters": int(labelled.sum()),
         "best_iou_max": round(float(scores[:, 0].max()), 4),
@@ -263,6 +282,8 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
         "background": (bgs, deployed, lex_d),
         "paraphrases_development": (list(para["development"].items()), deployed, lex_d),
         "paraphrases_held_out": (list(para["held_out"].items()), deployed, lex_d),
+        # every part concept with its own evidence: the row to hold beside the re-initialised network's
+        "all_part_concepts": ([(c, c) for c in concepts if c in set(seen) | unseen], deployed, lex_d),
     }
     out: dict[str, Any] = {
         name: _search_rows(queries, qi, lex, table, emb, G, concepts, d)
