@@ -116,7 +116,7 @@ REGISTRY = StageRegistry(
         Stage(
             "fidelity",
             ("dissection", "textual", "lavise", "ood"),
-            1,
+            2,  # 2: search sanity on the re-initialised network, precision of asserted answers
             _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
         ),
