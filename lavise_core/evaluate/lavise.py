@@ -318,31 +318,23 @@ def evaluate_lavise(
         "backgrounds": len(bgs),
         "dataset_prior": st.dataset_prior,
     }
-    table = {}
-    for s in s_values:
-        for name, cs in (("seen", seen), ("unseen", unseen)):
-            r, n = recall_at(gt, words, cs, s)
-            table[f"{name}@{s}"] = {
-                "lavise": r,
-                "no_attention": recall_at(gt, words_noatt, cs, s)[0],
-                "random_vocabulary": random_recall(gt, cs, len(phrases), s),
-                "lavise_oracle_vocabulary": recall_at(gt, words_oracle, cs, s)[0],
-                "random_dataset_concepts": random_recall(gt, cs, set(ds_phrases), s),
-                "filters_with_gt": n,
-            }
-    res["recall"] = table
-    bg_table = {}
-    for s in s_values:
-        for name, cs in (("background", bgs), ("seen_with_backgrounds", seen | bgs)):
-            r, n = recall_at(gt, words, cs, s)
-            bg_table[f"{name}@{s}"] = {
-                "lavise": r,
-                "no_attention": recall_at(gt, words_noatt, cs, s)[0],
-                "random_vocabulary": random_recall(gt, cs, len(phrases), s),
-                "lavise_oracle_vocabulary": recall_at(gt, words_oracle, cs, s)[0],
-                "random_dataset_concepts": random_recall(gt, cs, set(ds_phrases), s),
-                "filters_with_gt": n,
-            }
+    def recall_rows(groups) -> dict:
+        rows = {}
+        for s in s_values:
+            for name, cs in groups:
+                r, n = recall_at(gt, words, cs, s)
+                rows[f"{name}@{s}"] = {
+                    "lavise": r,
+                    "no_attention": recall_at(gt, words_noatt, cs, s)[0],
+                    "random_vocabulary": random_recall(gt, cs, len(phrases), s),
+                    "lavise_oracle_vocabulary": recall_at(gt, words_oracle, cs, s)[0],
+                    "random_dataset_concepts": random_recall(gt, cs, set(ds_phrases), s),
+                    "filters_with_gt": n,
+                }
+        return rows
+
+    res["recall"] = recall_rows((("seen", seen), ("unseen", unseen)))
+    bg_table = recall_rows((("background", bgs), ("seen_with_backgrounds", seen | bgs)))
     res["recall_backgrounds"] = bg_table
     res["top1_in_gt"] = {
         "lavise": top1_in_gt(gt, words),
