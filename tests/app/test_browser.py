@@ -205,6 +205,20 @@ def test_upload_image(server, browser):
     _settle(page, "not an image")
     _no_exception(page)
     _shot(page, "11_explain_bad_upload")
+    if server["bundles"].demo:  # the demo bundle has the upload check: a cat photo leads with a warning
+        import io
+
+        from lavise_core.data.samples import sample_photo
+
+        buf = io.BytesIO()
+        sample_photo("chelsea").save(buf, format="PNG")
+        page.locator('input[type="file"]').set_input_files(
+            files=[{"name": "cat.png", "mimeType": "image/png", "buffer": buf.getvalue()}]
+        )
+        page.get_by_role("tab", name="cat.png").click()
+        _settle(page, "Unlike the probe images")
+        _no_exception(page)
+        _shot(page, "11b_explain_out_of_distribution")
 
 
 def test_two_sessions_on_different_filters(server, browser):
