@@ -432,17 +432,12 @@ class Explainer:
         self, filters: np.ndarray, weights: np.ndarray, n_images: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Probe images where ``filters`` fire most: ``Σ_k w_k phi_k(x) / max phi_k`` over valid images."""
-        if not len(filters):
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        pooled = self.array("probe/pooled")
-        top_value = np.asarray(self.array("probe/top_value"))
-        scale = np.maximum(top_value[filters, 0], 1e-12)
-        s = np.asarray(pooled[:, filters], np.float32) @ (weights / scale).astype(np.float32)
-        valid = self.array("probe/valid")
-        if valid is not None:
-            s = np.where(np.asarray(valid, bool), s, -np.inf)
-        order = np.argsort(-s, kind="stable")[:n_images]
-        return order.astype(np.int64), s[order].astype(np.float32)
+        from lavise_core.explain.concept_query import images_where_filters_fire
+
+        return images_where_filters_fire(
+            self.array("probe/pooled"), self.array("probe/top_value"), filters, weights, n_images,
+            self.array("probe/valid"),
+        )  # fmt: skip
 
     def query(self, text: str, n: int = 10, n_images: int = 12) -> ConceptAnswer:
         """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`.
@@ -498,7 +493,9 @@ class Explainer:
                 f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
                 f"{shown}, judged by where they fire on {how} in the probe images."
             )
-        scores = np.clip(np.asarray(a.scores, np.float32), 0, 1)  # exact path: ≈ P(concept in the filter's G_k)
+        scores = np.clip(
+            np.asarray(a.scores, np.float32), 0, 1
+        )  # exact path: ≈ P(concept in the filter's G_k)
         w = np.clip(np.asarray(a.scores, np.float64), 0, None)
         w = (w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))).astype(np.float32)
         images, image_scores = self._images_for(a.filters, w, n_images)

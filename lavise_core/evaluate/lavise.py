@@ -40,6 +40,7 @@ import torch
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.explain.concepts import ConceptIndex, background_phrase
+from lavise_core.explain.dissection import label_map_crop
 from lavise_core.explain.lavise import LaviseExplainer
 from lavise_core.explain.lavise_head import extract_region_features, train_head, training_targets
 from lavise_core.explain.lavise_labels import (
@@ -60,17 +61,6 @@ __all__ = [
 ]
 
 IOU_MIN = 0.04
-
-
-def _label_map_at(dataset: ProbeDataset, i: int, lm, size: int) -> np.ndarray | None:
-    from PIL import Image
-
-    lab = dataset.load_mask(i)
-    if lab is None:
-        return None
-    x0, y0, x1, y1 = (round(v) for v in lm.crop_box(lab.shape[1], lab.shape[0]))
-    lab = lab[max(0, y0) : y1, max(0, x0) : x1]
-    return np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))
 
 
 def concept_ground_truth(
@@ -101,7 +91,7 @@ def concept_ground_truth(
         for j in range(min(p, top_index.shape[1])):
             i = int(top_index[k, j])
             if i not in cache:
-                cache[i] = _label_map_at(dataset, i, lm, eval_size)
+                cache[i] = label_map_crop(dataset, i, lm, eval_size)
             lab = cache[i]
             if lab is None:
                 continue
@@ -318,6 +308,7 @@ def evaluate_lavise(
         "backgrounds": len(bgs),
         "dataset_prior": st.dataset_prior,
     }
+
     def recall_rows(groups) -> dict:
         rows = {}
         for s in s_values:

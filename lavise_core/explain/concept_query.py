@@ -14,7 +14,7 @@ from torch import nn
 from lavise_core.explain.concepts import ConceptIndex
 from lavise_core.explain.lavise_settings import LaviseError
 
-__all__ = ["QueryResult", "grounding_heatmap", "query_concept"]
+__all__ = ["QueryResult", "grounding_heatmap", "images_where_filters_fire", "query_concept"]
 
 
 # ============================================================================ queries
@@ -106,11 +106,7 @@ def query_concept(
     top_value = np.asarray(top_value)
     scale = np.maximum(top_value[order, 0], 1e-12)
     if pooled is not None:
-        s_img = np.asarray(pooled[:, order], np.float32) @ (w / scale)
-        if valid is not None:
-            s_img = np.where(np.asarray(valid, bool), s_img, -np.inf)
-        img = np.argsort(-s_img, kind="stable")[:n_images]
-        img_sc = s_img[img]
+        img, img_sc = images_where_filters_fire(pooled, top_value, order, w, n_images, valid)
     else:
         acc: dict[int, float] = {}
         for r, k in enumerate(order):
@@ -123,6 +119,24 @@ def query_concept(
         text, status, suggestions, order.astype(np.int64), cos[order].astype(np.float32), lab,
         img.astype(np.int64), np.asarray(img_sc, np.float32), q[0],
     )  # fmt: skip
+
+
+def images_where_filters_fire(
+    pooled: np.ndarray, top_value: np.ndarray, filters: np.ndarray, weights: np.ndarray, n_images: int,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Probe images where ``filters (F,)`` fire most -> ``(records (M,), scores (M,))``: ``Σ_k w_k phi_k(x) /
+    max phi_k`` over ``pooled (N, C)``, each filter scaled by its top activation ``top_value[k, 0]``; invalid
+    images (``valid (N,)`` False) never rank."""
+    filters = np.asarray(filters, np.int64)
+    if not len(filters):
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    scale = np.maximum(np.asarray(top_value)[filters, 0], 1e-12)
+    s = np.asarray(pooled[:, filters], np.float32) @ (np.asarray(weights) / scale).astype(np.float32)
+    if valid is not None:
+        s = np.where(np.asarray(valid, bool), s, -np.inf)
+    order = np.argsort(-s, kind="stable")[:n_images]
+    return order.astype(np.int64), s[order].astype(np.float32)
 
 
 def grounding_heatmap(

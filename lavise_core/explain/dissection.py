@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lavise_core.data.dataset import ProbeDataset
+from lavise_core.explain.concepts import background_phrase
 from lavise_core.models.networks import record_layer
 from lavise_core.pipeline.probe import image_batches
 
@@ -36,13 +37,13 @@ __all__ = [
     "IOU_MIN",
     "STAGE",
     "DissectionTables",
-    "background_phrase",
     "build_dissection_stage",
     "concept_incidence",
     "crop_label_map",
     "dissection_concepts",
     "dissection_iou",
     "ground_truth_matrix",
+    "label_map_crop",
     "rank_labels",
     "region_overlap",
     "split_overlaps",
@@ -56,9 +57,6 @@ IOU_MIN = 0.04
 
 
 # ----------------------------------------------------------------------------------------------- concepts
-def background_phrase(kind: str) -> str:
-    """The concept phrase of a background kind: ``"water"`` -> ``"water background"``."""
-    return f"{str(kind).strip().lower()} background"
 
 
 def dissection_concepts(
@@ -111,7 +109,7 @@ def concept_incidence(
 def crop_label_map(label: np.ndarray, crop_box: tuple[float, float, float, float], size: int) -> np.ndarray:
     """The network-input crop of a label map ``(H, W)`` uint8, resized (nearest) to ``(size, size)``.
 
-    ``crop_box`` = ``LoadedModel.crop_box(W, H)`` (same rule as ``evaluation_lavise._label_map_at``).
+    ``crop_box`` = ``LoadedModel.crop_box(W, H)``; the evaluation of LaViSE labels uses the same crop.
     """
     from PIL import Image
 
@@ -240,15 +238,12 @@ def rank_labels(iou: np.ndarray, concepts: Sequence[str], n: int = 10, allowed: 
 
 
 # ------------------------------------------------------------------------------------------- the pass
-def _label_crops(dataset: ProbeDataset, lm, rows: Sequence[int], size: int) -> np.ndarray | None:
-    """``(B, size, size)`` uint8 network-input crops of the records' label maps (``None`` if one is missing)."""
-    out = []
-    for i in rows:
-        lab = dataset.load_mask(int(i))
-        if lab is None:
-            return None
-        out.append(crop_label_map(lab, lm.crop_box(lab.shape[1], lab.shape[0]), size))
-    return np.stack(out)
+def label_map_crop(dataset: ProbeDataset, i: int, lm, size: int = EVAL_SIZE) -> np.ndarray | None:
+    """``(size, size)`` network-input crop of record ``i``'s label map (:func:`crop_label_map`), or ``None``."""
+    lab = dataset.load_mask(int(i))
+    if lab is None:
+        return None
+    return crop_label_map(lab, lm.crop_box(lab.shape[1], lab.shape[0]), size)
 
 
 def activation_thresholds(
@@ -290,12 +285,12 @@ def split_overlaps(
     with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
         for batch, x, images in image_batches(dataset, lm, indices, batch_size):
             done += len(batch)
-            labels = [(_label_crops(dataset, lm, [i], size), i) for i in batch]
-            keep = [j for j, (lab, _) in enumerate(labels) if lab is not None]
+            labels = [label_map_crop(dataset, i, lm, size) for i in batch]
+            keep = [j for j, lab in enumerate(labels) if lab is not None]
             if keep:
                 lm.model(x[keep])
                 m = rec.output.float()
-                lab = np.concatenate([labels[j][0] for j in keep])
+                lab = np.stack([labels[j] for j in keep])
                 i_, a_, r_ = region_overlap(m, lab, thr, n_slots)
                 rows.extend(batch[j] for j in keep)
                 inter.append(i_)
