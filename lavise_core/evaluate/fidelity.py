@@ -81,7 +81,9 @@ def _labels_section(bundle, dataset: ProbeDataset, d: DissectionTables, G: np.nd
     rows: dict[str, Any] = {
         "dissection": label_accuracy(dis_top, G),
         "dissection_labelled_filters": int(labelled.sum()),
-        "dissection_among_labelled": label_accuracy(dis_top[labelled], G[labelled]) if labelled.any() else None,
+        "dissection_among_labelled": label_accuracy(dis_top[labelled], G[labelled])
+        if labelled.any()
+        else None,
         "random_concept": float((G[:, allowed].sum(1) / max(int(allowed.sum()), 1)).mean()),
     }
     if bundle.has("lavise/filter_label_ids"):

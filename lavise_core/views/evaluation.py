@@ -29,7 +29,9 @@ def evaluation_report(ws: Workspace) -> EvaluationReport:
         elif name == "fidelity":
             why = ws.bundle.manifest.get("stages", {}).get("fidelity", {}).get("skipped")
             missing.append(
-                f"no fidelity check: {why}" if why else f"no fidelity check yet: build it with `{build_hint(ws.bundle)}`"
+                f"no fidelity check: {why}"
+                if why
+                else f"no fidelity check yet: build it with `{build_hint(ws.bundle)}`"
             )
         else:
             missing.append(
