@@ -64,7 +64,12 @@ class GradientAttribution(Attribution):
         """``grad_x f_t(x)`` ``(B, 3, H, W)`` and the scores ``f_t(x)`` ``(B,)``, in chunks of ``batch_size``."""
         grads, scores = [], []
         for s in range(0, x.shape[0], self.batch_size):
-            xi = x[s : s + self.batch_size].detach().clone().requires_grad_(True)
+            xi = (
+                x[s : s + self.batch_size]
+                .detach()
+                .clone(memory_format=torch.contiguous_format)
+                .requires_grad_(True)
+            )
             logits = self.model(xi)
             t = target[s : s + xi.shape[0]].to(logits.device)
             score = logits.gather(1, t[:, None]).squeeze(1)
