@@ -104,6 +104,34 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
     st.caption(
         "Open a filter: " + " · ".join(f"[#{k}](/filters?filter={k})" for k, _, _ in ex.contributions[:6])
     )
+    where_it_looks(ws, a, uid, ex.predicted)
+
+
+def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predicted: str) -> None:
+    """Section "Where does it look?": attribution maps side by side; the method choice lives in the URL."""
+    st.subheader("Where does it look?")
+    labels = views.method_labels()
+    chosen = st.multiselect(
+        "Attribution methods",
+        list(labels),
+        default=views.parse_methods(st.query_params.get("methods")),
+        format_func=labels.get,
+        key=f"methods_{uid}",
+    )
+    st.query_params["methods"] = views.methods_param(chosen) or views.DEFAULT_METHOD
+    others = [c for c in ws.classes if c != predicted]
+    other = st.selectbox("Compare with class", ["(runner-up)", *others], key=f"attr_other_{uid}")
+    view = views.where_it_looks(ws, a, chosen, None if other.startswith("(") else other)
+    st.image(view.legend, caption="0 → 1: " + view.scale_note, width=256)
+    for n in view.notes:
+        st.caption(n)
+    for p in view.panels:
+        cols = st.columns([2, 2, 3])
+        for col, c in zip(cols, view.classes, strict=False):
+            col.image(p.overlays[c], caption=f"{p.label} · {c} (max {p.maxima[c]:.3g})", width="stretch")
+        with cols[-1]:
+            st.markdown(f"**{p.label}** · {p.seconds * 1000:.0f} ms")
+            st.markdown(views.faithfulness_text(p.faithfulness))
 
 
 ws = sh.workspace()

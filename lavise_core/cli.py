@@ -106,6 +106,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from lavise_core.evaluate.lavise import format_tables as format_lavise
 
         print(format_lavise(evaluate_lavise(bundle, ds, lm, progress=not args.quiet)))
+    if "attribution" in (args.only or []):
+        from lavise_core.evaluate.attribution import build_attribution_stage, format_attribution
+
+        build_attribution_stage(bundle, ds, lm)  # also stores eval/attribution.json for the Evaluation page
+        print(format_attribution(bundle.read_json("eval/attribution")))
     return 0
 
 
@@ -186,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a bundle's explanations against ground truth")
     p.add_argument("bundle", type=Path, help="bundle folder")
-    p.add_argument("--only", nargs="*", choices=["textual", "lavise"], help="which evaluations")
+    p.add_argument(
+        "--only", nargs="*", choices=["textual", "lavise", "attribution"], help="which evaluations"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)

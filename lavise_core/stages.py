@@ -14,6 +14,7 @@ dissection          probe               IoU of each filter with each annotated c
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
+attribution         probe               faithfulness of the attribution maps (deletion/insertion, pointing)
 ==================  ==================  ===========================================================
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from lavise_core.evaluate.attribution import build_attribution_stage
 from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.grounding import build_grounding_stage
@@ -80,6 +82,12 @@ def _fidelity(ctx: StageContext) -> dict:
     )
 
 
+def _attribution(ctx: StageContext) -> dict:
+    return build_attribution_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("attribution")
+    )
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -119,6 +127,14 @@ REGISTRY = StageRegistry(
             2,  # 2: search sanity on the re-initialised network, precision of asserted answers
             _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
+        ),
+        Stage(
+            "attribution",
+            ("probe",),
+            1,
+            _attribution,
+            "where does it look? faithfulness of the attribution maps on held-out images",
+            default=False,  # ~1.5 min CPU on the demo CNN: `lavise build --stages attribution`
         ),
     ]
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import ClassVar
 
 import torch
@@ -191,9 +191,11 @@ class Attribution(abc.ABC):
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         """The method's raw attribution for class ``target`` of each image of ``x (B, 3, H, W)``."""
-        x, t = self._prepare(x, target)
-        with torch.enable_grad(), attribution_mode(self.model):
-            return self._attribute(x, t)
+        lock = self.loaded.lock if self.loaded is not None else nullcontext()
+        with lock:  # one shared model: every hooked / modified pass runs under its lock (STYLE rule 3)
+            x, t = self._prepare(x, target)
+            with torch.enable_grad(), attribution_mode(self.model):
+                return self._attribute(x, t)
 
     @abc.abstractmethod
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

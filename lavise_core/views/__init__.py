@@ -5,6 +5,7 @@ values and returns a small dataclass that the page renders. This package re-expo
 names, so a page file needs only ``from lavise_core import views``.
 """
 
+from lavise_core.views.attribution import *  # noqa: F403
 from lavise_core.views.build import *  # noqa: F403
 from lavise_core.views.classes import *  # noqa: F403
 from lavise_core.views.concepts import *  # noqa: F403

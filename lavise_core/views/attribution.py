@@ -1,0 +1,226 @@
+"""Explain page, section "Where does it look?": attribution maps side by side, with their faithfulness.
+
+:func:`where_it_looks` computes, for one analysed image, each chosen method's map for the predicted class and
+one other class, puts both classes of a method on ONE colour scale (divided by the larger of the two maxima,
+so the weaker class looks weaker), and attaches the method's numbers from ``eval/attribution.json`` (the
+``attribution`` stage) when the bundle has them. :func:`parse_methods` / :func:`methods_param` turn the method
+choice into the URL's ``methods`` query parameter and back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lavise_core.api import ImageAnalysis
+from lavise_core.explain.attribution_methods import DEFAULT_METHOD, METHODS, make_method, method_labels
+from lavise_core.views.overlays import colorize, overlay
+from lavise_core.views.workspace import Workspace
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "AttributionPanel",
+    "AttributionView",
+    "attribution_rows",
+    "colour_legend",
+    "faithfulness_text",
+    "method_labels",
+    "methods_param",
+    "parse_methods",
+    "stored_attribution",
+    "view_tensor",
+    "where_it_looks",
+]
+
+#: the dashboard's method options (SmoothGrad is the costliest default; occlusion as evaluated)
+PAGE_OPTIONS: dict[str, dict] = {"occlusion": {"window": 16, "stride": 8}}
+
+
+def parse_methods(raw: str | Sequence[str] | None) -> list[str]:
+    """Known method names from the URL value ``"gradcam,smoothgrad"`` (unknown ones dropped; default Grad-CAM)."""
+    if raw is None:
+        return [DEFAULT_METHOD]
+    parts = raw.split(",") if isinstance(raw, str) else list(raw)
+    names = [p.strip() for p in parts if p.strip() in METHODS]
+    return list(dict.fromkeys(names)) or [DEFAULT_METHOD]
+
+
+def methods_param(methods: Sequence[str]) -> str:
+    """The URL value for a method choice (inverse of :func:`parse_methods`)."""
+    return ",".join(m for m in methods if m in METHODS)
+
+
+def stored_attribution(ws: Workspace) -> dict | None:
+    """``eval/attribution.json`` of the bundle, or None when the stage was not built."""
+    if not (Path(ws.bundle.root) / "eval" / "attribution.json").is_file():
+        return None
+    obj = ws.bundle.read_json("eval/attribution")
+    return obj if isinstance(obj, dict) else None
+
+
+def attribution_rows(obj: dict) -> list[dict[str, Any]]:
+    """One row per method of a stored evaluation (plus the random baseline row), for a table."""
+    rows = []
+    b = obj.get("baselines", {})
+    for name, r in obj.get("methods", {}).items():
+        rows.append(
+            {
+                "method": METHODS[name].label if name in METHODS else name,
+                "deletion AUC ↓": round(r["deletion_auc"], 3),
+                "insertion AUC ↑": round(r["insertion_auc"], 3),
+                "pointing game ↑": None if r.get("pointing") is None else round(r["pointing"], 3),
+                "energy in parts ↑": None if r.get("energy") is None else round(r["energy"], 3),
+                "rank corr. after full re-init ↓": r["sanity"][-1] if r.get("sanity") else None,
+                "s / image": r["seconds_per_image"],
+            }
+        )
+    rows.append(
+        {
+            "method": "baseline (random order / uniform map)",
+            "deletion AUC ↓": round(obj["random"]["deletion_auc"], 3),
+            "insertion AUC ↑": round(obj["random"]["insertion_auc"], 3),
+            "pointing game ↑": None if "pointing_uniform" not in b else round(b["pointing_uniform"], 3),
+            "energy in parts ↑": None if "energy_uniform" not in b else round(b["energy_uniform"], 3),
+            "rank corr. after full re-init ↓": 0.0,
+            "s / image": None,
+        }
+    )
+    return rows
+
+
+def _with_baselines(stored: dict | None, method: str) -> dict | None:
+    if stored is None or method not in stored.get("methods", {}):
+        return None
+    return {
+        **stored["methods"][method],
+        "random": stored.get("random", {}),
+        "baselines": stored.get("baselines", {}),
+        "images": stored.get("images"),
+    }
+
+
+def faithfulness_text(f: dict | None) -> str:
+    """One line of a method's stored faithfulness, each number beside its baseline (Markdown)."""
+    if f is None:
+        return "_No faithfulness numbers stored for this method._"
+    r, b = f.get("random", {}), f.get("baselines", {})
+    parts = [
+        f"deletion AUC **{f['deletion_auc']:.3f}** (random order {r.get('deletion_auc', float('nan')):.3f}; lower is better)",
+        f"insertion AUC **{f['insertion_auc']:.3f}** (random {r.get('insertion_auc', float('nan')):.3f}; higher is better)",
+    ]
+    if f.get("pointing") is not None:
+        parts.append(
+            f"pointing game **{f['pointing']:.2f}** on the discriminative parts (random pixel {b.get('pointing_uniform', 0):.2f}, "
+            f"random pixel on the bird {b.get('pointing_on_bird', 0):.2f})"
+        )
+        parts.append(
+            f"energy in those parts **{f['energy']:.2f}** (uniform map {b.get('energy_uniform', 0):.2f})"
+        )
+    s = f.get("sanity") or []
+    if s:
+        verdict = "passes" if s[-1] < 0.5 else "FAILS"
+        parts.append(
+            f"randomisation check: rank correlation with the trained map {s[0]:.2f} after re-initialising the "
+            f"classifier, {s[-1]:.2f} after all layers — {verdict}"
+        )
+    return f"On {f.get('images', '?')} held-out test images: " + "; ".join(parts) + "."
+
+
+def view_tensor(lm: Any, image: Image.Image) -> Any:
+    """The network input ``(1, 3, S, S)`` of an analysed image's view (already the network's crop)."""
+    import torch
+
+    s = lm.input_size
+    arr = np.asarray(image.convert("RGB").resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    mean = torch.tensor(lm.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(lm.std, dtype=torch.float32)[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+def colour_legend(width: int = 256, height: int = 14, cmap: str = "inferno") -> Image.Image:
+    """The colour bar of the section's one scale: 0 (left) to the larger class maximum (right)."""
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return Image.fromarray(colorize(ramp, cmap))
+
+
+@dataclass
+class AttributionPanel:
+    """One method: its overlays per class (same scale), the raw maxima, its stored faithfulness numbers."""
+
+    method: str
+    label: str
+    overlays: dict[str, Image.Image]
+    maxima: dict[str, float]
+    seconds: float
+    faithfulness: dict[str, Any] | None
+
+
+@dataclass
+class AttributionView:
+    classes: list[str]  # [predicted, other]
+    panels: list[AttributionPanel]
+    legend: Image.Image
+    scale_note: str
+    notes: list[str] = field(default_factory=list)
+
+
+def where_it_looks(
+    ws: Workspace,
+    a: ImageAnalysis,
+    methods: Sequence[str],
+    other: str | None = None,
+) -> AttributionView:
+    """Each method's map for the predicted class and ``other`` (default: the runner-up), on one scale per method."""
+    lm = ws.model()
+    names = list(lm.class_names)
+    order = np.argsort(-a.probs)
+    predicted = names[int(order[0])]
+    if other is None or other not in names or other == predicted:
+        other = names[int(order[1])] if len(order) > 1 else predicted
+    classes = [predicted] if other == predicted else [predicted, other]
+    targets = [names.index(c) for c in classes]
+    x = view_tensor(lm, a.image)
+    stored = stored_attribution(ws)
+    labels = method_labels()
+    panels = []
+    for m in parse_methods(list(methods)):
+        t0 = time.perf_counter()
+        method = make_method(m, lm, **PAGE_OPTIONS.get(m, {}))
+        maps = method.pixel_map(x.expand(len(targets), -1, -1, -1), targets).float().cpu().numpy()
+        seconds = time.perf_counter() - t0
+        top = float(maps.max())
+        scaled = maps / top if top > 0 else maps
+        panels.append(
+            AttributionPanel(
+                m,
+                labels[m],
+                {
+                    c: overlay(a.image, scaled[i], alpha=0.65, normalize=None, mask_below=0.05)
+                    for i, c in enumerate(classes)
+                },
+                {c: float(maps[i].max()) for i, c in enumerate(classes)},
+                seconds,
+                _with_baselines(stored, m),
+            )
+        )
+    notes = []
+    if stored is None:
+        notes.append(
+            "No faithfulness numbers for this bundle yet: measure them with "
+            f"`lavise evaluate {ws.bundle.root} --only attribution` (about 1.5 min on the demo CNN)."
+        )
+    return AttributionView(
+        classes,
+        panels,
+        colour_legend(),
+        "One scale per method: colour = the map divided by its largest value over both classes "
+        "(0 = black/transparent, 1 = pale yellow); a fainter class map means less evidence for that class.",
+        notes,
+    )
