@@ -209,6 +209,21 @@ def test_explain_several_uploads_and_samples(monkeypatch, bundles):
     assert any("because it has" in m.value for m in at.markdown)
 
 
+def test_explain_where_does_it_look_methods_in_the_url(monkeypatch, bundles):
+    at = open_app(monkeypatch, bundles, "app_pages/explain.py", methods="saliency,gradcam,bogus")
+    at.file_uploader[0].upload("bird.png", _probe_png(bundles), "image/png").run()
+    assert not at.exception and not at.error
+    assert "Where does it look?" in [h.value for h in at.subheader]
+    ms = next(m for m in at.multiselect if m.key.startswith("methods_"))
+    assert ms.value == ["saliency", "gradcam"]  # from the URL, unknown names dropped
+    ms.set_value(["gradcam_pp"]).run()
+    assert not at.exception and at.query_params["methods"] in ("gradcam_pp", ["gradcam_pp"])
+    assert any(m.value.startswith("**Grad-CAM++** · ") for m in at.markdown)
+    assert any("faithfulness" in c.value for c in at.caption) or any(
+        "held-out" in m.value for m in at.markdown
+    )
+
+
 # ------------------------------------------------------------------------------------------ classes
 def test_classes_page(monkeypatch, bundles):
     at = open_app(monkeypatch, bundles, "app_pages/classes.py")
