@@ -171,23 +171,28 @@ class Attribution(abc.ABC):
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _num_classes(self, x: torch.Tensor) -> int:
-        """K: from the registry, else from one single-image forward pass of the bare module."""
-        if self.loaded is not None:
-            return self.loaded.num_classes
-        with torch.no_grad():
-            logits = self.model(x[:1])
+    def _prepare(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``x`` on the model's device and the targets ``(B,)`` int64 on the same device.
+
+        With a registry model the class range is checked here; with a bare module (K unknown until its
+        logits exist) the families call :meth:`_check_classes` after their first forward pass.
+        """
+        x = check_input(x).detach().to(self.device)
+        check_eval(self.model)
+        k = self.loaded.num_classes if self.loaded is not None else 2**62
+        t = check_target(target, x.shape[0], k)
+        return x, t.to(x.device)
+
+    def _check_classes(self, logits: object, target: torch.Tensor) -> None:
+        """Raise :class:`AttributionError` unless ``logits`` is ``(B, K)`` and every target is below K."""
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             shape = getattr(logits, "shape", type(logits).__name__)
             raise AttributionError(f"the model must return logits (B, K), got {shape}")
-        return int(logits.shape[1])
-
-    def _prepare(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated ``x`` on the model's device and the targets ``(B,)`` int64 on the same device."""
-        x = check_input(x).detach().to(self.device)
-        check_eval(self.model)
-        t = check_target(target, x.shape[0], self._num_classes(x))
-        return x, t.to(x.device)
+        k = int(logits.shape[1])
+        if int(target.max()) >= k:
+            raise AttributionError(
+                f"class index {int(target.max())} is out of range: the model has {k} classes (0..{k - 1})"
+            )
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         """The method's raw attribution for class ``target`` of each image of ``x (B, 3, H, W)``."""

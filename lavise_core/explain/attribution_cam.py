@@ -118,6 +118,7 @@ class CamAttribution(Attribution):
                 LayerCapture(self.model, self.layer, self.needs_gradient) as cap,
             ):
                 logits = self.model(xi)
+            self._check_classes(logits, ti)
             act = cap.activation
             if act is None:
                 raise AttributionError(f"layer {self.layer!r} did not run in the forward pass")

@@ -72,6 +72,7 @@ class GradientAttribution(Attribution):
             )
             logits = self.model(xi)
             t = target[s : s + xi.shape[0]].to(logits.device)
+            self._check_classes(logits, t)
             score = logits.gather(1, t[:, None]).squeeze(1)
             (g,) = torch.autograd.grad(score.sum(), xi)
             grads.append(g)

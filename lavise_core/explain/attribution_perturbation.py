@@ -44,7 +44,9 @@ class PerturbationAttribution(Attribution):
         count = masks.sum(0).to(x.dtype)
         out = torch.zeros(b, h, w, dtype=x.dtype, device=x.device)
         with torch.no_grad():
-            base = self.model(x).gather(1, target[:, None]).squeeze(1)
+            logits = self.model(x)
+            self._check_classes(logits, target)
+            base = logits.gather(1, target[:, None]).squeeze(1)
             for i in range(b):
                 xi, ti = x[i], target[i]
                 for s in range(0, masks.shape[0], self.batch_size):

@@ -139,19 +139,18 @@ def test_batching_does_not_change_the_maps(demo) -> None:
 
 
 class Faulty(nn.Module):
-    """Conv–ReLU–pool–linear whose forward raises, after the hooked layer ran, from the second call on
-    (the first call is the bare module's class-count probe)."""
+    """Conv–ReLU–pool–linear whose forward raises after the hooked layer ran (``fail`` = True)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))
         self.fc = nn.Linear(4, 2)
-        self.calls = 0
+        self.calls, self.fail = 0, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         f = self.features(x)
-        if self.calls > 1:
+        if self.fail:
             raise RuntimeError("boom inside forward")
         return self.fc(f.mean((2, 3)))
 
@@ -169,7 +168,7 @@ def test_hooks_and_state_restored_after_a_raising_forward(name) -> None:
     method = make_method(name, model, **opts)
     with pytest.raises(RuntimeError, match="boom"):
         method.attribute(torch.randn(1, 3, 8, 8), 0)
-    assert model.calls == 2
+    assert model.calls == 1
     assert all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == before and not model.training
     # no rectifier mode left active: plain gradients afterwards are ordinary gradients
@@ -184,6 +183,12 @@ def test_clear_errors(demo) -> None:
         GradCAM(lm).attribute(x, 12)
     with pytest.raises(AttributionError, match="out of range"):
         Saliency(lm).attribute(x, [0, -1])
+    bare = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
+    for cls in (Saliency, Occlusion):
+        with pytest.raises(AttributionError, match="out of range: the model has 3 classes"):
+            cls(bare).attribute(x, 3)  # a bare module: checked against its logits
+    with pytest.raises(AttributionError, match="out of range: the model has 3 classes"):
+        GradCAM(bare, layer="0").attribute(x, [0, 7])
     with pytest.raises(AttributionError, match="1×1"):
         Saliency(lm).attribute(torch.zeros(1, 3, 1, 1), 0)
     with pytest.raises(AttributionError, match="not a spatial map"):
