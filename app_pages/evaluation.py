@@ -12,6 +12,7 @@ TITLES = {
     "fidelity": "Are the words right? (held-out test images and concepts)",
     "textual": "Textual explanations (Guo et al.)",
     "lavise": "Zero-shot filter labels (LaViSE)",
+    "attribution": "Where does it look? (attribution maps on held-out images)",
 }
 
 st.title("How good are the explanations?")
@@ -52,6 +53,15 @@ if ws is not None:
             st.info(msg, icon=":material/construction:")
         for name, obj in rep.sections.items():
             st.subheader(TITLES.get(name, name))
+            if name == "attribution":
+                for line in views.attribution_findings(obj):
+                    st.markdown(f"- {line}")
+                st.dataframe(views.attribution_rows(obj), hide_index=True, key="attr_rows")
+                st.caption(
+                    "Cascading randomisation: rank correlation with the trained map, layers re-initialised top down"
+                )
+                st.dataframe(views.sanity_rows(obj), hide_index=True, key="attr_sanity")
+                continue
             head = views.evaluation_headlines(name, obj)
             if head and name == "fidelity":  # plain sentences, one per question, with a traffic light
                 for r in head:

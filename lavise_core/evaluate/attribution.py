@@ -41,6 +41,7 @@ from lavise_core.explain.attribution_methods import METHODS, make_method
 from lavise_core.explain.dissection import label_map_crop
 
 __all__ = [
+    "EVAL_OPTIONS",
     "RESULT_NAME",
     "AttributionEvalSettings",
     "build_attribution_stage",

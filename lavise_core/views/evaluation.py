@@ -39,6 +39,12 @@ def evaluation_report(ws: Workspace) -> EvaluationReport:
                 + ("" if name == "textual" else " --only lavise")
                 + "`"
             )
+    if (Path(ws.bundle.root) / "eval" / "attribution.json").is_file():
+        sections["attribution"] = ws.bundle.read_json("eval/attribution")
+    else:
+        missing.append(
+            f"no attribution faithfulness yet: run `lavise evaluate {ws.bundle.root} --only attribution`"
+        )
     return EvaluationReport(sections, missing, PAPER_NUMBERS)
 
 

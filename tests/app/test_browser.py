@@ -198,6 +198,8 @@ def test_upload_image(server, browser):
     _settle(page, "because it has")
     _no_exception(page)
     _shot(page, "10_explain_upload")
+    _settle(page, "Where does it look?")  # attribution maps; the method choice is in the URL
+    assert "methods=gradcam" in page.url
     page.locator('input[type="file"]').set_input_files(
         files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
     )
