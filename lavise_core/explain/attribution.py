@@ -114,7 +114,7 @@ def check_eval(model: nn.Module) -> None:
 
 
 @contextmanager
-def attribution_mode(model: nn.Module) -> Iterator[nn.Module]:
+def attribution_mode(model: nn.Module, params: Sequence[nn.Parameter] | None = None) -> Iterator[nn.Module]:
     """Run attributions on ``model``: refuse training mode; parameters frozen inside, restored on exit.
 
     Training mode is an error rather than silently switched: BatchNorm would use batch statistics (a map
@@ -122,7 +122,7 @@ def attribution_mode(model: nn.Module) -> Iterator[nn.Module]:
     the map random.
     """
     check_eval(model)
-    saved = [(p, p.requires_grad) for p in model.parameters()]
+    saved = [(p, p.requires_grad) for p in (model.parameters() if params is None else params)]
     try:
         for p, _ in saved:
             p.requires_grad_(False)
@@ -165,11 +165,11 @@ class Attribution(abc.ABC):
         if batch_size < 1:
             raise AttributionError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self._params = list(self.model.parameters())  # listed once: walking the modules costs ~0.3 ms a call
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return self._params[0].device if self._params else torch.device("cpu")
 
     def _prepare(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``x`` on the model's device and the targets ``(B,)`` int64 on the same device.
@@ -199,7 +199,7 @@ class Attribution(abc.ABC):
         lock = self.loaded.lock if self.loaded is not None else nullcontext()
         with lock:  # one shared model: every hooked / modified pass runs under its lock (STYLE rule 3)
             x, t = self._prepare(x, target)
-            with torch.enable_grad(), attribution_mode(self.model):
+            with torch.enable_grad(), attribution_mode(self.model, self._params):
                 return self._attribute(x, t)
 
     @abc.abstractmethod
