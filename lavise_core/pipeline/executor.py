@@ -39,11 +39,11 @@ __all__ = [
 KINDS = ("local", "ray")
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(ValueError):
     """The executor could not run the loop: cluster unreachable, a worker that died for good, bad settings."""
 
 
-class WorkerDataError(RuntimeError):
+class WorkerDataError(ExecutorError):
     """A worker cannot read the images (raised on the worker; the message names the host and the folder)."""
 
 
@@ -240,8 +240,6 @@ def _map_shards_ray(
                 for blob in batch["blob"]:
                     shard, partial, _info = pickle.loads(blob)
                     yield shard, partial
-        except ExecutorError:
-            raise
         except Exception as e:
             raise _explain(e, settings) from None
     finally:
