@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
 import time
 import warnings
@@ -165,12 +166,13 @@ def _connect(settings: ExecutorSettings) -> bool:
         raise ExecutorError(
             "the Ray executor needs Ray: pip install 'lavise[ray]' (ray[data]==2.60.0)"
         ) from None
+    if settings.address is not None:
+        _check_reachable(settings.address)
     if ray.is_initialized():
         return False
     import logging
 
     if settings.address is not None:
-        _check_reachable(settings.address)
         try:
             ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
         except Exception as e:
@@ -188,9 +190,9 @@ def _connect(settings: ExecutorSettings) -> bool:
 def _explain(e: BaseException, settings: ExecutorSettings) -> ExecutorError:
     """A Ray failure as one sentence a user can act on."""
     text = str(e)
-    if "WorkerDataError" in text:
-        line = next(ln for ln in text.splitlines() if "WorkerDataError" in ln)
-        return ExecutorError(line.split("WorkerDataError:", 1)[-1].strip())
+    found = re.search(r"WorkerDataError: (.+)", text)
+    if found:
+        return ExecutorError(found.group(1).strip() + " Nothing was written to the bundle.")
     died = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError", "died")
     if any(d in text or d in type(e).__name__ for d in died):
         return ExecutorError(
