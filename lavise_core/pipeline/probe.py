@@ -630,8 +630,10 @@ def run_probe_sharded(
     if n == 0:
         raise ValueError(f"the data set at {ds.root} has no images")
     device = torch.device(settings.device)
-    c, h, w, k_cls, top_k = _shapes(lm, layer, torch.device("cpu") if device.type == "cuda" else device, n,
-                                    settings.top_k)  # fmt: skip
+    if executor.kind == "ray":  # the model travels to the workers from the CPU; they pick their device
+        lm.model.to("cpu", memory_format=torch.contiguous_format)
+    model_device = next(lm.model.parameters(), torch.zeros(0)).device
+    c, h, w, k_cls, top_k = _shapes(lm, layer, model_device, n, settings.top_k)
     work = bundle.root / "probe" / "_partial"
     shutil.rmtree(work, ignore_errors=True)  # a single-process checkpoint does not mix with shards
     work.mkdir(parents=True, exist_ok=True)
@@ -646,7 +648,9 @@ def run_probe_sharded(
         t0 = time.perf_counter()
         merge_s, done = 0.0, 0
         bar = tqdm(total=n, unit="img", desc=f"probe pass ({executor.kind})", disable=not settings.progress)
-        for rows, part in map_shards(task, np.arange(n), settings.batch_size, executor, settings.device):
+        # Ray: "cuda" on a cluster with GPUs (one per actor), else "cpu"; an explicit cuda:N is kept
+        worker_device = None if executor.kind == "ray" and settings.device == "cpu" else settings.device
+        for rows, part in map_shards(task, np.arange(n), settings.batch_size, executor, worker_device):
             tm = time.perf_counter()
             pooled[rows] = part.pooled
             logits[rows] = part.logits
