@@ -7,7 +7,7 @@ everything from submitting the pass to the written bundle: shipping the model, s
 Targets (issue 14): Ray throughput >= 0.8 × single process; merge <= 5 % of the Ray pass. Also checks the two
 bundles are equal (top_index and thresholds identical, pooled max abs diff).
 
-    flock /work/notes/heavy.lock nice -n 5 python bench/ray_probe.py [--model synthbirds] [--n 2400]
+    flock /work/notes/heavy.lock nice -n 5 python bench/ray_probe.py [--model synthbirds] [--n 4800]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="synthbirds")
     ap.add_argument("--data", type=Path, default=Path("data/synthbirds"))
-    ap.add_argument("--n", type=int, default=2400, help="first N images of the data set")
+    ap.add_argument("--n", type=int, default=4800, help="first N images of the data set")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="Ray actors (and CPUs of the local cluster)")
     args = ap.parse_args()
@@ -63,14 +63,23 @@ def main() -> None:
         try:
             dist = open_or_create_bundle(tmp / "ray", lm, ds)
             ex = ExecutorSettings(kind="ray", workers=args.workers)
+            first: list[tuple[float, int]] = []  # (time, rows) when the first shard came back
+
+            def seen(done: int, total: int) -> None:
+                if not first:
+                    first.append((time.perf_counter(), done))
+
             t0 = time.perf_counter()
-            run_probe_sharded(dist, lm, ds, st, ex)
+            run_probe_sharded(dist, lm, ds, st, ex, on_progress=seen)
             t_ray = time.perf_counter() - t0
+            steady = (len(ds) - first[0][1]) / (t0 + t_ray - first[0][0])
         finally:
             ray.shutdown()
         merge = dist.manifest["stages"]["probe"]["merge_seconds"]
         print(f"Ray, {args.workers} actors:           {t_ray:6.1f} s  {len(ds) / t_ray:6.1f} img/s  "
               f"(cluster start {t_start:.1f} s, not counted)")  # fmt: skip
+        print(f"  after the first shard (actors up):  {steady:6.1f} img/s  "
+              f"(first shard back after {first[0][0] - t0:.1f} s)")  # fmt: skip
         ratio = t_single / t_ray
         print(f"throughput Ray / single: {ratio:.2f}  (target >= 0.8)  {'OK' if ratio >= 0.8 else 'MISSED'}")
         print(f"merge: {merge:.2f} s = {100 * merge / t_ray:.1f} % of the Ray pass  (target <= 5 %)  "
