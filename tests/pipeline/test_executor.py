@@ -105,3 +105,22 @@ def test_shards_and_settings():
     out = list(map_shards(task, np.arange(5), 2, ExecutorSettings(shard_batches=1), device="cpu"))
     assert [(r.tolist(), int(p)) for r, p in out] == [([0, 1], 1), ([2, 3], 5), ([4], 4)]
     assert task.device == "cpu"
+
+
+def test_cli_ray_flag_and_unreachable_cluster(tmp_path, colour_dataset, capsys):
+    pytest.importorskip("ray")
+    from lavise_core.cli import _settings, build_parser, main
+
+    args = build_parser().parse_args(["build", "--data", "x", "--ray"])
+    assert (_settings(args).executor, _settings(args).address) == ("ray", None)
+    args = build_parser().parse_args(
+        ["probe", "--data", "x", "--ray", "ray://head:10001", "--ray-workers", "3"]
+    )
+    st = _settings(args)
+    assert (st.executor, st.address, st.executor_settings().workers) == ("ray", "ray://head:10001", 3)
+    assert _settings(build_parser().parse_args(["build", "--data", "x"])).executor == "local"
+    rc = main(["probe", "--model", "synthbirds", "--data", str(colour_dataset.root), "--bundles",
+               str(tmp_path / "b"), "--quiet", "--ray", "127.0.0.1:9"])  # fmt: skip
+    assert rc == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:9" in capsys.readouterr().err
+    assert not list((tmp_path / "b").glob("*/probe/*"))  # nothing half-written
