@@ -57,7 +57,7 @@ class ExecutorSettings:
         address: Ray cluster address (``"10.0.0.5:6379"``, ``"ray://head:10001"``, ``"auto"``); ``None``: use
             the Ray runtime this process already started, or start a local one with ``workers`` CPUs.
         workers: actors in the pool; 0: one per GPU of the cluster, else one per CPU.
-        shard_batches: batches per shard; 0: about 4 shards per worker, at most 32 batches each.
+        shard_batches: batches per shard; 0: about 8 shards per worker, at most 32 batches each.
         max_restarts: how often Ray restarts a dead actor (its shard is retried) before the pass fails.
         progress: Ray Data's progress bars.
     """
@@ -93,7 +93,7 @@ def shard_rows(rows: Sequence[int] | np.ndarray, batch_size: int, shard_batches:
 
 def _auto_shard_batches(n_rows: int, batch_size: int, workers: int) -> int:
     n_batches = -(-n_rows // max(1, batch_size))
-    return max(1, min(32, -(-n_batches // (4 * max(1, workers)))))
+    return max(1, min(32, -(-n_batches // (8 * max(1, workers)))))
 
 
 def map_shards(
