@@ -51,6 +51,8 @@ bench: assets
 	$(BIN)/python bench/head_training.py
 	$(BIN)/python bench/ui_latency.py
 	$(BIN)/python bench/synthbirds_budget.py
+	$(BIN)/python bench/ray_probe.py
+	$(BIN)/python bench/gpu_probe.py
 
 clean-data:
 	rm -rf data/bundles data/cache

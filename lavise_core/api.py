@@ -638,6 +638,8 @@ def build(
     force: Sequence[str] = (),
     settings: BuildSettings = BuildSettings(),
     options: dict[str, dict[str, Any]] | None = None,
+    executor: str | None = None,
+    address: str | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
@@ -646,8 +648,18 @@ def build(
     is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes;
     ``options``: keyword arguments per stage, e.g. ``{"lavise": {"settings": LaviseSettings(epochs=20)}}``.
     Finished stages are skipped, so calling it again on a built bundle only opens it.
+    ``executor="ray"`` runs the image loops (probe pass, LaViSE region features) as Ray Data batch inference on
+    the cluster at ``address`` (default: the running Ray runtime, else a local one); same bundle (docs/ray.md).
     """
+    import dataclasses
+
     from lavise_core.models.networks import load_model
+
+    if executor is not None or address is not None:
+        settings = dataclasses.replace(
+            settings, executor=executor or settings.executor, address=address or settings.address
+        )
+        settings.executor_settings()  # an unknown executor fails before any work
     from lavise_core.pipeline.probe import open_or_create_bundle
     from lavise_core.stages import REGISTRY
 

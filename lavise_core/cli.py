@@ -41,8 +41,33 @@ def _settings(args: argparse.Namespace):
 
     return BuildSettings(
         device=args.device, batch_size=args.batch_size, top_k=args.top_k, workers=args.workers,
-        bars=not args.quiet,
+        bars=not args.quiet, **_ray_settings(args),
     )  # fmt: skip
+
+
+def _ray_settings(args: argparse.Namespace) -> dict:
+    """``--ray [ADDRESS]`` -> the executor fields of BuildSettings (``--ray`` alone: a local Ray cluster)."""
+    ray = getattr(args, "ray", None)
+    if ray is None:
+        return {}
+    return {"executor": "ray", "address": None if ray == "local" else ray, "ray_workers": args.ray_workers}
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the image loops as Ray Data batch inference: on the cluster at ADDRESS (host:6379, "
+        "ray://host:10001, auto), or on a local Ray cluster without ADDRESS (docs/ray.md)",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        default=0,
+        help="Ray actors holding the model (0: one per GPU, else per CPU)",
+    )
 
 
 def _print_build(ex, outcome: dict[str, str]) -> None:
@@ -171,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="run the streaming probe pass", description=cmd_probe.__doc__ or "")
     _common_bundle_args(p)
+    _add_ray_args(p)
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser(
@@ -187,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help="redo these stages and every stage built on them (see `lavise stages`)",
     )
+    _add_ray_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle's explanations against ground truth")

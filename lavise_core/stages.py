@@ -44,6 +44,7 @@ def _probe(ctx: StageContext) -> dict:
     run_probe(
         ctx.bundle, ctx.model, ctx.dataset, settings,
         on_progress=lambda done, total: ctx.report(done, total, f"probe pass: {done} / {total} images"),
+        executor=s.executor_settings(),
     )  # fmt: skip
     return {}
 
@@ -60,9 +61,8 @@ def _textual_grounding(ctx: StageContext) -> dict:
 
 
 def _lavise(ctx: StageContext) -> dict:
-    return build_lavise_stage(
-        ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **ctx.options_for("lavise")
-    )
+    options = {"executor": ctx.settings.executor_settings(), **ctx.options_for("lavise")}
+    return build_lavise_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **options)
 
 
 def _dissection(ctx: StageContext) -> dict:

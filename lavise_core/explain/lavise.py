@@ -135,6 +135,7 @@ def build_lavise_stage(
     embedder=None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    executor=None,
 ) -> dict:
     """Vocabulary + index, region features, head training, filter attention; finished parts are skipped.
 
@@ -144,7 +145,8 @@ def build_lavise_stage(
     ``filter_label_scores (C, L)``, ``filter_embeddings (C, d)``, ``filter_inside (C,)``,
     ``filter_object_area (C,)``.
     ``vocabulary``: a :class:`~lavise_core.explain.concepts.VocabularySettings` (default recipe), or a tuple
-    ``(phrases, embeddings (T, d))`` used as the general vocabulary as is.
+    ``(phrases, embeddings (T, d))`` used as the general vocabulary as is. ``executor``: where the region-feature
+    pass over the images runs (:class:`~lavise_core.pipeline.executor.ExecutorSettings`; default this process).
     """
     from lavise_core.explain.concepts import (
         build_vocabulary,
@@ -212,6 +214,7 @@ def build_lavise_stage(
         rf = extract_region_features(
             lm, dataset, layer, "train" if has_train else None, settings.image_batch,
             settings.min_region_cells, progress=progress, background_rows=settings.background_rows,
+            executor=executor,
         )  # fmt: skip
         rf.save(bundle)
         bundle.mark_stage(

@@ -28,11 +28,13 @@ from tqdm import tqdm
 from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes
 from lavise_core.explain.concepts import background_phrase
 from lavise_core.explain.lavise_settings import LaviseError, LaviseSettings, torch_threads
+from lavise_core.pipeline.executor import ExecutorSettings, WorkerDataError, map_shards
 from lavise_core.pipeline.probe import image_batches
 
 __all__ = [
     "ExplainerHead",
     "RegionFeatures",
+    "RegionShardTask",
     "attention_pool",
     "concept_split",
     "cosine_margin_ranking_loss",
@@ -157,6 +159,91 @@ def _region_value(ds: ProbeDataset, name: str) -> int | None:
         return None
 
 
+@dataclass
+class _RegionPart:
+    """The region rows of one shard (lists, in manifest order)."""
+
+    features: list[np.ndarray]
+    image: list[int]
+    region: list[str]
+    concepts: list[list[str]]
+    background: list[np.ndarray]
+    background_image: list[int]
+
+
+class RegionShardTask:
+    """Region features of a shard of images (:func:`~lavise_core.pipeline.executor.map_shards`)."""
+
+    def __init__(
+        self, lm, dataset: ProbeDataset, layer, batch_size, min_region_cells, background_rows
+    ) -> None:
+        self.lm, self.dataset, self.layer = lm, dataset, layer
+        self.batch_size, self.min_region_cells, self.background_rows = (
+            batch_size,
+            min_region_cells,
+            background_rows,
+        )
+
+    def setup(self, device: str | None) -> None:
+        import socket
+
+        if not Path(self.dataset.root).is_dir():
+            raise WorkerDataError(
+                f"the worker on {socket.gethostname()} cannot see the data set folder {self.dataset.root}: the "
+                "images must be on a filesystem every Ray node mounts at the same path (see docs/ray.md)"
+            )
+        if device is not None:
+            self.lm.model.to(device)
+
+    def __call__(self, rows: np.ndarray, progress: bool = False) -> _RegionPart:
+        from lavise_core.models.networks import forward_maps
+
+        lm, dataset, layer = self.lm, self.dataset, self.layer
+        out = _RegionPart([], [], [], [], [], [])
+        bar = tqdm(total=len(rows), desc="region features", disable=not progress)
+        for batch, x, images in image_batches(dataset, lm, [int(i) for i in rows], self.batch_size):
+            maps, _ = forward_maps(lm, x, layer)
+            maps = maps.float().cpu()
+            hw = tuple(maps.shape[-2:])
+            painted: list[torch.Tensor] = []
+            for b, i in enumerate(batch):
+                label_map = dataset.load_mask(i)
+                if label_map is None:
+                    continue
+                view = paint_out_object(images[b], label_map)
+                if view is not None:
+                    painted.append(lm.preprocess(view))
+                    out.background_image.append(i)
+                box = lm.crop_box(label_map.shape[1], label_map.shape[0])
+                regions = [(name, _region_value(dataset, name), phrases)
+                           for name, phrases in dataset.records[i].region_concepts.items()]  # fmt: skip
+                bg = (
+                    background_phrase(dataset.records[i].meta.get("background"))
+                    if self.background_rows
+                    else None
+                )
+                if bg is not None:
+                    regions.append(("background", 0, [bg]))
+                for name, val, phrases in regions:
+                    if val is None or not phrases:
+                        continue
+                    m = mask_weights(label_map == val, hw, box)
+                    area = float(m.sum())
+                    if area < self.min_region_cells:
+                        continue
+                    f = (maps[b] * torch.from_numpy(m)).sum((1, 2)) / area
+                    out.features.append(f.numpy())
+                    out.image.append(i)
+                    out.region.append(name)
+                    out.concepts.append([p.strip().lower() for p in phrases])
+            if painted:
+                bg_maps, _ = forward_maps(lm, torch.stack(painted), layer)
+                out.background.append(bg_maps.float().mean((2, 3)).cpu().numpy())
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+
 def extract_region_features(
     lm,
     dataset: ProbeDataset,
@@ -167,15 +254,15 @@ def extract_region_features(
     max_images: int | None = None,
     progress: bool = False,
     background_rows: bool = True,
+    executor: ExecutorSettings | None = None,
 ) -> RegionFeatures:
     """One streaming pass: masked mean-pooled ``(R, C)`` features of every annotated region (METHODS §2).
 
     With ``background_rows``, each image with a background kind (``meta["background"]``) also gives one row
     for its pixels outside the object (label 0 of the intact image), region ``"background"``, concepts
     ``["{kind} background"]``. (The painted-out ``background`` features are separate: the bias test.)
+    ``executor``: where the pass runs (a Ray executor maps shards of the images over its workers; same rows).
     """
-    from lavise_core.models.networks import forward_maps
-
     idx = [
         int(i)
         for i in dataset.indices(split)
@@ -194,43 +281,18 @@ def extract_region_features(
     rows_con: list[list[str]] = []
     bg_feats: list[np.ndarray] = []
     bg_img: list[int] = []
-    bar = tqdm(total=len(idx), desc="region features", disable=not progress)
-    for batch, x, images in image_batches(dataset, lm, idx, batch_size):
-        maps, _ = forward_maps(lm, x, layer)
-        maps = maps.float().cpu()
-        hw = tuple(maps.shape[-2:])
-        painted: list[torch.Tensor] = []
-        for b, i in enumerate(batch):
-            label_map = dataset.load_mask(i)
-            if label_map is None:
-                continue
-            view = paint_out_object(images[b], label_map)
-            if view is not None:
-                painted.append(lm.preprocess(view))
-                bg_img.append(i)
-            box = lm.crop_box(label_map.shape[1], label_map.shape[0])
-            rows = [(name, _region_value(dataset, name), phrases)
-                    for name, phrases in dataset.records[i].region_concepts.items()]  # fmt: skip
-            bg = background_phrase(dataset.records[i].meta.get("background")) if background_rows else None
-            if bg is not None:
-                rows.append(("background", 0, [bg]))
-            for name, val, phrases in rows:
-                if val is None or not phrases:
-                    continue
-                m = mask_weights(label_map == val, hw, box)
-                area = float(m.sum())
-                if area < min_region_cells:
-                    continue
-                f = (maps[b] * torch.from_numpy(m)).sum((1, 2)) / area
-                feats.append(f.numpy())
-                rows_img.append(i)
-                rows_reg.append(name)
-                rows_con.append([p.strip().lower() for p in phrases])
-        if painted:
-            bg_maps, _ = forward_maps(lm, torch.stack(painted), layer)
-            bg_feats.append(bg_maps.float().mean((2, 3)).cpu().numpy())
-        bar.update(len(batch))
-    bar.close()
+    task = RegionShardTask(lm, dataset, layer, batch_size, min_region_cells, background_rows)
+    if executor is None or executor.kind == "local":
+        parts = [(np.asarray(idx), task(np.asarray(idx), progress))]
+    else:  # shards on the workers, put back in manifest order
+        parts = sorted(map_shards(task, idx, batch_size, executor), key=lambda p: int(p[0][0]))
+    for _, part in parts:
+        feats += part.features
+        rows_img += part.image
+        rows_reg += part.region
+        rows_con += part.concepts
+        bg_feats += part.background
+        bg_img += part.background_image
     if not feats:
         raise LaviseError("no region was large enough at the layer's resolution; try an earlier layer")
     c = feats[0].shape[0]

@@ -88,6 +88,16 @@ class LoadedModel:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def __getstate__(self) -> dict:
+        """Pickles without its lock (a model travels to the workers of a distributed pass)."""
+        state = dict(self.__dict__)
+        state.pop("lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> ``(3, input_size, input_size)`` float32, normalised."""
         img = img.convert("RGB")

@@ -12,8 +12,10 @@ Unreadable images are reported and skipped (their row is marked invalid), never 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,16 +30,20 @@ from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes
 from lavise_core.data.images import ImageLoadError
 from lavise_core.models.networks import LoadedModel, record_layer
 from lavise_core.pipeline.bundle import Bundle, bundle_key
+from lavise_core.pipeline.executor import ExecutorError, ExecutorSettings, WorkerDataError, map_shards
 
 __all__ = [
     "QUANTILE_LEVELS",
+    "ProbePartial",
     "ProbeSettings",
+    "ProbeShardTask",
     "StreamingHistogram",
     "TopKMaps",
     "bundle_dir_for",
     "image_batches",
     "open_or_create_bundle",
     "run_probe",
+    "run_probe_sharded",
 ]
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -55,6 +61,7 @@ class ProbeSettings:
     checkpoint_every: int = 20  # batches
     device: str = "cpu"
     progress: bool = True
+    amp: bool = True  # mixed precision for the forward pass on a GPU (accumulation stays float32)
 
 
 # --------------------------------------------------------------------------------------- reducers
@@ -89,16 +96,59 @@ class StreamingHistogram:
             grow = vmax.double() >= hi
             if not bool(grow.any()):
                 break
-            c = self.counts[grow]
-            merged = c[:, 0::2] + c[:, 1::2]
-            self.counts[grow] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
-            self.width[grow] *= 2
+            self._double(grow)
         # bin index in float32 (exact enough for 2048 bins), offset per filter, one bincount for all
         lo32, inv32 = self.lo.float()[:, None], (1.0 / self.width).float()[:, None]
         idx = ((values - lo32) * inv32).floor_().clamp_(0, self.bins - 1).long()
         idx += torch.arange(values.shape[0])[:, None] * self.bins
         flat = torch.bincount(idx.view(-1), minlength=values.shape[0] * self.bins)
         self.counts += flat.view(-1, self.bins)
+
+    def _double(self, rows: torch.Tensor) -> None:
+        """Double the bin width of the filters ``rows (C,) bool``: bins ``2j`` and ``2j+1`` become bin ``j``."""
+        c = self.counts[rows]
+        merged = c[:, 0::2] + c[:, 1::2]
+        self.counts[rows] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+        self.width[rows] *= 2
+
+    @classmethod
+    def starting_at(cls, lo: torch.Tensor, width: torch.Tensor, bins: int) -> StreamingHistogram:
+        """An empty histogram with the origin ``lo (C,)`` and bin width ``width (C,)`` of another one (float64).
+
+        Histograms that start at the same origin merge exactly (:meth:`merge`): a shard of a distributed
+        pass starts at the origin the single-process pass takes from its first batch.
+        """
+        h = cls(lo.shape[0], bins)
+        h.lo, h.width = lo.double().clone(), width.double().clone()
+        return h
+
+    def merge(self, other: StreamingHistogram) -> None:
+        """Add the counts of ``other`` (same origin and bins; its widths ``width · 2^g``, g >= 0 or <= 0).
+
+        Exact: counting a value at width ``2w`` equals counting it at ``w`` and merging bin pairs, so both sides
+        are brought to the larger width per filter and added: the counts the single pass would have.
+        """
+        if other.lo is None:
+            return
+        if self.lo is None:
+            self.lo, self.width, self.counts = other.lo.clone(), other.width.clone(), other.counts.clone()
+            return
+        if other.bins != self.bins or not torch.equal(other.lo, self.lo):
+            raise ValueError("histograms with different origins or bins cannot be merged exactly")
+        counts = other.counts.clone()
+        width = other.width.clone()
+        while True:
+            mine, theirs = self.width < width, width < self.width
+            if not bool(mine.any() or theirs.any()):
+                break
+            if bool(mine.any()):
+                self._double(mine)
+            if bool(theirs.any()):
+                c = counts[theirs]
+                merged = c[:, 0::2] + c[:, 1::2]
+                counts[theirs] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+                width[theirs] *= 2
+        self.counts += counts
 
     def quantiles(self, levels: tuple[float, ...] | list[float]) -> np.ndarray:
         """``(C, Q)`` float32 quantiles at ``levels`` (each in [0, 1])."""
@@ -144,16 +194,34 @@ class TopKMaps:
         self.maps = torch.zeros(channels, k, *map_size)
 
     def update(self, pooled: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> None:
-        """Merge a batch: ``pooled (B, C)``, ``maps (B, C, h, w)``, ``index (B,)`` (invalid rows pre-set to -inf)."""
+        """Merge a batch: ``pooled (B, C)``, ``maps (B, C, h, w)``, ``index (B,)`` ascending and after every index
+        seen so far (invalid rows pre-set to -inf).
+
+        Ties go to the earlier image (a stable sort of ``[kept, batch]``), so the result is the first ``k`` in the
+        order (value descending, image index ascending, empty slots -1 first): independent of how the images
+        were batched, which is what makes :meth:`merge` exact.
+        """
         b = pooled.shape[0]
         vals = torch.cat([self.values, pooled.T.float()], dim=1)  # (C, k + B)
         idx = torch.cat([self.index, index[None, :].expand(self.values.shape[0], b)], dim=1)
-        top = vals.topk(self.k, dim=1)
-        self.values = top.values
-        self.index = idx.gather(1, top.indices)
-        allmaps = torch.cat([self.maps, maps.permute(1, 0, 2, 3).float()], dim=1)  # (C, k + B, h, w)
-        gidx = top.indices[:, :, None, None].expand(-1, -1, *allmaps.shape[2:])
-        self.maps = allmaps.gather(1, gidx)
+        self._keep(vals, idx, torch.cat([self.maps, maps.permute(1, 0, 2, 3).float()], dim=1))
+
+    def merge(self, values: torch.Tensor, index: torch.Tensor, maps: torch.Tensor) -> None:
+        """Merge another top-k over other images: ``values (C, k')``, ``index (C, k')``, ``maps (C, k', h, w)``.
+
+        Exact: same order as :meth:`update` (value descending, index ascending), in any merge order.
+        """
+        vals = torch.cat([self.values, values.float()], dim=1)
+        idx = torch.cat([self.index, index.long()], dim=1)
+        allmaps = torch.cat([self.maps, maps.float()], dim=1)
+        by_index = idx.sort(dim=1, stable=True).indices  # index ascending (-1 first), then stable by value
+        self._keep(vals.gather(1, by_index), idx.gather(1, by_index), _gather_maps(allmaps, by_index))
+
+    def _keep(self, vals: torch.Tensor, idx: torch.Tensor, allmaps: torch.Tensor) -> None:
+        order = vals.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.values = vals.gather(1, order)
+        self.index = idx.gather(1, order)
+        self.maps = _gather_maps(allmaps, order)
 
     def state(self) -> dict[str, np.ndarray]:
         return {
@@ -166,6 +234,11 @@ class TopKMaps:
         self.values = torch.from_numpy(np.array(st["top_values"]))
         self.index = torch.from_numpy(np.array(st["top_index"]))
         self.maps = torch.from_numpy(np.array(st["top_maps"]))
+
+
+def _gather_maps(maps: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``maps (C, M, h, w)`` picked by ``order (C, k)`` -> ``(C, k, h, w)``."""
+    return maps.gather(1, order[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
 
 
 # --------------------------------------------------------------------------------------- data
@@ -236,16 +309,57 @@ def open_or_create_bundle(
 
 
 # --------------------------------------------------------------------------------------- the pass
+def _prepare_device(lm: LoadedModel, device: torch.device) -> None:
+    """Move the model; on a GPU in channels-last memory format (faster convolutions under autocast)."""
+    lm.model.to(device)
+    if device.type == "cuda":
+        lm.model.to(memory_format=torch.channels_last)
+
+
+def _autocast(device: torch.device, amp: bool):
+    """Mixed precision for the forward pass on a GPU (bfloat16 where supported); a no-op on the CPU."""
+    import contextlib
+
+    if device.type != "cuda" or not amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _forward(lm: LoadedModel, rec, x: torch.Tensor, device: torch.device, amp: bool):
+    """One batch -> ``(maps (B, C, h, w) float32, logits (B, K) float32)``; reductions then run in float32."""
+    if device.type == "cuda":
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    else:
+        x = x.to(device)
+    with _autocast(device, amp):
+        out = lm.model(x)
+    return rec.output.float(), out.float()
+
+
+def _shapes(lm: LoadedModel, layer: str, device: torch.device, n: int, top_k: int):
+    """``(C, h, w, K, k)`` from one dummy forward pass; checks the class names."""
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+        logits0 = lm.model(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+    c, h, w = rec.output.shape[1:]
+    k_cls = logits0.shape[1]
+    if k_cls != len(lm.class_names):
+        raise ValueError(f"the model outputs {k_cls} logits but has {len(lm.class_names)} class names")
+    return int(c), int(h), int(w), int(k_cls), min(top_k, n)
+
+
 def run_probe(
     bundle: Bundle,
     lm: LoadedModel,
     ds: ProbeDataset,
     settings: ProbeSettings = ProbeSettings(),
     on_progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorSettings | None = None,
 ) -> Bundle:
     """Run (or resume, or skip if done) the probe pass and store its arrays in ``bundle``.
 
     ``on_progress(done, total)`` is called after every batch (for progress bars outside a terminal).
+    ``executor``: a Ray executor runs the pass sharded (:func:`run_probe_sharded`); same arrays.
 
     Writes ``probe/pooled (N, C)``, ``probe/logits (N, K)``, ``probe/valid (N,)``, ``probe/top_index (C, k)``,
     ``probe/top_value (C, k)``, ``probe/top_maps (C, k, h, w)`` float16, ``probe/quantile_levels (Q,)``,
@@ -254,22 +368,16 @@ def run_probe(
     """
     if bundle.stage_done("probe"):
         return bundle
+    if executor is not None and executor.kind != "local":
+        return run_probe_sharded(bundle, lm, ds, settings, executor, on_progress)
     bundle.verify_model(lm)
     layer = bundle.layer
     device = torch.device(settings.device)
-    lm.model.to(device)
+    _prepare_device(lm, device)
     n = len(ds)
     if n == 0:
         raise ValueError(f"the data set at {ds.root} has no images")
-
-    # shapes from one dummy forward pass
-    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
-        logits0 = lm.model(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
-    c, h, w = rec.output.shape[1:]
-    k_cls = logits0.shape[1]
-    if k_cls != len(lm.class_names):
-        raise ValueError(f"the model outputs {k_cls} logits but has {len(lm.class_names)} class names")
-    top_k = min(settings.top_k, n)
+    c, h, w, k_cls, top_k = _shapes(lm, layer, device, n, settings.top_k)
 
     work = bundle.root / "probe" / "_partial"
     work.mkdir(parents=True, exist_ok=True)
@@ -289,25 +397,26 @@ def run_probe(
             hist.load_state(st)
             failures = json.loads(str(st["failures"]))
 
+    gpu = device.type == "cuda"
     loader = DataLoader(
         _ProbeImages(ds, lm, done),
         batch_size=settings.batch_size,
-        num_workers=settings.num_workers,
+        num_workers=settings.num_workers or (min(4, os.cpu_count() or 1) if gpu else 0),
         collate_fn=_collate,
         shuffle=False,
+        pin_memory=gpu,
     )
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=done, unit="img", desc="probe pass", disable=not settings.progress)
     with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
         for bi, (idx, x, errors) in enumerate(loader):
-            out = lm.model(x.to(device, non_blocking=True))
-            maps = rec.output.float()  # (B, C, h, w)
+            maps, out = _forward(lm, rec, x, device, settings.amp)
             ok = torch.tensor([not e for e in errors])
             pooled_b = maps.mean(dim=(2, 3)).cpu()
             pooled_b[~ok] = 0.0
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             pooled[lo:hi] = pooled_b.numpy()
-            logits[lo:hi] = np.where(ok.numpy()[:, None], out.float().cpu().numpy(), 0.0)
+            logits[lo:hi] = np.where(ok.numpy()[:, None], out.cpu().numpy(), 0.0)
             valid[lo:hi] = ok.numpy()
             for i, e in zip(idx.tolist(), errors, strict=True):
                 if e:
@@ -327,12 +436,36 @@ def run_probe(
                 _checkpoint(state_path, pooled, logits, valid, top, hist, done, n, failures)
     bar.close()
     seconds = time.perf_counter() - t0
+    _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device, (c, h, w))
+    del pooled, logits, valid
+    shutil.rmtree(work, ignore_errors=True)
+    return bundle
+
+
+def _finish(
+    bundle: Bundle,
+    lm: LoadedModel,
+    ds: ProbeDataset,
+    pooled,
+    logits,
+    valid,
+    top: TopKMaps,
+    hist: StreamingHistogram,
+    failures: dict[str, str],
+    seconds: float,
+    settings: ProbeSettings,
+    device: torch.device,
+    chw: tuple[int, int, int],
+    extra: dict | None = None,
+) -> None:
+    """Write the probe arrays and mark the stage (the same for every executor)."""
+    n = len(ds)
     n_valid = int(np.asarray(valid).sum())
     if n_valid == 0:
         raise ValueError(
             f"none of the {n} images of {ds.root} could be read; first error: {next(iter(failures.values()))}"
         )
-
+    c, h, w = chw
     quantiles = hist.quantiles(QUANTILE_LEVELS)
     wcls, bcls = lm.classifier_weights()
     bundle.write_array("probe/pooled", np.asarray(pooled))
@@ -347,10 +480,11 @@ def run_probe(
     bundle.write_array("probe/classifier_weight", wcls)
     bundle.write_array("probe/classifier_bias", bcls)
     bundle.write_json("probe/failures", failures)
-    bundle.manifest.update({"channels": int(c), "map_size": [int(h), int(w)], "top_k": int(top_k)})
+    bundle.manifest.update({"channels": int(c), "map_size": [int(h), int(w)], "top_k": int(top.k)})
     labels = ds.labels()
     preds = np.asarray(logits).argmax(1)
     known = np.asarray(valid) & (labels >= 0)
+    k_cls = np.asarray(logits).shape[1]
     acc = float((preds[known] == labels[known]).mean()) if known.any() and k_cls == len(ds.classes) else None
     bundle.mark_stage(
         "probe",
@@ -362,10 +496,190 @@ def run_probe(
             "batch_size": settings.batch_size,
             "device": str(device),
             "accuracy": acc,
+            **(extra or {}),
         },
     )
-    del pooled, logits, valid
-    shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- sharded pass
+@dataclass
+class ProbePartial:
+    """What one shard of the probe pass sends back: its rows and its own top-k and histogram."""
+
+    rows: np.ndarray  # (n,) manifest rows
+    pooled: np.ndarray  # (n, C) float32
+    logits: np.ndarray  # (n, K) float32
+    valid: np.ndarray  # (n,) bool
+    failures: dict[int, str]  # row -> error
+    top_values: np.ndarray  # (C, k) float32
+    top_index: np.ndarray  # (C, k) int64
+    top_maps: np.ndarray  # (C, k, h, w) float16 (stored as float16 anyway)
+    hist_counts: np.ndarray  # (C, B) int64
+    hist_width: np.ndarray  # (C,) float64
+    hist_lo: np.ndarray  # (C,) float64
+
+
+class ProbeShardTask:
+    """The probe pass over one shard (whole batches), for :func:`~lavise_core.pipeline.executor.map_shards`.
+
+    ``setup`` finds the histogram origin exactly as the single-process pass does: from the first batch of the
+    manifest that has a readable image; every shard's histogram starts there, so the merge is exact.
+    """
+
+    def __init__(self, lm: LoadedModel, ds: ProbeDataset, layer: str, settings: ProbeSettings) -> None:
+        self.lm, self.ds, self.layer, self.settings = lm, ds, layer, settings
+        self.device = torch.device(settings.device)
+        self.origin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def setup(self, device: str | None) -> None:
+        if device is not None:
+            self.device = torch.device(device)
+        root = Path(self.ds.root)
+        if not root.is_dir():
+            raise WorkerDataError(
+                f"the worker on {socket.gethostname()} cannot see the data set folder {root}: the images must "
+                "be on a filesystem every Ray node mounts at the same path (see docs/ray.md)"
+            )
+        _prepare_device(self.lm, self.device)
+        n, bs = len(self.ds), self.settings.batch_size
+        first_error = ""
+        for start in range(0, n, bs):
+            _, x, errors = _collate([self._item(i) for i in range(start, min(n, start + bs))])
+            ok = torch.tensor([not e for e in errors])
+            if not bool(ok.any()):
+                first_error = first_error or errors[0]
+                if start == 0 and all(("No such file" in e or "not found" in e.lower()) for e in errors):
+                    raise WorkerDataError(
+                        f"the worker on {socket.gethostname()} cannot read the images under {root} "
+                        f"(first: {self.ds.records[0].path}: {errors[0]}); put them on a shared filesystem "
+                        "or object store every node reads (see docs/ray.md)"
+                    )
+                continue
+            with torch.no_grad(), self.lm.lock, record_layer(self.lm.model, self.layer) as rec:
+                maps, _ = _forward(self.lm, rec, x, self.device, self.settings.amp)
+            c = maps.shape[1]
+            hist = StreamingHistogram(c, self.settings.histogram_bins)
+            hist.update(maps[ok.to(maps.device)].permute(1, 0, 2, 3).reshape(c, -1))
+            self.origin = (hist.lo, hist.width)
+            return
+        raise WorkerDataError(f"none of the {n} images of {root} could be read; first error: {first_error}")
+
+    def _item(self, i: int) -> tuple[int, torch.Tensor, str]:
+        return _ProbeImages(self.ds, self.lm, 0)[i]
+
+    def __call__(self, rows: np.ndarray) -> ProbePartial:
+        assert self.origin is not None, "setup() first"
+        bs = self.settings.batch_size
+        c, k_top = int(self.origin[0].shape[0]), min(self.settings.top_k, len(self.ds))
+        hist = StreamingHistogram.starting_at(*self.origin, self.settings.histogram_bins)
+        top: TopKMaps | None = None
+        pooled, logits, valid, failures = [], [], [], {}
+        with torch.no_grad(), self.lm.lock, record_layer(self.lm.model, self.layer) as rec:
+            for s in range(0, len(rows), bs):  # the single-process batches: shards start at multiples of bs
+                idx, x, errors = _collate([self._item(int(i)) for i in rows[s : s + bs]])
+                maps, out = _forward(self.lm, rec, x, self.device, self.settings.amp)
+                if top is None:
+                    top = TopKMaps(c, k_top, tuple(maps.shape[2:]))
+                ok = torch.tensor([not e for e in errors])
+                pooled_b = maps.mean(dim=(2, 3)).cpu()
+                pooled_b[~ok] = 0.0
+                pooled.append(pooled_b.numpy())
+                logits.append(np.where(ok.numpy()[:, None], out.cpu().numpy(), 0.0).astype(np.float32))
+                valid.append(ok.numpy())
+                failures.update({int(i): e for i, e in zip(idx.tolist(), errors, strict=True) if e})
+                if bool(ok.any()):
+                    hist.update(maps[ok.to(maps.device)].permute(1, 0, 2, 3).reshape(c, -1))
+                    ranked = pooled_b.clone()
+                    ranked[~ok] = float("-inf")
+                    top.update(ranked, maps.cpu(), idx)
+        assert top is not None
+        return ProbePartial(
+            rows=np.asarray(rows, np.int64),
+            pooled=np.concatenate(pooled),
+            logits=np.concatenate(logits),
+            valid=np.concatenate(valid),
+            failures=failures,
+            top_values=top.values.numpy(),
+            top_index=top.index.numpy(),
+            top_maps=top.maps.numpy().astype(np.float16),
+            hist_counts=hist.counts.numpy(),
+            hist_width=hist.width.numpy(),
+            hist_lo=hist.lo.numpy(),
+        )
+
+
+def run_probe_sharded(
+    bundle: Bundle,
+    lm: LoadedModel,
+    ds: ProbeDataset,
+    settings: ProbeSettings = ProbeSettings(),
+    executor: ExecutorSettings = ExecutorSettings(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Bundle:
+    """The probe pass as shards mapped by ``executor`` (Ray: batch inference in an actor pool), merged into the
+    arrays :func:`run_probe` writes: pooled / logits / valid by row, top-k and histograms merged exactly
+    (:meth:`TopKMaps.merge`, :meth:`StreamingHistogram.merge`), failures collected in manifest order.
+
+    Nothing is written to the bundle unless every shard came back (no resume inside the pass).
+    """
+    if bundle.stage_done("probe"):
+        return bundle
+    bundle.verify_model(lm)
+    layer = bundle.layer
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"the data set at {ds.root} has no images")
+    device = torch.device(settings.device)
+    if executor.kind == "ray":  # the model travels to the workers from the CPU; they pick their device
+        lm.model.to("cpu", memory_format=torch.contiguous_format)
+    model_device = next(lm.model.parameters(), torch.zeros(0)).device
+    c, h, w, k_cls, top_k = _shapes(lm, layer, model_device, n, settings.top_k)
+    work = bundle.root / "probe" / "_partial"
+    shutil.rmtree(work, ignore_errors=True)  # a single-process checkpoint does not mix with shards
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        pooled = _open_memmap(work / "pooled.npy", (n, c))
+        logits = _open_memmap(work / "logits.npy", (n, k_cls))
+        valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
+        hist = StreamingHistogram(c, settings.histogram_bins)
+        top = TopKMaps(c, top_k, (h, w))
+        errors: dict[int, str] = {}
+        task = ProbeShardTask(lm, ds, layer, settings)
+        t0 = time.perf_counter()
+        merge_s, done = 0.0, 0
+        bar = tqdm(total=n, unit="img", desc=f"probe pass ({executor.kind})", disable=not settings.progress)
+        # Ray: "cuda" on a cluster with GPUs (one per actor), else "cpu"; an explicit cuda:N is kept
+        worker_device = None if executor.kind == "ray" and settings.device == "cpu" else settings.device
+        for rows, part in map_shards(task, np.arange(n), settings.batch_size, executor, worker_device):
+            tm = time.perf_counter()
+            pooled[rows] = part.pooled
+            logits[rows] = part.logits
+            valid[rows] = part.valid
+            errors.update(part.failures)
+            top.merge(
+                *(torch.from_numpy(np.asarray(a)) for a in (part.top_values, part.top_index, part.top_maps))
+            )
+            other = StreamingHistogram.starting_at(
+                torch.from_numpy(part.hist_lo), torch.from_numpy(part.hist_width), settings.histogram_bins
+            )
+            other.counts = torch.from_numpy(np.array(part.hist_counts))
+            hist.merge(other)
+            merge_s += time.perf_counter() - tm
+            done += len(rows)
+            bar.update(len(rows))
+            if on_progress is not None:
+                on_progress(done, n)
+        bar.close()
+        if done != n:
+            raise ExecutorError(f"the {executor.kind} executor returned {done} of {n} rows")
+        seconds = time.perf_counter() - t0
+        failures = {ds.records[i].path: errors[i] for i in sorted(errors)}
+        extra = {"executor": executor.kind, "merge_seconds": round(merge_s, 3)}
+        _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device,
+                (c, h, w), extra)  # fmt: skip
+        del pooled, logits, valid
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return bundle
 
 

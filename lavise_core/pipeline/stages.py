@@ -22,6 +22,7 @@ from typing import Any
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.pipeline.bundle import Bundle
+from lavise_core.pipeline.executor import ExecutorSettings
 
 __all__ = [
     "BuildProgress",
@@ -47,6 +48,13 @@ class BuildSettings:
     top_k: int = 16
     workers: int = 0
     bars: bool = False  # tqdm progress bars on the terminal (the CLI); the callback is called either way
+    executor: str = "local"  # "local" (this process) or "ray" (Ray Data batch inference; docs/ray.md)
+    address: str | None = None  # Ray cluster address; None: the running Ray runtime or a local one
+    ray_workers: int = 0  # actors holding the model; 0: one per GPU of the cluster, else one per CPU
+
+    def executor_settings(self) -> ExecutorSettings:
+        """Where a stage's image loop runs (:func:`~lavise_core.pipeline.executor.map_shards`)."""
+        return ExecutorSettings(self.executor, self.address, self.ray_workers, progress=self.bars)
 
 
 @dataclass(frozen=True)

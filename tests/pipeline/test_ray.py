@@ -1,0 +1,188 @@
+"""The probe pass and the LaViSE region features on a local 2-worker Ray cluster equal the single-process ones.
+
+One Ray runtime for the module (``ray.init(num_cpus=2)``), shut down at the end; the demo CNN on 48 generated
+SynthBirds images (one of them corrupt). Marked ``ray``: ``make test`` runs them (Ray is a test dependency);
+if Ray is missing or cannot start here they skip with the reason instead of failing or hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.pipeline.executor import ExecutorError, ExecutorSettings
+from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe, run_probe_sharded
+
+pytestmark = pytest.mark.ray
+
+SETTINGS = ProbeSettings(top_k=6, batch_size=8, num_workers=0, progress=False)
+RAY2 = ExecutorSettings(kind="ray", workers=2, shard_batches=1)  # 6 shards of 8 images
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray = pytest.importorskip("ray")
+    box: dict = {}
+
+    def start() -> None:
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            box["ok"] = True
+        except Exception as e:  # any start failure is a skip reason
+            box["error"] = e
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    t.join(120)
+    if not box.get("ok"):
+        ray.shutdown()
+        pytest.skip(f"Ray could not start here: {box.get('error', 'timed out after 120 s')}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def birds(tmp_path_factory):
+    """48 SynthBirds images (image 5 corrupt), the demo CNN, and the single-process probe bundle."""
+    from lavise_core.data.synthbirds import generate_synthbirds
+    from lavise_core.models.networks import load_model
+
+    tmp = tmp_path_factory.mktemp("raybirds")
+    ds = generate_synthbirds(tmp / "birds", n=48, seed=0, image_size=64, progress=False)
+    (ds.root / ds.records[5].path).write_bytes(b"not an image")
+    ds = ProbeDataset.open(ds.root)
+    lm = load_model("synthbirds")
+    single = run_probe(open_or_create_bundle(tmp / "single", lm, ds), lm, ds, SETTINGS)
+    return tmp, ds, lm, single
+
+
+def _actor_pids() -> list[int]:
+    """Process ids of this session's Ray shard actors (their command line names the actor class)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"_RayShardActor" in cmd:
+                pids.append(int(p))
+    return sorted(pids)
+
+
+def _assert_same_probe(a, b) -> None:
+    for name in ("top_index", "threshold", "quantiles", "valid"):
+        assert np.array_equal(a.array(f"probe/{name}"), b.array(f"probe/{name}")), name
+    for name in ("pooled", "logits", "top_value"):
+        assert np.abs(np.asarray(a.array(f"probe/{name}")) - b.array(f"probe/{name}")).max() <= 1e-6, name
+    assert a.read_json("probe/failures") == b.read_json("probe/failures") != {}
+    assert np.abs(np.asarray(a.array("probe/top_maps"), np.float32) - b.array("probe/top_maps")).max() <= 1e-3
+
+
+def test_registry_stage_on_ray_equals_single_process(ray_runtime, birds):
+    from lavise_core.pipeline.stages import BuildSettings, build_stages
+    from lavise_core.stages import REGISTRY
+
+    tmp, ds, lm, single = birds
+    bundle = open_or_create_bundle(tmp / "ray", lm, ds)
+    settings = BuildSettings(batch_size=8, top_k=6, executor="ray", ray_workers=2)
+    assert build_stages(bundle, ds, REGISTRY, ["probe"], settings=settings, model_loader=lambda: lm) == {
+        "probe": "built"
+    }
+    _assert_same_probe(single, bundle)
+    info = bundle.manifest["stages"]["probe"]
+    assert info["executor"] == "ray" and info["skipped"] == 1
+    assert not (bundle.root / "probe/_partial").exists()
+
+
+def test_killed_worker_is_retried_and_result_equal(ray_runtime, birds):
+    tmp, ds, lm, single = birds
+    bundle = open_or_create_bundle(tmp / "killed", lm, ds)
+    killed: list[int] = []
+
+    def kill_one(done: int, total: int) -> None:
+        if not killed and done < total:
+            pid = _actor_pids()[0]
+            os.kill(pid, signal.SIGKILL)  # an actor of the pool this test started
+            killed.append(pid)
+
+    run_probe_sharded(bundle, lm, ds, SETTINGS, RAY2, on_progress=kill_one)
+    assert killed and killed[0] not in _actor_pids()
+    _assert_same_probe(single, bundle)
+
+
+def test_worker_dead_for_good_leaves_nothing(ray_runtime, birds):
+    tmp, ds, lm, _ = birds
+    bundle = open_or_create_bundle(tmp / "dead", lm, ds)
+
+    def kill_one(done: int, total: int) -> None:
+        for pid in _actor_pids()[:1]:
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(ExecutorError, match="died"):
+        run_probe_sharded(
+            bundle, lm, ds, SETTINGS, ExecutorSettings("ray", None, 2, 1, max_restarts=0), kill_one
+        )
+    assert not bundle.stage_done("probe")
+    assert not (bundle.root / "probe").exists() or not any((bundle.root / "probe").iterdir())
+
+
+def test_workers_that_cannot_read_the_images(ray_runtime, birds):
+    tmp, _, lm, _ = birds
+    root = tmp / "moved"
+    shutil.copytree(tmp / "birds", root)
+    ds = ProbeDataset.open(root)
+    bundle = open_or_create_bundle(tmp / "moved-bundles", lm, ds)
+    shutil.rmtree(root)  # the driver has the manifest; the workers find no images
+    with pytest.raises(ExecutorError, match="cannot see the data set folder"):
+        run_probe_sharded(bundle, lm, ds, SETTINGS, RAY2)
+    assert not bundle.stage_done("probe") and not (bundle.root / "probe/_partial").exists()
+
+
+def test_region_features_on_ray_equal_local(ray_runtime, birds):
+    from lavise_core.explain.lavise_head import extract_region_features
+
+    _, ds, lm, _ = birds
+    torch.set_num_threads(1)
+    local = extract_region_features(lm, ds, lm.default_layer, "train", batch_size=8)
+    dist = extract_region_features(lm, ds, lm.default_layer, "train", batch_size=8, executor=RAY2)
+    assert np.array_equal(local.image, dist.image) and local.region == dist.region
+    assert local.concepts == dist.concepts
+    assert np.abs(local.features - dist.features).max() <= 1e-6
+    assert np.array_equal(local.background_image, dist.background_image)
+    assert np.abs(local.background - dist.background).max() <= 1e-5
+
+
+def test_unreachable_address_fails_fast():
+    pytest.importorskip("ray")
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ExecutorError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
+        next(iter(_map(ExecutorSettings(kind="ray", address="127.0.0.1:9"))))
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ExecutorError, match="not host:port"):
+        next(iter(_map(ExecutorSettings(kind="ray", address="nonsense"))))
+    with pytest.raises(ExecutorError, match="unknown executor"):
+        ExecutorSettings(kind="spark")
+
+
+def _map(settings: ExecutorSettings):
+    from lavise_core.pipeline.executor import map_shards
+
+    class Nothing:
+        def setup(self, device):
+            pass
+
+        def __call__(self, rows):
+            return rows
+
+    return map_shards(Nothing(), np.arange(4), 2, settings)
