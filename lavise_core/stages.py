@@ -14,6 +14,7 @@ dissection          probe               IoU of each filter with each annotated c
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
+featurevis          probe               one activation-maximising image per filter (layers ≤ 256 filters)
 ==================  ==================  ===========================================================
 """
 
@@ -23,6 +24,7 @@ import dataclasses
 
 from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.explain.dissection import build_dissection_stage
+from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.ood import build_ood_stage
@@ -80,6 +82,10 @@ def _fidelity(ctx: StageContext) -> dict:
     )
 
 
+def _featurevis(ctx: StageContext) -> dict:
+    return build_featurevis_stage(ctx.bundle, ctx.model, report=ctx.report, **ctx.options_for("featurevis"))
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -119,6 +125,13 @@ REGISTRY = StageRegistry(
             2,  # 2: search sanity on the re-initialised network, precision of asserted answers
             _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
+        ),
+        Stage(
+            "featurevis",
+            ("probe",),
+            1,
+            _featurevis,
+            "feature visualisation: the image each filter wants (skipped above 256 filters: on demand)",
         ),
     ]
 )
