@@ -15,6 +15,7 @@ lavise              probe               vocabulary + FAISS index, explainer head
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 featurevis          probe               one activation-maximising image per filter (layers ≤ 256 filters)
+layers              probe               Network Dissection of several layers in one pass (+ re-initialised)
 ==================  ==================  ===========================================================
 """
 
@@ -27,6 +28,7 @@ from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
+from lavise_core.explain.layers import build_layers_stage
 from lavise_core.explain.ood import build_ood_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
@@ -86,6 +88,12 @@ def _featurevis(ctx: StageContext) -> dict:
     return build_featurevis_stage(ctx.bundle, ctx.model, report=ctx.report, **ctx.options_for("featurevis"))
 
 
+def _layers(ctx: StageContext) -> dict:
+    return build_layers_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("layers")
+    )  # fmt: skip
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -132,6 +140,13 @@ REGISTRY = StageRegistry(
             1,
             _featurevis,
             "feature visualisation: the image each filter wants (skipped above 256 filters: on demand)",
+        ),
+        Stage(
+            "layers",
+            ("probe",),
+            1,
+            _layers,
+            "Network Dissection across layers: interpretable units per layer, by concept kind",
         ),
     ]
 )

@@ -11,6 +11,7 @@ from lavise_core.views.concepts import *  # noqa: F403
 from lavise_core.views.dataset import *  # noqa: F403
 from lavise_core.views.evaluation import *  # noqa: F403
 from lavise_core.views.explain import *  # noqa: F403
+from lavise_core.views.featurevis import *  # noqa: F403
 from lavise_core.views.filters import *  # noqa: F403
 from lavise_core.views.home import *  # noqa: F403
 from lavise_core.views.workspace import *  # noqa: F403
