@@ -16,6 +16,7 @@ ood                 probe               the upload check (feature distances to t
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 featurevis          probe               one activation-maximising image per filter (layers ≤ 256 filters)
 layers              probe               Network Dissection of several layers in one pass (+ re-initialised)
+datamap             probe               2-D openTSNE map of the probe images' pooled activations
 ==================  ==================  ===========================================================
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from lavise_core.evaluate.fidelity import build_fidelity_stage
+from lavise_core.explain.datamap import build_datamap_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
@@ -94,6 +96,10 @@ def _layers(ctx: StageContext) -> dict:
     )  # fmt: skip
 
 
+def _datamap(ctx: StageContext) -> dict:
+    return build_datamap_stage(ctx.bundle, ctx.dataset, report=ctx.report, **ctx.options_for("datamap"))
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -147,6 +153,13 @@ REGISTRY = StageRegistry(
             1,
             _layers,
             "Network Dissection across layers: interpretable units per layer, by concept kind",
+        ),
+        Stage(
+            "datamap",
+            ("probe",),
+            1,
+            _datamap,
+            "a 2-D map of the probe images (openTSNE of pooled activations)",
         ),
     ]
 )

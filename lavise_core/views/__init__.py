@@ -14,4 +14,5 @@ from lavise_core.views.explain import *  # noqa: F403
 from lavise_core.views.featurevis import *  # noqa: F403
 from lavise_core.views.filters import *  # noqa: F403
 from lavise_core.views.home import *  # noqa: F403
+from lavise_core.views.layers import *  # noqa: F403
 from lavise_core.views.workspace import *  # noqa: F403
