@@ -47,6 +47,7 @@ __all__ = [
     "check_layer",
     "featurevis_summary",
     "fourier_image",
+    "frequency_scale",
     "gram_similarity",
     "visualise",
 ]
@@ -147,7 +148,7 @@ def _check_units(units: Sequence[int], n: int, what: str, where: str) -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------- the prior
-def _frequency_scale(size: int, decay: float) -> torch.Tensor:
+def frequency_scale(size: int, decay: float) -> torch.Tensor:
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
     f = np.sqrt(fx * fx + fy * fy)
@@ -267,7 +268,7 @@ def visualise(
     size = settings.size or lm.input_size
     jitter = settings.jitter if settings.jitter is not None else size / 16
     gen = torch.Generator().manual_seed(settings.seed)
-    scale = _frequency_scale(size, settings.decay)
+    scale = frequency_scale(size, settings.decay)
     spectrum = (torch.randn(b, 3, size, size // 2 + 1, 2, generator=gen) * settings.init_sd).requires_grad_()
     opt = torch.optim.Adam([spectrum], lr=settings.lr)
     mean = torch.tensor(lm.mean).view(1, 3, 1, 1)

@@ -11,7 +11,14 @@ from PIL import Image
 
 from lavise_core.views.workspace import _LRU, Workspace
 
-__all__ = ["FilterVisualisation", "compute_filter_visualisation", "filter_visualisation"]
+__all__ = [
+    "FilterVisualisation",
+    "InversionView",
+    "compute_filter_visualisation",
+    "filter_visualisation",
+    "inversion_layers",
+    "invert_image",
+]
 
 ON_DEMAND_STEPS = 256
 
@@ -86,3 +93,33 @@ def compute_filter_visualisation(
         _png(v.images[0], side), float(v.objective[0]), float(top[k]), others, "on demand", ON_DEMAND_STEPS
     )
     return _cache(ws).get((int(k), side), lambda: vis)
+
+
+@dataclass
+class InversionView:
+    """The reconstruction of an image from one layer: ``image`` PNG, the relative feature error and its grey
+    baseline, the layer."""
+
+    image: bytes
+    relative_error: float
+    baseline_error: float
+    layer: str
+
+
+def inversion_layers(ws: Workspace) -> list[str]:
+    """Layers of the bundle's model with a spatial map (the choices for an inversion), network order."""
+    from lavise_core.models.networks import spatial_layers
+
+    return list(spatial_layers(ws.model()))
+
+
+def invert_image(
+    ws: Workspace, image: Image.Image, layer: str, steps: int = 200, side: int = 256,
+    report: Callable[[int, int], None] | None = None,
+) -> InversionView:  # fmt: skip
+    """Mahendran–Vedaldi inversion of ``image`` (what the network sees) from ``layer``'s map."""
+    from lavise_core.explain.inversion import invert
+
+    lm = ws.model()
+    inv = invert(lm, lm.preprocess(image), layer, steps=steps, report=report)
+    return InversionView(_png(inv.image, side), inv.relative_error, inv.baseline_error, inv.layer)

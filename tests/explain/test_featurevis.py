@@ -85,10 +85,10 @@ def test_earlier_layer_and_diversity(demo) -> None:
 
 
 def test_fourier_image_and_gram_similarity_exact() -> None:
-    from lavise_core.explain.featurevis import _frequency_scale
+    from lavise_core.explain.featurevis import frequency_scale
 
     z = torch.zeros(2, 3, 8, 5, 2)
-    img = fourier_image(z, _frequency_scale(8, 1.0))
+    img = fourier_image(z, frequency_scale(8, 1.0))
     assert img.shape == (2, 3, 8, 8) and torch.allclose(img, torch.full_like(img, 0.5))
     a = torch.zeros(2, 2, 2, 2)
     a[0, 0] = 1.0  # gram = e00
