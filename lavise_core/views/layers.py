@@ -29,7 +29,7 @@ class LayersView:
 def layers_view(ws: Workspace) -> LayersView:
     """The ``layers`` stage's summary as table rows and one sentence per layer; :class:`StageMissing` if absent."""
     b = ws.bundle
-    if not b.has("layers/summary"):
+    if not b.has("layers/summary.json"):
         raise StageMissing(
             "this bundle has no dissection across layers yet: build it with "
             f"`{build_hint(b).replace('lavise build', 'lavise build --stages layers', 1)}`"
