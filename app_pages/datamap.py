@@ -63,6 +63,7 @@ if ws is not None:
             fig = px.scatter(
                 x=v.x, y=v.y, color=v.colour, hover_name=v.hover, custom_data=[v.index],
                 render_mode="webgl", labels={"color": v.title},
+                color_discrete_sequence=px.colors.qualitative.Dark24,
             )  # fmt: skip
             fig.update_traces(marker={"size": 5}, hovertemplate="%{hovertext}<extra></extra>")
         fig.update_layout(

@@ -47,15 +47,15 @@ def main() -> None:
         size = SIZES.get(spec, lm.input_size)
         settings = VisSettings(steps=args.steps, size=size)
         visualise(lm, args.filter, settings=VisSettings(steps=2, size=size))  # warm-up
-        times = []
-        for _ in range(args.repeats):
+        times, floors = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
             t0 = time.perf_counter()
             v = visualise(lm, args.filter, settings=settings)
             times.append(time.perf_counter() - t0)
-        floor = bare_steps(lm, size, args.steps)
+            floors.append(bare_steps(lm, size, args.steps))
         print(
             f"{spec:20s} {size} px  visualise {statistics.median(times):6.2f} s  "
-            f"(bare forward+backward x{args.steps}: {floor:6.2f} s)  "
+            f"(bare forward+backward x{args.steps}: {statistics.median(floors):6.2f} s)  "
             f"phi_k = {float(v.objective[0]):.3g} (layer {v.layer})"
         )
 
