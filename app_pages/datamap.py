@@ -6,6 +6,7 @@ from __future__ import annotations
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+import streamlit.components.v1 as components
 
 from app_pages import _shared as sh
 from lavise_core import views
@@ -13,7 +14,7 @@ from lavise_core import views
 st.title("A map of the data set")
 st.caption(
     "Each dot is a probe image, placed by openTSNE so that images with similar pooled activations (what the "
-    "classifier sees) lie close together. Hover for the image's class and prediction; click a dot to open it."
+    "classifier sees) lie close together. Hover a dot to see the image, its class and prediction; click it to open it."
 )
 
 
@@ -75,6 +76,9 @@ if ws is not None:
             event = st.plotly_chart(
                 fig, width="stretch", key="map", on_select="rerun", selection_mode="points"
             )
+            thumbs = views.map_thumbnails(ws)
+            if thumbs is not None:  # hovering a dot shows its image
+                components.html(views.hover_script(thumbs), height=0)
             if v.faithfulness:
                 st.caption(v.faithfulness)
         points = (event or {}).get("selection", {}).get("points", []) if event else []

@@ -14,9 +14,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["STAGE", "build_datamap_stage", "embed_pooled", "neighbour_agreement"]
+__all__ = [
+    "STAGE",
+    "THUMB_TILE",
+    "build_datamap_stage",
+    "embed_pooled",
+    "neighbour_agreement",
+    "write_thumbnails",
+]
 
 STAGE = "datamap"
+THUMB_TILE = 40  # px per thumbnail in the hover sprite
 
 
 def embed_pooled(
@@ -52,6 +60,39 @@ def neighbour_agreement(points: np.ndarray, labels: np.ndarray, k: int = 10) -> 
     return float((y[idx[:, 1:]] == y[:, None]).mean())
 
 
+def write_thumbnails(bundle, dataset, tile: int = THUMB_TILE, quality: int = 70) -> dict:
+    """One JPEG mosaic ``map/thumbs.jpg`` of every probe image (row-major, image ``i`` at column ``i % cols``, row
+    ``i // cols``; what the network sees, ``tile`` px; unreadable images grey) for the map's hover previews."""
+    import io
+
+    from PIL import Image
+
+    from lavise_core.data.dataset import atomic_write_bytes
+    from lavise_core.data.images import ImageLoadError
+
+    lm_box = bundle.manifest.get("preprocessing", {})
+    size, resize = int(lm_box.get("input_size", 224)), int(lm_box.get("resize", 224))
+    n = len(dataset)
+    cols = int(np.ceil(np.sqrt(n)))
+    sheet = Image.new("RGB", (cols * tile, int(np.ceil(n / cols)) * tile), (200, 200, 200))
+    for i in range(n):
+        try:
+            im = dataset.load_image(i)
+        except ImageLoadError:
+            continue
+        if resize != size:  # the centre crop the network sees
+            w, h = im.size
+            side = min(w, h) * size / resize
+            im = im.crop(((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2))
+        sheet.paste(
+            im.convert("RGB").resize((tile, tile), Image.BILINEAR), ((i % cols) * tile, (i // cols) * tile)
+        )
+    buf = io.BytesIO()
+    sheet.save(buf, format="JPEG", quality=quality)
+    atomic_write_bytes(bundle.root / "map" / "thumbs.jpg", buf.getvalue())
+    return {"tile": tile, "cols": cols, "bytes": len(buf.getvalue())}
+
+
 def build_datamap_stage(
     bundle,
     dataset=None,
@@ -83,6 +124,10 @@ def build_datamap_stage(
             knn_class_agreement_full=round(neighbour_agreement(pooled[valid], y), 3),
             knn_class_agreement_chance=round(float((freq**2).sum()), 3),
         )
+    if dataset is not None and len(dataset) == len(valid):
+        thumbs = write_thumbnails(bundle, dataset)
+        bundle.write_json("map/thumbs", thumbs)
+        info["thumbnail_bytes"] = thumbs["bytes"]
     if report is not None:
         report(1, 1, "data map: done")
     return info

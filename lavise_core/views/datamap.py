@@ -10,7 +10,16 @@ import numpy as np
 from lavise_core.api import build_hint
 from lavise_core.views.workspace import StageMissing, Workspace
 
-__all__ = ["COLOUR_BY", "MapImage", "MapView", "map_concepts", "map_image", "map_view"]
+__all__ = [
+    "COLOUR_BY",
+    "MapImage",
+    "MapView",
+    "hover_script",
+    "map_concepts",
+    "map_image",
+    "map_thumbnails",
+    "map_view",
+]
 
 COLOUR_BY = ("class", "prediction", "correctness", "concept", "filter")
 
@@ -123,3 +132,55 @@ def map_image(ws: Workspace, i: int, side: int = 256, n_filters: int = 6) -> Map
     top = np.argsort(-phi, kind="stable")[:n_filters]
     cap = f"#{i} · class {cls} · predicted {ws.classes[pred]}"
     return MapImage(int(i), ws.record_image(int(i), side=side), cap, [(int(k), float(phi[k])) for k in top])
+
+
+def map_thumbnails(ws: Workspace) -> tuple[str, int, int] | None:
+    """``(base64 JPEG mosaic, tile px, columns)`` of the probe images for hover previews, or ``None``."""
+    import base64
+
+    if not ws.bundle.has("map/thumbs.jpg") or not ws.bundle.has("map/thumbs.json"):
+        return None
+
+    def make() -> tuple[str, int, int]:
+        meta = ws.bundle.read_json("map/thumbs")
+        data = (ws.bundle.root / "map" / "thumbs.jpg").read_bytes()
+        return base64.b64encode(data).decode("ascii"), int(meta["tile"]), int(meta["cols"])
+
+    return ws._once("map_thumbnails", make)[0]
+
+
+def hover_script(thumbs: tuple[str, int, int], side: int = 120) -> str:
+    """HTML for a zero-height component: hooks the page's Plotly map so hovering a dot shows its image (the
+    component's iframe is same-origin; it adds one floating element to the page and listens to plotly_hover)."""
+    b64, _tile, cols = thumbs
+    return f"""<script>
+const P = window.parent.document, COLS = {cols}, SIDE = {side};
+const SRC = "data:image/jpeg;base64,{b64}";
+function tip() {{
+  let t = P.getElementById("lavise-map-tip");
+  if (!t) {{
+    t = P.createElement("div"); t.id = "lavise-map-tip";
+    t.style.cssText = "position:fixed;z-index:100000;pointer-events:none;display:none;width:" + SIDE + "px;height:"
+      + SIDE + "px;border:2px solid #333;border-radius:4px;background-repeat:no-repeat;"
+      + "box-shadow:0 2px 8px rgba(0,0,0,.35)";
+    P.body.appendChild(t);
+  }}
+  t.style.backgroundImage = "url(" + SRC + ")";
+  t.style.backgroundSize = (COLS * SIDE) + "px auto";
+  return t;
+}}
+function hook() {{
+  P.querySelectorAll(".js-plotly-plot").forEach(gd => {{
+    if (gd.__laviseHover || !gd.on) return;
+    gd.__laviseHover = true;
+    gd.on("plotly_hover", ev => {{
+      const pt = ev.points[0], cd = pt.customdata, i = Array.isArray(cd) ? cd[0] : cd, t = tip();
+      t.style.backgroundPosition = "-" + ((i % COLS) * SIDE) + "px -" + (Math.floor(i / COLS) * SIDE) + "px";
+      const e = ev.event || {{clientX: 0, clientY: 0}};
+      t.style.left = (e.clientX + 18) + "px"; t.style.top = (e.clientY + 18) + "px"; t.style.display = "block";
+    }});
+    gd.on("plotly_unhover", () => {{ tip().style.display = "none"; }});
+  }});
+}}
+hook(); setInterval(hook, 700);
+</script>"""
