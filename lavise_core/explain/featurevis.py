@@ -159,9 +159,13 @@ def fourier_image(spectrum: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Eq. 2: ``spectrum (B, 3, S, S/2+1, 2)`` (real, imaginary) and ``scale (S, S/2+1)`` -> ``(B, 3, S, S)``
     in (0, 1): 1/f-scaled inverse FFT (orthonormal), decorrelated colour, sigmoid."""
     s = scale.shape[0]
-    img = torch.fft.irfft2(torch.view_as_complex(spectrum) * scale, s=(s, s), norm="ortho") / 4.0
-    c = torch.from_numpy(COLOR_CORRELATION / np.linalg.norm(COLOR_CORRELATION, axis=0).max())
-    return torch.sigmoid(torch.einsum("ij,bjhw->bihw", c, img))
+    img = torch.fft.irfft2(torch.view_as_complex(spectrum) * scale, s=(s, s), norm="ortho")
+    return torch.sigmoid(nn.functional.conv2d(img, _COLOUR_MIX))  # colour mixing as a 1×1 convolution
+
+
+_COLOUR_MIX = torch.from_numpy(
+    COLOR_CORRELATION / np.linalg.norm(COLOR_CORRELATION, axis=0).max() / 4.0
+).view(3, 3, 1, 1)  # the /4 of Lucid's fft_image folded in
 
 
 def _random_affine(x: torch.Tensor, gen: torch.Generator, st: VisSettings, jitter: float) -> torch.Tensor:
@@ -270,7 +274,7 @@ def visualise(
     gen = torch.Generator().manual_seed(settings.seed)
     scale = frequency_scale(size, settings.decay)
     spectrum = (torch.randn(b, 3, size, size // 2 + 1, 2, generator=gen) * settings.init_sd).requires_grad_()
-    opt = torch.optim.Adam([spectrum], lr=settings.lr)
+    opt = torch.optim.Adam([spectrum], lr=settings.lr, fused=True)
     mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
     std = torch.tensor(lm.std).view(1, 3, 1, 1)
     idx = torch.from_numpy(u)
