@@ -26,6 +26,8 @@ PAGES = [
     st.Page("app_pages/explain.py", title="Explain an image", icon=":material/image:", url_path="explain"),
     st.Page("app_pages/classes.py", title="Classes & failures", icon=":material/label:", url_path="classes"),
     st.Page("app_pages/dataset.py", title="Data set", icon=":material/dataset:", url_path="dataset"),
+    st.Page("app_pages/datamap.py", title="Map", icon=":material/scatter_plot:", url_path="map"),
+    st.Page("app_pages/layers.py", title="Layers", icon=":material/layers:", url_path="layers"),
     st.Page(
         "app_pages/evaluation.py", title="Evaluation", icon=":material/monitoring:", url_path="evaluation"
     ),

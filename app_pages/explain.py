@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import _shared as sh
+from app_pages._inversion import inversion_section
 from lavise_core import views
 from lavise_core.data.images import ImageLoadError
 from lavise_core.data.samples import SAMPLE_PHOTOS, sample_photo
@@ -200,3 +201,5 @@ if ws is not None:
                     continue
                 with sh.guard(f"explaining {title}"):
                     render(ws, a, uid)
+                with sh.guard(f"inverting {title}"):
+                    inversion_section(ws, a, uid)

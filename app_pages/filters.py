@@ -26,6 +26,26 @@ def _bar(labels: list[str], values: list[float], title: str, color: str = "#4c78
     return fig
 
 
+def featurevis_panel(ws: views.Workspace, k: int) -> None:
+    """The image the filter wants (feature visualisation), stored by the build or computed on request."""
+    vis = views.filter_visualisation(ws, k, side=DETAIL_SIDE)
+    if vis is None:
+        st.caption("**What it wants** (feature visualisation): not precomputed for this bundle.")
+        if st.button("Visualise this filter", key=f"fv_{k}", help="256 optimisation steps on this machine"):
+            bar = st.progress(0.0, text="optimising the image…")
+            vis = views.compute_filter_visualisation(
+                ws, k, side=DETAIL_SIDE, report=lambda i, n: bar.progress(i / n, text=f"step {i} / {n}")
+            )
+            bar.empty()
+    if vis is not None:
+        st.image(vis.image, width=DETAIL_SIDE, caption=f"what it wants · φ={vis.phi:.2f}")
+        spec = f"; other filters reach {vis.others:.2f}× their top on it" if vis.others is not None else ""
+        st.caption(
+            f"Feature visualisation ({vis.steps} steps, {vis.source}): drives the filter to {vis.ratio:.1f}× "
+            f"its top probe image{spec}."
+        )
+
+
 def detail(ws: views.Workspace, k: int) -> None:
     d = views.filter_detail(ws, k, side=DETAIL_SIDE)
     nav1, nav2, nav3, _ = st.columns([1, 1, 1, 5])
@@ -45,11 +65,15 @@ def detail(ws: views.Workspace, k: int) -> None:
         "The probe images that excite this filter most, the excited region coloured (yellow = strongest; "
         "same scale for all images). φ = the filter's mean activation on the image."
     )
-    st.image(
-        [im for im, *_ in d.top_images],
-        caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
-        width=DETAIL_SIDE,
-    )
+    vis_col, top_col = st.columns([1, 4])
+    with vis_col:
+        featurevis_panel(ws, k)
+    with top_col:
+        st.image(
+            [im for im, *_ in d.top_images],
+            caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
+            width=DETAIL_SIDE,
+        )
     if d.label:
         how = "dissection, IoU" if d.label_source.startswith("dissection") else "score"
         st.caption(f"Best label: “{d.label}” ({how} {d.score:.2f}).")

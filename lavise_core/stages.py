@@ -15,6 +15,9 @@ lavise              probe               vocabulary + FAISS index, explainer head
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 attribution         probe               faithfulness of the attribution maps (deletion/insertion, pointing)
+featurevis          probe               one activation-maximising image per filter (layers ≤ 256 filters)
+layers              probe               Network Dissection of several layers in one pass (+ re-initialised)
+datamap             probe               2-D openTSNE map of the probe images' pooled activations
 ==================  ==================  ===========================================================
 """
 
@@ -24,9 +27,12 @@ import dataclasses
 
 from lavise_core.evaluate.attribution import build_attribution_stage
 from lavise_core.evaluate.fidelity import build_fidelity_stage
+from lavise_core.explain.datamap import build_datamap_stage
 from lavise_core.explain.dissection import build_dissection_stage
+from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
+from lavise_core.explain.layers import build_layers_stage
 from lavise_core.explain.ood import build_ood_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
@@ -86,6 +92,18 @@ def _attribution(ctx: StageContext) -> dict:
     return build_attribution_stage(
         ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("attribution")
     )
+def _featurevis(ctx: StageContext) -> dict:
+    return build_featurevis_stage(ctx.bundle, ctx.model, report=ctx.report, **ctx.options_for("featurevis"))
+
+
+def _layers(ctx: StageContext) -> dict:
+    return build_layers_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("layers")
+    )  # fmt: skip
+
+
+def _datamap(ctx: StageContext) -> dict:
+    return build_datamap_stage(ctx.bundle, ctx.dataset, report=ctx.report, **ctx.options_for("datamap"))
 
 
 def _lavise_stale(bundle) -> bool:
@@ -135,6 +153,27 @@ REGISTRY = StageRegistry(
             _attribution,
             "where does it look? faithfulness of the attribution maps on held-out images",
             default=False,  # ~1.5 min CPU on the demo CNN: `lavise build --stages attribution`
+        ),
+        Stage(
+            "featurevis",
+            ("probe",),
+            1,
+            _featurevis,
+            "feature visualisation: the image each filter wants (skipped above 256 filters: on demand)",
+        ),
+        Stage(
+            "layers",
+            ("probe",),
+            1,
+            _layers,
+            "Network Dissection across layers: interpretable units per layer, by concept kind",
+        ),
+        Stage(
+            "datamap",
+            ("probe",),
+            1,
+            _datamap,
+            "a 2-D map of the probe images (openTSNE of pooled activations)",
         ),
     ]
 )

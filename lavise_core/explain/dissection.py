@@ -43,6 +43,8 @@ __all__ = [
     "dissection_concepts",
     "dissection_iou",
     "ground_truth_matrix",
+    "iou_from_sums",
+    "iou_sums",
     "label_map_crop",
     "rank_labels",
     "region_overlap",
@@ -166,10 +168,8 @@ def dissection_iou(
     """
     a = incidence.astype(np.float32)
     if images is None:
-        i_ct = np.einsum("ncr,nrt->ct", inter, a, optimize=True)
-        m_t = np.einsum("nr,nrt->t", area, a, optimize=True)
-        u = act.sum(0)[:, None] + m_t[None, :] - i_ct
-        return (i_ct / np.maximum(u, 1e-9)).astype(np.float32), i_ct.astype(np.float32)
+        i_ct, act_c, m_t = iou_sums(inter, act, area, a)
+        return iou_from_sums(i_ct, act_c, m_t), i_ct.astype(np.float32)
     c = inter.shape[1]
     out = np.zeros((c, a.shape[2]), np.float32)
     inter_out = np.zeros_like(out)
@@ -181,6 +181,23 @@ def dissection_iou(
         out[k] = i_t / np.maximum(u, 1e-9)
         inter_out[k] = i_t
     return out, inter_out
+
+
+def iou_sums(
+    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sums behind the data-set-wide IoU, additive over images (so a pass can accumulate them batch by
+    batch): ``I (C, T) = Σ_i |T_ki ∩ M_ti|``, ``|T_k| (C,) = Σ_i |T_ki|``, ``|M_t| (T,) = Σ_i |M_ti|``."""
+    a = incidence.astype(np.float32)
+    i_ct = np.einsum("ncr,nrt->ct", inter, a, optimize=True)
+    m_t = np.einsum("nr,nrt->t", area, a, optimize=True)
+    return i_ct, act.sum(0), m_t
+
+
+def iou_from_sums(i_ct: np.ndarray, act_c: np.ndarray, m_t: np.ndarray) -> np.ndarray:
+    """``IoU_kt = I_kt / (|T_k| + |M_t| - I_kt)`` ``(C, T)`` float32 from :func:`iou_sums`."""
+    u = act_c[:, None] + m_t[None, :] - i_ct
+    return (i_ct / np.maximum(u, 1e-9)).astype(np.float32)
 
 
 def top_images(pooled: np.ndarray, p: int) -> np.ndarray:

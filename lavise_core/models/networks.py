@@ -39,6 +39,8 @@ __all__ = [
     "forward_maps",
     "load_model",
     "record_layer",
+    "record_layers",
+    "spatial_layers",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -188,6 +190,74 @@ class LayerRecorder:
 def record_layer(model: nn.Module, layer: str) -> LayerRecorder:
     """``with record_layer(model, "features") as rec: logits = model(x)`` -> ``rec.output (B, C, h, w)``."""
     return LayerRecorder(model, layer)
+
+
+class LayersRecorder:
+    """Context manager recording several modules' outputs in one forward pass (hooks always come off).
+
+    ``outputs[name]`` is the ``(B, C, h, w)`` output of each recorded layer (gradients kept when the forward
+    runs with them); a layer whose output is not a 4-D map raises :class:`ModelLoadError` naming it.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str] | tuple[str, ...]) -> None:
+        self.modules = {name: model.get_submodule(name) for name in layers}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook_for(self, name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                shape = tuple(getattr(output, "shape", ())) or type(output).__name__
+                raise ModelLoadError(
+                    f"layer {name!r} outputs {shape}, not a (B, C, h, w) feature map; choose a convolutional layer"
+                )
+            self.outputs[name] = output
+
+        return hook
+
+    def __enter__(self) -> LayersRecorder:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def record_layers(model: nn.Module, layers: list[str] | tuple[str, ...]) -> LayersRecorder:
+    """``with record_layers(model, ["a", "b"]) as rec: model(x)`` -> ``rec.outputs["a"] (B, C, h, w)``."""
+    return LayersRecorder(model, layers)
+
+
+def spatial_layers(lm: LoadedModel) -> dict[str, tuple[int, int, int]]:
+    """``{module name: (C, h, w)}`` of every module whose output on one input is a map with ``h, w > 1``
+    (network order; containers included), traced with one forward pass of zeros."""
+    out: dict[str, tuple[int, int, int]] = {}
+    names = {m: n for n, m in lm.model.named_modules() if n}
+    handles = []
+
+    def hook(mod: nn.Module, _i: tuple, o: object) -> None:
+        if (
+            isinstance(o, torch.Tensor)
+            and o.dim() == 4
+            and o.shape[-1] > 1
+            and o.shape[-2] > 1
+            and mod in names
+        ):
+            out.setdefault(names[mod], tuple(int(v) for v in o.shape[1:]))
+
+    try:
+        for m in names:
+            handles.append(m.register_forward_hook(hook))
+        device = next(lm.model.parameters()).device
+        with torch.no_grad(), lm.lock:
+            lm.model(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 @torch.no_grad()

@@ -9,9 +9,12 @@ from lavise_core.views.attribution import *  # noqa: F403
 from lavise_core.views.build import *  # noqa: F403
 from lavise_core.views.classes import *  # noqa: F403
 from lavise_core.views.concepts import *  # noqa: F403
+from lavise_core.views.datamap import *  # noqa: F403
 from lavise_core.views.dataset import *  # noqa: F403
 from lavise_core.views.evaluation import *  # noqa: F403
 from lavise_core.views.explain import *  # noqa: F403
+from lavise_core.views.featurevis import *  # noqa: F403
 from lavise_core.views.filters import *  # noqa: F403
 from lavise_core.views.home import *  # noqa: F403
+from lavise_core.views.layers import *  # noqa: F403
 from lavise_core.views.workspace import *  # noqa: F403

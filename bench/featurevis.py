@@ -1,0 +1,64 @@
+"""One filter's feature visualisation (256 Adam steps): the demo CNN at 128 px and EfficientNet-Lite0 at 224 px.
+
+Per model: median wall time of ``--repeats`` runs of :func:`lavise_core.explain.featurevis.visualise` for one
+filter of the default layer, beside the cost of the same number of bare forward + backward passes of the
+network on a fixed input (the floor: what the prior and the transformations add on top), and the ratio of the
+visualisation's activation to the filter's top probe activation when a bundle is given.
+Target (issue 12): demo CNN <= 2 s on 2 cores. Run under the heavy lock:
+
+    flock /work/notes/heavy.lock python bench/featurevis.py [--threads 2] [--repeats 3] [--models synthbirds efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lavise_core.explain.featurevis import VisSettings, visualise
+from lavise_core.models.networks import load_model
+
+SIZES = {"synthbirds": 128, "efficientnet_lite0": 224}
+
+
+def bare_steps(lm, size: int, steps: int) -> float:
+    """Seconds for ``steps`` forward + backward passes of the whole network on one fixed input."""
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        lm.model(x)[0, 0].backward()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["synthbirds", "efficientnet_lite0"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--filter", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, {args.steps} steps, one filter, median of {args.repeats}")
+    for spec in args.models:
+        lm = load_model(spec)
+        size = SIZES.get(spec, lm.input_size)
+        settings = VisSettings(steps=args.steps, size=size)
+        visualise(lm, args.filter, settings=VisSettings(steps=2, size=size))  # warm-up
+        times, floors = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+            t0 = time.perf_counter()
+            v = visualise(lm, args.filter, settings=settings)
+            times.append(time.perf_counter() - t0)
+            floors.append(bare_steps(lm, size, args.steps))
+        print(
+            f"{spec:20s} {size} px  visualise {statistics.median(times):6.2f} s  "
+            f"(bare forward+backward x{args.steps}: {statistics.median(floors):6.2f} s)  "
+            f"phi_k = {float(v.objective[0]):.3g} (layer {v.layer})"
+        )
+
+
+if __name__ == "__main__":
+    main()

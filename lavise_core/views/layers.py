@@ -1,0 +1,89 @@
+"""The Layers page: Network Dissection across layers (``layers`` stage), summary, chart and per-layer units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lavise_core.api import build_hint
+from lavise_core.views.workspace import StageMissing, Workspace
+
+__all__ = ["LayersView", "layer_units", "layers_view"]
+
+KIND_ORDER = ("part", "colour", "pattern/shape", "background")
+
+
+@dataclass
+class LayersView:
+    """``rows``: per layer ``{layer, units, interpretable, share, unique, <kind> units / unique ...,
+    reinit_interpretable, reinit_share}``; ``layers`` their names; ``iou_min``; ``images`` dissected."""
+
+    rows: list[dict]
+    layers: list[str]
+    iou_min: float
+    images: int
+    sentences: list[str]
+
+
+def layers_view(ws: Workspace) -> LayersView:
+    """The ``layers`` stage's summary as table rows and one sentence per layer; :class:`StageMissing` if absent."""
+    b = ws.bundle
+    if not b.has("layers/summary.json"):
+        raise StageMissing(
+            "this bundle has no dissection across layers yet: build it with "
+            f"`{build_hint(b).replace('lavise build', 'lavise build --stages layers', 1)}`"
+        )
+    summary = b.read_json("layers/summary")
+    base = {r["layer"]: r for r in summary.get("reinitialised", [])}
+    rows, sentences = [], []
+    for r in summary["trained"]:
+        row = {
+            "layer": r["layer"],
+            "units": r["units"],
+            "interpretable": r["interpretable"],
+            "share": round(r["interpretable"] / max(r["units"], 1), 3),
+            "unique concepts": r["unique"],
+        }
+        for kind in KIND_ORDER:
+            row[f"{kind} units"] = r["by_kind"][kind]["units"]
+            row[f"{kind} concepts"] = r["by_kind"][kind]["unique"]
+        if r["layer"] in base:
+            row["re-initialised interpretable"] = base[r["layer"]]["interpretable"]
+            row["re-initialised share"] = round(base[r["layer"]]["interpretable"] / max(r["units"], 1), 3)
+        rows.append(row)
+        kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in KIND_ORDER if r["by_kind"][k]["units"])
+        sentences.append(
+            f"`{r['layer']}`: {r['interpretable']} of {r['units']} units interpretable "
+            f"(IoU ≥ {summary.get('iou_min', 0.04):g}), {r['unique']} unique concepts"
+            + (f" — {kinds}" if kinds else "")
+        )
+    info = b.manifest.get("stages", {}).get("layers", {})
+    return LayersView(rows, [r["layer"] for r in rows], float(summary.get("iou_min", 0.04)),
+                      int(info.get("images", 0)), sentences)  # fmt: skip
+
+
+def layer_units(ws: Workspace, layer: str, iou_min: float = 0.04) -> list[dict]:
+    """Every unit of ``layer`` with its best concept, IoU, kind and the runner-up; ValueError for an unknown layer."""
+    names = ws.bundle.read_json("layers/names")
+    if layer not in names:
+        raise ValueError(f"?layer={layer} was not dissected; dissected layers: {', '.join(names)}")
+    i = names.index(layer)
+    iou = np.asarray(ws.bundle.array(f"layers/iou_{i}"), np.float32)
+    concepts = ws.bundle.read_json("layers/concepts")
+    kinds = ws.bundle.read_json("layers/kinds")
+    order = np.argsort(-iou, axis=1, kind="stable")[:, :2]
+    out = []
+    for k in range(iou.shape[0]):
+        j, j2 = int(order[k, 0]), int(order[k, 1])
+        out.append(
+            {
+                "unit": k,
+                "best concept": concepts[j],
+                "IoU": round(float(iou[k, j]), 4),
+                "kind": kinds[j],
+                "interpretable": bool(iou[k, j] >= iou_min),
+                "runner-up": f"{concepts[j2]} ({iou[k, j2]:.3f})",
+            }
+        )
+    return out
