@@ -14,6 +14,8 @@ dissection          probe               IoU of each filter with each annotated c
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
+oramas              probe               Oramas et al.: layer energies, μ-lasso relevant features per class
+oramas_eval         oramas              the an8Flower protocol: heatmap IoU / Pearson vs Grad-CAM, GBP, ...
 ==================  ==================  ===========================================================
 """
 
@@ -22,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 
 from lavise_core.evaluate.fidelity import build_fidelity_stage
+from lavise_core.evaluate.oramas import build_oramas_eval_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.ood import build_ood_stage
+from lavise_core.explain.oramas import build_oramas_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
 from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
@@ -80,6 +84,18 @@ def _fidelity(ctx: StageContext) -> dict:
     )
 
 
+def _oramas(ctx: StageContext) -> dict:
+    return build_oramas_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas")
+    )
+
+
+def _oramas_eval(ctx: StageContext) -> dict:
+    return build_oramas_eval_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas_eval")
+    )
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -119,6 +135,20 @@ REGISTRY = StageRegistry(
             2,  # 2: search sanity on the re-initialised network, precision of asserted answers
             _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
+        ),
+        Stage(
+            "oramas",
+            ("probe",),
+            1,
+            _oramas,
+            "Oramas et al.: class-relevant features by μ-lasso on layer energies",
+        ),
+        Stage(
+            "oramas_eval",
+            ("oramas",),
+            1,
+            _oramas_eval,
+            "an8Flower protocol: Oramas heatmaps vs Grad-CAM, guided backprop, activations on part masks",
         ),
     ]
 )
