@@ -16,6 +16,7 @@ ood                 probe               the upload check (feature distances to t
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 oramas              probe               Oramas et al.: layer energies, μ-lasso relevant features per class
 oramas_eval         oramas              the an8Flower protocol: heatmap IoU / Pearson vs Grad-CAM, GBP, ...
+siam_eval           probe               SIAM bundles only (on request): accuracy, AUC, PCK, decomposition
 ==================  ==================  ===========================================================
 """
 
@@ -25,6 +26,7 @@ import dataclasses
 
 from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.evaluate.oramas import build_oramas_eval_stage
+from lavise_core.evaluate.siam import build_siam_eval_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
@@ -96,6 +98,10 @@ def _oramas_eval(ctx: StageContext) -> dict:
     )
 
 
+def _siam_eval(ctx: StageContext) -> dict:
+    return build_siam_eval_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report)
+
+
 def _lavise_stale(bundle) -> bool:
     stages = bundle.manifest.get("stages", {})
     return any(p in stages and stages[p].get("recipe", 1) != r for p, r in RECIPES.items())
@@ -149,6 +155,14 @@ REGISTRY = StageRegistry(
             1,
             _oramas_eval,
             "an8Flower protocol: Oramas heatmaps vs Grad-CAM, guided backprop, activations on part masks",
+        ),
+        Stage(
+            "siam_eval",
+            ("probe",),
+            1,
+            _siam_eval,
+            "SIAM bundles: accuracy, attribute AUC, pointing game / PCK, exact decomposition, sentence precision",
+            default=False,
         ),
     ]
 )
