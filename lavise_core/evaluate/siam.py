@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.data.parts import attribute_regions, part_names
@@ -75,7 +76,7 @@ def evaluate_siam_bundle(
     rng = np.random.default_rng(seed)
     pos = {int(i): j for j, i in enumerate(idx)}
     done = 0
-    for batch, x, _ in image_batches(ds, lm, idx, batch_size):
+    for batch, x, images in image_batches(ds, lm, idx, batch_size):
         with torch.no_grad(), lm.lock:
             maps = net.attributes(net.features(x))
             logits = net.classifier(net.evidence(maps))
@@ -94,19 +95,27 @@ def evaluate_siam_bundle(
             up = F.interpolate(maps, size=(S, S), mode="bilinear", align_corners=False).numpy()
         for b, i in enumerate(batch):
             rec = ds.records[i]
+            w, h = images[b].size
+            box = lm.crop_box(w, h)  # keypoints are in image pixels
             mask = ds.load_mask(i)
-            size = float(max(rec.bbox[2] - rec.bbox[0], rec.bbox[3] - rec.bbox[1])) if rec.bbox else float(S)
+            if mask is not None and mask.shape != (S, S):
+                mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+            size = (
+                float(max(rec.bbox[2] - rec.bbox[0], rec.bbox[3] - rec.bbox[1]))
+                if rec.bbox
+                else float(max(w, h))
+            )
             for a in np.flatnonzero(truth[pos[i]]):
                 regs = attribute_regions(attrs[a], regions, rec.region_concepts)
                 pts = [rec.keypoints[r] for r in regs if r in rec.keypoints]
                 if not pts:
                     continue
                 m = maps[b, a].numpy()
-                xy_rf.append(heatmap_argmax_xy(m, (0, 0, S, S), grid))
-                xy_cell.append(heatmap_argmax_xy(m, (0, 0, S, S)))
+                xy_rf.append(heatmap_argmax_xy(m, box, grid))
+                xy_cell.append(heatmap_argmax_xy(m, box))
                 kps.append(pts)
                 sizes.append(size)
-                rand.append(rng.random(2) * S)
+                rand.append(box[:2] + rng.random(2) * (box[2] - box[0], box[3] - box[1]))
                 if mask is not None:
                     v, u = np.unravel_index(int(up[b, a].argmax()), (S, S))
                     ids = [ds.regions.index(r) + 1 for r in regs if r in ds.regions]

@@ -185,3 +185,23 @@ def test_stages_on_tiny_birds(tiny_birds) -> None:
     c = int(np.flatnonzero((rf.weights > 0).any(1))[0])  # untrained: not every class is ever predicted
     for name, fn in heatmap_methods(lm, rf).items():
         assert fn(x, c).shape == (64, 64), name
+
+
+def test_views_on_tiny_birds(tiny_birds) -> None:
+    from lavise_core import views
+
+    b, ds, lm = tiny_birds
+    if not b.stage_done("oramas"):
+        build_stage(b, ds, "oramas", lm=lm, mu=50.0)
+    ws = views.Workspace(b, model_loader=lambda: lm)
+    rf = O.load_relevant(b)
+    has = [ds.classes[c] for c in range(len(ds.classes)) if (rf.weights[c] > 0).any()]
+    rel = views.class_reliance(ws, has[0])
+    assert rel.note is None and rel.features and rel.features[0].patch.size == (48, 48)
+    assert sum(n for _, n in rel.counts) == int((rf.weights[ds.classes.index(has[0])] > 0).sum())
+    none = [c for c in ds.classes if c not in has]
+    if none:  # an untrained net never predicts some species: the view says so instead of failing
+        assert "no relevant feature" in views.class_reliance(ws, none[0]).note
+    a = ws.analyse(ds.load_image(0))
+    img, caption = views.oramas_heatmap(ws, a, has[0])
+    assert img.size == a.image.size and "back-projected" in caption
