@@ -60,3 +60,43 @@ if ws is not None:
                     c2.markdown(f":red[:material/close:] *as the predicted class:* {e['predicted_sentence']}")
                     if e["confusing"]:
                         c2.caption("confusing attributes: " + ", ".join(e["confusing"]))
+
+if ws is not None and ws.bundle.stage_done("oramas"):
+    with sh.guard("the Classes page (Oramas et al.)"):
+        st.subheader("What the network relies on (Oramas et al.)")
+        st.caption(
+            "Relevant features found without annotations: per class, a non-negative μ-lasso of the network's own "
+            "predictions on every conv layer's filter energies Σ a². Each feature is shown by the average of its "
+            "top-activating patches and the part its activations overlap most."
+        )
+        pick = st.selectbox("Class", ws.classes, key="oramas_class")
+        rel = views.class_reliance(ws, pick)
+        if rel.note:
+            st.warning(rel.note, icon=":material/warning:")
+        st.caption(
+            f"μ = {rel.mu:g}; relevant features by layer: "
+            + (", ".join(f"{layer} ({n})" for layer, n in rel.counts) or "none")
+        )
+        cols = st.columns(6)
+        for i, f in enumerate(rel.features):
+            with cols[i % 6]:
+                st.image(f.patch, width="stretch")
+                dis = f" · dissection: {f.dissection}" if f.dissection else ""
+                st.caption(f"{f.layer} #{f.filter} · w = {f.weight:.2f} · part: {f.label}{dis}")
+
+if ws is not None and views.is_siam_bundle(ws):
+    with sh.guard("the Classes page (SIAM)"):
+        st.subheader("Class attribute weights (SIAM)")
+        st.caption(
+            "A SIAM class score is linear in the attribute maps: each class's weight on each attribute."
+        )
+        pick = st.selectbox("Class", ws.classes, key="siam_class")
+        wts = views.siam_class_weights(ws, pick)
+        fig = go.Figure(
+            go.Bar(
+                x=[v for _, v in wts][::-1], y=[t for t, _ in wts][::-1], orientation="h",
+                marker_color=["#4c78a8" if v > 0 else "#e45756" for _, v in wts][::-1],
+            )
+        )  # fmt: skip
+        fig.update_layout(height=60 + 24 * len(wts), margin={"l": 0, "r": 10, "t": 10, "b": 10})
+        st.plotly_chart(fig, width="stretch", key="siam_weights")

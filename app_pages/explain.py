@@ -86,6 +86,36 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
                 "Zero-shot words for the whole image (LaViSE head): "
                 + ", ".join(p for p, _ in ex.zero_shot[:6])
             )
+        if ws.bundle.stage_done("oramas"):
+            with (
+                st.expander("Where does it look? Oramas et al. (relevant features back-projected)"),
+                sh.guard("the Oramas et al. explanation"),
+            ):
+                img, cap = views.oramas_heatmap(ws, a, ex.target)
+                st.image(img, width="stretch")
+                st.caption(cap)
+    if views.is_siam_bundle(ws):
+        with sh.guard("the SIAM explanation"):
+            sv = views.siam_view(ws, a, ex.target)
+            st.markdown(f"#### SIAM: {sv.sentence}")
+            st.caption("What: " + ", ".join(f"{t} ({p:.2f})" for t, p in sv.present))
+            wf = go.Figure(
+                go.Waterfall(
+                    x=["bias", *[t for t, _ in sv.waterfall], "score"],
+                    y=[sv.bias, *[v for _, v in sv.waterfall], 0.0],
+                    measure=["absolute", *["relative"] * len(sv.waterfall), "total"],
+                    connector={"line": {"color": "#999"}},
+                )
+            )
+            wf.update_layout(
+                title=f"How much: the score of “{sv.target}” = bias + Σ attribute contributions ({sv.score:.2f})",
+                height=320, margin={"l": 0, "r": 10, "t": 40, "b": 10},
+            )  # fmt: skip
+            st.plotly_chart(wf, width="stretch", key=f"siam_wf_{uid}")
+            cols = st.columns(max(1, len(sv.where)))
+            for col, (attr, v, img) in zip(cols, sv.where, strict=True):
+                col.image(img, width="stretch")
+                col.caption(f"Where: {attr} ({v:+.2f})")
     contrib = go.Figure(
         go.Bar(
             x=[f"#{k}" for k, _, _ in ex.contributions],

@@ -18,6 +18,9 @@ attribution         probe               faithfulness of the attribution maps (de
 featurevis          probe               one activation-maximising image per filter (layers ≤ 256 filters)
 layers              probe               Network Dissection of several layers in one pass (+ re-initialised)
 datamap             probe               2-D openTSNE map of the probe images' pooled activations
+oramas              probe               Oramas et al.: layer energies, μ-lasso relevant features per class
+oramas_eval         oramas              the an8Flower protocol: heatmap IoU / Pearson vs Grad-CAM, GBP, ...
+siam_eval           probe               SIAM bundles only (on request): accuracy, AUC, PCK, decomposition
 ==================  ==================  ===========================================================
 """
 
@@ -28,12 +31,15 @@ import dataclasses
 from lavise_core.evaluate.attribution import build_attribution_stage
 from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.explain.datamap import build_datamap_stage
+from lavise_core.evaluate.oramas import build_oramas_eval_stage
+from lavise_core.evaluate.siam import build_siam_eval_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
 from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.layers import build_layers_stage
 from lavise_core.explain.ood import build_ood_stage
+from lavise_core.explain.oramas import build_oramas_stage
 from lavise_core.explain.textual import build_textual_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
 from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
@@ -104,6 +110,20 @@ def _layers(ctx: StageContext) -> dict:
 
 def _datamap(ctx: StageContext) -> dict:
     return build_datamap_stage(ctx.bundle, ctx.dataset, report=ctx.report, **ctx.options_for("datamap"))
+def _oramas(ctx: StageContext) -> dict:
+    return build_oramas_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas")
+    )
+
+
+def _oramas_eval(ctx: StageContext) -> dict:
+    return build_oramas_eval_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas_eval")
+    )
+
+
+def _siam_eval(ctx: StageContext) -> dict:
+    return build_siam_eval_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report)
 
 
 def _lavise_stale(bundle) -> bool:
@@ -174,6 +194,28 @@ REGISTRY = StageRegistry(
             1,
             _datamap,
             "a 2-D map of the probe images (openTSNE of pooled activations)",
+        ),
+        Stage(
+            "oramas",
+            ("probe",),
+            1,
+            _oramas,
+            "Oramas et al.: class-relevant features by μ-lasso on layer energies",
+        ),
+        Stage(
+            "oramas_eval",
+            ("oramas",),
+            1,
+            _oramas_eval,
+            "an8Flower protocol: Oramas heatmaps vs Grad-CAM, guided backprop, activations on part masks",
+        ),
+        Stage(
+            "siam_eval",
+            ("probe",),
+            1,
+            _siam_eval,
+            "SIAM bundles: accuracy, attribute AUC, pointing game / PCK, exact decomposition, sentence precision",
+            default=False,
         ),
     ]
 )

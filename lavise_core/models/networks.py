@@ -388,14 +388,21 @@ def _load_card(spec: str, _q: dict) -> LoadedModel:
     if not weights.is_file():
         raise ModelLoadError(f"model card {card_path} has no weights next to it: {weights} is missing")
     arch = card.get("architecture")
-    if arch != "synthbirds_cnn":
-        raise ModelLoadError(f"{card_path}: unknown architecture {arch!r} (expected 'synthbirds_cnn')")
+    if arch not in ("synthbirds_cnn", "synthbirds_siam"):
+        raise ModelLoadError(
+            f"{card_path}: unknown architecture {arch!r} (expected 'synthbirds_cnn' or 'synthbirds_siam')"
+        )
     from safetensors.torch import load_file
 
-    from lavise_core.models.demo_cnn import SynthBirdsCNN
-
     kwargs = {**card.get("arch_kwargs", {}), "num_classes": len(card["classes"])}
-    model = SynthBirdsCNN(**kwargs)
+    if arch == "synthbirds_siam":  # SIAM (models/siam.py): attribute maps, class scores linear in them
+        from lavise_core.models.siam import build_siam
+
+        model = build_siam(**kwargs)
+    else:
+        from lavise_core.models.demo_cnn import SynthBirdsCNN
+
+        model = SynthBirdsCNN(**kwargs)
     _load_strict(model, load_file(str(weights)), str(weights))
     size = int(card["input_size"])
     return LoadedModel(
