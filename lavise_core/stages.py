@@ -30,9 +30,9 @@ import dataclasses
 
 from lavise_core.evaluate.attribution import build_attribution_stage
 from lavise_core.evaluate.fidelity import build_fidelity_stage
-from lavise_core.explain.datamap import build_datamap_stage
 from lavise_core.evaluate.oramas import build_oramas_eval_stage
 from lavise_core.evaluate.siam import build_siam_eval_stage
+from lavise_core.explain.datamap import build_datamap_stage
 from lavise_core.explain.dissection import build_dissection_stage
 from lavise_core.explain.featurevis import build_featurevis_stage
 from lavise_core.explain.grounding import build_grounding_stage
@@ -98,6 +98,8 @@ def _attribution(ctx: StageContext) -> dict:
     return build_attribution_stage(
         ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("attribution")
     )
+
+
 def _featurevis(ctx: StageContext) -> dict:
     return build_featurevis_stage(ctx.bundle, ctx.model, report=ctx.report, **ctx.options_for("featurevis"))
 
@@ -110,6 +112,8 @@ def _layers(ctx: StageContext) -> dict:
 
 def _datamap(ctx: StageContext) -> dict:
     return build_datamap_stage(ctx.bundle, ctx.dataset, report=ctx.report, **ctx.options_for("datamap"))
+
+
 def _oramas(ctx: StageContext) -> dict:
     return build_oramas_stage(
         ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas")
