@@ -638,6 +638,7 @@ def build(
     force: Sequence[str] = (),
     settings: BuildSettings = BuildSettings(),
     options: dict[str, dict[str, Any]] | None = None,
+    lock_timeout: float | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
@@ -645,7 +646,9 @@ def build(
     ``data``: a probe data set folder; ``stages``: which stages (default: all default stages; what they need
     is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes;
     ``options``: keyword arguments per stage, e.g. ``{"lavise": {"settings": LaviseSettings(epochs=20)}}``.
-    Finished stages are skipped, so calling it again on a built bundle only opens it.
+    Finished stages are skipped, so calling it again on a built bundle only opens it. A second build of
+    the same bundle waits for the first (``lock_timeout=None``) or raises ``BundleBusy`` after
+    ``lock_timeout`` seconds (``0``: at once).
     """
     from lavise_core.models.networks import load_model
     from lavise_core.pipeline.probe import open_or_create_bundle
@@ -667,6 +670,7 @@ def build(
         model_loader=lambda: lm,
         progress=progress,
         options=options,
+        lock_timeout=lock_timeout,
     )
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     ex.built = outcome

@@ -85,6 +85,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.bundles,
         force=args.force or (),
         settings=_settings(args),
+        lock_timeout=0 if getattr(args, "no_wait", False) else None,
     )
     _print_build(ex, {s.name: ex.built[s.name] for s in REGISTRY if s.name in ex.built})
     return 0
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="STAGE",
         help="redo these stages and every stage built on them (see `lavise stages`)",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another build of the same bundle is running, stop at once instead of waiting for it",
     )
     p.set_defaults(func=cmd_build)
 
