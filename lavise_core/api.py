@@ -45,6 +45,10 @@ SOURCE_ZERO_SHOT = "zero-shot (LaViSE)"
 SOURCE_PDF = "attribute p.d.f."
 
 
+#: longest concept query :meth:`Explainer.query` accepts (characters)
+QUERY_MAX_CHARS = 500
+
+
 def build_hint(bundle: Bundle) -> str:
     """The command that builds (or finishes) ``bundle``."""
     m = bundle.manifest
@@ -451,6 +455,11 @@ class Explainer:
         text = str(text).strip()
         if not text:
             raise ValueError("the query is empty: type a concept such as 'red wing'")
+        if len(text) > QUERY_MAX_CHARS:  # a concept is a few words; a pasted document is a mistake
+            raise ValueError(
+                f"the query is too long ({len(text)} characters, at most {QUERY_MAX_CHARS}): type a short "
+                "concept such as 'red wing'"
+            )
         if self.has_dissection():
             return self._query_evidence(text, n, n_images)
         res = self.lavise().query(text, n_filters=n, n_images=n_images)

@@ -301,9 +301,9 @@ def _check_one_to_one(state: dict, target: dict, where: str) -> None:
 
 def _load_card(spec: str, _q: dict) -> LoadedModel:
     card_path = DEMO_CARD if spec == "synthbirds" else Path(spec)
-    if not card_path.is_file():
+    if not _is_file(card_path):
         hint = " Train it with `lavise train-demo` (or run `make demo`)." if spec == "synthbirds" else ""
-        raise ModelLoadError(f"no model card at {card_path}.{hint}")
+        raise ModelLoadError(f"no model card at {_clip(str(card_path))}.{hint}")
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -473,11 +473,11 @@ def _build_named(library: str, arch: str, num_classes: int | None = None) -> nn.
         try:
             return torchvision.models.get_model(arch, weights=None, **kwargs)
         except ValueError as e:
-            raise ModelLoadError(f"torchvision has no architecture {arch!r}") from e
+            raise ModelLoadError(f"torchvision has no architecture {_clip(arch)}") from e
     import timm
 
     if not timm.is_model(arch):
-        raise ModelLoadError(f"timm has no architecture {arch!r}")
+        raise ModelLoadError(f"timm has no architecture {_clip(arch)}")
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
@@ -506,11 +506,36 @@ def _load_named(spec: str, q: dict) -> LoadedModel:
     return _wrap_named(spec, model, classes, _file_sha256(path), q)
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()`` that says False for names the OS cannot even look up (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """``repr`` of a user string, cut to ``n`` characters for a message."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
+
+
 def _wrap_named(spec: str, model: nn.Module, classes: list[str], digest: str, q: dict) -> LoadedModel:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = int(q.get("input_size", [cfg.get("input_size", (3, 224, 224))[-1]])[0])
+    raw = q.get("input_size", [cfg.get("input_size", (3, 224, 224))[-1]])[0]
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        size = -1
+    if not 16 <= size <= 4096:
+        raise ModelLoadError(
+            f"input_size must be a whole number of pixels from 16 to 4096, not {_clip(str(raw))}"
+        )
     model = _freeze(model)
     layer = q.get("layer", [None])[0] or default_layer(model, size)
+    if layer not in dict(model.named_modules()) or not layer:
+        raise ModelLoadError(
+            f"the model {_clip(spec.split('?')[0])} has no layer {_clip(layer)}; list them with `lavise layers`"
+        )
     return LoadedModel(
         name=spec,
         model=model,
@@ -529,8 +554,8 @@ def _wrap_named(spec: str, model: nn.Module, classes: list[str], digest: str, q:
 def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
     """``checkpoint:PATH?arch=torchvision:resnet18&classes=names.txt[&layer=layer4]``."""
     path = Path(spec.split(":", 1)[1])
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
+    if not _is_file(path):
+        raise ModelLoadError(f"checkpoint {_clip(str(path))} does not exist")
     if "arch" not in q:
         raise ModelLoadError(
             "a checkpoint needs its architecture: add ?arch=torchvision:resnet18 (or timm:NAME)"
@@ -549,9 +574,12 @@ def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
         )
     if "classes" in q:
         cpath = Path(q["classes"][0])
-        if not cpath.is_file():
-            raise ModelLoadError(f"class-names file {cpath} does not exist (one name per line)")
-        classes = [ln.strip() for ln in cpath.read_text().splitlines() if ln.strip()]
+        if not _is_file(cpath):
+            raise ModelLoadError(f"class-names file {_clip(str(cpath))} does not exist (one name per line)")
+        try:
+            classes = [ln.strip() for ln in cpath.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"class-names file {cpath} cannot be read as UTF-8 text ({e})") from None
     else:
         classes = []
     model = _build_named(library, name, num_classes=len(classes) or None)
@@ -589,7 +617,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
         lm = _load_checkpoint(base, q)
     else:
         raise ModelLoadError(
-            f"unknown model {spec!r}. Use one of: {', '.join(LOADERS)}, a model card .json, "
+            f"unknown model {_clip(spec)}. Use one of: {', '.join(LOADERS)}, a model card .json, "
             "torchvision:NAME, timm:NAME, or checkpoint:PATH?arch=NAME&classes=FILE"
         )
     lm.name = spec
