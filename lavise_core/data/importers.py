@@ -898,6 +898,12 @@ def _load_json(path: Path, what: str) -> dict:
             obj = json.load(fh)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); it should be {what}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it should be {what}"
+        ) from e
+    except RecursionError:
+        raise DatasetError(f"{path} is nested too deeply; it should be {what}") from None
     if not isinstance(obj, dict) or "images" not in obj or "annotations" not in obj:
         raise DatasetError(f"{path} lacks 'images' or 'annotations': it should be {what}")
     return obj

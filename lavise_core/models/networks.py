@@ -15,6 +15,7 @@ Sources (``load_model(spec)``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -465,8 +466,29 @@ def _load_strict(model: nn.Module, state: dict, where: str) -> None:
     model.load_state_dict(state)
 
 
+@functools.cache
+def _known_archs(library: str) -> frozenset[str]:
+    """Architecture names of torchvision / timm (listed once: asking for an unknown one costs 40-120 ms)."""
+    if library == "torchvision":
+        import torchvision
+
+        return frozenset(torchvision.models.list_models())
+    import timm
+
+    return frozenset(timm.list_models())
+
+
 def _build_named(library: str, arch: str, num_classes: int | None = None) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if library not in ("torchvision", "timm"):
+        raise ModelLoadError(f"unknown model library {_clip(library)}: use torchvision:NAME or timm:NAME")
+    if arch not in _known_archs(library):
+        import difflib
+
+        pool = sorted(n for n in _known_archs(library) if n[:3].lower() == arch[:3].lower())  # kept cheap
+        close = difflib.get_close_matches(arch[:60], pool, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(f"{library} has no architecture {_clip(arch)}.{hint}")
     if library == "torchvision":
         import torchvision
 
