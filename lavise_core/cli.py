@@ -17,7 +17,12 @@ __all__ = ["DEFAULT_BUNDLES", "main"]
 DEFAULT_BUNDLES = Path("data/bundles")
 
 # modules that register their own commands with ``add_commands(subparsers)``
-COMMAND_MODULES = ("lavise_core.data.synthbirds", "lavise_core.models.demo_cnn", "lavise_core.data.importers")
+COMMAND_MODULES = (
+    "lavise_core.data.synthbirds",
+    "lavise_core.models.demo_cnn",
+    "lavise_core.data.importers",
+    "lavise_core.views.export",  # lavise report
+)
 
 
 def _common_bundle_args(p: argparse.ArgumentParser) -> None:
