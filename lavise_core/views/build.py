@@ -185,9 +185,14 @@ class BuildTracker:
         self.lines = {s: StageLine(s) for s in stages}
         self.start: dict[str, float] = {}
         self.fraction = 0.0
+        self.waiting = ""  # the message while another build of the bundle holds its lock
 
     def update(self, event: BuildProgress) -> None:
         self.fraction = max(self.fraction, min(1.0, event.fraction))
+        if event.stage == "lock":  # waiting for another build of this bundle: no stage of ours runs yet
+            self.waiting = event.message
+            return
+        self.waiting = ""
         line = self.lines.setdefault(event.stage, StageLine(event.stage))
         now = self.clock()
         if event.message.endswith("already built"):
@@ -221,7 +226,6 @@ class BuildTracker:
                 "left": fmt(ln.left) if ln.state == "running" else "",
             }
             for ln in self.lines.values()
-            if ln.stage != "lock"
         ]
 
     def left_total(self) -> float | None:

@@ -60,6 +60,10 @@ def test_compare_two_bundles_side_by_side(tmp_path):
 def test_build_tracker_estimates_time_left_per_stage():
     now = [0.0]
     t = views.BuildTracker(["probe", "textual"], clock=lambda: now[0])
+    t.update(BuildProgress(0.0, "lock", "bundle b is being built by process 7; waiting for it to finish"))
+    assert (
+        t.waiting.startswith("bundle b is being built") and [r["state"] for r in t.rows()] == ["waiting"] * 2
+    )
     t.update(BuildProgress(0.0, "probe", "probe: streaming"))
     now[0] = 10.0
     t.update(BuildProgress(0.125, "probe", "probe: 100/400", 100, 400))  # 10 s for 100 -> 30 s left
