@@ -120,11 +120,14 @@ def report_html(ws: Workspace, max_filters: int | None = None, n_images: int = 4
         except (StageMissing, ValueError, OSError) as e:
             pic = f"<div class='no'>no images: {esc(str(e))}</div>"
         label = esc(r["label"]) if r["label"] else "<span class='no'>no label</span>"
-        iou = f" · IoU {r['iou']:.3f}" if r["iou"] != "" else ""
+        if r["label_source"].startswith("dissection"):
+            how = f"IoU {r['score']:.3f}"
+        else:
+            how = f"score {r['score']:.3f}" + (f" · IoU {r['iou']:.3f}" if r["iou"] != "" else "")
         mark = "✓" if r["confident"] else ""
         parts.append(
             f"<div class='card'>{pic}<div><b>#{k}</b> {label} {mark}</div>"
-            f"<div class='meta'>score {r['score']:.3f}{iou} · class {esc(str(r['top_class']))}</div></div>"
+            f"<div class='meta'>{how} · supports {esc(str(r['top_class']))}</div></div>"
         )
     parts.append("</div></body></html>")
     return "\n".join(parts)
