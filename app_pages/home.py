@@ -6,6 +6,7 @@ import html
 
 import streamlit as st
 
+from app_pages import _overview_extras as _extras
 from app_pages import _shared as sh
 from lavise_core import views
 
@@ -88,29 +89,7 @@ if ws is not None:
             )
             st.html(word_cloud(ov.words[:45], ov.confident_score))
 
-with st.expander(":material/build: Build a bundle", expanded=ws is None):
-    st.caption(
-        "Runs the probe pass and the explanation stages for a model × layer × probe set (finished stages are reused)."
-    )
-    with st.form("build"):
-        model = st.text_input(
-            "Model spec", "synthbirds", help="synthbirds, efficientnet_lite0, a card .json, timm:NAME …"
-        )
-        data = st.text_input("Probe data set folder", "data/synthbirds")
-        layer = st.text_input("Layer (empty: the one feeding global pooling)", "")
-        all_stages, default_stages = views.stage_choices()
-        stages = st.multiselect("Stages (what they need is added)", all_stages, default=default_stages)
-        go_build = st.form_submit_button("Build")
-    if go_build:
-        bar = st.progress(0.0, text="starting…")
-        with sh.guard("the bundle build"):
-            b = views.build_bundle(
-                model.strip(),
-                data.strip(),
-                sh.bundles_root(),
-                layer.strip() or None,
-                stages,
-                report=lambda f, msg: bar.progress(min(max(f, 0.0), 1.0), text=msg),
-            )
-            st.session_state[sh.BUNDLE_KEY] = str(b.root)
-            st.success(f"Bundle ready: {b.summary()}")
+if ws is not None:
+    _extras.export_section(ws)
+    _extras.compare_section(ws)
+_extras.build_section(ws)

@@ -45,6 +45,10 @@ SOURCE_ZERO_SHOT = "zero-shot (LaViSE)"
 SOURCE_PDF = "attribute p.d.f."
 
 
+#: longest concept query :meth:`Explainer.query` accepts (characters)
+QUERY_MAX_CHARS = 500
+
+
 def build_hint(bundle: Bundle) -> str:
     """The command that builds (or finishes) ``bundle``."""
     m = bundle.manifest
@@ -451,6 +455,11 @@ class Explainer:
         text = str(text).strip()
         if not text:
             raise ValueError("the query is empty: type a concept such as 'red wing'")
+        if len(text) > QUERY_MAX_CHARS:  # a concept is a few words; a pasted document is a mistake
+            raise ValueError(
+                f"the query is too long ({len(text)} characters, at most {QUERY_MAX_CHARS}): type a short "
+                "concept such as 'red wing'"
+            )
         if self.has_dissection():
             return self._query_evidence(text, n, n_images)
         res = self.lavise().query(text, n_filters=n, n_images=n_images)
@@ -640,6 +649,7 @@ def build(
     options: dict[str, dict[str, Any]] | None = None,
     executor: str | None = None,
     address: str | None = None,
+    lock_timeout: float | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
@@ -647,9 +657,11 @@ def build(
     ``data``: a probe data set folder; ``stages``: which stages (default: all default stages; what they need
     is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes;
     ``options``: keyword arguments per stage, e.g. ``{"lavise": {"settings": LaviseSettings(epochs=20)}}``.
-    Finished stages are skipped, so calling it again on a built bundle only opens it.
     ``executor="ray"`` runs the image loops (probe pass, LaViSE region features) as Ray Data batch inference on
     the cluster at ``address`` (default: the running Ray runtime, else a local one); same bundle (docs/ray.md).
+    Finished stages are skipped, so calling it again on a built bundle only opens it. A second build of
+    the same bundle waits for the first (``lock_timeout=None``) or raises ``BundleBusy`` after
+    ``lock_timeout`` seconds (``0``: at once).
     """
     import dataclasses
 
@@ -679,6 +691,7 @@ def build(
         model_loader=lambda: lm,
         progress=progress,
         options=options,
+        lock_timeout=lock_timeout,
     )
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     ex.built = outcome

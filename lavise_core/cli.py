@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "lavise_core.models.demo_cnn",
     "lavise_core.data.importers",
     "lavise_core.models.siam",
+    "lavise_core.views.export",  # lavise report
 )
 
 
@@ -115,6 +116,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.bundles,
         force=args.force or (),
         settings=_settings(args),
+        lock_timeout=0 if getattr(args, "no_wait", False) else None,
     )
     _print_build(ex, {s.name: ex.built[s.name] for s in REGISTRY if s.name in ex.built})
     return 0
@@ -219,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo these stages and every stage built on them (see `lavise stages`)",
     )
     _add_ray_args(p)
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another build of the same bundle is running, stop at once instead of waiting for it",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle's explanations against ground truth")

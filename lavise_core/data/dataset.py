@@ -81,6 +81,8 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, obj: dict, where: str = "") -> ImageRecord:
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{where}: a record must be a JSON object, not {type(obj).__name__}")
         known = set(cls.__dataclass_fields__)
         missing = {"id", "path"} - set(obj)
         if missing:
@@ -88,6 +90,10 @@ class ImageRecord:
         unknown = set(obj) - known
         if unknown:
             raise DatasetError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        for key, value in obj.items():
+            ok, want = _FIELD_TYPES[key]
+            if not ok(value):
+                raise DatasetError(f"{where}: field {key!r} must be {want}, not {_short(value)}")
         rec = cls(**obj)
         if rec.split not in SPLITS:
             raise DatasetError(f"{where}: split {rec.split!r} is not one of {SPLITS}")
@@ -95,6 +101,47 @@ class ImageRecord:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _short(v: object) -> str:
+    text = json.dumps(v, ensure_ascii=True) if not isinstance(v, float) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: manifest field -> (check, what it must be, for the message)
+_FIELD_TYPES = {
+    "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "path": (lambda v: isinstance(v, str) and v != "", "a non-empty string (relative image path)"),
+    "split": (lambda v: isinstance(v, str), "a string"),
+    "label": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer class index"),
+    "attributes": (_is_str_list, "a list of strings"),
+    "captions": (_is_str_list, "a list of strings"),
+    "mask": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a relative path"),
+    "region_concepts": (
+        lambda v: isinstance(v, dict) and all(_is_str_list(x) for x in v.values()),
+        "an object mapping region names to lists of strings",
+    ),
+    "keypoints": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(x, list) and len(x) == 2 and all(map(_is_number, x)) for x in v.values())
+        ),
+        "an object mapping region names to [x, y]",
+    ),
+    "bbox": (
+        lambda v: v is None or (isinstance(v, list) and len(v) == 4 and all(map(_is_number, v))),
+        "null or [x0, y0, x1, y1]",
+    ),
+    "meta": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -154,12 +201,26 @@ class ProbeDataset:
                     "`lavise import-folder`, `lavise import-cub`, `lavise import-coco` or `lavise synthbirds`."
                 )
         try:
-            desc = json.loads(desc_path.read_text())
-        except json.JSONDecodeError as e:
+            desc = json.loads(desc_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{desc_path} is not valid JSON: {e}") from e
+        except RecursionError:
+            raise DatasetError(f"{desc_path} is nested too deeply to be a dataset description") from None
+        if not isinstance(desc, dict):
+            raise DatasetError(f"{desc_path} must hold a JSON object, not {type(desc).__name__}")
         for key in ("name", "classes"):
             if key not in desc:
                 raise DatasetError(f"{desc_path} lacks the field {key!r}")
+        checks = {
+            "name": (isinstance(desc["name"], str), "a string"),
+            "classes": (_is_str_list(desc["classes"]), "a list of class-name strings"),
+            "regions": (_is_str_list(desc.get("regions", [])), "a list of region-name strings"),
+            "source": (isinstance(desc.get("source", ""), str), "a string"),
+            "meta": (isinstance(desc.get("meta", {}), dict), "an object"),
+        }
+        for key, (ok, want) in checks.items():
+            if not ok:
+                raise DatasetError(f"{desc_path}: field {key!r} must be {want}, not {_short(desc[key])}")
         records = list(_read_manifest(man_path))
         ds = cls(
             root=root,
@@ -256,16 +317,21 @@ class ProbeDataset:
 
 
 def _read_manifest(path: Path) -> Iterator[ImageRecord]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.strip()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}: line {lineno}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line:
                 continue
-            where = f"{path}: line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON ({e})") from e
+            except RecursionError:
+                raise DatasetError(f"{where}: nested too deeply to be an image record") from None
             yield ImageRecord.from_json(obj, where)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_to_view", "load_image"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+
+#: what PIL raises on corrupt or truncated files besides its own errors (struct.error: a GIF frame header
+#: cut short, found by bench/fuzz; ValueError / IndexError / EOFError / ZeroDivisionError: other plugins)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, EOFError, ZeroDivisionError, struct.error,
+                 TypeError, KeyError)  # fmt: skip
 
 
 class ImageLoadError(ValueError):
@@ -67,13 +73,13 @@ def load_image(
                 raise ImageLoadError(
                     f"{label} is not an image PIL can read (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)."
                 ) from e
-            except (OSError, SyntaxError) as e:
-                raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
                 raise ImageLoadError(
                     f"{label} is too large to open safely (over {max_pixels / 1e6:.0f} megapixels; {e}). "
                     "Downscale it first."
                 ) from e
+            except DECODE_ERRORS as e:
+                raise ImageLoadError(f"{label} is truncated or corrupt ({type(e).__name__}: {e}).") from e
             w, h = im.size
             if w == 0 or h == 0:
                 raise ImageLoadError(f"{label} has no pixels ({w}×{h}).")
@@ -82,15 +88,17 @@ def load_image(
                     f"{label} is {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is "
                     f"{max_pixels / 1e6:.0f} megapixels. Downscale it first."
                 )
-            if getattr(im, "is_animated", False):
-                im.seek(0)
             try:
+                if getattr(im, "is_animated", False):
+                    im.seek(0)
                 im.load()
-            except (OSError, SyntaxError) as e:
-                raise ImageLoadError(f"{label} is truncated or corrupt ({e}).") from e
-            if upright:
-                im = ImageOps.exif_transpose(im) or im
-            return _to_rgb(im)
+                if upright:
+                    im = ImageOps.exif_transpose(im) or im
+                return _to_rgb(im)
+            except (
+                DECODE_ERRORS
+            ) as e:  # PIL's decoders raise all of these on hostile bytes (fuzzing found them)
+                raise ImageLoadError(f"{label} is truncated or corrupt ({type(e).__name__}: {e}).") from e
     finally:
         if isinstance(source, str | os.PathLike):
             fh.close()

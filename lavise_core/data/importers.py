@@ -38,7 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lavise_core.data.dataset import DatasetError, ImageRecord, ProbeDataset, atomic_write_bytes, write_dataset
+from lavise_core.data.dataset import (
+    DatasetError,
+    ImageRecord,
+    ProbeDataset,
+    atomic_write_bytes,
+    write_dataset,
+)
 
 __all__ = [
     "CUB_PARTS",
@@ -892,6 +898,12 @@ def _load_json(path: Path, what: str) -> dict:
             obj = json.load(fh)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); it should be {what}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it should be {what}"
+        ) from e
+    except RecursionError:
+        raise DatasetError(f"{path} is nested too deeply; it should be {what}") from None
     if not isinstance(obj, dict) or "images" not in obj or "annotations" not in obj:
         raise DatasetError(f"{path} lacks 'images' or 'annotations': it should be {what}")
     return obj
@@ -933,7 +945,7 @@ def import_coco(
     info: dict[int, dict] = {}
     caps: dict[int, list[tuple[int, str]]] = defaultdict(list)
     anns: dict[int, list[dict]] = defaultdict(list)
-    categories: list[dict] = []
+    categories: list[dict] = []  # filled in place by _read_coco_lists
     for path, what in (
         (
             captions_json,
@@ -944,24 +956,14 @@ def import_coco(
         if path is None:
             continue
         obj = _load_json(Path(path), what)
-        for k, im in enumerate(obj["images"]):
-            if not {"id", "file_name"} <= set(im):
-                raise DatasetError(f"{path}: images[{k}] lacks 'id' or 'file_name'")
-            info.setdefault(int(im["id"]), im)
-        if path is captions_json:
-            for k, a in enumerate(obj["annotations"]):
-                if "image_id" not in a or "caption" not in a:
-                    raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'caption'")
-                caps[int(a["image_id"])].append((int(a.get("id", k)), str(a["caption"]).strip()))
-        else:
-            if "categories" not in obj:
-                raise DatasetError(f"{path} lacks 'categories': it should be {what}")
-            categories = sorted(obj["categories"], key=lambda c: int(c["id"]))
-            for k, a in enumerate(obj["annotations"]):
-                if not {"image_id", "category_id"} <= set(a):
-                    raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'category_id'")
-                a = dict(a, _index=k)
-                anns[int(a["image_id"])].append(a)
+        try:
+            _read_coco_lists(obj, Path(path), path is captions_json, info, caps, anns, categories)
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            if isinstance(e, DatasetError):
+                raise
+            raise DatasetError(
+                f"{path}: an entry has the wrong type ({type(e).__name__}: {e}); it should be {what}"
+            ) from None
 
     classes = [str(c["name"]) for c in categories]
     cat_pos = {int(c["id"]): i for i, c in enumerate(categories)}
@@ -985,8 +987,9 @@ def import_coco(
         if anns.get(img_id):
             try:
                 mask_rel, inst = _coco_instances(images / fname, im, anns[img_id], cat_pos, classes, out, rid)
-            except ValueError as e:
-                skipped.append(Skipped(fname, f"bad annotation: {e}"))
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+                why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                skipped.append(Skipped(fname, f"bad annotation: {why}"))
                 continue
         present = sorted({i["category"] for i in inst}, key=classes.index)
         main = inst[0] if inst else None
@@ -1028,6 +1031,46 @@ def import_coco(
     )
 
 
+def _read_coco_lists(
+    obj: dict,
+    path: Path,
+    is_captions: bool,
+    info: dict[int, dict],
+    caps: dict[int, list[tuple[int, str]]],
+    anns: dict[int, list[dict]],
+    categories: list[dict],
+) -> None:
+    """Collect images, captions or instances of one COCO JSON file; wrong shapes raise DatasetError."""
+    for key in ("images", "annotations", *(() if is_captions else ("categories",))):
+        if key not in obj:
+            raise DatasetError(f"{path} lacks {key!r}")
+        if not isinstance(obj[key], list) or not all(isinstance(x, dict) for x in obj[key]):
+            raise DatasetError(f"{path}: {key!r} must be a list of objects")
+    for k, im in enumerate(obj["images"]):
+        if not {"id", "file_name"} <= set(im):
+            raise DatasetError(f"{path}: images[{k}] lacks 'id' or 'file_name'")
+        if not isinstance(im["id"], int | str) or not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DatasetError(f"{path}: images[{k}] needs an integer 'id' and a 'file_name' string")
+        info.setdefault(int(im["id"]), im)
+    if is_captions:
+        for k, a in enumerate(obj["annotations"]):
+            if "image_id" not in a or "caption" not in a:
+                raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'caption'")
+            caps[int(a["image_id"])].append((int(a.get("id", k)), str(a["caption"]).strip()))
+        return
+    for k, c in enumerate(obj["categories"]):
+        if not {"id", "name"} <= set(c):
+            raise DatasetError(f"{path}: categories[{k}] lacks 'id' or 'name'")
+    cats = sorted(obj["categories"], key=lambda c: int(c["id"]))
+    if len({int(c["id"]) for c in cats}) != len(cats):
+        raise DatasetError(f"{path}: two categories share an id")
+    categories[:] = cats
+    for k, a in enumerate(obj["annotations"]):
+        if not {"image_id", "category_id"} <= set(a):
+            raise DatasetError(f"{path}: annotations[{k}] lacks 'image_id' or 'category_id'")
+        anns[int(a["image_id"])].append(dict(a, _index=k))
+
+
 def _coco_instances(
     image_path: Path,
     im: dict,
@@ -1040,6 +1083,8 @@ def _coco_instances(
     """Rasterise one image's instances into a label map; return (mask path, instances largest first)."""
     if "height" in im and "width" in im:
         h, w = int(im["height"]), int(im["width"])
+        if not (0 < h <= 65535 and 0 < w <= 65535):
+            raise ValueError(f"image size {h}x{w} is not a plausible image size")
     else:
         from PIL import Image
 

@@ -15,9 +15,11 @@ Sources (``load_model(spec)``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -380,10 +382,15 @@ def _check_one_to_one(state: dict, target: dict, where: str) -> None:
 
 def _load_card(spec: str, _q: dict) -> LoadedModel:
     card_path = DEMO_CARD if spec == "synthbirds" else Path(spec)
-    if not card_path.is_file():
+    if not _is_file(card_path):
         hint = " Train it with `lavise train-demo` (or run `make demo`)." if spec == "synthbirds" else ""
-        raise ModelLoadError(f"no model card at {card_path}.{hint}")
-    card = json.loads(card_path.read_text())
+        raise ModelLoadError(f"no model card at {_clip(str(card_path))}.{hint}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"model card {card_path} is not valid JSON ({e}); fix or re-export it") from None
+    if not isinstance(card, dict) or not isinstance(card.get("classes"), list):
+        raise ModelLoadError(f"model card {card_path} must be a JSON object with a 'classes' list")
     weights = card_path.with_suffix(".safetensors")
     if not weights.is_file():
         raise ModelLoadError(f"model card {card_path} has no weights next to it: {weights} is missing")
@@ -392,8 +399,6 @@ def _load_card(spec: str, _q: dict) -> LoadedModel:
         raise ModelLoadError(
             f"{card_path}: unknown architecture {arch!r} (expected 'synthbirds_cnn' or 'synthbirds_siam')"
         )
-    from safetensors.torch import load_file
-
     kwargs = {**card.get("arch_kwargs", {}), "num_classes": len(card["classes"])}
     if arch == "synthbirds_siam":  # SIAM (models/siam.py): attribute maps, class scores linear in them
         from lavise_core.models.siam import build_siam
@@ -403,7 +408,7 @@ def _load_card(spec: str, _q: dict) -> LoadedModel:
         from lavise_core.models.demo_cnn import SynthBirdsCNN
 
         model = SynthBirdsCNN(**kwargs)
-    _load_strict(model, load_file(str(weights)), str(weights))
+    _load_strict(model, _read_safetensors(weights), str(weights))
     size = int(card["input_size"])
     return LoadedModel(
         name=spec,
@@ -420,23 +425,127 @@ def _load_card(spec: str, _q: dict) -> LoadedModel:
     )
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file; a corrupt or truncated file raises :class:`ModelLoadError`.
+
+    The format is ``[8-byte little-endian header length N][N bytes of JSON header][tensor bytes]``; the
+    message says which of these is broken (file shorter than its header claims, header not JSON, ...).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file: {_safetensors_diagnosis(path)} ({e}). "
+            "The file is probably truncated (an interrupted download or copy) or is not a safetensors "
+            "file at all: copy or export it again (`safetensors.torch.save_file(model.state_dict(), path)`)."
+        ) from None
+
+
+def _safetensors_diagnosis(path: Path) -> str:
+    """One phrase on what is wrong with a safetensors file, from its first bytes and its size."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"it is {size} bytes long, shorter than the 8-byte header length"
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > size - 8:
+            return f"its header claims {n} bytes but the file has only {size - 8} after the length field"
+        head = fh.read(n)
+    try:
+        header = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)
+    ]  # fmt: skip
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"it is {size} bytes long but its header describes {need} bytes (truncated)"
+    return "its header does not describe its tensors consistently"
+
+
+_GLOBAL = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
+
+
+def _read_torch_checkpoint(path: Path) -> object:
+    """``torch.load(weights_only=True)``; a refused pickle or a broken file raises :class:`ModelLoadError`.
+
+    Only plain tensors, dicts, lists and numbers are accepted: a pickle that names any other Python object
+    could run code when loaded, so it is refused (never loaded with ``weights_only=False``).
+    """
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
+            raise ModelLoadError(
+                f"{path} is not a readable PyTorch checkpoint (its pickle stream is broken: "
+                f"{_torch_reason(e)}). It may be truncated or in another format: copy it again, or export "
+                "it as .safetensors."
+            ) from None
+        found = _GLOBAL.search(str(e))
+        what = f" It references the Python object `{found.group(1)}`." if found else ""
+        raise ModelLoadError(
+            f"{path} is refused: it is a pickle that holds more than tensors, and loading such a file can "
+            f"run arbitrary code.{what} If you trust where it came from, load it once in your own Python "
+            "session and save only the weights: `safetensors.torch.save_file(model.state_dict(), "
+            "'weights.safetensors')`, then use that file here."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable PyTorch checkpoint ({_torch_reason(e)}). It may be truncated (an interrupted "
+            "download or copy) or saved in another format: copy it again, or export it as .safetensors."
+        ) from None
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The part of a ``torch.load`` error that describes the file (not torch's advice on ``weights_only``)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if m:
+        text = m.group(1)
+    text = " ".join(text.split()).split(". ")[0]
+    return text[:160] or type(e).__name__
+
+
 def _load_strict(model: nn.Module, state: dict, where: str) -> None:
     target = model.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(
+            f"{where} does not hold a state dict (tensor name -> tensor) but {type(state).__name__}; save "
+            "`model.state_dict()` (not the model object or a training checkpoint with other entries)."
+        )
     bad = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in set(state) & set(target)
-        if tuple(state[k].shape) != tuple(target[k].shape)
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
     ]
     if missing or unexpected or bad:
         parts = []
+        if bad:  # the first mismatch in the architecture's own order, with both shapes
+            k = next(k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape))
+            parts.append(
+                f"first mismatching tensor {k!r}: the checkpoint has shape {tuple(state[k].shape)}, the "
+                f"architecture expects {tuple(target[k].shape)}"
+            )
         if missing:
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
         if bad:
-            parts.append(f"shape mismatches: {'; '.join(sorted(bad)[:3])}")
+            parts.append(f"{len(bad)} shape mismatches: {'; '.join(bad[:3])}")
         raise ModelLoadError(
             f"{where} does not fit the architecture: {'; '.join(parts)}. Check the architecture name and "
             "the number of classes."
@@ -444,19 +553,40 @@ def _load_strict(model: nn.Module, state: dict, where: str) -> None:
     model.load_state_dict(state)
 
 
+@functools.cache
+def _known_archs(library: str) -> frozenset[str]:
+    """Architecture names of torchvision / timm (listed once: asking for an unknown one costs 40-120 ms)."""
+    if library == "torchvision":
+        import torchvision
+
+        return frozenset(torchvision.models.list_models())
+    import timm
+
+    return frozenset(timm.list_models())
+
+
 def _build_named(library: str, arch: str, num_classes: int | None = None) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if library not in ("torchvision", "timm"):
+        raise ModelLoadError(f"unknown model library {_clip(library)}: use torchvision:NAME or timm:NAME")
+    if arch not in _known_archs(library):
+        import difflib
+
+        pool = sorted(n for n in _known_archs(library) if n[:3].lower() == arch[:3].lower())  # kept cheap
+        close = difflib.get_close_matches(arch[:60], pool, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(f"{library} has no architecture {_clip(arch)}.{hint}")
     if library == "torchvision":
         import torchvision
 
         try:
             return torchvision.models.get_model(arch, weights=None, **kwargs)
         except ValueError as e:
-            raise ModelLoadError(f"torchvision has no architecture {arch!r}") from e
+            raise ModelLoadError(f"torchvision has no architecture {_clip(arch)}") from e
     import timm
 
     if not timm.is_model(arch):
-        raise ModelLoadError(f"timm has no architecture {arch!r}")
+        raise ModelLoadError(f"timm has no architecture {_clip(arch)}")
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
@@ -481,15 +611,40 @@ def _load_named(spec: str, q: dict) -> LoadedModel:
             f"the weights of {spec} are not on disk: expected {path}. This tool never downloads; copy the "
             f"file there (or use a `checkpoint:` spec with your own weights)."
         )
-    _load_strict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    _load_strict(model, _read_torch_checkpoint(path), str(path))
     return _wrap_named(spec, model, classes, _file_sha256(path), q)
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()`` that says False for names the OS cannot even look up (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """``repr`` of a user string, cut to ``n`` characters for a message."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
 
 
 def _wrap_named(spec: str, model: nn.Module, classes: list[str], digest: str, q: dict) -> LoadedModel:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = int(q.get("input_size", [cfg.get("input_size", (3, 224, 224))[-1]])[0])
+    raw = q.get("input_size", [cfg.get("input_size", (3, 224, 224))[-1]])[0]
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        size = -1
+    if not 16 <= size <= 4096:
+        raise ModelLoadError(
+            f"input_size must be a whole number of pixels from 16 to 4096, not {_clip(str(raw))}"
+        )
     model = _freeze(model)
     layer = q.get("layer", [None])[0] or default_layer(model, size)
+    if layer not in dict(model.named_modules()) or not layer:
+        raise ModelLoadError(
+            f"the model {_clip(spec.split('?')[0])} has no layer {_clip(layer)}; list them with `lavise layers`"
+        )
     return LoadedModel(
         name=spec,
         model=model,
@@ -508,8 +663,8 @@ def _wrap_named(spec: str, model: nn.Module, classes: list[str], digest: str, q:
 def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
     """``checkpoint:PATH?arch=torchvision:resnet18&classes=names.txt[&layer=layer4]``."""
     path = Path(spec.split(":", 1)[1])
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
+    if not _is_file(path):
+        raise ModelLoadError(f"checkpoint {_clip(str(path))} does not exist")
     if "arch" not in q:
         raise ModelLoadError(
             "a checkpoint needs its architecture: add ?arch=torchvision:resnet18 (or timm:NAME)"
@@ -517,17 +672,9 @@ def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
     arch = q["arch"][0]
     library, name = arch.split(":", 1) if ":" in arch else ("timm", arch)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = _read_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with code in it
-            raise ModelLoadError(
-                f"{path} is not a plain tensor checkpoint: arbitrary pickles can run code when loaded and are "
-                f"refused. Save it with `safetensors.torch.save_file(model.state_dict(), ...)` instead ({e})."
-            ) from e
+        state = _read_torch_checkpoint(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     else:
@@ -536,9 +683,12 @@ def _load_checkpoint(spec: str, q: dict) -> LoadedModel:
         )
     if "classes" in q:
         cpath = Path(q["classes"][0])
-        if not cpath.is_file():
-            raise ModelLoadError(f"class-names file {cpath} does not exist (one name per line)")
-        classes = [ln.strip() for ln in cpath.read_text().splitlines() if ln.strip()]
+        if not _is_file(cpath):
+            raise ModelLoadError(f"class-names file {_clip(str(cpath))} does not exist (one name per line)")
+        try:
+            classes = [ln.strip() for ln in cpath.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"class-names file {cpath} cannot be read as UTF-8 text ({e})") from None
     else:
         classes = []
     model = _build_named(library, name, num_classes=len(classes) or None)
@@ -576,7 +726,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
         lm = _load_checkpoint(base, q)
     else:
         raise ModelLoadError(
-            f"unknown model {spec!r}. Use one of: {', '.join(LOADERS)}, a model card .json, "
+            f"unknown model {_clip(spec)}. Use one of: {', '.join(LOADERS)}, a model card .json, "
             "torchvision:NAME, timm:NAME, or checkpoint:PATH?arch=NAME&classes=FILE"
         )
     lm.name = spec

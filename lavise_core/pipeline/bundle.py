@@ -15,21 +15,36 @@ Every file is written atomically (temporary file + ``os.replace``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import platform
+import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lavise_core.data.dataset import ProbeDataset, atomic_write_bytes, atomic_write_text
 
-__all__ = ["BUNDLE_FILE", "Bundle", "BundleError", "StageMissing", "bundle_key", "find_bundles"]
+__all__ = [
+    "BUNDLE_FILE",
+    "LOCK_FILE",
+    "Bundle",
+    "BundleBusy",
+    "BundleError",
+    "StageMissing",
+    "bundle_key",
+    "disk_error",
+    "find_bundles",
+]
 
 BUNDLE_FILE = "bundle.json"
+LOCK_FILE = ".build.lock"  # held (flock) by the one process building this bundle
+OWNER_FILE = ".build.owner"  # who holds it: pid, host, command, start time (for the message of the next one)
 FORMAT_VERSION = 1
 
 
@@ -39,6 +54,35 @@ class StageMissing(ValueError):
 
 class BundleError(ValueError):
     """A bundle is missing, incomplete, stale or belongs to other inputs."""
+
+
+class BundleBusy(BundleError):
+    """Another process is building this bundle and the caller chose not to wait (or waited long enough)."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def disk_error(e: OSError, root: Path, doing: str) -> BundleError | None:
+    """A :class:`BundleError` with a user message for a full disk or a read-only folder, else ``None``."""
+    if e.errno in _FULL:
+        free = ""
+        with contextlib.suppress(OSError):
+            st = os.statvfs(root if root.exists() else root.parent)
+            free = f" ({st.f_bavail * st.f_frsize / 1e6:.0f} MB free now)"
+        return BundleError(
+            f"the disk is full while {doing} in {root}{free}: {e.strerror}. Nothing half-written was kept "
+            "(every file is written atomically) and finished stages stay; free some space and run the same "
+            "build again to resume."
+        )
+    if e.errno in _DENIED:
+        return BundleError(
+            f"cannot write to {root} while {doing}: {e.strerror} (the folder is read-only for you). The "
+            "dashboard can still show what is built; to build more, fix its permissions or build into a "
+            "writable folder with --bundles."
+        )
+    return None
 
 
 def bundle_key(weights_hash: str, layer: str, dataset_hash: str, preprocessing: dict) -> str:
@@ -101,9 +145,12 @@ class Bundle:
             "stages": {},
             **manifest,
         }
-        root.mkdir(parents=True, exist_ok=True)
         b = cls(root, full, writable=True)
-        b._save_manifest()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            b._save_manifest()
+        except OSError as e:
+            raise disk_error(e, root, "creating the bundle") or e from None
         return b
 
     @property
@@ -116,6 +163,69 @@ class Bundle:
     def _require_writable(self) -> None:
         if not self.writable:
             raise BundleError(f"bundle {self.root} was opened read-only")
+
+    # ------------------------------------------------------------------ the build lock
+    def reload(self) -> None:
+        """Re-read ``bundle.json`` (another process may have finished stages since it was opened)."""
+        self.manifest = json.loads((self.root / BUNDLE_FILE).read_text())
+
+    def build_owner(self) -> str:
+        """Who holds the build lock, in words (from ``.build.owner``; empty when unknown)."""
+        try:
+            o = json.loads((self.root / OWNER_FILE).read_text())
+            return f"process {o['pid']} on {o['host']}, started {o['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+    @contextlib.contextmanager
+    def build_lock(
+        self, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[Bundle]:
+        """Hold this bundle's build lock (an OS file lock on ``.build.lock``) for the body.
+
+        Two builds of one bundle never interleave: the second one calls ``on_wait(message)`` and waits
+        (``timeout=None``), or gives up after ``timeout`` seconds (``0``: at once) with :class:`BundleBusy`.
+        The lock is released by the OS if the holder dies (even by SIGKILL). On entry the manifest is
+        re-read, so stages the other build finished are seen as finished.
+        """
+        from filelock import FileLock, Timeout
+
+        self._require_writable()
+        lock = FileLock(str(self.root / LOCK_FILE))
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                who = self.build_owner() or "another process"
+                if timeout is not None and timeout <= 0:
+                    raise BundleBusy(
+                        f"bundle {self.root} is being built by {who}; wait for it to finish (or run the "
+                        "same command without --no-wait to wait for it)"
+                    ) from None
+                if on_wait is not None:
+                    on_wait(f"bundle {self.root.name} is being built by {who}; waiting for it to finish")
+                try:
+                    lock.acquire(timeout=-1 if timeout is None else timeout)
+                except Timeout:
+                    raise BundleBusy(
+                        f"bundle {self.root} is still being built by {who} after {timeout:.0f} s; try later"
+                    ) from None
+        except OSError as e:
+            raise disk_error(e, self.root, "taking the build lock") or e from None
+        try:
+            with contextlib.suppress(OSError):
+                owner = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%H:%M:%S"),
+                }
+                atomic_write_text(self.root / OWNER_FILE, json.dumps(owner) + "\n")
+            self.reload()
+            yield self
+        finally:
+            with contextlib.suppress(OSError):
+                (self.root / OWNER_FILE).unlink()
+            lock.release()
 
     # ------------------------------------------------------------------ arrays and json
     def _path(self, name: str, suffix: str) -> Path:

@@ -15,13 +15,14 @@ Adding a stage::
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.pipeline.bundle import Bundle
+from lavise_core.pipeline.bundle import Bundle, disk_error
 from lavise_core.pipeline.executor import ExecutorSettings
 
 __all__ = [
@@ -198,6 +199,7 @@ def build_stages(
     model_loader: Callable[[], Any] | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
     options: dict[str, dict[str, Any]] | None = None,
+    lock_timeout: float | None = None,
 ) -> dict[str, str]:
     """Build ``stages`` (default: the registry's defaults) and what they need into ``bundle``.
 
@@ -206,8 +208,47 @@ def build_stages(
     "redone (recipe N -> M)"}``. ``progress`` gets a :class:`BuildProgress` at each stage's start and end and
     whenever a stage reports (the probe pass after every batch). ``options``: keyword arguments per stage
     (``{"textual": {"source": "labels"}}``), passed on to the stage's function.
+
+    While anything is written the bundle's build lock is held (:meth:`Bundle.build_lock`): a second build
+    of the same bundle waits for the first (``lock_timeout=None``), or raises
+    :class:`~lavise_core.pipeline.bundle.BundleBusy` after ``lock_timeout`` seconds (``0``: at once). A full
+    disk or a read-only folder raises :class:`~lavise_core.pipeline.bundle.BundleError` with a message;
+    the stage that was running is not recorded, so the same call resumes there.
     """
     order = registry.resolve(list(stages) if stages is not None else registry.defaults())
+    if not force and all(_up_to_date(bundle, s) for s in order):
+        return _build_unlocked(
+            bundle, dataset, registry, order, (), settings, model_loader, progress, options
+        )
+
+    def waiting(message: str) -> None:
+        if progress is None:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            progress(BuildProgress(0.0, "lock", message))
+
+    with bundle.build_lock(lock_timeout, on_wait=waiting):
+        return _build_unlocked(
+            bundle, dataset, registry, order, force, settings, model_loader, progress, options
+        )
+
+
+def _up_to_date(bundle: Bundle, s: Stage) -> bool:
+    """Finished with the same recipe and not stale: nothing to write."""
+    return _recorded_recipe(bundle, s.name) == s.recipe and not (s.stale is not None and s.stale(bundle))
+
+
+def _build_unlocked(
+    bundle: Bundle,
+    dataset: ProbeDataset,
+    registry: StageRegistry,
+    order: list[Stage],
+    force: Sequence[str],
+    settings: BuildSettings,
+    model_loader: Callable[[], Any] | None,
+    progress: Callable[[BuildProgress], None] | None,
+    options: dict[str, dict[str, Any]] | None,
+) -> dict[str, str]:
     for name in force:
         for s in registry.downstream(registry[name].name):
             _clear(bundle, s)
@@ -241,12 +282,15 @@ def build_stages(
 
         ctx.report = report
         t0 = time.perf_counter()
-        info = s.run(ctx) or {}
-        recorded = dict(bundle.manifest.get("stages", {}).get(s.name, {}))
-        recorded.pop("finished", None)
-        recorded.update({k: v for k, v in info.items() if k != "finished"})
-        recorded.setdefault("seconds", round(time.perf_counter() - t0, 2))
-        bundle.mark_stage(s.name, {**recorded, "recipe": s.recipe})
+        try:
+            info = s.run(ctx) or {}
+            recorded = dict(bundle.manifest.get("stages", {}).get(s.name, {}))
+            recorded.pop("finished", None)
+            recorded.update({k: v for k, v in info.items() if k != "finished"})
+            recorded.setdefault("seconds", round(time.perf_counter() - t0, 2))
+            bundle.mark_stage(s.name, {**recorded, "recipe": s.recipe})
+        except OSError as e:  # a full disk or a folder turned read-only: say so, keep what is finished
+            raise disk_error(e, bundle.root, f"building stage {s.name!r}") or e from e
         outcome.setdefault(s.name, "built")
         say(BuildProgress((i + 1) / n, s.name, f"{s.name}: done"))
     return outcome

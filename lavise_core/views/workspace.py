@@ -190,8 +190,11 @@ class Workspace(Explainer):
             ds = self.dataset()
             if ds is None:
                 return _placeholder(side, "data set missing")
+            path = ds.image_path(int(i))
+            if not path.is_file():  # deleted or moved after the build: the bundle's numbers still stand
+                return _placeholder(side, "image deleted")
             try:
-                img = load_image(ds.image_path(int(i)), name=ds.records[int(i)].path)
+                img = load_image(path, name=ds.records[int(i)].path)
             except ImageLoadError:
                 return _placeholder(side, "unreadable")
             img = crop_to_view(img, self.view_box(*img.size))

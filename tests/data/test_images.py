@@ -77,3 +77,10 @@ def test_huge_refused_before_decoding():
 def test_missing_file(tmp_path):
     with pytest.raises(ImageLoadError, match="no such file"):
         load_image(tmp_path / "nope.png")
+
+
+def test_gif_with_a_cut_frame_header_is_corrupt_not_a_crash():
+    # found by bench/fuzz (image target): PIL raised struct.error while counting the GIF's frames
+    data = b'GIF87a\x07\x00\x05\x00\x80\x00\x00\x00\x00F87a\x07\x00\x05\x00\x80\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x07\x00\x05\x007\x00\x00\x00\x01a\x07\x00\x05\x00\x80,\x07\x03\x02\x00;'
+    with pytest.raises(ImageLoadError, match="truncated or corrupt \\(error: unpack_from"):
+        load_image(data)

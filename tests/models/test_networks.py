@@ -137,8 +137,53 @@ class _Evil:
 def test_pickled_checkpoint_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": _Evil()}, path)
-    with pytest.raises(ModelLoadError, match="arbitrary pickles"):
+    with pytest.raises(ModelLoadError, match=r"refused.*`print`") as err:
         load_model(f"checkpoint:{path}?arch=torchvision:resnet18")
+    assert "weights_only" not in str(err.value) and "safetensors.torch.save_file" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        (lambda b: b[: len(b) // 2], r"header describes .* bytes \(truncated\)"),
+        (lambda b: b[:5], "shorter than the 8-byte header length"),
+        (lambda b: b"not a safetensors file at all", "header claims .* bytes"),
+        (lambda b: b[:8] + b"{" * 8 + b[16:], "header is not valid JSON"),
+    ],
+)
+def test_corrupt_safetensors_named_with_reason(tmp_path, cut, why):
+    path, _ = _write_resnet_checkpoint(tmp_path)
+    path.write_bytes(cut(path.read_bytes()))
+    with pytest.raises(ModelLoadError, match=f"w.safetensors is not a readable safetensors file: .*{why}"):
+        load_model(f"checkpoint:{path}?arch=torchvision:resnet18")
+
+
+def test_truncated_torch_checkpoint_is_not_called_a_pickle_refusal(tmp_path):
+    import torchvision
+
+    path = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(ModelLoadError, match=r"w\.pt is not a readable PyTorch checkpoint") as err:
+        load_model(f"checkpoint:{path}?arch=torchvision:resnet18")
+    assert "weights_only" not in str(err.value)
+
+
+def test_first_mismatching_key_and_both_shapes(tmp_path):
+    import torchvision
+
+    sd = torchvision.models.resnet18(weights=None, num_classes=3).state_dict()
+    sd["layer2.0.conv1.weight"] = torch.zeros(128, 32, 3, 3)  # earlier than fc in the architecture's order
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    names = tmp_path / "n.txt"
+    names.write_text("a\nb\nc\nd\n")
+    with pytest.raises(
+        ModelLoadError,
+        match=r"first mismatching tensor 'layer2.0.conv1.weight': the checkpoint has shape \(128, 32, 3, 3\), "
+        r"the architecture expects \(128, 64, 3, 3\)",
+    ):
+        load_model(f"checkpoint:{path}?arch=torchvision:resnet18&classes={names}")
 
 
 def test_checkpoint_needs_architecture(tmp_path):

@@ -225,4 +225,19 @@ def test_fidelity_headlines_say_targets_and_baselines():
     assert absent["ours"] == 2.0 and absent["verdict"] == "better than the baseline; target met"
     assert rows["…and answer concepts the layer does detect?"]["verdict"] == "—; target 90 missed"
     sanity = next(r for q, r in rows.items() if q.startswith("Sanity"))
-    assert sanity["ours"] == 0 and sanity["baseline"] == 127 and sanity["verdict"] == "better than the baseline"
+    assert (
+        sanity["ours"] == 0 and sanity["baseline"] == 127 and sanity["verdict"] == "better than the baseline"
+    )
+
+
+def test_probe_images_deleted_after_the_build_leave_the_pages_working(tmp_path):
+    b = _bundle(tmp_path)
+    for p in (tmp_path / "data" / "images").glob("*.png"):
+        p.unlink()
+    ws = views.Workspace(b)
+    table = views.filter_table(ws)  # numbers come from the bundle, not from the images
+    assert list(table["label"]) == ["red wing", "blue wing", "red wing"]
+    thumb = ws.record_image(0, side=64)
+    assert thumb.size == (64, 64) and thumb.getpixel((1, 1)) == (235, 235, 235)  # the grey placeholder
+    detail = views.filter_detail(ws, 0, n_images=2, side=64)
+    assert [t[1] for t in detail.top_images] == [0, 1] and all(len(t[0]) > 0 for t in detail.top_images)

@@ -1,0 +1,74 @@
+"""Four browser sessions doing different things at once, and the Overview's export / compare / build-form
+sections, in a real headless Chromium against `streamlit run app.py` (the server of test_browser.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_browser import _no_exception, _settle, _shot, browser, server  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.browser
+
+
+def test_four_sessions_at_once_stay_correct(server, browser):  # noqa: F811
+    from lavise_core.data.dataset import ProbeDataset
+
+    pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page() for _ in range(4)]
+    a, b, c, d = pages
+    data = server["bundles"].data
+    ds = ProbeDataset.open(data)
+    # start all four before waiting on any: the server handles them concurrently
+    a.goto(f"{server['url']}/filters?filter=5")
+    b.goto(f"{server['url']}/concepts")
+    c.goto(f"{server['url']}/explain")
+    d.goto(f"{server['url']}/filters?filter=9")
+    _settle(b, "Search a concept")
+    box = b.get_by_role("textbox", name="Concept")
+    box.fill("red wing")
+    box.press("Enter")
+    _settle(c, "Upload one or more images")
+    c.locator('input[type="file"]').set_input_files(str(data / ds.records[1].path))
+    d.get_by_role("button", name="next ›").first.wait_for(state="visible", timeout=90_000)
+    d.get_by_role("button", name="next ›").first.click()  # session d moves on while the others work
+    _settle(a, "Where it fires")
+    _settle(b, "Where those filters fire")
+    _settle(c, "because it has")
+    _settle(d, "Filter 10")
+    for p in pages:
+        _no_exception(p)
+    assert a.get_by_role("heading", name=re.compile(r"^Filter 5\b")).count() == 1
+    assert d.get_by_role("heading", name=re.compile(r"^Filter 10\b")).count() == 1
+    assert "filter=10" in d.url and "filter=5" in a.url
+    assert b.get_by_role("textbox", name="Concept").input_value() == "red wing"
+    assert c.get_by_text("because it has").count() >= 1
+    a.reload()  # a's state is its own: reloading it shows filter 5, not d's filter 10
+    _settle(a, "Where it fires")
+    assert a.get_by_role("heading", name=re.compile(r"^Filter 5\b")).count() == 1
+    for name, p in zip("abcd", pages, strict=True):
+        _shot(p, f"14_session_{name}")
+
+
+def test_overview_export_compare_and_build_form(server, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(server["url"])
+    _settle(page, "Filters in this layer")
+    page.get_by_text("Export the filter table and a report").click()
+    page.get_by_role("button", name="Prepare the HTML report").click()
+    _settle(page, "HTML report (")
+    _no_exception(page)
+    _shot(page, "15_overview_export")
+    page.get_by_text("Compare with another bundle").click()
+    compare = page.get_by_text("choose a bundle")
+    if compare.count():  # more than one bundle is served
+        compare.first.click()
+        page.get_by_role("option").first.click()
+        _settle(page, "interpretable share")
+        _no_exception(page)
+        _shot(page, "16_overview_compare")
+    page.get_by_text("Build a bundle").first.click()
+    page.get_by_text("Set up a new build").click()
+    _settle(page, "Probe data set folder")
+    _no_exception(page)
+    assert page.get_by_text("images,").count() >= 1  # the data folder check ran: "N images, K classes"
+    _shot(page, "17_build_form")
