@@ -14,8 +14,8 @@ from lavise_core.views.datamap import *  # noqa: F403
 from lavise_core.views.dataset import *  # noqa: F403
 from lavise_core.views.evaluation import *  # noqa: F403
 from lavise_core.views.explain import *  # noqa: F403
-from lavise_core.views.featurevis import *  # noqa: F403
 from lavise_core.views.export import *  # noqa: F403
+from lavise_core.views.featurevis import *  # noqa: F403
 from lavise_core.views.filters import *  # noqa: F403
 from lavise_core.views.home import *  # noqa: F403
 from lavise_core.views.layers import *  # noqa: F403
