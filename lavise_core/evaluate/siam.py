@@ -16,7 +16,7 @@ Stage ``siam_eval`` (a SIAM bundle only) writes ``eval/siam.json``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ def evaluate_siam_bundle(
     batch_size: int = 64,
     report: Callable[[int, int, str], None] | None = None,
     seed: int = 0,
+    pairs_of: Sequence[str] | None = None,
 ) -> dict:
-    """All the numbers of the module docstring for ``lm`` (a SIAM model) on ``ds``'s ``split``."""
+    """All the numbers of the module docstring for ``lm`` (a SIAM model) on ``ds``'s ``split``; ``pairs_of``:
+    only these attributes make pointing / PCK pairs (e.g. the ones Guo et al.'s grounding was scored on)."""
     from sklearn.metrics import roc_auc_score
 
     from lavise_core.pipeline.probe import image_batches
@@ -75,6 +77,7 @@ def evaluate_siam_bundle(
     xy_rf, xy_cell, kps, sizes, rand, hits = [], [], [], [], [], []
     rng = np.random.default_rng(seed)
     pos = {int(i): j for j, i in enumerate(idx)}
+    keep = np.array([pairs_of is None or t in set(pairs_of) for t in attrs])
     done = 0
     for batch, x, images in image_batches(ds, lm, idx, batch_size):
         with torch.no_grad(), lm.lock:
@@ -105,7 +108,7 @@ def evaluate_siam_bundle(
                 if rec.bbox
                 else float(max(w, h))
             )
-            for a in np.flatnonzero(truth[pos[i]]):
+            for a in np.flatnonzero(truth[pos[i]] & keep):
                 regs = attribute_regions(attrs[a], regions, rec.region_concepts)
                 pts = [rec.keypoints[r] for r in regs if r in rec.keypoints]
                 if not pts:

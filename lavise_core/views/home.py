@@ -53,6 +53,14 @@ def _filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarra
 
 def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
     c = ws.channels
+    card = ws.bundle.manifest.get("model", {}).get("card", {})
+    if card.get("architecture") == "synthbirds_siam" and len(card.get("attributes", [])) == c:
+        return (
+            list(card["attributes"]),
+            np.ones(c, np.float32),
+            "SIAM attribute (by design)",
+            np.ones(c, bool),
+        )
     if ws.has_dissection():  # ground-truth IoU on the fit split beats any word model
         from lavise_core.explain.dissection import IOU_MIN
 
@@ -89,6 +97,8 @@ def confident_rule_short(source: str) -> str:
     """One line saying when a filter's label counts as confident, for the label ``source``."""
     if source.startswith("dissection"):
         return "IoU ≥ 0.04 with the concept's annotated regions (Network Dissection)"
+    if source.startswith("SIAM"):
+        return "each SIAM map is trained to be one attribute"
     if source.startswith("zero"):
         return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
     if source and source != "none":

@@ -91,4 +91,14 @@ def oramas_heatmap(ws: Workspace, a: ImageAnalysis, target: str | None = None) -
         f"Oramas et al.: the {len(feats)} relevant features of “{rf.classes[c]}” most active here ({parts}), "
         "each back-projected to the image (guided backprop, strided-conv fix), combined by pixel-wise max."
     )
-    return overlay(a.image, heat, alpha=0.6, mask_below=0.15), caption
+    return overlay(a.image, _for_display(heat), alpha=0.6, mask_below=0.1), caption
+
+
+def _for_display(heat: np.ndarray, sigma: float = 1.5, q: float = 0.99) -> np.ndarray:
+    """Back-projections are sparse (single pixels): blurred a little and scaled to their ``q`` quantile so the
+    overlay shows where they are; the protocol scores the raw heatmap."""
+    from scipy.ndimage import gaussian_filter
+
+    h = gaussian_filter(np.asarray(heat, np.float32), sigma)
+    top = float(np.quantile(h, q))
+    return np.clip(h / top, 0, 1) if top > 0 else h

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -41,9 +43,11 @@ def test_evaluation_of_a_tiny_siam(tiny_siam, tmp_path) -> None:
     assert abs(ex.bias + sum(v for _, v in ex.contributions) - ex.score) < 1e-5
     assert ex.sentence.startswith(f"This is a {ex.target}")
     assert class_attribute_weights(lm).shape == (12, len(lm.card["attributes"]))
-    lm.card = {**lm.card, "attributes": [*lm.card["attributes"][:-1], "glowing wing"]}
+    bad = dataclasses.replace(
+        lm, card={**lm.card, "attributes": [*lm.card["attributes"][:-1], "glowing wing"]}
+    )
     with pytest.raises(SiamError, match="not the data set's"):
-        evaluate_siam_bundle(ds, lm)
+        evaluate_siam_bundle(ds, bad)
 
 
 def test_stage_skips_other_models(tmp_path, colour_dataset, identity_model) -> None:
@@ -54,3 +58,20 @@ def test_stage_skips_other_models(tmp_path, colour_dataset, identity_model) -> N
     assert "not a SIAM model" in build_siam_eval_stage(b, colour_dataset, identity_model)["skipped"]
     with pytest.raises(SiamError, match="not a SIAM model"):
         siam_net(identity_model)
+
+
+def test_siam_bundle_views(tiny_siam, tmp_path) -> None:
+    from lavise_core import views
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+
+    ds, lm = tiny_siam
+    b = open_or_create_bundle(tmp_path / "bundles", lm, ds)
+    run_probe(b, lm, ds, ProbeSettings(top_k=4, batch_size=16, num_workers=0, progress=False))
+    ws = views.Workspace(b, model_loader=lambda: lm)
+    assert views.is_siam_bundle(ws)
+    assert views.home._filter_labels(ws)[0] == lm.card["attributes"]  # each map is named by its attribute
+    sv = views.siam_view(ws, ws.analyse(ds.load_image(0)), n=5)
+    assert [t for t, _ in sv.waterfall][-1] == "other attributes" and len(sv.waterfall) == 6
+    assert abs(sv.bias + sum(v for _, v in sv.waterfall) - sv.score) < 1e-5  # the waterfall ends at the score
+    w = views.siam_class_weights(ws, ws.classes[0], n=4)
+    assert len(w) == 4 and abs(w[0][1]) >= abs(w[-1][1])
