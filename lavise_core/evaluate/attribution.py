@@ -175,8 +175,20 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a.ravel(), b.ravel()).statistic)
 
 
-def _load(lm: Any, dataset: ProbeDataset, idx: np.ndarray) -> torch.Tensor:
-    return torch.stack([lm.preprocess(dataset.load_image(int(i))) for i in idx])
+def _load(lm: Any, dataset: ProbeDataset, idx: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The readable records of ``idx`` and their network inputs ``(n, 3, S, S)`` (unreadable files skipped)."""
+    from lavise_core.data.images import ImageLoadError
+
+    kept, xs = [], []
+    for i in idx:
+        try:
+            xs.append(lm.preprocess(dataset.load_image(int(i))))
+        except ImageLoadError:
+            continue
+        kept.append(int(i))
+    if not kept:
+        raise AttributionError("none of the held-out test images could be read")
+    return np.asarray(kept), torch.stack(xs)
 
 
 def evaluate_attribution(
@@ -196,7 +208,7 @@ def evaluate_attribution(
         raise AttributionError("the data set has no test split to hold out")
     rng = np.random.default_rng(s.seed)
     idx = np.sort(rng.choice(test, size=min(s.n_images, len(test)), replace=False))
-    x = _load(lm, dataset, idx)
+    idx, x = _load(lm, dataset, idx)
     y = torch.as_tensor(dataset.labels()[idx])
     size = x.shape[-1]
     regions = list(dataset.regions)

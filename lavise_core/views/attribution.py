@@ -1,8 +1,8 @@
 """Explain page, section "Where does it look?": attribution maps side by side, with their faithfulness.
 
 :func:`where_it_looks` computes, for one analysed image, each chosen method's map for the predicted class and
-one other class, puts both classes of a method on ONE colour scale (divided by the larger of the two maxima,
-so the weaker class looks weaker), and attaches the method's numbers from ``eval/attribution.json`` (the
+one other class, puts both classes of a method on ONE colour scale (divided by the 99th percentile of the
+method's values over both classes, clipped, so the weaker class looks weaker and sparse gradient maps stay visible), and attaches the method's numbers from ``eval/attribution.json`` (the
 ``attribution`` stage) when the bundle has them. :func:`parse_methods` / :func:`methods_param` turn the method
 choice into the URL's ``methods`` query parameter and back.
 """
@@ -41,6 +41,8 @@ __all__ = [
     "where_it_looks",
 ]
 
+#: colour 1 = this percentile of a method's values over both classes (Smilkov et al. clip at the 99th)
+DISPLAY_PERCENTILE = 99.0
 #: the dashboard's method options: exactly those the stored faithfulness numbers were measured with
 PAGE_OPTIONS: dict[str, dict] = EVAL_OPTIONS
 
@@ -173,8 +175,9 @@ def attribution_findings(obj: dict) -> list[str]:
         )
     if "pointing" in w:
         k = w["pointing"]
+        tied = " = ".join(f"**{lab(n)}**" for n, r in m.items() if r.get("pointing") == m[k]["pointing"])
         out.append(
-            f"Pointing game on the species' discriminative parts: **{lab(k)}** {m[k]['pointing']:.2f} vs a random "
+            f"Pointing game on the species' discriminative parts: {tied} {m[k]['pointing']:.2f} vs a random "
             f"pixel {b.get('pointing_uniform', 0):.2f} (a random pixel on the bird {b.get('pointing_on_bird', 0):.2f})."
         )
     if "energy" in w:
@@ -257,8 +260,11 @@ def where_it_looks(
         method = make_method(m, lm, **PAGE_OPTIONS.get(m, {}))
         maps = method.pixel_map(x.expand(len(targets), -1, -1, -1), targets).float().cpu().numpy()
         seconds = time.perf_counter() - t0
-        top = float(maps.max())
-        scaled = maps / top if top > 0 else maps
+        top = float(
+            np.percentile(maps, DISPLAY_PERCENTILE)
+        )  # pixel maps are sparse: the max alone hides them
+        top = top if top > 0 else float(maps.max())
+        scaled = np.clip(maps / top, 0.0, 1.0) if top > 0 else maps
         panels.append(
             AttributionPanel(
                 m,
@@ -282,7 +288,8 @@ def where_it_looks(
         classes,
         panels,
         colour_legend(),
-        "One scale per method: colour = the map divided by its largest value over both classes "
-        "(0 = black/transparent, 1 = pale yellow); a fainter class map means less evidence for that class.",
+        "One scale per method: colour = the map divided by the 99th percentile of its values over both classes, "
+        "clipped at 1 (0 = black/transparent, 1 = pale yellow); a fainter class map means less evidence for that "
+        "class.",
         notes,
     )

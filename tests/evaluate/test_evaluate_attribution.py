@@ -81,3 +81,24 @@ def test_evaluate_end_to_end_small(birds) -> None:
     assert "gradcam" in format_attribution(res)
     with pytest.raises(AttributionError, match="unknown"):
         evaluate_attribution(lm, birds, AttributionEvalSettings(methods=("lime",)))
+
+
+def test_stage_writes_the_json_the_pages_read(tmp_path, identity_model, colour_dataset) -> None:
+    """Through the stage registry on a data set without masks: deletion / insertion and the cascade only."""
+    from conftest import build_stage
+
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+
+    b = open_or_create_bundle(tmp_path / "bundles", identity_model, colour_dataset)
+    run_probe(
+        b, identity_model, colour_dataset, ProbeSettings(top_k=2, batch_size=2, num_workers=0, progress=False)
+    )
+    info = build_stage(
+        b, colour_dataset, "attribution", identity_model,
+        n_images=3, sanity_images=1, steps=2, methods=("gradcam", "occlusion"),
+    )  # fmt: skip
+    assert set(info["winners"]) == {"deletion_auc", "insertion_auc", "sanity"}
+    res = b.read_json("eval/attribution")
+    # the seeded draw of 3 includes images/broken.png, which is skipped, not fatal
+    assert res["images"] == 2 and "baselines" not in res and "pointing" not in res["methods"]["gradcam"]
+    assert res["sanity_layers"] == ["classifier", "features.0"]
