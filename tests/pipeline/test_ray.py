@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +28,22 @@ RAY2 = ExecutorSettings(kind="ray", workers=2, shard_batches=1)  # 6 shards of 8
 
 @pytest.fixture(scope="module")
 def ray_runtime():
+    """Ray in this (main) thread: its daemons die with the thread that started them. SIGALRM bounds the start."""
     ray = pytest.importorskip("ray")
-    box: dict = {}
 
-    def start() -> None:
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-            box["ok"] = True
-        except Exception as e:  # any start failure is a skip reason
-            box["error"] = e
+    def too_long(signum, frame):
+        raise TimeoutError("ray.init took more than 120 s")
 
-    t = threading.Thread(target=start, daemon=True)
-    t.start()
-    t.join(120)
-    if not box.get("ok"):
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(120)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:  # any start failure is a skip reason, not a failure
         ray.shutdown()
-        pytest.skip(f"Ray could not start here: {box.get('error', 'timed out after 120 s')}")
+        pytest.skip(f"Ray could not start here: {e}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     yield ray
     ray.shutdown()
 
