@@ -73,4 +73,6 @@ def test_overview_export_compare_and_build_form(server, browser):  # noqa: F811
     page.get_by_role("button", name="Build").first.wait_for(state="visible", timeout=60_000)
     _no_exception(page)
     assert page.get_by_text("images,").count() >= 1  # the data folder check ran: "N images, K classes"
+    page.get_by_role("button", name="Build").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
     _shot(page, "17_build_form")
