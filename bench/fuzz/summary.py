@@ -21,7 +21,7 @@ def summary(goal: int = 1_000_000) -> str:
         cov = ""
         for log in sorted(LOGS.glob(f"{t}-*.log")):
             text = log.read_text(errors="replace")
-            for n, s in re.findall(r"Done (\d+) in (\d+) second", text):
+            for n, s in re.findall(r"Done (\d+) (?:runs )?in (\d+) second", text):
                 runs, secs = runs + int(n), secs + int(s)
             found = re.findall(r"cov: (\d+) ft: (\d+)", text)
             if found:
