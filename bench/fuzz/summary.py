@@ -13,7 +13,7 @@ TARGETS = ("text", "dataset", "image", "coco", "spec", "query", "cub")
 
 def summary(goal: int = 1_000_000) -> str:
     rows = [
-        "| target | inputs run | seconds | coverage (edges / features) | crashes |",
+        "| target | inputs run | seconds | coverage (edges / features) | crashes / hangs |",
         "| --- | --- | --- | --- | --- |",
     ]
     for t in TARGETS:
@@ -26,7 +26,9 @@ def summary(goal: int = 1_000_000) -> str:
             found = re.findall(r"cov: (\d+) ft: (\d+)", text)
             if found:
                 cov = f"{found[-1][0]} / {found[-1][1]}"
-        crashes = len(list(CRASHES.glob(f"{t}-crash-*"))) + len(list(CRASHES.glob(f"{t}-timeout-*")))
+        open_ = len(list(CRASHES.glob(f"{t}-crash-*"))) + len(list(CRASHES.glob(f"{t}-timeout-*")))
+        fixed = len(list((CRASHES / "fixed").glob(f"{t}-*")))
+        crashes = f"{open_ + fixed} found, {fixed} fixed" if open_ + fixed else "0"
         mark = "" if runs >= goal else " (short of 1 M)"
         rows.append(f"| `{t}` | {runs:,}{mark} | {secs} | {cov} | {crashes} |")
     return "\n".join(rows)

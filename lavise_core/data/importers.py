@@ -853,6 +853,8 @@ def rasterize_polygons(polygons: Sequence[Sequence[float]], height: int, width: 
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if not np.isfinite(xy).all():
             raise ValueError("polygon coordinates must be finite numbers")
+        if (np.abs(xy) > 4 * max(height, width, 1)).any():  # PIL would trace the outline for minutes
+            raise ValueError(f"polygon coordinates lie far outside the {width}x{height} image")
         c0, r0 = (max(0, int(np.floor(v))) for v in xy.min(axis=0))
         c1, r1 = min(width, int(np.ceil(xy[:, 0].max())) + 1), min(height, int(np.ceil(xy[:, 1].max())) + 1)
         filled = np.zeros((height, width), dtype=bool)
