@@ -21,8 +21,11 @@ def summary(goal: int = 1_000_000) -> str:
         cov = ""
         for log in sorted(LOGS.glob(f"{t}-*.log")):
             text = log.read_text(errors="replace")
-            for n, s in re.findall(r"Done (\d+) (?:runs )?in (\d+) second", text):
+            done = re.findall(r"Done (\d+) (?:runs )?in (\d+) second", text)
+            for n, s in done:
                 runs, secs = runs + int(n), secs + int(s)
+            if not done:  # stopped by a crash or hang: libFuzzer's final stats still count the inputs
+                runs += sum(int(n) for n in re.findall(r"stat::number_of_executed_units: (\d+)", text))
             found = re.findall(r"cov: (\d+) ft: (\d+)", text)
             if found:
                 cov = f"{found[-1][0]} / {found[-1][1]}"
