@@ -488,6 +488,15 @@ class _LineReader:
         return out
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS cannot look up (over 255 bytes, a NUL byte): such an
+    annotation names no file we could read (atheris found a 100-byte-character CUB image name)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _find_first(paths: Sequence[Path]) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
@@ -642,7 +651,7 @@ def import_cub(
             raise DatasetError(
                 f"{src / 'train_test_split.txt'}: no split for image {img} ({rel}) of images.txt"
             )
-        if not (images_dir / rel).is_file():
+        if not _is_file(images_dir / rel):
             skipped.append(Skipped(f"images/{rel}", "file not found"))
             continue
         stem = rel.rsplit(".", 1)[0]
@@ -665,7 +674,7 @@ def import_cub(
         caps: list[str] = []
         if cap_dir is not None:
             cp = cap_dir / f"{stem}.txt"
-            if cp.is_file():
+            if _is_file(cp):
                 caps = _read_caption_file(cp)
             else:
                 no_captions += 1
@@ -713,7 +722,7 @@ def import_cub(
 def _cub_mask(image: Path, seg: Path, out: Path, rid: str, regions: list[str]) -> tuple[str | None, str]:
     from PIL import Image
 
-    if not seg.is_file():
+    if not _is_file(seg):
         return None, "segmentation not found"
     try:
         with Image.open(seg) as im:
@@ -980,7 +989,7 @@ def import_coco(
     for img_id in _tqdm(ids, progress=progress, desc="COCO images", total=len(ids)):
         im = info[img_id]
         fname = str(im["file_name"])
-        if not (images / fname).is_file():
+        if not _is_file(images / fname):
             skipped.append(Skipped(fname, "file not found"))
             continue
         rid = f"{img_id:012d}"
