@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,22 @@ def test_query_text_answers_or_says_what_is_wrong(explainer, text) -> None:
         assert type(e) is ValueError and str(e).startswith("the query is"), repr(e)
     else:
         assert len(ans.filters) <= 5 and isinstance(ans.message, str)
+
+
+def test_coco_polygon_far_outside_the_image_is_a_bad_annotation_not_a_hang() -> None:
+    # found by bench/fuzz (coco target): a vertex at x = 2.2e31 made PIL trace the outline for over 10 s
+    from lavise_core.data.importers import rasterize_polygons
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="far outside the 7x6 image"):
+        rasterize_polygons([[1, 1, 4, 1, 22222222222222222222222222222224, 3]], 6, 7)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_cub_image_name_too_long_for_the_os_is_skipped_not_a_crash(tmp_path) -> None:
+    # found by bench/fuzz (cub target): a 300-byte name in images.txt raised OSError ENAMETOOLONG
+    src = tmp_path / "CUB_200_2011"
+    _write_cub(src)
+    (src / "images.txt").write_text("1 001.A/a.jpg\n2 002.B/" + "é" * 150 + ".jpg\n")
+    ds = import_cub(src, tmp_path / "out", progress=False)
+    assert [r.path for r in ds.records] == ["images/001.A/a.jpg"]

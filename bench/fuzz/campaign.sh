@@ -14,7 +14,7 @@ mkdir -p bench/fuzz/logs bench/fuzz/crashes bench/fuzz/corpus
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(text dataset image coco spec query cub)
 export PY GOAL CHUNK_S TARGETS="${targets[*]}"
 
-runs_of() { cat bench/fuzz/logs/"$1"-*.log 2>/dev/null | grep -ao 'Done [0-9]* in' | awk '{s+=$2} END {print s+0}'; }
+runs_of() { cat bench/fuzz/logs/"$1"-*.log 2>/dev/null | grep -aoE 'Done [0-9]+ (runs )?in' | awk '{s+=$2} END {print s+0}'; }
 export -f runs_of
 
 lane() {  # the targets given, in order, until the chunk's end time $T_END

@@ -236,13 +236,15 @@ def main() -> None:
         print(f"usage: fuzz.py TARGET [CORPUS] [-libfuzzer_flags]; targets: {', '.join(TARGETS)}")
         sys.exit(0 if "--list" in sys.argv else 2)
     target = sys.argv[1]
-    corpus = [a for a in sys.argv[2:] if not a.startswith("-")]
+    corpus = [a for a in sys.argv[2:] if not a.startswith("-") and not Path(a).is_file()]  # files: replay
     for c in corpus:
         if not any(Path(c).glob("*")):
             seeds(target, Path(c))
     fn = TARGETS[target]
     if target == "query":
-        fn(b"red wing")  # opens the bundle and builds its lexicon once (seconds), before the per-input timeout
+        fn(
+            b"red wing"
+        )  # opens the bundle and builds its lexicon once (seconds), before the per-input timeout
     try:
         atheris.Setup([sys.argv[0], *sys.argv[2:]], fn)
         atheris.Fuzz()

@@ -488,6 +488,15 @@ class _LineReader:
         return out
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS cannot look up (over 255 bytes, a NUL byte): such an
+    annotation names no file we could read (atheris found a 100-byte-character CUB image name)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _find_first(paths: Sequence[Path]) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
@@ -642,7 +651,7 @@ def import_cub(
             raise DatasetError(
                 f"{src / 'train_test_split.txt'}: no split for image {img} ({rel}) of images.txt"
             )
-        if not (images_dir / rel).is_file():
+        if not _is_file(images_dir / rel):
             skipped.append(Skipped(f"images/{rel}", "file not found"))
             continue
         stem = rel.rsplit(".", 1)[0]
@@ -665,7 +674,7 @@ def import_cub(
         caps: list[str] = []
         if cap_dir is not None:
             cp = cap_dir / f"{stem}.txt"
-            if cp.is_file():
+            if _is_file(cp):
                 caps = _read_caption_file(cp)
             else:
                 no_captions += 1
@@ -713,7 +722,7 @@ def import_cub(
 def _cub_mask(image: Path, seg: Path, out: Path, rid: str, regions: list[str]) -> tuple[str | None, str]:
     from PIL import Image
 
-    if not seg.is_file():
+    if not _is_file(seg):
         return None, "segmentation not found"
     try:
         with Image.open(seg) as im:
@@ -853,6 +862,8 @@ def rasterize_polygons(polygons: Sequence[Sequence[float]], height: int, width: 
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if not np.isfinite(xy).all():
             raise ValueError("polygon coordinates must be finite numbers")
+        if (np.abs(xy) > 4 * max(height, width, 1)).any():  # PIL would trace the outline for minutes
+            raise ValueError(f"polygon coordinates lie far outside the {width}x{height} image")
         c0, r0 = (max(0, int(np.floor(v))) for v in xy.min(axis=0))
         c1, r1 = min(width, int(np.ceil(xy[:, 0].max())) + 1), min(height, int(np.ceil(xy[:, 1].max())) + 1)
         filled = np.zeros((height, width), dtype=bool)
@@ -978,7 +989,7 @@ def import_coco(
     for img_id in _tqdm(ids, progress=progress, desc="COCO images", total=len(ids)):
         im = info[img_id]
         fname = str(im["file_name"])
-        if not (images / fname).is_file():
+        if not _is_file(images / fname):
             skipped.append(Skipped(fname, "file not found"))
             continue
         rid = f"{img_id:012d}"
