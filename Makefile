@@ -32,6 +32,7 @@ assets: install
 
 ## demo: serve the dashboard on http://localhost:$(PORT)
 demo: assets
+	$(BIN)/lavise build --model synthbirds --data $(DATA) --stages attribution   # on request: ~1 min, once
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 ## test: the whole suite (unit, app and browser tests)
@@ -53,6 +54,8 @@ bench: assets
 	$(BIN)/python bench/synthbirds_budget.py
 	$(BIN)/python bench/ray_probe.py
 	$(BIN)/python bench/gpu_probe.py
+	$(BIN)/python bench/attribution.py
+	$(BIN)/python bench/featurevis.py
 
 clean-data:
 	rm -rf data/bundles data/cache
