@@ -64,12 +64,17 @@ def test_overview_export_compare_and_build_form(server, browser):  # noqa: F811
     _shot(page, "15_overview_export")
     page.get_by_text("Compare with another bundle").click()
     page.wait_for_timeout(1000)  # the expander opens
-    page.get_by_placeholder("choose a bundle").click()  # both bundle sets served hold two bundles
-    page.get_by_role("option").first.click()
-    try:  # (the table itself is drawn on a canvas: its words are not in the DOM)
-        _settle(page, "Label distribution: how many filters")
-    finally:
+    served = [m.parent for m in server["bundles"].bundles.glob("*/bundle.json")]
+    if len(served) < 2:  # a fresh clone builds only the demo bundle: the section says how to get a second one
+        _settle(page, "Only one bundle is built")
         _shot(page, "16_overview_compare")
+    else:  # (a bundle folder the page cannot open would be listed by neither)
+        page.get_by_placeholder("choose a bundle").click()
+        page.get_by_role("option").first.click()
+        try:  # (the table itself is drawn on a canvas: its words are not in the DOM)
+            _settle(page, "Label distribution: how many filters")
+        finally:
+            _shot(page, "16_overview_compare")
     _no_exception(page)
     page.get_by_text("Build a bundle").first.click()
     page.get_by_text("Set up a new build").click()
