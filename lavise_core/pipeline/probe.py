@@ -382,11 +382,7 @@ def run_probe(
     work = bundle.root / "probe" / "_partial"
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.npz"
-    pooled = _open_memmap(work / "pooled.npy", (n, c))
-    logits = _open_memmap(work / "logits.npy", (n, k_cls))
-    valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
-    hist = StreamingHistogram(c, settings.histogram_bins)
-    top = TopKMaps(c, top_k, (h, w))
+    pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
     failures: dict[str, str] = {}
     done = 0
     if state_path.is_file():
@@ -638,11 +634,7 @@ def run_probe_sharded(
     shutil.rmtree(work, ignore_errors=True)  # a single-process checkpoint does not mix with shards
     work.mkdir(parents=True, exist_ok=True)
     try:
-        pooled = _open_memmap(work / "pooled.npy", (n, c))
-        logits = _open_memmap(work / "logits.npy", (n, k_cls))
-        valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
-        hist = StreamingHistogram(c, settings.histogram_bins)
-        top = TopKMaps(c, top_k, (h, w))
+        pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
         errors: dict[int, str] = {}
         task = ProbeShardTask(lm, ds, layer, settings)
         t0 = time.perf_counter()
@@ -681,6 +673,17 @@ def run_probe_sharded(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return bundle
+
+
+def _accumulators(
+    work: Path, n: int, c: int, k_cls: int, map_size: tuple[int, int], top_k: int, settings: ProbeSettings
+) -> tuple[np.memmap, np.memmap, np.memmap, StreamingHistogram, TopKMaps]:
+    """What one probe pass fills, for either executor: pooled ``(N, C)``, logits ``(N, K)`` and valid ``(N,)``
+    as memmaps in ``work`` (reopened when a checkpoint left them), the histogram and the top-k maps."""
+    pooled = _open_memmap(work / "pooled.npy", (n, c))
+    logits = _open_memmap(work / "logits.npy", (n, k_cls))
+    valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
+    return pooled, logits, valid, StreamingHistogram(c, settings.histogram_bins), TopKMaps(c, top_k, map_size)
 
 
 def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.memmap:
