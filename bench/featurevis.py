@@ -2,8 +2,10 @@
 
 Per model: median wall time of ``--repeats`` runs of :func:`lavise_core.explain.featurevis.visualise` for one
 filter of the default layer, beside the cost of the same number of bare forward + backward passes of the
-network on a fixed input (the floor: what the prior and the transformations add on top), and the ratio of the
-visualisation's activation to the filter's top probe activation when a bundle is given.
+network on a fixed input, and their ratio. The ratio is the stable number on a shared machine: the bare network's
+own time moves by half between quiet and busy minutes. ``visualise`` runs a private copy of the network with the
+batch norms folded into the convolutions and only the visualised filter's channel of the layer's last convolution,
+so the ratio can fall below 1; what it adds is the prior (FFT, colour, sigmoid), the random warp and Adam.
 Target (issue 12): demo CNN <= 2 s on 2 cores. Run under the heavy lock:
 
     flock /work/notes/heavy.lock python bench/featurevis.py [--threads 2] [--repeats 3] [--models synthbirds efficientnet_lite0]
@@ -53,9 +55,10 @@ def main() -> None:
             v = visualise(lm, args.filter, settings=settings)
             times.append(time.perf_counter() - t0)
             floors.append(bare_steps(lm, size, args.steps))
+        vis, bare = statistics.median(times), statistics.median(floors)
         print(
-            f"{spec:20s} {size} px  visualise {statistics.median(times):6.2f} s  "
-            f"(bare forward+backward x{args.steps}: {statistics.median(floors):6.2f} s)  "
+            f"{spec:20s} {size} px  visualise {vis:6.2f} s  "
+            f"(bare forward+backward x{args.steps}: {bare:6.2f} s; ratio {vis / bare:.2f})  "
             f"phi_k = {float(v.objective[0]):.3g} (layer {v.layer})"
         )
 

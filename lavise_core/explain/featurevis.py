@@ -26,14 +26,17 @@ visualisation against the filter's top probe image (ratio) and against the other
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lavise_core.models.networks import LoadedModel, spatial_layers
 
@@ -46,6 +49,7 @@ __all__ = [
     "build_featurevis_stage",
     "check_layer",
     "featurevis_summary",
+    "folded_copy",
     "fourier_image",
     "frequency_scale",
     "gram_similarity",
@@ -76,7 +80,7 @@ class VisSettings:
     decay: float = 1.0
     init_sd: float = 0.01
     leak: float = 0.1
-    leak_steps: int | None = None  # steps with the leaky ReLU gradient (None = the first half)
+    leak_steps: int | None = None  # steps with the leaky ReLU gradient (None = the first half, at most 64)
 
 
 @dataclass
@@ -160,25 +164,33 @@ def fourier_image(spectrum: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     in (0, 1): 1/f-scaled inverse FFT (orthonormal), decorrelated colour, sigmoid."""
     s = scale.shape[0]
     img = torch.fft.irfft2(torch.view_as_complex(spectrum) * scale, s=(s, s), norm="ortho")
-    return torch.sigmoid(nn.functional.conv2d(img, _COLOUR_MIX))  # colour mixing as a 1×1 convolution
+    b = img.shape[0]
+    mixed = _COLOUR_MIX @ img.reshape(b, 3, s * s)  # colour mixing: a (3, 3) matrix on every pixel
+    return torch.sigmoid(mixed.reshape(b, 3, s, s))
 
 
 _COLOUR_MIX = torch.from_numpy(
     COLOR_CORRELATION / np.linalg.norm(COLOR_CORRELATION, axis=0).max() / 4.0
-).view(3, 3, 1, 1)  # the /4 of Lucid's fft_image folded in
+)  # the /4 of Lucid's fft_image folded in
 
 
 def _random_affine(x: torch.Tensor, gen: torch.Generator, st: VisSettings, jitter: float) -> torch.Tensor:
-    """One random jitter + zoom + rotation of the whole batch (reflection padding), drawn from ``gen``."""
-    r = torch.rand(4, generator=gen)
-    s = x.shape[-1]
-    zoom = st.scale[0] + (st.scale[1] - st.scale[0]) * float(r[0])
-    ang = math.radians(st.rotate * (2 * float(r[1]) - 1))
-    tx, ty = (2 * float(r[2]) - 1) * jitter * 2 / s, (2 * float(r[3]) - 1) * jitter * 2 / s
+    """One random jitter + zoom + rotation of the whole batch (reflection padding), drawn from ``gen``.
+
+    The sampling grid is written out (``affine_grid`` with ``align_corners=False``: pixel centres at
+    ``(2j + 1) / S - 1``) as two broadcast sums, which costs a tenth of ``affine_grid``'s matrix product."""
+    r = torch.rand(4, generator=gen).tolist()
+    b, _, s, _ = x.shape
+    zoom = st.scale[0] + (st.scale[1] - st.scale[0]) * r[0]
+    ang = math.radians(st.rotate * (2 * r[1] - 1))
+    tx, ty = (2 * r[2] - 1) * jitter * 2 / s, (2 * r[3] - 1) * jitter * 2 / s
     cos, sin = math.cos(ang) / zoom, math.sin(ang) / zoom
-    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype).expand(x.shape[0], 2, 3)
-    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    centre = torch.arange(s, dtype=x.dtype).mul_(2 / s).add_(1 / s - 1)  # (S,) pixel centres in [-1, 1]
+    u, v = centre.view(1, s), centre.view(s, 1)
+    grid = torch.stack([cos * u - sin * v + tx, sin * u + cos * v + ty], dim=-1)  # (S, S, 2): x, y
+    return nn.functional.grid_sample(
+        x, grid.expand(b, s, s, 2), mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def gram_similarity(maps: torch.Tensor, groups: int) -> torch.Tensor:
@@ -200,6 +212,89 @@ class _Stop(Exception):
     pass
 
 
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` in which every ``Conv2d`` directly followed by a ``BatchNorm2d`` in
+    a ``Sequential`` is one convolution (the batch norm folded into its weights and replaced by ``Identity``,
+    so module names are kept). Same outputs up to rounding; a quarter fewer operations per optimisation step
+    on the demo CNN. Other layouts (timm's fused BatchNormAct) are copied unchanged."""
+    copy = deepcopy(model).eval()
+    for seq in [m for m in copy.modules() if isinstance(m, nn.Sequential)]:
+        kids = list(seq._modules.items())
+        for (n_conv, conv), (n_bn, bn) in itertools.pairwise(kids):
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                seq._modules[n_conv] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[n_bn] = nn.Identity()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy
+
+
+_PER_CHANNEL = (nn.Identity, nn.ReLU, nn.ReLU6, nn.BatchNorm2d)
+
+
+class _only_channels:
+    """While active, the last ``Conv2d`` of the ``Sequential`` layer ``layer`` of ``net`` computes only
+    ``channels`` (every module after it acts channel by channel, so filter ``channels[j]`` of the layer is
+    channel ``j`` of the sliced output): the optimisation skips the other filters' last convolution.
+    ``active`` is False (nothing changes) for any other layout."""
+
+    def __init__(self, net: nn.Module, layer: str | None, channels: np.ndarray) -> None:
+        self.swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        seq = net.get_submodule(layer) if layer else None
+        if not isinstance(seq, nn.Sequential):
+            return
+        tail = list(seq._modules.items())
+        while tail and isinstance(tail[-1][1], _PER_CHANNEL):
+            tail.pop()
+        if not tail or type(tail[-1][1]) is not nn.Conv2d or tail[-1][1].groups != 1:
+            return
+        keep = torch.from_numpy(np.asarray(channels, np.int64))
+        start = len(tail) - 1
+        for name, mod in list(seq._modules.items())[start:]:
+            small = _slice_module(mod, keep)
+            if small is not mod:
+                self.swaps.append((seq, name, mod, small))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.swaps)
+
+    def __enter__(self) -> _only_channels:
+        for seq, name, _full, small in self.swaps:
+            seq._modules[name] = small
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for seq, name, full, _small in self.swaps:
+            seq._modules[name] = full
+
+
+def _slice_module(mod: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """``mod`` restricted to output channels ``keep`` (a Conv2d or a BatchNorm2d); other modules unchanged."""
+    if type(mod) is nn.Conv2d:
+        conv = nn.Conv2d(
+            mod.in_channels,
+            len(keep),
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            bias=mod.bias is not None,
+            padding_mode=mod.padding_mode,
+        ).requires_grad_(False)
+        conv.weight.copy_(mod.weight[keep])
+        if mod.bias is not None:
+            conv.bias.copy_(mod.bias[keep])
+        return conv
+    if isinstance(mod, nn.BatchNorm2d):
+        bn = nn.BatchNorm2d(len(keep), mod.eps).eval().requires_grad_(False)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(mod, name, None) is not None:
+                getattr(bn, name).copy_(getattr(mod, name)[keep])
+        return bn
+    return mod
+
+
 class _LeakyBackward(torch.autograd.Function):
     """``clamp(x, 0, top)`` forward; backward lets ``leak`` of the gradient through where the clamp is flat,
     so a unit that is off everywhere at the start still gets a direction (Lucid's redirected ReLU, simplified)."""
@@ -213,7 +308,7 @@ class _LeakyBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        inside = (x > 0) & (x < ctx.top)
+        inside = (x > 0) if math.isinf(ctx.top) else (x > 0) & (x < ctx.top)
         return torch.where(inside, grad, grad * ctx.leak), None, None
 
 
@@ -236,6 +331,26 @@ class _leaky_relus:
 
 
 # ------------------------------------------------------------------------------------------- optimisation
+class _Adam:
+    """Adam (Kingma & Ba 2015; betas 0.9, 0.999, eps 1e-8) on one tensor: the same update as ``torch.optim.Adam``
+    in five in-place operations, without the optimiser's per-step bookkeeping (a fifth of a millisecond per
+    step, 5 % of a one-filter visualisation)."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.param, self.lr, self.betas, self.t = param, lr, betas, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        g = self.param.grad
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = self.v.div(1 - b2**self.t).sqrt_().add_(1e-8)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
+
+
 def visualise(
     lm: LoadedModel,
     units: int | Sequence[int],
@@ -274,7 +389,7 @@ def visualise(
     gen = torch.Generator().manual_seed(settings.seed)
     scale = frequency_scale(size, settings.decay)
     spectrum = (torch.randn(b, 3, size, size // 2 + 1, 2, generator=gen) * settings.init_sd).requires_grad_()
-    opt = torch.optim.Adam([spectrum], lr=settings.lr, fused=True)
+    opt = _Adam(spectrum, settings.lr)
     mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
     std = torch.tensor(lm.std).view(1, 3, 1, 1)
     idx = torch.from_numpy(u)
@@ -291,41 +406,44 @@ def visualise(
         store.clear()
         logits = None
         with contextlib.suppress(_Stop):
-            logits = lm.model(x)
+            logits = net(x)
         return store.get("maps"), logits
 
     history = np.zeros((settings.steps, b), np.float32)
-    leak_steps = settings.steps // 2 if settings.leak_steps is None else settings.leak_steps
-    leaky = _leaky_relus(lm.model, settings.leak)
-    handle = lm.model.get_submodule(layer).register_forward_hook(hook) if layer else None
-    try:
-        with lm.lock:
-            for step in range(settings.steps):
-                opt.zero_grad(set_to_none=True)
-                img = _random_affine(fourier_image(spectrum, scale), gen, settings, jitter)
-                if step < leak_steps:
-                    with leaky:
-                        maps, logits = forward((img - mean) / std)
-                else:
+    leak_steps = min(settings.steps // 2, 64) if settings.leak_steps is None else settings.leak_steps
+    with lm.lock:  # a private copy: other users of the model are not held up for the whole optimisation
+        net = folded_copy(lm.model)
+    leaky = _leaky_relus(net, settings.leak)
+    if layer:  # the copy is private: its hook needs no removal
+        net.get_submodule(layer).register_forward_hook(hook)
+    # a filter objective without the diversity term needs only the visualised filters of the layer's last conv
+    kept, position = np.unique(u, return_inverse=True)
+    only = _only_channels(net, layer if kind == "filter" and not diversity > 0 else None, kept)
+    idx = torch.from_numpy(position.reshape(-1)) if only.active else idx
+    with only:
+        for step in range(settings.steps):
+            spectrum.grad = None
+            img = _random_affine(fourier_image(spectrum, scale), gen, settings, jitter)
+            if step < leak_steps:
+                with leaky:
                     maps, logits = forward((img - mean) / std)
-                obj = maps[rows, idx].mean((1, 2)) if kind == "filter" else logits[rows, idx]
-                loss = -obj.sum()
-                if diversity > 0 and facets > 1:
-                    # weighted by the objective's own size, so one weight suits any layer's scale
-                    size_obj = obj.detach().abs().mean().clamp_min(1e-3)
-                    loss = loss + diversity * size_obj * b * gram_similarity(maps, b // facets)
-                loss.backward()
-                opt.step()
-                history[step] = obj.detach().numpy()
-                if report is not None:
-                    report(step + 1, settings.steps)
-            with torch.no_grad():
-                img = fourier_image(spectrum, scale)
-                stop_early = False
+            else:
                 maps, logits = forward((img - mean) / std)
-    finally:
-        if handle is not None:
-            handle.remove()
+            obj = maps[rows, idx].mean((1, 2)) if kind == "filter" else logits[rows, idx]
+            loss = -obj.sum()
+            if diversity > 0 and facets > 1:
+                # weighted by the objective's own size, so one weight suits any layer's scale
+                size_obj = obj.detach().abs().mean().clamp_min(1e-3)
+                loss = loss + diversity * size_obj * b * gram_similarity(maps, b // facets)
+            loss.backward()
+            opt.step()
+            history[step] = obj.detach().numpy()
+            if report is not None:
+                report(step + 1, settings.steps)
+    with torch.no_grad():
+        img = fourier_image(spectrum, scale)
+        stop_early = False
+        maps, logits = forward((img - mean) / std)
     acts = maps.mean((2, 3)) if kind == "filter" else logits
     acts = acts.float().numpy()
     images = (img.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)

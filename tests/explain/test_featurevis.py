@@ -10,7 +10,10 @@ from torch import nn
 from lavise_core.explain.featurevis import (
     FeatureVisError,
     VisSettings,
+    _Adam,
+    _only_channels,
     featurevis_summary,
+    folded_copy,
     fourier_image,
     gram_similarity,
     visualise,
@@ -36,6 +39,45 @@ def test_same_seed_same_image_other_seed_other_image(demo) -> None:
     # the model is left as it was: no hook, no patched ReLU
     assert all("forward" not in m.__dict__ for m in demo.model.modules())
     assert not any(m._forward_hooks for m in demo.model.modules())
+
+
+def test_folded_copy_and_channel_slice_give_the_same_maps(demo) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = demo.model.features(x)
+        net = folded_copy(demo.model)
+        folded = net.features(x)
+        keep = np.array([3, 17, 100])
+        only = _only_channels(net, "features", keep)
+        assert only.active
+        with only:
+            sliced = net.features(x)
+        after = net.features(x)
+    # 7 batch norms folded into their convolutions, the names kept
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in demo.model.modules()) == 7
+    assert [n for n, _ in net.named_modules()] == [n for n, _ in demo.model.named_modules()]
+    assert not any(p.requires_grad for p in net.parameters())
+    scale = float(full.abs().max())
+    assert float((folded - full).abs().max()) < 1e-5 * scale
+    assert sliced.shape == (2, 3, 4, 4)
+    assert float((sliced - full[:, keep]).abs().max()) < 1e-5 * scale
+    assert torch.equal(after, folded)  # the slice is undone on exit
+    assert not _only_channels(net, "features.20", keep).active  # a lone ReLU: no convolution to slice
+    assert not _only_channels(net, None, keep).active
+
+
+def test_adam_matches_torch_adam() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 6, generator=gen).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    reference, ours = torch.optim.Adam([a], lr=0.05), _Adam(b, 0.05)
+    for _ in range(40):
+        g = torch.randn(4, 6, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        reference.step()
+        ours.step()
+    assert float((a - b).detach().abs().max()) < 1e-6
 
 
 def test_objective_rises_for_filters_and_a_class(demo) -> None:
