@@ -414,13 +414,15 @@ class Explainer:
         """``(QueryIndex, Lexicon, word table, embedder)`` of the concept search, built once per bundle."""
 
         def make():
-            from lavise_core.explain.concept_search import search_index, word_table
+            from lavise_core.explain.concept_search import absent_phrases, search_index, word_table
             from lavise_core.explain.concepts import shared_embedder
             from lavise_core.explain.lexicon import build_lexicon
 
             d = self.dissection()
             emb = shared_embedder()
-            qi = search_index(d.concepts, d.rate, d.mean_iou, emb)
+            qi = search_index(
+                d.concepts, d.rate, d.mean_iou, emb, calibration=d.calibration, absent=absent_phrases()
+            )
             table: dict = {}
             if self.has_lavise():
                 ix = self.lavise().index

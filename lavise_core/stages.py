@@ -149,7 +149,7 @@ REGISTRY = StageRegistry(
         Stage(
             "dissection",
             ("probe",),
-            2,  # 2: pixel colours per part for the colour path of the concept search
+            3,  # 2: pixel colours per part (colour path); 3: 64 draws and the search calibration
             _dissection,
             "Network Dissection labels: IoU of each filter with each annotated concept",
         ),
@@ -166,7 +166,7 @@ REGISTRY = StageRegistry(
         Stage(
             "fidelity",
             ("dissection", "textual", "lavise", "ood"),
-            2,  # 2: search sanity on the re-initialised network, precision of asserted answers
+            3,  # 2: search sanity on the re-initialised network; 3: calibrated search, asserted precision first
             _fidelity,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
         ),

@@ -8,8 +8,9 @@ the fit split (train + val) or on other concepts; nothing here is fitted on the 
 
 - **Labels**: share of filters whose top-1 label is in ``G_k`` — Network Dissection labels, zero-shot
   (LaViSE) labels, the Guo p.d.f.'s top attribute, and a random concept (expected ``|G_k| / T``).
-- **Concept search**: for each query, the precision of the filters it returns (at most 5; a query returns
-  only filters whose evidence passes the floor) against the test ``G_k`` of the intended concept, for seen
+- **Concept search**: for each query, the precision of the filters it asserts (at most 5: those whose evidence
+  passes the floor; a confident answer without one shows its best candidate marked weak, counted apart in
+  ``precision_with_weak``) against the test ``G_k`` of the intended concept, for seen
   concepts, held-out concepts (the search index built WITHOUT their annotations), background kinds and
   paraphrases in words the data set never uses; beside a random filter (the share of filters whose ``G_k``
   holds the concept) and the unfloored top-5. Main column: concepts some filter detects on the test split.
@@ -122,17 +123,18 @@ def _sanity_section(
     labelled = scores[:, 0] >= IOU_MIN
     search = {}
     if len(rows):
-        from lavise_core.explain.concept_search import search_index
+        from lavise_core.explain.concept_search import absent_phrases, calibrate_search, search_index
         from lavise_core.explain.concepts import shared_embedder
         from lavise_core.explain.dissection import subsampled_ground_truth
         from lavise_core.explain.lexicon import build_lexicon
 
         n_test = int((dataset.splits() == "test").sum())
-        rate, mean = subsampled_ground_truth(
-            inter, act, area, inc, pooled, size=min(n_test, len(rows) // 2), draws=8
-        )
+        size = min(n_test, len(rows) // 2)
+        rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=size, draws=16)
+        # the same rules as the trained network's search: its own cross-fitted rates and abstention threshold
+        cal = calibrate_search(inter, act, area, inc, pooled, concepts, size, draws=16)
         emb = shared_embedder()
-        qi = search_index(concepts, rate, mean, emb)
+        qi = search_index(concepts, rate, mean, emb, calibration=cal, absent=absent_phrases())
         parts = [
             c for c, part in zip(concepts, is_part, strict=True) if not part and not c.endswith(" background")
         ]
@@ -236,10 +238,11 @@ def _search_rows(
     return {
         "queries": len(det),
         "detectable": int(det.sum()),
-        "precision": mean(prec, det),
-        "precision_empty_as_0": mean(prec0, det),
-        "precision_asserted": mean(asserted, det),
+        # the filters the page asserts ("Filters that detect it"); weak candidates are shown as weak
+        "precision": mean(asserted, det),
         "asserted": mean([not np.isnan(x) for x in asserted], det),
+        "precision_with_weak": mean(prec, det),  # weak candidates counted as if asserted
+        "precision_empty_as_0": mean(prec0, det),
         "precision_all_concepts": mean(prec0),
         "p_at_5_unfloored": mean(p5, det),
         "random_filter": mean(rand, det),
@@ -251,7 +254,7 @@ def _search_rows(
 
 def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any]:
     """Concept search and abstention (see the module docstring)."""
-    from lavise_core.explain.concept_search import answer_query, search_index, word_table
+    from lavise_core.explain.concept_search import absent_phrases, answer_query, search_index, word_table
     from lavise_core.explain.concepts import shared_embedder
     from lavise_core.explain.lexicon import build_lexicon
 
@@ -267,9 +270,10 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
     concepts = list(d.concepts)
     is_bg = np.array([c.endswith(" background") for c in concepts])
     unseen = set(split.get("unseen", []))
-    deployed = search_index(concepts, d.rate, d.mean_iou, emb)
+    calibrated = {"calibration": d.calibration, "absent": absent_phrases("calibration")}
+    deployed = search_index(concepts, d.rate, d.mean_iou, emb, **calibrated)
     held = search_index(
-        concepts, d.rate, d.mean_iou, emb, known=np.array([c not in unseen for c in concepts])
+        concepts, d.rate, d.mean_iou, emb, known=np.array([c not in unseen for c in concepts]), **calibrated
     )
     lex_d, lex_h = build_lexicon(deployed.concepts), build_lexicon(held.concepts)
     seen = [
@@ -301,8 +305,12 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
         "absent_concepts": len(answers),
         "seen_detected_confident": out["seen"]["confident"],
         "seen_detected": out["seen"]["detectable"],
-        "rule": "confident when some filter's estimated chance to hold the concept reaches 3/16 (exact match), "
-        f"else when the phrase is within cosine {deployed.sim_threshold:.3f} of a concept the layer detects",
+        "rule": f"confident when some filter's estimated chance to hold the concept reaches {deployed.min_rate:.3f} "
+        f"(exact match), else when the phrase is within cosine {deployed.sim_threshold:.3f} of a concept the "
+        "layer detects",
+        "min_rate": deployed.min_rate,
+        "sim_threshold": deployed.sim_threshold,
+        "calibration": {k: v for k, v in (d.calibration or {}).items() if k != "curves"} or "defaults",
     }
     return out
 

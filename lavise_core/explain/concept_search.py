@@ -41,8 +41,11 @@ __all__ = [
     "SEARCH_SETTINGS",
     "QueryAnswer",
     "QueryIndex",
+    "absent_phrases",
+    "abstention_threshold",
     "answer_query",
     "build_query_index",
+    "calibrate_search",
     "embed_query",
     "query_words",
     "rank_filters_for_query",
@@ -307,9 +310,99 @@ def rank_filters_for_query(
     )  # fmt: skip
 
 
-#: the search settings, chosen on the fit split of SynthBirds + the demo CNN (``sim_threshold``: the 95th
-#: percentile of the phrase cosine of calibration phrases absent from the data to their nearest detected concept;
-#: floors by cross-fitting two halves of the train split: :data:`FLOOR_RATE_PART`, :data:`FLOOR_RATE_BACKGROUND`).
+def calibrate_search(
+    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
+    concepts: Sequence[str], size: int, *, draws: int = 64, folds: int = 4, p: int = 10,
+    keep_detected: float = 0.95, precision: float = 0.90, seed: int = 0,
+) -> dict:  # fmt: skip
+    """The exact path's two rates, chosen on the fit split alone by cross-fitting (nothing from the test split).
+
+    Each of ``folds`` random halvings of the fit images gives evidence on one half (``rate`` by
+    :func:`~lavise_core.explain.dissection.subsampled_ground_truth`, ``draws`` subsets of ``size`` images) and
+    a judge on the other (the G rule, METHODS.md §6, on ``size`` of its images), then the roles swap. Over the
+    attribute concepts (part + attribute; backgrounds apart) the judge finds in some filter:
+
+    - ``min_rate`` (when a concept counts as detected: ``confident``): the highest multiple of ``1/draws`` at
+      which at least ``keep_detected`` of them stay confident;
+    - ``floor_rate_part`` / ``floor_rate_background`` (which filters are RETURNED): the lowest multiple of
+      ``1/draws`` at which the returned filters (``rate >= floor``, best 5) are in the judge's G_k with mean
+      precision >= ``precision`` (1.0 when no floor reaches it).
+
+    Inputs as :func:`~lavise_core.explain.dissection.ground_truth_matrix` (fit split). Returns the three rates
+    and the cross-fitted curves behind them (``curves``: per grid value, detected share and precision).
+    """
+    from lavise_core.explain.dissection import ground_truth_matrix, subsampled_ground_truth
+
+    rng = np.random.default_rng(seed)
+    n = len(pooled)
+    is_bg = np.array([c.endswith(" background") for c in concepts])
+    is_attr = np.array([len(c.split()) > 1 for c in concepts]) & ~is_bg
+    grid = np.arange(1, draws + 1) / draws
+    detected_share = np.zeros((0, len(grid)))
+    prec = {"part": np.zeros((0, len(grid))), "background": np.zeros((0, len(grid)))}
+    half = n // 2
+    judge_size = min(size, n - half)
+    for fold in range(max(1, folds // 2)):
+        perm = rng.permutation(n)
+        for ev, judge in ((perm[:half], perm[half:]), (perm[half:], perm[:half])):
+            rate, _ = subsampled_ground_truth(
+                inter[ev], act[ev], area[ev], incidence[ev], pooled[ev], size=min(size, len(ev)), p=p,
+                draws=draws, seed=seed + fold,
+            )  # fmt: skip
+            j = np.sort(rng.choice(judge, judge_size, replace=False))
+            G, _ = ground_truth_matrix(inter[j], act[j], area[j], incidence[j], pooled[j], p=p)
+            best = rate.max(0)  # (T,)
+            det_attr = np.flatnonzero(is_attr & G.any(0))
+            if len(det_attr):
+                detected_share = np.vstack([detected_share, [(best[det_attr] >= g).mean() for g in grid]])
+            for kind, mask in (("part", is_attr), ("background", is_bg)):
+                rows = []
+                for g in grid:
+                    hits = []
+                    for t in np.flatnonzero(mask & G.any(0)):
+                        ret = np.flatnonzero(rate[:, t] >= g - 1e-6)
+                        ret = ret[np.argsort(-rate[ret, t], kind="stable")][:5]
+                        if len(ret):
+                            hits.append(G[ret, t].mean())
+                    rows.append(np.mean(hits) if hits else np.nan)
+                prec[kind] = np.vstack([prec[kind], rows])
+    share = detected_share.mean(0) if len(detected_share) else np.ones(len(grid))
+    ok = np.flatnonzero(share >= keep_detected - 1e-9)
+    min_rate = float(grid[ok.max()]) if len(ok) else float(grid[0])
+
+    def nanmean(m: np.ndarray) -> np.ndarray:  # a grid value no fold could judge stays NaN, without a warning
+        counts = (~np.isnan(m)).sum(0)
+        return np.where(counts > 0, np.nansum(m, 0) / np.maximum(counts, 1), np.nan)
+
+    def floor_for(kind: str) -> float:
+        curve = nanmean(prec[kind]) if len(prec[kind]) else np.full(len(grid), np.nan)
+        good = np.flatnonzero(curve >= precision)
+        return float(grid[good.min()]) if len(good) else 1.0
+
+    return {
+        "min_rate": min_rate,
+        "floor_rate_part": floor_for("part"),
+        "floor_rate_background": floor_for("background"),
+        "draws": draws,
+        "folds": 2 * max(1, folds // 2),
+        "rule": f"min_rate: highest rate keeping {keep_detected:.0%} of the judged-detected attribute concepts "
+        f"confident; floors: lowest rate whose returned filters reach precision {precision:.0%} on the judge half",
+        "curves": {
+            "grid": grid.round(4).tolist(),
+            "detected_share": np.round(share, 4).tolist(),
+            **{
+                f"precision_{k}": [None if np.isnan(v) else round(float(v), 4) for v in nanmean(m)]
+                for k, m in prec.items()
+                if len(m)
+            },
+        },
+    }
+
+
+#: the search settings' defaults. A bundle built by the dissection stage replaces ``min_rate`` and the floors by
+#: its own cross-fitted values (:func:`calibrate_search`, ``dissection/search_calibration.json``) and
+#: ``sim_threshold`` by the 95th percentile over phrases absent from the data (:func:`abstention_threshold`);
+#: the defaults are those of SynthBirds + the demo CNN, for bundles from before.
 SEARCH_SETTINGS: dict[str, float | int | bool] = {
     "compose": True,
     "exact": 0.9,
@@ -317,7 +410,7 @@ SEARCH_SETTINGS: dict[str, float | int | bool] = {
     "temperature": 0.1,
     "min_rate": 3 / 16,
     "sim_threshold": 0.499,
-    "floor_score": 0.0,
+    "floor_score": 0.04,  # composed path: expected IoU below the G rule's own 0.04 is weak evidence
     "min_return": 1,
 }
 FLOOR_RATE_PART = 9 / 16
@@ -326,17 +419,60 @@ FLOOR_RATE_BACKGROUND = 15 / 16
 
 def search_index(
     concepts: Sequence[str], rate: np.ndarray, mean_iou: np.ndarray, embedder, known: np.ndarray | None = None,
-    **overrides,
+    calibration: dict | None = None, absent: Sequence[str] | None = None, **overrides,
 ) -> QueryIndex:  # fmt: skip
     """The :class:`QueryIndex` of a bundle's dissection tables (``rate, mean_iou (C, T)``) with the default
-    :data:`SEARCH_SETTINGS`; ``known (T,)`` False drops concepts (held-out ones, for evaluation)."""
+    :data:`SEARCH_SETTINGS`; ``known (T,)`` False drops concepts (held-out ones, for evaluation).
+
+    ``calibration``: the bundle's ``dissection/search_calibration`` (:func:`calibrate_search`: ``min_rate``,
+    ``floor_rate_part``, ``floor_rate_background``, cross-fitted on its fit split) instead of the defaults.
+    ``absent``: phrases absent from the data (:func:`absent_phrases`); ``sim_threshold`` is then the 95th
+    percentile of their cosine to the nearest concept the layer detects, so that about 5 % of such phrases are
+    answered (:func:`abstention_threshold`)."""
     phrases = list(concepts)
     emb = np.asarray(embedder.embed(phrases), np.float32)
     is_bg = np.array([p.endswith(" background") for p in phrases])
     keep = np.ones(len(phrases), bool) if known is None else np.asarray(known, bool)
-    floor = np.where(is_bg, FLOOR_RATE_BACKGROUND, FLOOR_RATE_PART).astype(np.float32)
-    settings = {**SEARCH_SETTINGS, "floor_rate": floor, **overrides}
-    return build_query_index(phrases, emb, rate, mean_iou, known=keep, embedder=embedder, **settings)
+    cal = calibration or {}
+    part = float(cal.get("floor_rate_part", FLOOR_RATE_PART))
+    floor = np.where(is_bg, float(cal.get("floor_rate_background", FLOOR_RATE_BACKGROUND)), part)
+    settings = {**SEARCH_SETTINGS, "floor_rate": floor.astype(np.float32)}
+    if "min_rate" in cal:
+        settings["min_rate"] = float(cal["min_rate"])
+    settings.update(overrides)
+    qi = build_query_index(phrases, emb, rate, mean_iou, known=keep, embedder=embedder, **settings)
+    if absent and "sim_threshold" not in overrides:
+        qi.sim_threshold = abstention_threshold(qi, embedder, absent)
+    return qi
+
+
+def absent_phrases(half: str = "calibration") -> list[str]:
+    """Concepts SynthBirds never draws (everyday objects, scenes, textures), ``half`` = ``"calibration"`` (tunes
+    the abstention threshold) or ``"evaluation"`` (only reported): ``evaluate/probe_sets/absent_concepts.json``."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "evaluate" / "probe_sets" / "absent_concepts.json"
+    return list(json.loads(path.read_text(encoding="utf-8"))[half])
+
+
+def abstention_threshold(qi: QueryIndex, embedder, absent: Sequence[str], quantile: float = 0.95) -> float:
+    """``sim_threshold`` for ``qi``: the ``quantile`` of the phrase cosine of ``absent`` phrases (read through
+    the lexicon, as a query is) to the nearest concept the layer detects. Phrases within ``qi.exact`` of a
+    known concept are not absent from this data set and are left out; without detected concepts or absent
+    phrases the index's threshold stays."""
+    from lavise_core.explain.lexicon import build_lexicon, rewrite_query
+
+    det = np.flatnonzero(qi.detects)
+    if not len(det) or not absent:
+        return qi.sim_threshold
+    lex = build_lexicon(qi.concepts)
+    q = np.asarray(embedder.embed([rewrite_query(t, lex)[0] for t in absent]), np.float32)
+    sims = q @ qi.embeddings.T  # (A, T)
+    truly_absent = sims.max(1) < qi.exact
+    if not truly_absent.any():
+        return qi.sim_threshold
+    return float(np.quantile(sims[truly_absent][:, det].max(1), quantile))
 
 
 #: colour path settings, chosen on the fit split with the seen colour + part concepts (floor: 90 % answered)

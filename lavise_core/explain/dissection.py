@@ -352,6 +352,9 @@ class DissectionTables:
         self.rate = bundle.array("dissection/rate")
         self.mean_iou = bundle.array("dissection/mean_iou")
         self.is_part = np.asarray(bundle.array("dissection/is_part"), bool)
+        # the concept search's rates, cross-fitted on the fit split (None: a bundle from before; defaults)
+        has_cal = (bundle.root / "dissection" / "search_calibration.json").is_file()
+        self.calibration: dict | None = bundle.read_json("dissection/search_calibration") if has_cal else None
 
     def labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
         """Filter ``k``'s best ``n`` labels ``[(concept, IoU)]`` (IoU below :data:`IOU_MIN` included: check)."""
@@ -368,7 +371,7 @@ def build_dissection_stage(
     *,
     batch_size: int = 64,
     n_labels: int = 10,
-    draws: int = 16,
+    draws: int = 64,
     p: int = 10,
     report: Callable[[int, int, str], None] | None = None,
     progress: bool = False,
@@ -377,7 +380,9 @@ def build_dissection_stage(
 
     Writes ``dissection/concepts.json`` (T), ``dissection/iou (C, T)``, ``dissection/label_ids`` and
     ``label_scores (C, L)``, ``dissection/rate`` and ``mean_iou (C, T)`` (:func:`subsampled_ground_truth`
-    with ``draws`` subsets the size of the test split), ``dissection/is_part (T,)``, and the colour path's
+    with ``draws`` subsets the size of the test split), ``dissection/search_calibration.json`` (the search's
+    detection and return rates, cross-fitted on the fit split: :func:`~lavise_core.explain.concept_search.
+    calibrate_search`), ``dissection/is_part (T,)``, and the colour path's
     ``dissection/colour_hist (C, R+1, P)``, ``colour_count (C, R+1)``, ``palette_lab (P, 3)``. A data set without
     region label maps is recorded as ``{"skipped": why}``.
     """
@@ -415,6 +420,10 @@ def build_dissection_stage(
     ids, scores, _ = rank_labels(iou, concepts, n=min(n_labels, int((~is_part).sum())), allowed=~is_part)
     n_test = int((dataset.splits() == "test").sum()) or max(1, len(rows) // 4)
     rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=n_test, p=p, draws=draws)
+    from lavise_core.explain.concept_search import calibrate_search
+
+    calibration = calibrate_search(inter, act, area, inc, pooled, concepts, n_test, draws=draws, p=p)
+    bundle.write_json("dissection/search_calibration", calibration)
     bundle.write_json("dissection/concepts", concepts)
     bundle.write_array("dissection/iou", iou.astype(np.float32))
     bundle.write_array("dissection/label_ids", ids)

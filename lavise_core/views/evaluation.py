@@ -100,9 +100,17 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
             ("paraphrases_development", "paraphrases in words the data set never uses (development set)", 60),
             ("paraphrases_held_out", "paraphrases (a second set, never tuned on)", 60),
         ):
-            row(f"Do the filters a concept search returns fire on the concept? (precision %, {what})",
-                pct("search", key, "precision"), pct("search", key, "random_filter"), "a random filter",
-                target=target)  # fmt: skip
+            asserted = pct("search", key, "asserted")
+            if asserted is not None and asserted > 0:
+                row(f"Do the filters a concept search asserts fire on the concept? (precision %, {what}; "
+                    f"{asserted:.0f} % of answers assert filters, the others show one weak candidate)",
+                    pct("search", key, "precision"), pct("search", key, "random_filter"), "a random filter",
+                    target=target)  # fmt: skip
+            else:  # nothing asserted (or a result from before): the candidates shown, weak ones included
+                row(f"Do the filters a concept search shows fire on the concept? (precision %, {what}; "
+                    + ("every answer is one weak candidate)" if asserted == 0 else "weak candidates included)"),
+                    pct("search", key, "precision_with_weak") if asserted == 0 else pct("search", key, "precision"),
+                    pct("search", key, "random_filter"), "a random filter", target=target)  # fmt: skip
         row("Does the search say “no filter responds” to things absent from the data? (% answered as if "
             "found; lower is better)", pct("search", "abstention", "absent_confident"), 100.0,
             "a search that always answers", higher=False, target=5)  # fmt: skip

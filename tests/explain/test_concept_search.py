@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import HashEmbedder
 
-from lavise_core.explain.concept_search import rank_filters_for_query, search_index
+from lavise_core.explain.concept_search import abstention_threshold, rank_filters_for_query, search_index
 from lavise_core.explain.lexicon import build_lexicon, rewrite_query
 
 CONCEPTS = ["red breast", "blue wing", "water background", "striped tail"]
@@ -47,3 +47,22 @@ def test_undetected_and_unrelated_queries_abstain() -> None:
     b = rank_filters_for_query(emb.embed(["bicycle"])[0], qi, n=5, q_words=emb.embed(["bicycle"]))
     assert not b.confident and len(b.filters) == 0
     assert {c for c, _, _ in b.nearest} <= {"red breast", "water background"}  # detected concepts only
+
+
+def test_calibration_sets_the_rates_and_the_abstention_threshold() -> None:
+    emb = HashEmbedder(d=32)
+    rate = np.zeros((6, len(CONCEPTS)), np.float32)
+    rate[[1, 4], 0] = [1.0, 0.75]
+    cal = {"min_rate": 0.5, "floor_rate_part": 0.8, "floor_rate_background": 1.0}
+    qi = search_index(CONCEPTS, rate, rate, emb, calibration=cal)
+    assert qi.min_rate == 0.5 and qi.detects.tolist() == [True, False, False, False]
+    a = rank_filters_for_query(emb.embed(["red breast"])[0], qi, n=5)
+    assert a.filters.tolist() == [1]  # 0.75 no longer passes the floor
+    # the abstention threshold: the 95th percentile of absent phrases' cosine to the nearest DETECTED concept;
+    # a phrase that is a known concept here ("blue wing") is not absent and is left out
+    absent = ["bicycle", "pizza", "bedroom", "blue wing", "cloud", "laptop"]
+    qi2 = search_index(CONCEPTS, rate, rate, emb, calibration=cal, absent=absent)
+    q = emb.embed(["bicycle", "pizza", "bedroom", "cloud", "laptop"])
+    expected = float(np.quantile(q @ emb.embed(["red breast"])[0], 0.95))
+    assert np.isclose(qi2.sim_threshold, expected, atol=1e-6)
+    assert abstention_threshold(qi2, emb, []) == qi2.sim_threshold  # nothing to calibrate on: unchanged

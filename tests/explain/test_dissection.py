@@ -82,3 +82,30 @@ def test_iou_labels_and_planted_units() -> None:
     assert G[1, concepts.index("blue breast")] and not G[1, concepts.index("yellow breast")]
     rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=2, p=1, draws=3)
     assert rate[0, concepts.index("red crown")] == 1.0 and mean.shape == iou.shape
+
+
+def test_search_calibration_on_planted_units() -> None:
+    """Two units that detect their concept on every image: every judged-detected concept stays confident at
+    the highest rate (min_rate 1), and their returned filters are right at the lowest floor (1 / draws)."""
+    from lavise_core.explain.concept_search import calibrate_search
+
+    n = 48
+    recs = [
+        record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)
+    ]
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=REGIONS)
+    inc = concept_incidence(recs, REGIONS, concepts)
+    lab = np.concatenate([labels()] * n)
+    maps = np.zeros((n, 2, 4, 4), np.float32)
+    for i in range(n):
+        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i  # the crown, every image (all crowns are red)
+        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1  # the breast of blue-breasted birds only
+    inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
+    pooled = maps.mean((2, 3))
+    cal = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
+    assert cal["min_rate"] == 1.0 and cal["floor_rate_part"] == 1 / 8
+    assert cal["floor_rate_background"] == 1.0  # no unit detects a background: no floor reaches 90 %
+    assert cal["folds"] == 4 and len(cal["curves"]["grid"]) == 8
+    assert cal["curves"]["precision_part"] == [1.0] * 8
+    again = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
+    assert again == cal  # seeded
