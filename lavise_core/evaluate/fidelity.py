@@ -123,9 +123,9 @@ def _sanity_section(
     labelled = scores[:, 0] >= IOU_MIN
     search = {}
     if len(rows):
-        from lavise_core.explain.concept_search import absent_phrases, calibrate_search, search_index
+        from lavise_core.explain.concept_search import absent_phrases, search_index
         from lavise_core.explain.concepts import shared_embedder
-        from lavise_core.explain.dissection import subsampled_ground_truth
+        from lavise_core.explain.dissection import calibrate_search, subsampled_ground_truth
         from lavise_core.explain.lexicon import build_lexicon
 
         n_test = int((dataset.splits() == "test").sum())

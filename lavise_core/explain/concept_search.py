@@ -45,7 +45,6 @@ __all__ = [
     "abstention_threshold",
     "answer_query",
     "build_query_index",
-    "calibrate_search",
     "embed_query",
     "query_words",
     "rank_filters_for_query",
@@ -310,99 +309,11 @@ def rank_filters_for_query(
     )  # fmt: skip
 
 
-def calibrate_search(
-    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
-    concepts: Sequence[str], size: int, *, draws: int = 64, folds: int = 4, p: int = 10,
-    keep_detected: float = 0.95, precision: float = 0.90, seed: int = 0,
-) -> dict:  # fmt: skip
-    """The exact path's two rates, chosen on the fit split alone by cross-fitting (nothing from the test split).
-
-    Each of ``folds`` random halvings of the fit images gives evidence on one half (``rate`` by
-    :func:`~lavise_core.explain.dissection.subsampled_ground_truth`, ``draws`` subsets of ``size`` images) and
-    a judge on the other (the G rule, METHODS.md §6, on ``size`` of its images), then the roles swap. Over the
-    attribute concepts (part + attribute; backgrounds apart) the judge finds in some filter:
-
-    - ``min_rate`` (when a concept counts as detected: ``confident``): the highest multiple of ``1/draws`` at
-      which at least ``keep_detected`` of them stay confident;
-    - ``floor_rate_part`` / ``floor_rate_background`` (which filters are RETURNED): the lowest multiple of
-      ``1/draws`` at which the returned filters (``rate >= floor``, best 5) are in the judge's G_k with mean
-      precision >= ``precision`` (1.0 when no floor reaches it).
-
-    Inputs as :func:`~lavise_core.explain.dissection.ground_truth_matrix` (fit split). Returns the three rates
-    and the cross-fitted curves behind them (``curves``: per grid value, detected share and precision).
-    """
-    from lavise_core.explain.dissection import ground_truth_matrix, subsampled_ground_truth
-
-    rng = np.random.default_rng(seed)
-    n = len(pooled)
-    is_bg = np.array([c.endswith(" background") for c in concepts])
-    is_attr = np.array([len(c.split()) > 1 for c in concepts]) & ~is_bg
-    grid = np.arange(1, draws + 1) / draws
-    detected_share = np.zeros((0, len(grid)))
-    prec = {"part": np.zeros((0, len(grid))), "background": np.zeros((0, len(grid)))}
-    half = n // 2
-    judge_size = min(size, n - half)
-    for fold in range(max(1, folds // 2)):
-        perm = rng.permutation(n)
-        for ev, judge in ((perm[:half], perm[half:]), (perm[half:], perm[:half])):
-            rate, _ = subsampled_ground_truth(
-                inter[ev], act[ev], area[ev], incidence[ev], pooled[ev], size=min(size, len(ev)), p=p,
-                draws=draws, seed=seed + fold,
-            )  # fmt: skip
-            j = np.sort(rng.choice(judge, judge_size, replace=False))
-            G, _ = ground_truth_matrix(inter[j], act[j], area[j], incidence[j], pooled[j], p=p)
-            best = rate.max(0)  # (T,)
-            det_attr = np.flatnonzero(is_attr & G.any(0))
-            if len(det_attr):
-                detected_share = np.vstack([detected_share, [(best[det_attr] >= g).mean() for g in grid]])
-            for kind, mask in (("part", is_attr), ("background", is_bg)):
-                rows = []
-                for g in grid:
-                    hits = []
-                    for t in np.flatnonzero(mask & G.any(0)):
-                        ret = np.flatnonzero(rate[:, t] >= g - 1e-6)
-                        ret = ret[np.argsort(-rate[ret, t], kind="stable")][:5]
-                        if len(ret):
-                            hits.append(G[ret, t].mean())
-                    rows.append(np.mean(hits) if hits else np.nan)
-                prec[kind] = np.vstack([prec[kind], rows])
-    share = detected_share.mean(0) if len(detected_share) else np.ones(len(grid))
-    ok = np.flatnonzero(share >= keep_detected - 1e-9)
-    min_rate = float(grid[ok.max()]) if len(ok) else float(grid[0])
-
-    def nanmean(m: np.ndarray) -> np.ndarray:  # a grid value no fold could judge stays NaN, without a warning
-        counts = (~np.isnan(m)).sum(0)
-        return np.where(counts > 0, np.nansum(m, 0) / np.maximum(counts, 1), np.nan)
-
-    def floor_for(kind: str) -> float:
-        curve = nanmean(prec[kind]) if len(prec[kind]) else np.full(len(grid), np.nan)
-        good = np.flatnonzero(curve >= precision)
-        return float(grid[good.min()]) if len(good) else 1.0
-
-    return {
-        "min_rate": min_rate,
-        "floor_rate_part": floor_for("part"),
-        "floor_rate_background": floor_for("background"),
-        "draws": draws,
-        "folds": 2 * max(1, folds // 2),
-        "rule": f"min_rate: highest rate keeping {keep_detected:.0%} of the judged-detected attribute concepts "
-        f"confident; floors: lowest rate whose returned filters reach precision {precision:.0%} on the judge half",
-        "curves": {
-            "grid": grid.round(4).tolist(),
-            "detected_share": np.round(share, 4).tolist(),
-            **{
-                f"precision_{k}": [None if np.isnan(v) else round(float(v), 4) for v in nanmean(m)]
-                for k, m in prec.items()
-                if len(m)
-            },
-        },
-    }
-
-
 #: the search settings' defaults. A bundle built by the dissection stage replaces ``min_rate`` and the floors by
-#: its own cross-fitted values (:func:`calibrate_search`, ``dissection/search_calibration.json``) and
-#: ``sim_threshold`` by the 95th percentile over phrases absent from the data (:func:`abstention_threshold`);
-#: the defaults are those of SynthBirds + the demo CNN, for bundles from before.
+#: its own cross-fitted values (:func:`~lavise_core.explain.dissection.calibrate_search`,
+#: ``dissection/search_calibration.json``) and ``sim_threshold`` by the 95th percentile over phrases absent
+#: from the data (:func:`abstention_threshold`); the defaults are those of SynthBirds + the demo CNN, for
+#: bundles from before.
 SEARCH_SETTINGS: dict[str, float | int | bool] = {
     "compose": True,
     "exact": 0.9,
@@ -424,8 +335,9 @@ def search_index(
     """The :class:`QueryIndex` of a bundle's dissection tables (``rate, mean_iou (C, T)``) with the default
     :data:`SEARCH_SETTINGS`; ``known (T,)`` False drops concepts (held-out ones, for evaluation).
 
-    ``calibration``: the bundle's ``dissection/search_calibration`` (:func:`calibrate_search`: ``min_rate``,
-    ``floor_rate_part``, ``floor_rate_background``, cross-fitted on its fit split) instead of the defaults.
+    ``calibration``: the bundle's ``dissection/search_calibration``
+    (:func:`~lavise_core.explain.dissection.calibrate_search`: ``min_rate``, ``floor_rate_part``,
+    ``floor_rate_background``, cross-fitted on its fit split) instead of the defaults.
     ``absent``: phrases absent from the data (:func:`absent_phrases`); ``sim_threshold`` is then the 95th
     percentile of their cosine to the nearest concept the layer detects, so that about 5 % of such phrases are
     answered (:func:`abstention_threshold`)."""

@@ -38,6 +38,7 @@ __all__ = [
     "STAGE",
     "DissectionTables",
     "build_dissection_stage",
+    "calibrate_search",
     "concept_incidence",
     "crop_label_map",
     "dissection_concepts",
@@ -241,6 +242,93 @@ def subsampled_ground_truth(
     return rate / draws, mean / draws
 
 
+def calibrate_search(
+    inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
+    concepts: Sequence[str], size: int, *, draws: int = 64, folds: int = 4, p: int = 10,
+    keep_detected: float = 0.95, precision: float = 0.90, seed: int = 0,
+) -> dict:  # fmt: skip
+    """The exact path's two rates, chosen on the fit split alone by cross-fitting (nothing from the test split).
+
+    Each of ``folds`` random halvings of the fit images gives evidence on one half (``rate`` by
+    :func:`subsampled_ground_truth`, ``draws`` subsets of ``size`` images) and
+    a judge on the other (the G rule, METHODS.md §6, on ``size`` of its images), then the roles swap. Over the
+    attribute concepts (part + attribute; backgrounds apart) the judge finds in some filter:
+
+    - ``min_rate`` (when a concept counts as detected: ``confident``): the highest multiple of ``1/draws`` at
+      which at least ``keep_detected`` of them stay confident;
+    - ``floor_rate_part`` / ``floor_rate_background`` (which filters are RETURNED): the lowest multiple of
+      ``1/draws`` at which the returned filters (``rate >= floor``, best 5) are in the judge's G_k with mean
+      precision >= ``precision`` (1.0 when no floor reaches it).
+
+    Inputs as :func:`ground_truth_matrix` (fit split). Returns the three rates
+    and the cross-fitted curves behind them (``curves``: per grid value, detected share and precision).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(pooled)
+    is_bg = np.array([c.endswith(" background") for c in concepts])
+    is_attr = np.array([len(c.split()) > 1 for c in concepts]) & ~is_bg
+    grid = np.arange(1, draws + 1) / draws
+    detected_share = np.zeros((0, len(grid)))
+    prec = {"part": np.zeros((0, len(grid))), "background": np.zeros((0, len(grid)))}
+    half = n // 2
+    judge_size = min(size, n - half)
+    for fold in range(max(1, folds // 2)):
+        perm = rng.permutation(n)
+        for ev, judge in ((perm[:half], perm[half:]), (perm[half:], perm[:half])):
+            rate, _ = subsampled_ground_truth(
+                inter[ev], act[ev], area[ev], incidence[ev], pooled[ev], size=min(size, len(ev)), p=p,
+                draws=draws, seed=seed + fold,
+            )  # fmt: skip
+            j = np.sort(rng.choice(judge, judge_size, replace=False))
+            G, _ = ground_truth_matrix(inter[j], act[j], area[j], incidence[j], pooled[j], p=p)
+            best = rate.max(0)  # (T,)
+            det_attr = np.flatnonzero(is_attr & G.any(0))
+            if len(det_attr):
+                detected_share = np.vstack([detected_share, [(best[det_attr] >= g).mean() for g in grid]])
+            for kind, mask in (("part", is_attr), ("background", is_bg)):
+                rows = []
+                for g in grid:
+                    hits = []
+                    for t in np.flatnonzero(mask & G.any(0)):
+                        ret = np.flatnonzero(rate[:, t] >= g - 1e-6)
+                        ret = ret[np.argsort(-rate[ret, t], kind="stable")][:5]
+                        if len(ret):
+                            hits.append(G[ret, t].mean())
+                    rows.append(np.mean(hits) if hits else np.nan)
+                prec[kind] = np.vstack([prec[kind], rows])
+    share = detected_share.mean(0) if len(detected_share) else np.ones(len(grid))
+    ok = np.flatnonzero(share >= keep_detected - 1e-9)
+    min_rate = float(grid[ok.max()]) if len(ok) else float(grid[0])
+
+    def nanmean(m: np.ndarray) -> np.ndarray:  # a grid value no fold could judge stays NaN, without a warning
+        counts = (~np.isnan(m)).sum(0)
+        return np.where(counts > 0, np.nansum(m, 0) / np.maximum(counts, 1), np.nan)
+
+    def floor_for(kind: str) -> float:
+        curve = nanmean(prec[kind]) if len(prec[kind]) else np.full(len(grid), np.nan)
+        good = np.flatnonzero(curve >= precision)
+        return float(grid[good.min()]) if len(good) else 1.0
+
+    return {
+        "min_rate": min_rate,
+        "floor_rate_part": floor_for("part"),
+        "floor_rate_background": floor_for("background"),
+        "draws": draws,
+        "folds": 2 * max(1, folds // 2),
+        "rule": f"min_rate: highest rate keeping {keep_detected:.0%} of the judged-detected attribute concepts "
+        f"confident; floors: lowest rate whose returned filters reach precision {precision:.0%} on the judge half",
+        "curves": {
+            "grid": grid.round(4).tolist(),
+            "detected_share": np.round(share, 4).tolist(),
+            **{
+                f"precision_{k}": [None if np.isnan(v) else round(float(v), 4) for v in nanmean(m)]
+                for k, m in prec.items()
+                if len(m)
+            },
+        },
+    }
+
+
 def rank_labels(iou: np.ndarray, concepts: Sequence[str], n: int = 10, allowed: np.ndarray | None = None):
     """Per filter, its ``n`` best ``(concept, IoU)`` by ``iou (C, T)`` (``allowed (T,)`` bool restricts the
     candidates). Returns ``(ids (C, n) int64, scores (C, n) float32, names list[list[(str, float)]])``."""
@@ -381,8 +469,8 @@ def build_dissection_stage(
     Writes ``dissection/concepts.json`` (T), ``dissection/iou (C, T)``, ``dissection/label_ids`` and
     ``label_scores (C, L)``, ``dissection/rate`` and ``mean_iou (C, T)`` (:func:`subsampled_ground_truth`
     with ``draws`` subsets the size of the test split), ``dissection/search_calibration.json`` (the search's
-    detection and return rates, cross-fitted on the fit split: :func:`~lavise_core.explain.concept_search.
-    calibrate_search`), ``dissection/is_part (T,)``, and the colour path's
+    detection and return rates, cross-fitted on the fit split: :func:`calibrate_search`),
+    ``dissection/is_part (T,)``, and the colour path's
     ``dissection/colour_hist (C, R+1, P)``, ``colour_count (C, R+1)``, ``palette_lab (P, 3)``. A data set without
     region label maps is recorded as ``{"skipped": why}``.
     """
@@ -420,8 +508,6 @@ def build_dissection_stage(
     ids, scores, _ = rank_labels(iou, concepts, n=min(n_labels, int((~is_part).sum())), allowed=~is_part)
     n_test = int((dataset.splits() == "test").sum()) or max(1, len(rows) // 4)
     rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=n_test, p=p, draws=draws)
-    from lavise_core.explain.concept_search import calibrate_search
-
     calibration = calibrate_search(inter, act, area, inc, pooled, concepts, n_test, draws=draws, p=p)
     bundle.write_json("dissection/search_calibration", calibration)
     bundle.write_json("dissection/concepts", concepts)

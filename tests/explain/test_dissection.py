@@ -8,6 +8,7 @@ import numpy as np
 
 from lavise_core.explain.dissection import (
     IOU_MIN,
+    calibrate_search,
     concept_incidence,
     dissection_concepts,
     dissection_iou,
@@ -87,8 +88,6 @@ def test_iou_labels_and_planted_units() -> None:
 def test_search_calibration_on_planted_units() -> None:
     """Two units that detect their concept on every image: every judged-detected concept stays confident at
     the highest rate (min_rate 1), and their returned filters are right at the lowest floor (1 / draws)."""
-    from lavise_core.explain.concept_search import calibrate_search
-
     n = 48
     recs = [
         record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)

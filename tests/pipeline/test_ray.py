@@ -7,6 +7,7 @@ if Ray is missing or cannot start here they skip with the reason instead of fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -119,17 +120,37 @@ def test_killed_worker_is_retried_and_result_equal(ray_runtime, birds):
 
 
 def test_worker_dead_for_good_leaves_nothing(ray_runtime, birds):
-    tmp, ds, lm, _ = birds
+    """One image is a named pipe: the worker that opens it blocks, so the pass cannot finish before a timer
+    kills every shard actor (no restarts allowed) — deterministic however fast the other shards run."""
+    import threading
+    import time
+
+    tmp, _, lm, _ = birds
+    root = tmp / "piped"
+    shutil.copytree(tmp / "birds", root)
+    ds = ProbeDataset.open(root)
+    target = root / ds.records[30].path
+    target.unlink()
+    os.mkfifo(target)  # open() for reading waits for a writer that never comes
     bundle = open_or_create_bundle(tmp / "dead", lm, ds)
+    stop = threading.Event()
 
-    def kill_one(done: int, total: int) -> None:
-        for pid in _actor_pids()[:1]:
-            os.kill(pid, signal.SIGKILL)
+    def kill_all() -> None:
+        while not stop.wait(0.5):
+            for pid in _actor_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
-    with pytest.raises(ExecutorError, match="died"):
-        run_probe_sharded(
-            bundle, lm, ds, SETTINGS, ExecutorSettings("ray", None, 2, 1, max_restarts=0), kill_one
-        )
+    killer = threading.Thread(target=kill_all, daemon=True)
+    t0 = time.perf_counter()
+    killer.start()
+    try:
+        with pytest.raises(ExecutorError, match="died"):
+            run_probe_sharded(bundle, lm, ds, SETTINGS, ExecutorSettings("ray", None, 2, 1, max_restarts=0))
+    finally:
+        stop.set()
+        killer.join()
+    assert time.perf_counter() - t0 < 120
     assert not bundle.stage_done("probe")
     assert not (bundle.root / "probe").exists() or not any((bundle.root / "probe").iterdir())
 
