@@ -64,7 +64,10 @@ if ws is not None:
             fig = px.scatter(
                 x=v.x, y=v.y, color=v.colour, hover_name=v.hover, custom_data=[v.index],
                 render_mode="webgl", labels={"color": v.title},
-                color_discrete_sequence=px.colors.qualitative.Dark24,
+                # Tableau 10 + near-black + navy: 12 classes without two alike; Alphabet's 26 beyond
+                color_discrete_sequence=[*px.colors.qualitative.T10, "#222222", "#1B3C8C"]
+                if len(set(v.colour)) <= 12
+                else px.colors.qualitative.Alphabet,
             )  # fmt: skip
             fig.update_traces(marker={"size": 5}, hovertemplate="%{hovertext}<extra></extra>")
         fig.update_layout(

@@ -110,7 +110,14 @@ def overview(ws: Workspace) -> Overview:
     """Model accuracy, filter count, share of filters with a confident concept, concept word counts."""
     ws.require_probe()
     m = ws.bundle.manifest
-    stages = {s: ws.bundle.stage_done(s) for s in ("probe", "textual", "dissection", "lavise")}
+    from lavise_core.stages import REGISTRY
+
+    # every stage a plain build makes, and the on-request ones this bundle has
+    stages = {
+        st.name: ws.bundle.stage_done(st.name)
+        for st in REGISTRY
+        if st.default or ws.bundle.stage_done(st.name)
+    }
     msgs = []
     labels, scores, source, confident = _filter_labels(ws)
     if source == "none":

@@ -83,7 +83,18 @@ def test_overview_counts_labels_and_confident_share(tmp_path):
     assert ov.confident_share == pytest.approx(2 / 3)
     assert ov.confident_score == views.CONFIDENT_SCORE
     assert "0.10–0.50" in ov.confident_rule and "median 0.40" in ov.confident_rule
-    assert ov.stages == {"probe": True, "textual": False, "dissection": False, "lavise": True}
+    # every default stage in build order; the on-request ones (attribution, siam_eval) only once built
+    assert list(ov.stages)[:7] == [
+        "probe",
+        "textual",
+        "textual_grounding",
+        "dissection",
+        "lavise",
+        "ood",
+        "fidelity",
+    ]
+    assert {k for k, done in ov.stages.items() if done} == {"probe", "lavise"}
+    assert "attribution" not in ov.stages and "featurevis" in ov.stages
     assert ov.class_note is None
 
 
