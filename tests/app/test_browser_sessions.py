@@ -12,9 +12,17 @@ pytestmark = pytest.mark.browser
 
 
 def test_four_sessions_at_once_stay_correct(server, browser):  # noqa: F811
+    contexts = [browser.new_context(viewport={"width": 1200, "height": 900}) for _ in range(4)]
+    try:
+        _four_sessions([ctx.new_page() for ctx in contexts], server)
+    finally:  # close the sessions, so that their work does not hold up the next test's server
+        for ctx in contexts:
+            ctx.close()
+
+
+def _four_sessions(pages, server) -> None:  # noqa: F811  (the fixture value, passed on)
     from lavise_core.data.dataset import ProbeDataset
 
-    pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page() for _ in range(4)]
     a, b, c, d = pages
     data = server["bundles"].data
     ds = ProbeDataset.open(data)
@@ -78,7 +86,17 @@ def test_overview_export_compare_and_build_form(server, browser):  # noqa: F811
     _no_exception(page)
     page.get_by_text("Build a bundle").first.click()
     page.get_by_text("Set up a new build").click()
-    _settle(page, "Stages (what they need is added)")
+    form = page.get_by_text("Stages (what they need is added)").first
+    try:
+        try:
+            form.wait_for(state="visible", timeout=20_000)
+        except Exception:  # the click landed while the expander was still opening: once more if still off
+            if not page.get_by_role("switch", name="Set up a new build").is_checked():
+                page.get_by_text("Set up a new build").click()
+        _settle(page, "Stages (what they need is added)")
+    except Exception:
+        _shot(page, "17_build_form_not_shown")
+        raise
     page.get_by_role("button", name="Build").first.wait_for(state="visible", timeout=60_000)
     _no_exception(page)
     assert page.get_by_text("images,").count() >= 1  # the data folder check ran: "N images, K classes"
