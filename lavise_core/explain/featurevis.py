@@ -178,7 +178,7 @@ def _random_affine(x: torch.Tensor, gen: torch.Generator, st: VisSettings, jitte
     """One random jitter + zoom + rotation of the whole batch (reflection padding), drawn from ``gen``.
 
     The sampling grid is written out (``affine_grid`` with ``align_corners=False``: pixel centres at
-    ``(2j + 1) / S - 1``) as two broadcast sums, which costs a tenth of ``affine_grid``'s matrix product."""
+    ``(2j + 1) / S - 1``) as two broadcast sums, a fifth of the cost of ``affine_grid``'s matrix product."""
     r = torch.rand(4, generator=gen).tolist()
     b, _, s, _ = x.shape
     zoom = st.scale[0] + (st.scale[1] - st.scale[0]) * r[0]
