@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lavise_core.data.dataset import ProbeDataset
+from lavise_core.explain.concept_search import probe_set
 from lavise_core.explain.dissection import (
     IOU_MIN,
     DissectionTables,
@@ -196,14 +197,6 @@ def _ood_section(bundle, dataset: ProbeDataset, lm, n_per_kind: int = 40, seed: 
     }
 
 
-def probe_set(name: str) -> dict:
-    """A JSON file of ``lavise_core/evaluate/probe_sets/`` (paraphrases, absent concepts)."""
-    import json
-    from pathlib import Path
-
-    return json.loads((Path(__file__).parent / "probe_sets" / f"{name}.json").read_text(encoding="utf-8"))
-
-
 def _search_rows(
     queries: Sequence[tuple[str, str]], qi, lex, table, emb, G: np.ndarray, concepts: Sequence[str],
     d: DissectionTables | None = None,
@@ -298,7 +291,7 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
     }
     answers = [
         bool(answer_query(text, deployed, lex_d, table, emb, d.colour, d.regions)[0].confident)
-        for text in probe_set("absent_concepts")["evaluation"]
+        for text in absent_phrases("evaluation")
     ]
     out["abstention"] = {
         "absent_confident": float(np.mean(answers)),

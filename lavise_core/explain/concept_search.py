@@ -46,6 +46,7 @@ __all__ = [
     "answer_query",
     "build_query_index",
     "embed_query",
+    "probe_set",
     "query_words",
     "rank_filters_for_query",
     "search_index",
@@ -358,14 +359,19 @@ def search_index(
     return qi
 
 
-def absent_phrases(half: str = "calibration") -> list[str]:
-    """Concepts SynthBirds never draws (everyday objects, scenes, textures), ``half`` = ``"calibration"`` (tunes
-    the abstention threshold) or ``"evaluation"`` (only reported): ``evaluate/probe_sets/absent_concepts.json``."""
+def probe_set(name: str) -> dict:
+    """A JSON file of ``lavise_core/evaluate/probe_sets/`` (paraphrases, absent concepts)."""
     import json
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "evaluate" / "probe_sets" / "absent_concepts.json"
-    return list(json.loads(path.read_text(encoding="utf-8"))[half])
+    path = Path(__file__).parents[1] / "evaluate" / "probe_sets" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def absent_phrases(half: str = "calibration") -> list[str]:
+    """Concepts SynthBirds never draws (everyday objects, scenes, textures), ``half`` = ``"calibration"`` (tunes
+    the abstention threshold) or ``"evaluation"`` (only reported): ``probe_set("absent_concepts")``."""
+    return list(probe_set("absent_concepts")[half])
 
 
 def abstention_threshold(qi: QueryIndex, embedder, absent: Sequence[str], quantile: float = 0.95) -> float:

@@ -281,15 +281,16 @@ def calibrate_search(
             )  # fmt: skip
             j = np.sort(rng.choice(judge, judge_size, replace=False))
             G, _ = ground_truth_matrix(inter[j], act[j], area[j], incidence[j], pooled[j], p=p)
-            best = rate.max(0)  # (T,)
-            det_attr = np.flatnonzero(is_attr & G.any(0))
+            best, judged = rate.max(0), G.any(0)  # (T,) each: best evidence, detected by the judge
+            det_attr = np.flatnonzero(is_attr & judged)
             if len(det_attr):
                 detected_share = np.vstack([detected_share, [(best[det_attr] >= g).mean() for g in grid]])
             for kind, mask in (("part", is_attr), ("background", is_bg)):
+                targets = np.flatnonzero(mask & judged)
                 rows = []
                 for g in grid:
                     hits = []
-                    for t in np.flatnonzero(mask & G.any(0)):
+                    for t in targets:
                         ret = np.flatnonzero(rate[:, t] >= g - 1e-6)
                         ret = ret[np.argsort(-rate[ret, t], kind="stable")][:5]
                         if len(ret):

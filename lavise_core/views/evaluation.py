@@ -101,16 +101,16 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
             ("paraphrases_held_out", "paraphrases (a second set, written before any result)", 60),
         ):
             asserted = pct("search", key, "asserted")
-            if asserted is not None and asserted > 0:
-                row(f"Do the filters a concept search asserts fire on the concept? (precision %, {what}; "
-                    f"{asserted:.0f} % of answers assert filters, the others show one weak candidate)",
-                    pct("search", key, "precision"), pct("search", key, "random_filter"), "a random filter",
-                    target=target)  # fmt: skip
-            else:  # nothing asserted (or a result from before): the candidates shown, weak ones included
-                row(f"Do the filters a concept search shows fire on the concept? (precision %, {what}; "
-                    + ("every answer is one weak candidate)" if asserted == 0 else "weak candidates included)"),
-                    pct("search", key, "precision_with_weak") if asserted == 0 else pct("search", key, "precision"),
-                    pct("search", key, "random_filter"), "a random filter", target=target)  # fmt: skip
+            if asserted:  # the precision of what the page asserts; the weak candidates are counted apart
+                verb, field = "asserts", "precision"
+                note = f"{asserted:.0f} % of answers assert filters, the others show one weak candidate"
+            elif asserted == 0:  # nothing asserted: the weak candidates shown
+                verb, field, note = "shows", "precision_with_weak", "every answer is one weak candidate"
+            else:  # a result from before the two were counted apart
+                verb, field, note = "shows", "precision", "weak candidates included"
+            row(f"Do the filters a concept search {verb} fire on the concept? (precision %, {what}; {note})",
+                pct("search", key, field), pct("search", key, "random_filter"), "a random filter",
+                target=target)  # fmt: skip
         row("Does the search say “no filter responds” to things absent from the data? (% answered as if "
             "found; lower is better)", pct("search", "abstention", "absent_confident"), 100.0,
             "a search that always answers", higher=False, target=5)  # fmt: skip
