@@ -171,3 +171,22 @@ def test_stage_on_a_tiny_bundle(tmp_path) -> None:
     small = open_or_create_bundle(tmp_path / "other", lm, ds)
     run_probe(small, lm, ds, ProbeSettings(top_k=2, batch_size=8, num_workers=0, progress=False))
     assert "skipped" in build_stage(small, ds, "featurevis", lm, max_filters=4)
+
+
+@pytest.mark.parametrize("size", [8, 9, 16])
+def test_fourier_image_gradient_is_autograds(size: int) -> None:
+    """The written-out backward of eq. 2 equals autograd's through irfft2, the colour mix and the sigmoid."""
+    from lavise_core.explain.featurevis import _COLOUR_MIX, frequency_scale
+
+    gen = torch.Generator().manual_seed(size)
+    z = torch.randn(2, 3, size, size // 2 + 1, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    scale = frequency_scale(size, 1.0).double()
+    g = torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
+    img = torch.fft.irfft2(torch.view_as_complex(z) * scale, s=(size, size), norm="ortho")
+    ref = torch.sigmoid((_COLOUR_MIX.double() @ img.reshape(2, 3, -1)).reshape(2, 3, size, size))
+    (g_ref,) = torch.autograd.grad(ref, z, g)
+    mine = fourier_image(z, scale)
+    (g_mine,) = torch.autograd.grad(mine, z, g)
+    assert torch.allclose(mine, ref, atol=1e-12)
+    assert torch.allclose(g_mine, g_ref, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: fourier_image(t, scale), (z,))
