@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,16 @@ def test_fourier_image_gradient_is_autograds(size: int) -> None:
     assert torch.allclose(mine, ref, atol=1e-12)
     assert torch.allclose(g_mine, g_ref, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: fourier_image(t, scale), (z,))
+
+
+@pytest.mark.parametrize("top", [float("inf"), 6.0])
+def test_leaky_backward_values_and_gradient(top: float) -> None:
+    """Forward is clamp(x, 0, top); backward passes the gradient where the clamp is steep and leak · it elsewhere."""
+    from lavise_core.explain.featurevis import _LeakyBackward
+
+    x = torch.tensor([-2.0, 0.0, 0.5, 5.0, 7.0], requires_grad=True)
+    y = _LeakyBackward.apply(x, top, 0.1)
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert y.tolist() == [0.0, 0.0, 0.5, 5.0, 7.0 if math.isinf(top) else 6.0]
+    inside_last = 5.0 if math.isinf(top) else 0.5
+    assert x.grad.tolist() == pytest.approx([0.1, 0.2, 3.0, 4.0, inside_last])
