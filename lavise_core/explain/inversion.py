@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lavise_core.explain.featurevis import FeatureVisError, check_layer, fourier_image, frequency_scale
+from lavise_core.explain.featurevis import (
+    FeatureVisError,
+    FusedAdam,
+    check_layer,
+    folded_copy,
+    fourier_image,
+    frequency_scale,
+)
 from lavise_core.models.networks import LoadedModel
 
 __all__ = ["Inversion", "invert", "relative_error"]
@@ -70,36 +77,34 @@ def invert(
 
     def features(x: torch.Tensor) -> torch.Tensor:
         with contextlib.suppress(_Stop):
-            lm.model(x)
+            net(x)
         return store.pop("maps")
 
+    with lm.lock:  # a private copy (batch norms folded, channels-last): the model is free while we optimise
+        net = folded_copy(lm.model)
+    net.get_submodule(layer).register_forward_hook(hook)
     gen = torch.Generator().manual_seed(seed)
     scale = frequency_scale(size, 1.0)
     spectrum = (torch.randn(1, 3, size, size // 2 + 1, 2, generator=gen) * 0.01).requires_grad_()
-    opt = torch.optim.Adam([spectrum], lr=lr)
+    opt = FusedAdam(spectrum, lr)
     history = np.zeros(steps, np.float32)
-    handle = lm.model.get_submodule(layer).register_forward_hook(hook)
-    try:
-        with lm.lock:
-            with torch.no_grad():
-                target = features(x0[None].float()).detach().clone()
-                grey = features((torch.full((1, 3, size, size), 0.5) - mean) / std)
-                baseline = float(relative_error(grey, target)[0])
-            for step in range(steps):
-                opt.zero_grad(set_to_none=True)
-                img = fourier_image(spectrum, scale)
-                err = relative_error(features((img - mean) / std), target)[0]
-                dx, dy = img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
-                loss = err**2 + tv * (dx.pow(2).mean() + dy.pow(2).mean()) * size
-                loss.backward()
-                opt.step()
-                history[step] = float(err.detach())
-                if report is not None:
-                    report(step + 1, steps)
-            with torch.no_grad():
-                img = fourier_image(spectrum, scale)
-                final = float(relative_error(features((img - mean) / std), target)[0])
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        target = features(x0[None].float()).detach().clone()
+        grey = features((torch.full((1, 3, size, size), 0.5) - mean) / std)
+        baseline = float(relative_error(grey, target)[0])
+    for step in range(steps):
+        spectrum.grad = None
+        img = fourier_image(spectrum, scale)
+        err = relative_error(features((img - mean) / std), target)[0]
+        dx, dy = img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
+        loss = err**2 + tv * (dx.pow(2).mean() + dy.pow(2).mean()) * size
+        loss.backward()
+        opt.step()
+        history[step] = float(err.detach())
+        if report is not None:
+            report(step + 1, steps)
+    with torch.no_grad():
+        img = fourier_image(spectrum, scale)
+        final = float(relative_error(features((img - mean) / std), target)[0])
     image = (img[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
     return Inversion(image, final, baseline, history, layer)

@@ -11,8 +11,8 @@ from torch import nn
 
 from lavise_core.explain.featurevis import (
     FeatureVisError,
+    FusedAdam,
     VisSettings,
-    _Adam,
     _only_channels,
     featurevis_summary,
     folded_copy,
@@ -73,7 +73,7 @@ def test_adam_matches_torch_adam() -> None:
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(4, 6, generator=gen).requires_grad_()
     b = a.detach().clone().requires_grad_()
-    reference, ours = torch.optim.Adam([a], lr=0.05), _Adam(b, 0.05)
+    reference, ours = torch.optim.Adam([a], lr=0.05), FusedAdam(b, 0.05)
     for _ in range(40):
         g = torch.randn(4, 6, generator=gen)
         a.grad, b.grad = g.clone(), g.clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -34,3 +36,25 @@ def test_relative_error_exact_and_bad_input(demo) -> None:
         invert(demo, torch.zeros(3, 64, 64), "classifier", steps=1)
     with pytest.raises(FeatureVisError, match=r"preprocessed \(3, S, S\) tensor, got \(64, 64\)"):
         invert(demo, torch.zeros(64, 64), steps=1)
+
+
+def test_inversion_leaves_the_model_free_and_unchanged(demo) -> None:
+    """The optimisation runs on a private copy: the model's lock is free while it runs, its weights untouched."""
+    before = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    free = []
+
+    def report(step: int, total: int) -> None:  # the lock is re-entrant: ask from another thread
+        def probe() -> None:
+            got = demo.lock.acquire(blocking=False)
+            free.append(got)
+            if got:
+                demo.lock.release()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+
+    invert(demo, torch.zeros(3, 32, 32), "features.2", steps=3, report=report)
+    assert free == [True, True, True]
+    after = demo.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
