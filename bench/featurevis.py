@@ -4,8 +4,9 @@ Per model: median wall time of ``--repeats`` runs of :func:`lavise_core.explain.
 filter of the default layer, beside the cost of the same number of bare forward + backward passes of the
 network on a fixed input, and their ratio. The ratio is the stable number on a shared machine: the bare network's
 own time moves by half between quiet and busy minutes. ``visualise`` runs a private copy of the network with the
-batch norms folded into the convolutions and only the visualised filter's channel of the layer's last convolution,
-so the ratio can fall below 1; what it adds is the prior (FFT, colour, sigmoid), the random warp and Adam.
+batch norms folded into the convolutions, channels-last weights and only the visualised filter's channel of the
+layer's last convolution (about 0.6 of the bare network's time), so the ratio can fall below 1; what it adds is the
+prior (FFT, colour, sigmoid: one autograd node), the random warp (row bands, one per thread) and one fused Adam step.
 Target (issue 12): demo CNN <= 2 s on 2 cores. Run under the heavy lock:
 
     flock /work/notes/heavy.lock python bench/featurevis.py [--threads 2] [--repeats 3] [--models synthbirds efficientnet_lite0]

@@ -304,7 +304,7 @@ def _cascade(
     s: AttributionEvalSettings,
 ) -> list[float]:
     """Mean Spearman correlation with the trained map after re-initialising groups ``0..j`` (top down)."""
-    from lavise_core.evaluate.textual import reinitialize
+    from lavise_core.models.networks import reinitialize
 
     model = copy.deepcopy(lm.model)
     fresh = reinitialize(lm.model, s.seed)

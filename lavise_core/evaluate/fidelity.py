@@ -26,7 +26,6 @@ the fit split (train + val) or on other concepts; nothing here is fitted on the 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,9 +109,9 @@ def _sanity_section(
     """A re-initialised copy of the network: its own thresholds, its dissection on ``n_fit`` fit images, its own
     test ground truth; labels should vanish (units with IoU ≥ 0.04) and the concept search, rebuilt on its
     evidence, should fall toward the random-filter rate."""
-    from lavise_core.evaluate.textual import reinitialize
+    from lavise_core.models.networks import reinitialised
 
-    rnd = dataclasses.replace(lm, model=reinitialize(lm.model, seed))
+    rnd = reinitialised(lm, seed)
     fit = [int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask]
     fit = sorted(np.random.default_rng(seed).choice(fit, min(n_fit, len(fit)), replace=False).tolist())
     thr = activation_thresholds(rnd, dataset, layer, fit)

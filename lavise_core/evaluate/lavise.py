@@ -31,7 +31,6 @@ network's, fewer distinct labels).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 
@@ -49,6 +48,7 @@ from lavise_core.explain.lavise_labels import (
     no_attention_labels,
 )
 from lavise_core.explain.lavise_settings import LaviseSettings
+from lavise_core.models.networks import reinitialised
 
 __all__ = [
     "concept_ground_truth",
@@ -177,23 +177,6 @@ def random_top1(gt: list[dict[str, float]], pool: set[str] | int) -> float:
 
 def _words(ids: np.ndarray, phrases: list[str]) -> list[list[str]]:
     return [[phrases[int(j)] for j in row if j >= 0] for row in np.asarray(ids)]
-
-
-def _reinitialised(lm, seed: int):
-    """A deep copy of the LoadedModel with every resettable module re-initialised (seeded)."""
-    torch.manual_seed(seed)
-    new = copy.copy(lm)
-    new.model = copy.deepcopy(lm.model)
-    for m in new.model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if hasattr(m, "reset_running_stats"):
-            m.reset_running_stats()
-    new.model.eval()
-    import threading
-
-    new.lock = threading.RLock()
-    return new
 
 
 def _mini_probe(lm, dataset: ProbeDataset, indices: np.ndarray, layer: str, top_k: int, batch: int):
@@ -375,7 +358,7 @@ def _sanity_check(bundle, dataset, lm, ex, st, n_images, n_filters, eval_size, s
     labelled = [i for i in dataset.indices(None) if dataset.records[i].mask is not None]
     sub = np.sort(rng.permutation(labelled)[:n_images]) if labelled else dataset.indices(None)[:n_images]
     heads = {}
-    for name, model in (("trained", lm), ("randomised", _reinitialised(lm, seed))):
+    for name, model in (("trained", lm), ("randomised", reinitialised(lm, seed))):
         rf = extract_region_features(
             model, _Reindexed(dataset, sub), layer, None, st.image_batch, st.min_region_cells,
             background_rows=st.background_rows,

@@ -39,7 +39,6 @@ Measured on the held-out split (``test``) of the probe data set:
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -80,7 +79,6 @@ __all__ = [
     "pck",
     "randomization_check",
     "receptive_field_centres",
-    "reinitialize",
     "retrieval_metrics",
     "sentence_bleu",
     "spearman_rows",
@@ -349,26 +347,6 @@ def randomization_check(
         e_ref = _image_lift(image_class_pdf(reference_pdf, pooled, weight, pred), present)
         out["spearman_explanation_control"] = float(np.nanmean(spearman_rows(e, e_ref)))
     return out
-
-
-def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A deep copy of ``model`` with every parameterised layer re-initialised (``reset_parameters``), seeded."""
-    import torch
-
-    m = copy.deepcopy(model)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for mod in m.modules():
-            reset = getattr(mod, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    finally:
-        torch.random.set_rng_state(gen_state)
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
 
 
 # =========================================================================== the evaluation
@@ -665,6 +643,8 @@ def evaluate_textual(
         fit = fit_indices(dataset)
         fit = fit[valid[fit]]
         sub = np.sort(rng.choice(fit, size=min(randomization_images, fit.size), replace=False))
+        from lavise_core.models.networks import reinitialize
+
         rand_model = reinitialize(lm.model, seed)
         pr, lr = _forward_pooled_layer(lm, rand_model, bundle.layer, dataset, sub, batch_size, progress)
         wr = rand_model.get_submodule(lm.classifier).weight.detach().float().cpu().numpy()

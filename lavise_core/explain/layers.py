@@ -19,8 +19,6 @@ copy of the network on fewer images: the baseline (few interpretable units expec
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from lavise_core.explain.dissection import (
     rank_labels,
     region_overlap,
 )
-from lavise_core.models.networks import record_layers, spatial_layers
+from lavise_core.models.networks import record_layers, reinitialised, spatial_layers
 from lavise_core.pipeline.probe import StreamingHistogram, image_batches
 
 __all__ = [
@@ -199,25 +197,6 @@ def layer_summary(diss: LayerDissection, iou_min: float = IOU_MIN) -> list[dict]
     return out
 
 
-def _reinitialised(lm, seed: int = 0):
-    """A copy of the LoadedModel with every resettable module re-initialised (seeded): the baseline."""
-    new = copy.copy(lm)
-    new.model = copy.deepcopy(lm.model)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for m in new.model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-            if hasattr(m, "reset_running_stats"):
-                m.reset_running_stats()
-    finally:
-        torch.random.set_rng_state(state)
-    new.model.eval()
-    new.lock = threading.RLock()
-    return new
-
-
 def build_layers_stage(
     bundle, dataset: ProbeDataset, lm, *, layers: Sequence[str] | None = None, max_images: int = 640,
     baseline_images: int = 256, batch_size: int = 32, seed: int = 0,
@@ -249,7 +228,7 @@ def build_layers_stage(
 
     diss = dissect_layers(lm, dataset, layers, pick, batch_size=batch_size, report=tick("layers", 0.75, 0))
     base = dissect_layers(
-        _reinitialised(lm, seed), dataset, layers, pick[:baseline_images], batch_size=batch_size,
+        reinitialised(lm, seed), dataset, layers, pick[:baseline_images], batch_size=batch_size,
         report=tick("re-initialised baseline", 0.25, 0.75),
     )  # fmt: skip
     trained, reinit = layer_summary(diss), layer_summary(base)

@@ -15,6 +15,8 @@ Sources (``load_model(spec)``):
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,6 +44,8 @@ __all__ = [
     "load_model",
     "record_layer",
     "record_layers",
+    "reinitialised",
+    "reinitialize",
     "spatial_layers",
 ]
 
@@ -322,6 +326,28 @@ def _freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A frozen eval-mode deep copy of ``model`` with every module that has ``reset_parameters`` re-initialised
+    from ``torch.manual_seed(seed)`` (batch norms get fresh statistics too); the global torch RNG is restored
+    afterwards. The randomisation baseline (Adebayo et al. 2018) of every sanity check."""
+    fresh = copy.deepcopy(model)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for mod in fresh.modules():
+            reset = getattr(mod, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    finally:
+        torch.random.set_rng_state(state)
+    return _freeze(fresh)
+
+
+def reinitialised(lm: LoadedModel, seed: int = 0) -> LoadedModel:
+    """``lm`` with :func:`reinitialize`'d weights and a lock of its own (its name, preprocessing and classes kept)."""
+    return dataclasses.replace(lm, model=reinitialize(lm.model, seed), lock=threading.RLock())
 
 
 def _file_sha256(path: Path) -> str:

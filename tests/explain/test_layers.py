@@ -12,7 +12,6 @@ from torch import nn
 
 from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
 from lavise_core.explain.layers import (
-    _reinitialised,
     concept_kind,
     dissect_layers,
     dissection_layers,
@@ -133,6 +132,8 @@ def test_errors_and_the_stage_with_a_reinitialised_baseline(tmp_path) -> None:
     summary = bundle.read_json("layers/summary")
     assert [r["interpretable"] for r in summary["trained"]] == [4, 4]
     # a re-initialised copy is a fresh random 1×1 conv: it leaves the planted model untouched
-    re = _reinitialised(lm, seed=1)
+    from lavise_core.models.networks import reinitialised
+
+    re = reinitialised(lm, seed=1)
     assert not torch.equal(re.model.features[0].weight, lm.model.features[0].weight)
     assert bundle.array("layers/iou_0").shape == (4, len(bundle.read_json("layers/concepts")))

@@ -197,3 +197,30 @@ def test_wrap_helper_hash_changes_with_weights():
     with torch.no_grad():
         b.classifier.bias.fill_(1.0)
     assert wrap(a).weights_hash != wrap(b).weights_hash
+
+
+def test_reinitialize_copies_is_seeded_and_keeps_the_global_rng() -> None:
+    from lavise_core.models.networks import LoadedModel, reinitialised, reinitialize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 5, 5))
+    with torch.no_grad():
+        net[1].weight.fill_(7.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r1, r2 = reinitialize(net, 3), reinitialize(net, 3)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])  # the original is untouched
+    assert not torch.equal(r1[0].weight, net[0].weight)
+    assert torch.equal(r1[0].weight, r2[0].weight)
+    assert torch.all(r1[1].weight == 1.0)
+    assert not any(p.requires_grad for p in r1.parameters()) and not r1.training
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    reinitialize(net, 5)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is not disturbed
+    lm = LoadedModel("x", net, ["a", "b"], 5, 5, (0, 0, 0), (1, 1, 1), "0", "3", "h")
+    rl = reinitialised(lm, 3)
+    assert torch.equal(rl.model[0].weight, r1[0].weight) and rl.lock is not lm.lock and rl.model is not net
+    assert rl.class_names == ["a", "b"] and rl.default_layer == "0"
