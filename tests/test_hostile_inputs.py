@@ -30,6 +30,7 @@ from lavise_core.data.importers import (
     safe_id,
 )
 from lavise_core.models.networks import LoadedModel, ModelLoadError, load_model
+from tests.cub_fixture import CUB_FILES, write_tiny_cub
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "data" / "bundles" / "synthbirds-synthbirds-features-3a8d15e0be5c8184"
@@ -154,33 +155,10 @@ def test_caption_and_attribute_text_always_parses(text: str) -> None:
 
 
 # ============================================================================ CUB
-CUB_FILES = ["images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt",
-             "attributes.txt", "attributes/image_attribute_labels.txt", "parts/parts.txt",
-             "parts/part_locs.txt", "bounding_boxes.txt"]  # fmt: skip
 cub_line = st.lists(
     st.one_of(st.integers(-3, 5).map(str), st.floats(allow_nan=True).map(str), st.text(max_size=8)),
     max_size=6,
 ).map(" ".join)
-
-
-def _write_cub(src: Path) -> None:
-    for i, rel in enumerate(["001.A/a.jpg", "002.B/b.jpg"], 1):
-        (src / "images" / rel).parent.mkdir(parents=True)
-        Image.new("RGB", (8, 6), (i * 50, 0, 0)).save(src / "images" / rel)
-    files = {
-        "images.txt": "1 001.A/a.jpg\n2 002.B/b.jpg\n",
-        "classes.txt": "1 001.A\n2 002.B\n",
-        "image_class_labels.txt": "1 1\n2 2\n",
-        "train_test_split.txt": "1 1\n2 0\n",
-        "attributes.txt": "1 has_wing_color::red\n2 has_size::small_(5_-_9_in)\n",
-        "attributes/image_attribute_labels.txt": "1 1 1 3 0.5\n2 2 1 4 1.0\n",
-        "parts/parts.txt": "1 back\n2 beak\n",
-        "parts/part_locs.txt": "1 1 2.0 3.0 1\n1 2 0 0 0\n2 1 1 1 1\n2 2 4 4 1\n",
-        "bounding_boxes.txt": "1 0 0 4 3\n2 1 1 2 2\n",
-    }
-    for name, text in files.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_text(text)
 
 
 @SLOW
@@ -189,7 +167,7 @@ def test_cub_annotations_import_or_raise_dataset_error(which, lines, raw) -> Non
     top = Path(tempfile.mkdtemp(prefix="lavise-fuzz-cub-"))
     try:
         src = top / "CUB_200_2011"
-        _write_cub(src)
+        write_tiny_cub(src)
         (src / which).write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + raw)
         try:
             ds = import_cub(src, top / "out", progress=False)
@@ -324,7 +302,7 @@ def test_coco_polygon_far_outside_the_image_is_a_bad_annotation_not_a_hang() -> 
 def test_cub_image_name_too_long_for_the_os_is_skipped_not_a_crash(tmp_path) -> None:
     # found by bench/fuzz (cub target): a 300-byte name in images.txt raised OSError ENAMETOOLONG
     src = tmp_path / "CUB_200_2011"
-    _write_cub(src)
+    write_tiny_cub(src)
     (src / "images.txt").write_text("1 001.A/a.jpg\n2 002.B/" + "é" * 150 + ".jpg\n")
     ds = import_cub(src, tmp_path / "out", progress=False)
     assert [r.path for r in ds.records] == ["images/001.A/a.jpg"]

@@ -42,6 +42,8 @@ with atheris.instrument_imports(include=["lavise_core"]):
 
 import torch  # noqa: E402
 
+from tests.cub_fixture import CUB_FILES, CUB_GOOD, write_tiny_cub  # noqa: E402
+
 torch.set_num_threads(1)
 SCRATCH = Path(tempfile.mkdtemp(prefix="lavise-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 BUNDLE = ROOT / "data" / "bundles" / "synthbirds-synthbirds-features-3a8d15e0be5c8184"
@@ -80,34 +82,8 @@ def fuzz_text(data: bytes) -> None:
     importers._read_caption_file(SCRATCH / "cap.txt")
 
 
-CUB_FILES = ["images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "attributes.txt",
-             "attributes/image_attribute_labels.txt", "parts/parts.txt", "parts/part_locs.txt",
-             "bounding_boxes.txt"]  # fmt: skip
-CUB_GOOD = {
-    "images.txt": "1 001.A/a.jpg\n2 002.B/b.jpg\n",
-    "classes.txt": "1 001.A\n2 002.B\n",
-    "image_class_labels.txt": "1 1\n2 2\n",
-    "train_test_split.txt": "1 1\n2 0\n",
-    "attributes.txt": "1 has_wing_color::red\n2 has_size::small_(5_-_9_in)\n",
-    "attributes/image_attribute_labels.txt": "1 1 1 3 0.5\n2 2 1 4 1.0\n",
-    "parts/parts.txt": "1 back\n2 beak\n",
-    "parts/part_locs.txt": "1 1 2.0 3.0 1\n1 2 0 0 0\n2 1 1 1 1\n2 2 4 4 1\n",
-    "bounding_boxes.txt": "1 0 0 4 3\n2 1 1 2 2\n",
-}
-
-
 def _cub_src() -> Path:
-    src = SCRATCH / "CUB_200_2011"
-    if not (src / "images").is_dir():
-        from PIL import Image
-
-        for i, rel in enumerate(["001.A/a.jpg", "002.B/b.jpg"], 1):
-            (src / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (8, 6), (i * 50, 0, 0)).save(src / "images" / rel)
-    for name, text in CUB_GOOD.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_text(text)
-    return src
+    return write_tiny_cub(SCRATCH / "CUB_200_2011")
 
 
 def fuzz_cub(data: bytes) -> None:
