@@ -382,6 +382,7 @@ def run_probe(
     work = bundle.root / "probe" / "_partial"
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.npz"
+    (work / SHARDED_STATE).unlink(missing_ok=True)  # a sharded pass's rows are redone here, in order
     pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
     failures: dict[str, str] = {}
     done = 0
@@ -498,6 +499,11 @@ def _finish(
 
 
 # --------------------------------------------------------------------------------------- sharded pass
+SHARDED_STATE = (
+    "shards.npz"  # a sharded pass's checkpoint in probe/_partial (the single-process one: state.npz)
+)
+
+
 @dataclass
 class ProbePartial:
     """What one shard of the probe pass sends back: its rows and its own top-k and histogram."""
@@ -616,7 +622,11 @@ def run_probe_sharded(
     arrays :func:`run_probe` writes: pooled / logits / valid by row, top-k and histograms merged exactly
     (:meth:`TopKMaps.merge`, :meth:`StreamingHistogram.merge`), failures collected in manifest order.
 
-    Nothing is written to the bundle unless every shard came back (no resume inside the pass).
+    Every ``settings.checkpoint_every`` batches' worth of merged shards, the merged state is checkpointed
+    (``probe/_partial/shards.npz``: which rows are done, the top-k, the histogram, the failures; the memmaps
+    flushed first). A pass that fails (a worker dead for good, an interrupt) keeps it, and the next sharded pass
+    with the same batch size maps only the rows not done. Nothing is written to the bundle's arrays until every
+    row is done.
     """
     if bundle.stage_done("probe"):
         return bundle
@@ -631,19 +641,49 @@ def run_probe_sharded(
     model_device = next(lm.model.parameters(), torch.zeros(0)).device
     c, h, w, k_cls, top_k = _shapes(lm, layer, model_device, n, settings.top_k)
     work = bundle.root / "probe" / "_partial"
-    shutil.rmtree(work, ignore_errors=True)  # a single-process checkpoint does not mix with shards
+    if (work / "state.npz").is_file():
+        shutil.rmtree(work)  # a single-process checkpoint does not mix with shards
     work.mkdir(parents=True, exist_ok=True)
+    state_path = work / SHARDED_STATE
+    pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
+    finished = np.zeros(n, np.bool_)
+    errors: dict[int, str] = {}
+    if state_path.is_file():
+        st = dict(np.load(state_path, allow_pickle=False))
+        if (
+            tuple(st["top_maps"].shape) == (c, top_k, h, w)
+            and st["finished"].shape == (n,)
+            and int(st["batch_size"]) == settings.batch_size
+        ):
+            finished = st["finished"].astype(np.bool_)
+            top.load_state(st)
+            if finished.any():
+                hist.load_state(st)
+            errors = {int(k): v for k, v in json.loads(str(st["failures"])).items()}
+    todo = np.flatnonzero(~finished)
+    done = n - len(todo)
+    t0 = time.perf_counter()
+    merge_s, since_checkpoint, merging = 0.0, 0, False
+    shards_open: Iterator | None = None
     try:
-        pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
-        errors: dict[int, str] = {}
         task = ProbeShardTask(lm, ds, layer, settings)
-        t0 = time.perf_counter()
-        merge_s, done = 0.0, 0
-        bar = tqdm(total=n, unit="img", desc=f"probe pass ({executor.kind})", disable=not settings.progress)
+        bar = tqdm(
+            total=n,
+            initial=done,
+            unit="img",
+            desc=f"probe pass ({executor.kind})",
+            disable=not settings.progress,
+        )
+        if done:
+            bar.write(f"resuming: {done} of {n} images came back from an earlier pass")
         # Ray: "cuda" on a cluster with GPUs (one per actor), else "cpu"; an explicit cuda:N is kept
         worker_device = None if executor.kind == "ray" and settings.device == "cpu" else settings.device
-        for rows, part in map_shards(task, np.arange(n), settings.batch_size, executor, worker_device):
+        shards_open = (
+            map_shards(task, todo, settings.batch_size, executor, worker_device) if len(todo) else None
+        )
+        for rows, part in shards_open or ():
             tm = time.perf_counter()
+            merging = True  # until the rows are marked finished, the merged state is not a checkpoint
             pooled[rows] = part.pooled
             logits[rows] = part.logits
             valid[rows] = part.valid
@@ -656,22 +696,41 @@ def run_probe_sharded(
             )
             other.counts = torch.from_numpy(np.array(part.hist_counts))
             hist.merge(other)
+            finished[rows] = True
+            merging = False
+            since_checkpoint += len(rows)
+            if since_checkpoint >= settings.checkpoint_every * settings.batch_size and not finished.all():
+                _checkpoint_shards(state_path, pooled, logits, valid, top, hist, finished, errors, settings)
+                since_checkpoint = 0
             merge_s += time.perf_counter() - tm
             done += len(rows)
             bar.update(len(rows))
             if on_progress is not None:
                 on_progress(done, n)
-        bar.close()
-        if done != n:
-            raise ExecutorError(f"the {executor.kind} executor returned {done} of {n} rows")
-        seconds = time.perf_counter() - t0
-        failures = {ds.records[i].path: errors[i] for i in sorted(errors)}
-        extra = {"executor": executor.kind, "merge_seconds": round(merge_s, 3)}
-        _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device,
-                (c, h, w), extra)  # fmt: skip
-        del pooled, logits, valid
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:  # keep what came back: the next sharded pass maps only the other rows
+        if shards_open is not None:
+            shards_open.close()  # stop the executor's iterator now (Ray: while its runtime is still up)
+        if since_checkpoint and not merging:
+            _checkpoint_shards(state_path, pooled, logits, valid, top, hist, finished, errors, settings)
+        elif not state_path.is_file():  # nothing came back: leave nothing behind
+            del pooled, logits, valid
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, ExecutorError) and state_path.is_file():
+            kept = int(np.load(state_path)["finished"].sum())
+            raise ExecutorError(
+                f"{e} The {kept} of {n} images that came back are kept: the same build maps only the rest."
+            ) from e
+        raise
+    bar.close()
+    if not finished.all():
+        raise ExecutorError(f"the {executor.kind} executor returned {int(finished.sum())} of {n} rows")
+    seconds = time.perf_counter() - t0
+    failures = {ds.records[i].path: errors[i] for i in sorted(errors)}
+    extra = {"executor": executor.kind, "merge_seconds": round(merge_s, 3), "resumed_rows": n - len(todo)}
+    _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device,
+            (c, h, w), extra)  # fmt: skip
+    del pooled, logits, valid
+    shutil.rmtree(work, ignore_errors=True)
     return bundle
 
 
@@ -713,6 +772,22 @@ def _checkpoint(
         arr.flush()
     buf = io.BytesIO()
     np.savez(buf, done=done, n=n, failures=json.dumps(failures), **top.state(), **hist.state())
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _checkpoint_shards(
+    path: Path, pooled, logits, valid, top: TopKMaps, hist: StreamingHistogram, finished: np.ndarray,
+    errors: dict[int, str], settings: ProbeSettings,
+) -> None:  # fmt: skip
+    """Flush the memmaps, then atomically record which rows the merged state holds (a sharded pass's resume)."""
+    import io
+
+    for arr in (pooled, logits, valid):
+        arr.flush()
+    buf = io.BytesIO()
+    hist_state = hist.state() if hist.lo is not None else {}
+    np.savez(buf, finished=finished, batch_size=settings.batch_size, failures=json.dumps(errors), **top.state(),
+             **hist_state)  # fmt: skip
     atomic_write_bytes(path, buf.getvalue())
 
 
