@@ -214,7 +214,7 @@ def build_lavise_stage(
         rf = extract_region_features(
             lm, dataset, layer, "train" if has_train else None, settings.image_batch,
             settings.min_region_cells, progress=progress, background_rows=settings.background_rows,
-            executor=executor,
+            executor=executor, resume_dir=bundle.root / "lavise" / "_regions_partial",
         )  # fmt: skip
         rf.save(bundle)
         bundle.mark_stage(

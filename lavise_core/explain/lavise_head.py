@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +257,8 @@ def extract_region_features(
     progress: bool = False,
     background_rows: bool = True,
     executor: ExecutorSettings | None = None,
+    resume_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> RegionFeatures:
     """One streaming pass: masked mean-pooled ``(R, C)`` features of every annotated region (METHODS §2).
 
@@ -262,6 +266,9 @@ def extract_region_features(
     for its pixels outside the object (label 0 of the intact image), region ``"background"``, concepts
     ``["{kind} background"]``. (The painted-out ``background`` features are separate: the bias test.)
     ``executor``: where the pass runs (a Ray executor maps shards of the images over its workers; same rows).
+    ``resume_dir`` (sharded pass only): every shard that comes back is saved there (one ``.npz`` each, written
+    atomically, in a sub-folder named by these settings); a pass that stops keeps them and the next one maps only
+    the other images; removed when the pass completes. ``on_progress(images done, images)`` after each shard.
     """
     idx = [
         int(i)
@@ -284,8 +291,29 @@ def extract_region_features(
     task = RegionShardTask(lm, dataset, layer, batch_size, min_region_cells, background_rows)
     if executor is None or executor.kind == "local":
         parts = [(np.asarray(idx), task(np.asarray(idx), progress))]
-    else:  # shards on the workers, put back in manifest order
-        parts = sorted(map_shards(task, idx, batch_size, executor), key=lambda p: int(p[0][0]))
+    else:  # shards on the workers (those an earlier pass saved are read back), put back in manifest order
+        key = json.dumps([layer, split, batch_size, min_region_cells, max_images, background_rows])
+        saved = resume_dir / f"shards-{hashlib.sha256(key.encode()).hexdigest()[:12]}" if resume_dir else None
+        parts = _saved_parts(saved, set(idx)) if saved else []
+        covered = {int(r) for rows, _ in parts for r in rows}
+        todo = [i for i in idx if i not in covered]
+        if on_progress is not None and covered:
+            on_progress(len(covered), len(idx))
+        shards = map_shards(task, todo, batch_size, executor) if todo else None
+        try:
+            for rows, part in shards or ():
+                if saved is not None:
+                    _save_part(saved, rows, part)
+                parts.append((rows, part))
+                covered.update(int(r) for r in rows)
+                if on_progress is not None:
+                    on_progress(len(covered), len(idx))
+        finally:
+            if shards is not None:
+                shards.close()  # an interrupted pass stops the executor's iterator now (Ray: while it is up)
+        parts.sort(key=lambda p: int(p[0][0]))
+    if resume_dir is not None:  # done (a local pass also clears what an earlier sharded one left)
+        shutil.rmtree(resume_dir, ignore_errors=True)
     for _, part in parts:
         feats += part.features
         rows_img += part.image
@@ -304,6 +332,48 @@ def extract_region_features(
         np.concatenate(bg_feats).astype(np.float32) if bg_feats else np.zeros((0, c), np.float32),
         np.array(bg_img, np.int64),
     )
+
+
+def _save_part(folder: Path, rows: np.ndarray, part: _RegionPart) -> None:
+    """One shard's region rows as ``shard_<first image>.npz`` (no pickle), written atomically."""
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        rows=np.asarray(rows, np.int64),
+        features=np.stack(part.features) if part.features else np.zeros((0, 0), np.float32),
+        image=np.asarray(part.image, np.int64),
+        region=json.dumps(part.region),
+        concepts=json.dumps(part.concepts),
+        background=np.concatenate(part.background) if part.background else np.zeros((0, 0), np.float32),
+        background_image=np.asarray(part.background_image, np.int64),
+    )
+    atomic_write_bytes(folder / f"shard_{int(rows[0]):09d}.npz", buf.getvalue())
+
+
+def _saved_parts(folder: Path, images: set[int]) -> list[tuple[np.ndarray, _RegionPart]]:
+    """The shards :func:`_save_part` left in ``folder`` whose images are all still to do (an unreadable file is
+    skipped: its images are mapped again)."""
+    parts = []
+    for path in sorted(folder.glob("shard_*.npz")) if folder.is_dir() else ():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                rows = z["rows"]
+                part = _RegionPart(
+                    features=list(z["features"]),
+                    image=z["image"].tolist(),
+                    region=json.loads(str(z["region"])),
+                    concepts=json.loads(str(z["concepts"])),
+                    background=[z["background"]] if len(z["background"]) else [],
+                    background_image=z["background_image"].tolist(),
+                )
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            continue
+        if len(rows) and {int(r) for r in rows} <= images:
+            parts.append((rows, part))
+    return parts
 
 
 # ============================================================================ split and targets

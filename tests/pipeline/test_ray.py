@@ -208,6 +208,39 @@ def test_region_features_on_ray_equal_local(ray_runtime, birds):
     assert np.abs(local.background - dist.background).max() <= 1e-5
 
 
+def test_region_features_interrupted_on_ray_keep_their_shards_and_resume(ray_runtime, birds, tmp_path):
+    """The region pass stops after its first shard: that shard stays in ``resume_dir``; the next pass reads it
+    back, maps only the other images, equals the single-process pass and removes the folder."""
+    from lavise_core.explain.lavise_head import extract_region_features
+
+    _, ds, lm, _ = birds
+    torch.set_num_threads(1)
+    local = extract_region_features(lm, ds, lm.default_layer, "train", batch_size=8)
+    keep = tmp_path / "regions_partial"
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_region_features(
+            lm, ds, lm.default_layer, "train", batch_size=8, executor=RAY2, resume_dir=keep, on_progress=stop
+        )
+    assert len(list(keep.glob("shards-*/shard_*.npz"))) == 1
+    seen: list[tuple[int, int]] = []
+    dist = extract_region_features(
+        lm, ds, lm.default_layer, "train", batch_size=8, executor=RAY2, resume_dir=keep,
+        on_progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    total = seen[-1][1]
+    assert seen[0] == (8, total) and seen[-1] == (total, total) and len(seen) == 1 + (total - 8 + 7) // 8
+    assert np.array_equal(local.image, dist.image) and local.region == dist.region
+    assert local.concepts == dist.concepts
+    assert np.abs(local.features - dist.features).max() <= 1e-6
+    assert np.array_equal(local.background_image, dist.background_image)
+    assert np.abs(local.background - dist.background).max() <= 1e-5
+    assert not keep.exists()
+
+
 def test_unreachable_address_fails_fast():
     pytest.importorskip("ray")
     import time
