@@ -391,7 +391,8 @@ def run_probe(
         if tuple(st["top_maps"].shape) == (c, top_k, h, w) and int(st["n"]) == n:
             done = int(st["done"])
             top.load_state(st)
-            hist.load_state(st)
+            if "hist_lo" in st:
+                hist.load_state(st)
             failures = json.loads(str(st["failures"]))
 
     gpu = device.type == "cuda"
@@ -430,7 +431,7 @@ def run_probe(
             if on_progress is not None:
                 on_progress(done, n)
             if (bi + 1) % settings.checkpoint_every == 0 and done < n:
-                _checkpoint(state_path, pooled, logits, valid, top, hist, done, n, failures)
+                _checkpoint(state_path, pooled, logits, valid, top, hist, failures, done=done, n=n)
     bar.close()
     seconds = time.perf_counter() - t0
     _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device, (c, h, w))
@@ -499,9 +500,8 @@ def _finish(
 
 
 # --------------------------------------------------------------------------------------- sharded pass
-SHARDED_STATE = (
-    "shards.npz"  # a sharded pass's checkpoint in probe/_partial (the single-process one: state.npz)
-)
+#: a sharded pass's checkpoint in probe/_partial (the single-process one: state.npz)
+SHARDED_STATE = "shards.npz"
 
 
 @dataclass
@@ -657,11 +657,11 @@ def run_probe_sharded(
         ):
             finished = st["finished"].astype(np.bool_)
             top.load_state(st)
-            if finished.any():
+            if "hist_lo" in st:
                 hist.load_state(st)
             errors = {int(k): v for k, v in json.loads(str(st["failures"])).items()}
     todo = np.flatnonzero(~finished)
-    done = n - len(todo)
+    resumed = n - len(todo)
     t0 = time.perf_counter()
     merge_s, since_checkpoint, merging = 0.0, 0, False
     shards_open: Iterator | None = None
@@ -669,13 +669,13 @@ def run_probe_sharded(
         task = ProbeShardTask(lm, ds, layer, settings)
         bar = tqdm(
             total=n,
-            initial=done,
+            initial=resumed,
             unit="img",
             desc=f"probe pass ({executor.kind})",
             disable=not settings.progress,
         )
-        if done:
-            bar.write(f"resuming: {done} of {n} images came back from an earlier pass")
+        if resumed:
+            bar.write(f"resuming: {resumed} of {n} images came back from an earlier pass")
         # Ray: "cuda" on a cluster with GPUs (one per actor), else "cpu"; an explicit cuda:N is kept
         worker_device = None if executor.kind == "ray" and settings.device == "cpu" else settings.device
         shards_open = (
@@ -700,18 +700,23 @@ def run_probe_sharded(
             merging = False
             since_checkpoint += len(rows)
             if since_checkpoint >= settings.checkpoint_every * settings.batch_size and not finished.all():
-                _checkpoint_shards(state_path, pooled, logits, valid, top, hist, finished, errors, settings)
+                _checkpoint(
+                    state_path, pooled, logits, valid, top, hist, errors, finished=finished,
+                    batch_size=settings.batch_size,
+                )  # fmt: skip
                 since_checkpoint = 0
             merge_s += time.perf_counter() - tm
-            done += len(rows)
             bar.update(len(rows))
             if on_progress is not None:
-                on_progress(done, n)
+                on_progress(int(finished.sum()), n)
     except BaseException as e:  # keep what came back: the next sharded pass maps only the other rows
         if shards_open is not None:
             shards_open.close()  # stop the executor's iterator now (Ray: while its runtime is still up)
         if since_checkpoint and not merging:
-            _checkpoint_shards(state_path, pooled, logits, valid, top, hist, finished, errors, settings)
+            _checkpoint(
+                state_path, pooled, logits, valid, top, hist, errors, finished=finished,
+                batch_size=settings.batch_size,
+            )  # fmt: skip
         elif not state_path.is_file():  # nothing came back: leave nothing behind
             del pooled, logits, valid
             shutil.rmtree(work, ignore_errors=True)
@@ -726,7 +731,7 @@ def run_probe_sharded(
         raise ExecutorError(f"the {executor.kind} executor returned {int(finished.sum())} of {n} rows")
     seconds = time.perf_counter() - t0
     failures = {ds.records[i].path: errors[i] for i in sorted(errors)}
-    extra = {"executor": executor.kind, "merge_seconds": round(merge_s, 3), "resumed_rows": n - len(todo)}
+    extra = {"executor": executor.kind, "merge_seconds": round(merge_s, 3), "resumed_rows": resumed}
     _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device,
             (c, h, w), extra)  # fmt: skip
     del pooled, logits, valid
@@ -755,39 +760,18 @@ def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -
 
 
 def _checkpoint(
-    path: Path,
-    pooled,
-    logits,
-    valid,
-    top: TopKMaps,
-    hist: StreamingHistogram,
-    done: int,
-    n: int,
-    failures: dict,
+    path: Path, pooled, logits, valid, top: TopKMaps, hist: StreamingHistogram, failures: dict, **position
 ) -> None:
-    """Flush the memmaps, then atomically record how far the pass got (rows after ``done`` are redone)."""
-    import io
-
-    for arr in (pooled, logits, valid):
-        arr.flush()
-    buf = io.BytesIO()
-    np.savez(buf, done=done, n=n, failures=json.dumps(failures), **top.state(), **hist.state())
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _checkpoint_shards(
-    path: Path, pooled, logits, valid, top: TopKMaps, hist: StreamingHistogram, finished: np.ndarray,
-    errors: dict[int, str], settings: ProbeSettings,
-) -> None:  # fmt: skip
-    """Flush the memmaps, then atomically record which rows the merged state holds (a sharded pass's resume)."""
+    """Flush the memmaps, then atomically record the merged state and how far the pass got: ``done``, ``n``
+    (single process: rows after ``done`` are redone) or ``finished (N,)``, ``batch_size`` (sharded pass). The
+    histogram is left out while no image has reached it."""
     import io
 
     for arr in (pooled, logits, valid):
         arr.flush()
     buf = io.BytesIO()
     hist_state = hist.state() if hist.lo is not None else {}
-    np.savez(buf, finished=finished, batch_size=settings.batch_size, failures=json.dumps(errors), **top.state(),
-             **hist_state)  # fmt: skip
+    np.savez(buf, failures=json.dumps(failures), **position, **top.state(), **hist_state)
     atomic_write_bytes(path, buf.getvalue())
 
 

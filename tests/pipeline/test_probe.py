@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import COLOURS, IdentityCNN, wrap
 
+from lavise_core.data.dataset import ProbeDataset
 from lavise_core.pipeline.bundle import Bundle, BundleError
 from lavise_core.pipeline.probe import (
     ProbeSettings,
@@ -87,6 +88,34 @@ def test_probe_resumes_after_interrupt(tmp_path, colour_dataset):
             bundle.array(f"probe/{name}"), clean.array(f"probe/{name}"), err_msg=name
         )
     assert not (bundle.root / "probe/_partial").exists()
+
+
+def test_probe_resumes_from_a_checkpoint_before_any_readable_image(tmp_path, colour_dataset):
+    """The first batch has no readable image, so the histogram has no origin yet when the pass checkpoints and
+    stops: the checkpoint leaves the histogram out, and the resumed pass equals a clean one."""
+    import shutil
+
+    root = tmp_path / "first-broken"
+    shutil.copytree(colour_dataset.root, root)
+    for i in (0, 1):
+        (root / f"images/{i}.png").write_bytes(b"not an image")
+    ds = ProbeDataset.open(root)
+    settings = ProbeSettings(
+        top_k=3, batch_size=2, num_workers=0, progress=False, checkpoint_every=1, histogram_bins=256
+    )
+    failing = wrap(IdentityCNN(fail_after=2))  # 1 shape probe + the unreadable batch, then fails
+    bundle = open_or_create_bundle(tmp_path / "b", failing, ds)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_probe(bundle, failing, ds, settings)
+    state = np.load(bundle.root / "probe/_partial/state.npz")
+    assert int(state["done"]) == 2 and "hist_lo" not in state
+    failing.model.fail_after = None
+    run_probe(bundle, failing, ds, settings)
+    clean = _probe(tmp_path / "clean", wrap(IdentityCNN()), ds, settings)
+    for name in ("pooled", "valid", "top_index", "top_value", "quantiles"):
+        np.testing.assert_array_equal(
+            bundle.array(f"probe/{name}"), clean.array(f"probe/{name}"), err_msg=name
+        )
 
 
 def test_bundle_key_changes_with_inputs(tmp_path, identity_model, colour_dataset):
