@@ -42,15 +42,16 @@ def get_model(path: str, stamp: float):
 
 @st.cache_resource(show_spinner="Loading the sentence encoder…")
 def get_embedder(model_id: str):
-    from lavise_core.explain.concepts import shared_embedder
+    from lavise_core.models.text_encoder import shared_embedder
 
     return shared_embedder(model_id)
 
 
 @st.cache_resource(show_spinner="Loading the concept index…")
 def get_lavise(path: str, stamp: float):
-    from lavise_core.explain.concepts import DEFAULT_MODEL_ID, ConceptIndex
-    from lavise_core.explain.lavise import LaviseExplainer
+    from lavise_core.explain.lavise.explainer import LaviseExplainer
+    from lavise_core.explain.lavise.index import ConceptIndex
+    from lavise_core.models.text_encoder import DEFAULT_MODEL_ID
 
     bundle = get_bundle(path, stamp)
     index = ConceptIndex.load(Path(path) / "lavise", embedder=get_embedder(DEFAULT_MODEL_ID))

@@ -4,7 +4,7 @@
    input (torchvision ResNet-18 without weights at 224 px, batch 1, and the demo CNN at 128 px). Target: our ratio
    no worse than torchcam's. "Bare" = ``model(x)[0, c].backward()`` on the model as torchvision builds it (trainable
    parameters), which is what torchcam runs; ours freezes the parameters for the call and differentiates only from
-   the layer up (see lavise_core/explain/attribution_cam.py).
+   the layer up (see lavise_core/explain/attribution/cam.py).
 2. SmoothGrad with 25 samples / 25 noisy copies through one batched forward + backward to the input, both on
    the frozen network (parameters without gradients). Target <= 1.2.
 3. The Explain page's default method (Grad-CAM, predicted + runner-up class, overlays): the time
@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lavise_core.explain.attribution_cam import GradCAM  # noqa: E402
-from lavise_core.explain.attribution_gradient import SmoothGrad  # noqa: E402
+from lavise_core.explain.attribution.cam import GradCAM  # noqa: E402
+from lavise_core.explain.attribution.gradient import SmoothGrad  # noqa: E402
 from lavise_core.models.networks import load_model  # noqa: E402
 
 DEMO_BUNDLE = "data/bundles/synthbirds-synthbirds-features-3a8d15e0be5c8184"

@@ -22,8 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import torch
 
-from lavise_core.explain.concept_query import query_concept
-from lavise_core.explain.concepts import ConceptIndex, TextEmbedder, load_general_vocabulary
+from lavise_core.explain.lavise.index import ConceptIndex, load_general_vocabulary
+from lavise_core.explain.lavise.query import query_concept
+from lavise_core.models.text_encoder import TextEmbedder
 
 QUERIES = [
     "red wing", "bird standing in shallow water", "glittering plumage", "striped tail feathers",
@@ -120,7 +121,9 @@ def main() -> None:
     big = ConceptIndex(emb).build([f"phrase {i}" for i in range(n)], x)
     build_s = time.perf_counter() - t
     ivf = f" (nlist {big.index.nlist}, nprobe {big.index.nprobe})" if hasattr(big.index, "nlist") else ""
-    print(f"synthetic vocabulary: {n} phrases, index {big.kind}{ivf} built in {build_s:.1f} s: {bench(big, 'b')}")
+    print(
+        f"synthetic vocabulary: {n} phrases, index {big.kind}{ivf} built in {build_s:.1f} s: {bench(big, 'b')}"
+    )
     print(_load())
 
 

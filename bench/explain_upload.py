@@ -23,7 +23,7 @@ import torch
 
 from lavise_core.data.images import load_image
 from lavise_core.data.samples import sample_photo
-from lavise_core.explain.textual import TextualExplainer
+from lavise_core.explain.textual.explainer import TextualExplainer
 from lavise_core.models.networks import forward_maps, load_model
 
 

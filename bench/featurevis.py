@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lavise_core.explain.featurevis import VisSettings, visualise
+from lavise_core.explain.featurevis.visualise import VisSettings, visualise
 from lavise_core.models.networks import load_model
 
 SIZES = {"synthbirds": 128, "efficientnet_lite0": 224}

@@ -30,25 +30,25 @@ from _common import photo_crops_dataset
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.models.networks import load_model
 from lavise_core.pipeline.probe import (
+    ProbeImages,
     ProbeSettings,
-    _autocast,
-    _collate,
-    _prepare_device,
-    _ProbeImages,
+    autocast_forward,
+    collate_batch,
     open_or_create_bundle,
+    prepare_device,
     run_probe,
 )
 
 
 def bare_pass(lm, ds: ProbeDataset, st: ProbeSettings) -> float:
     dev = torch.device(st.device)
-    loader = DataLoader(_ProbeImages(ds, lm, 0), batch_size=st.batch_size, num_workers=st.num_workers,
-                        collate_fn=_collate, pin_memory=True)  # fmt: skip
+    loader = DataLoader(ProbeImages(ds, lm, 0), batch_size=st.batch_size, num_workers=st.num_workers,
+                        collate_fn=collate_batch, pin_memory=True)  # fmt: skip
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
         for _idx, x, _err in loader:
-            with _autocast(dev, True):
+            with autocast_forward(dev, True):
                 lm.model(x.to(dev, non_blocking=True, memory_format=torch.channels_last))
     torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -87,7 +87,7 @@ def main() -> int:
     ds = dataclasses.replace(ds, records=ds.records[: args.n])
     lm = load_model(args.model)
     st = ProbeSettings(batch_size=args.batch_size, num_workers=args.workers, device="cuda", progress=False)
-    _prepare_device(lm, torch.device("cuda"))
+    prepare_device(lm, torch.device("cuda"))
     bare_pass(lm, ds, st)  # warm-up: cuDNN autotuning, page cache, allocator
     bare, probe = [], []
     for _ in range(args.repeats):

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from lavise_core.explain.lavise_head import train_head
-from lavise_core.explain.lavise_settings import LaviseSettings
+from lavise_core.explain.lavise.head import train_head
+from lavise_core.explain.lavise.settings import LaviseSettings
 
 
 def main() -> None:
@@ -28,8 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     st = LaviseSettings(epochs=args.epochs, max_seconds=1e9, val_fraction=0.0)
     if args.bundle:
-        from lavise_core.explain.concepts import ConceptIndex
-        from lavise_core.explain.lavise_head import RegionFeatures, training_targets
+        from lavise_core.explain.lavise.head import RegionFeatures, training_targets
+        from lavise_core.explain.lavise.index import ConceptIndex
         from lavise_core.pipeline.bundle import Bundle
 
         b = Bundle.open(args.bundle)

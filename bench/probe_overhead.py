@@ -25,15 +25,21 @@ from _common import photo_crops_dataset
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.models.networks import load_model
-from lavise_core.pipeline.probe import ProbeSettings, _collate, _ProbeImages, open_or_create_bundle, run_probe
+from lavise_core.pipeline.probe import (
+    ProbeImages,
+    ProbeSettings,
+    collate_batch,
+    open_or_create_bundle,
+    run_probe,
+)
 
 
 def bare_pass(lm, ds: ProbeDataset, settings: ProbeSettings) -> float:
     loader = DataLoader(
-        _ProbeImages(ds, lm, 0),
+        ProbeImages(ds, lm, 0),
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_batch,
     )
     t0 = time.perf_counter()
     with torch.no_grad():

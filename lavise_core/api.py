@@ -278,14 +278,14 @@ class Explainer:
         return self.bundle.stage_done("dissection") and self.bundle.has("dissection/iou")
 
     def dissection(self):
-        """The :class:`~lavise_core.explain.dissection.DissectionTables`, or raise :class:`StageMissing`."""
+        """The :class:`~lavise_core.explain.dissection.labels.DissectionTables`, or raise :class:`StageMissing`."""
         if not self.has_dissection():
             why = self.bundle.manifest.get("stages", {}).get("dissection", {}).get("skipped")
             raise StageMissing(
                 f"no Network Dissection labels: {why}" if why else
                 f"this bundle has no dissection stage yet: build it with `{build_hint(self.bundle)}`"
             )  # fmt: skip
-        from lavise_core.explain.dissection import DissectionTables
+        from lavise_core.explain.dissection.labels import DissectionTables
 
         value, err = self._once("dissection", lambda: DissectionTables(self.bundle))
         if value is None:
@@ -300,13 +300,13 @@ class Explainer:
         return self._once("dataset", self.bundle.dataset)[1]
 
     def textual(self):
-        """The :class:`~lavise_core.explain.textual.TextualExplainer`, or raise :class:`StageMissing`."""
+        """The :class:`~lavise_core.explain.textual.explainer.TextualExplainer`, or raise :class:`StageMissing`."""
         if not self.has_textual():
             raise StageMissing(
                 "this bundle has no textual stage (attribute p.d.f.s) yet: build it with "
                 f"`{build_hint(self.bundle)}`"
             )
-        from lavise_core.explain.textual import TextualExplainer
+        from lavise_core.explain.textual.explainer import TextualExplainer
 
         value, err = self._once("textual", lambda: TextualExplainer.from_bundle(self.bundle))
         if value is None:
@@ -316,7 +316,7 @@ class Explainer:
         return value
 
     def lavise(self):
-        """The :class:`~lavise_core.explain.lavise.LaviseExplainer`, or raise :class:`StageMissing`."""
+        """The :class:`~lavise_core.explain.lavise.explainer.LaviseExplainer`, or raise :class:`StageMissing`."""
         if not self.has_lavise():
             raise StageMissing(
                 "this bundle has no LaViSE stage (zero-shot concepts) yet: build it with "
@@ -326,7 +326,7 @@ class Explainer:
         def make():
             if self._lavise_loader is not None:
                 return self._lavise_loader()
-            from lavise_core.explain.lavise import LaviseExplainer
+            from lavise_core.explain.lavise.explainer import LaviseExplainer
 
             return LaviseExplainer(self.bundle)
 
@@ -378,7 +378,7 @@ class Explainer:
 
     def filter_info(self, k: int, n_labels: int = 10) -> FilterInfo:
         """:class:`FilterInfo` of filter ``k`` (see :attr:`filters`)."""
-        from lavise_core.explain.dissection import IOU_MIN
+        from lavise_core.explain.dissection.labels import IOU_MIN
 
         self.require_probe()
         labels: list[tuple[str, float, str]] = []
@@ -414,9 +414,9 @@ class Explainer:
         """``(QueryIndex, Lexicon, word table, embedder)`` of the concept search, built once per bundle."""
 
         def make():
-            from lavise_core.explain.concept_search import absent_phrases, search_index, word_table
-            from lavise_core.explain.concepts import shared_embedder
-            from lavise_core.explain.lexicon import build_lexicon
+            from lavise_core.explain.dissection.lexicon import build_lexicon
+            from lavise_core.explain.dissection.search import absent_phrases, search_index, word_table
+            from lavise_core.models.text_encoder import shared_embedder
 
             d = self.dissection()
             emb = shared_embedder()
@@ -438,7 +438,7 @@ class Explainer:
         self, filters: np.ndarray, weights: np.ndarray, n_images: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Probe images where ``filters`` fire most: ``Σ_k w_k phi_k(x) / max phi_k`` over valid images."""
-        from lavise_core.explain.concept_query import images_where_filters_fire
+        from lavise_core.explain.lavise.query import images_where_filters_fire
 
         return images_where_filters_fire(
             self.array("probe/pooled"), self.array("probe/top_value"), filters, weights, n_images,
@@ -478,7 +478,7 @@ class Explainer:
         )  # fmt: skip
 
     def _query_evidence(self, text: str, n: int, n_images: int) -> ConceptAnswer:
-        from lavise_core.explain.concept_search import answer_query
+        from lavise_core.explain.dissection.search import answer_query
 
         qi, lex, table, emb = self._search()
         d = self.dissection()

@@ -33,14 +33,14 @@ from lavise_core.evaluate.fidelity import build_fidelity_stage
 from lavise_core.evaluate.oramas import build_oramas_eval_stage
 from lavise_core.evaluate.siam import build_siam_eval_stage
 from lavise_core.explain.datamap import build_datamap_stage
-from lavise_core.explain.dissection import build_dissection_stage
-from lavise_core.explain.featurevis import build_featurevis_stage
-from lavise_core.explain.grounding import build_grounding_stage
-from lavise_core.explain.lavise import RECIPES, SUBSTAGES, build_lavise_stage
-from lavise_core.explain.layers import build_layers_stage
+from lavise_core.explain.dissection.labels import build_dissection_stage
+from lavise_core.explain.dissection.layers import build_layers_stage
+from lavise_core.explain.featurevis.visualise import build_featurevis_stage
+from lavise_core.explain.lavise.explainer import RECIPES, SUBSTAGES, build_lavise_stage
 from lavise_core.explain.ood import build_ood_stage
 from lavise_core.explain.oramas import build_oramas_stage
-from lavise_core.explain.textual import build_textual_stage
+from lavise_core.explain.textual.explainer import build_textual_stage
+from lavise_core.explain.textual.grounding import build_grounding_stage
 from lavise_core.pipeline.probe import ProbeSettings, run_probe
 from lavise_core.pipeline.stages import Stage, StageContext, StageRegistry
 

@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
-from lavise_core.explain.concepts import TextEmbedder
 from lavise_core.models.networks import LoadedModel
+from lavise_core.models.text_encoder import TextEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -95,7 +95,60 @@ def test_no_import_cycles() -> None:
             visit(m)
 
 
+def family_of(module: str) -> str | None:
+    """The method family of an ``explain`` module: its package (``lavise``) or single module (``ood``)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "explain" else None
+
+
+def test_method_families_do_not_import_each_other() -> None:
+    crossing = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph().items()
+        if family_of(mod)
+        for dep in deps
+        if family_of(dep) and family_of(dep) != family_of(mod)
+    ]
+    assert not crossing, "what two families share belongs in data/ or models/:\n" + "\n".join(crossing)
+
+
+def test_explain_is_method_packages() -> None:
+    flat = sorted(p.stem for p in (PACKAGE / "explain").glob("*.py") if p.stem != "__init__")
+    assert flat == ["datamap", "ood", "oramas", "siam"]
+    for pkg in ("attribution", "dissection", "featurevis", "lavise", "textual"):
+        init = PACKAGE / "explain" / pkg / "__init__.py"
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        names = [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "__all__"]
+        assert names, f"{init} names no public API (__all__)"
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from lavise_core.X import _name`` anywhere in the file: another module's private name."""
+    return [
+        f"{node.module}.{a.name}"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lavise_core")
+        for a in node.names
+        if a.name.startswith("_")
+    ]
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    roots = [PACKAGE, PACKAGE.parent / "app_pages", PACKAGE.parent / "bench"]
+    found = [
+        f"{p.name}: {name}"
+        for root in roots
+        for p in sorted(root.rglob("*.py"))
+        for name in private_imports(p)
+    ]
+    assert not found, "\n".join(found)
+
+
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
-    p = PACKAGE / "explain" / "textual.py"
+    p = PACKAGE / "explain" / "textual" / "explainer.py"
     assert "lavise_core.pipeline.bundle" in imports_of(p) or "lavise_core.data.dataset" in imports_of(p)
-    assert "lavise_core.explain.grounding" in imports_of(PACKAGE / "stages.py")
+    assert "lavise_core.explain.textual.grounding" in imports_of(PACKAGE / "stages.py")
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from lavise_core.views.home import _filter_labels\n")
+    assert private_imports(fake) == ["lavise_core.views.home._filter_labels"]
+    assert family_of("lavise_core.explain.lavise.head") == "lavise" and family_of("lavise_core.api") is None

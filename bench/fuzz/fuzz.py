@@ -36,8 +36,8 @@ with atheris.instrument_imports(include=["lavise_core"]):
     from lavise_core.data import importers
     from lavise_core.data.dataset import DatasetError, ProbeDataset
     from lavise_core.data.images import ImageLoadError, load_image
-    from lavise_core.explain import lexicon
-    from lavise_core.explain.concept_search import query_words
+    from lavise_core.explain.dissection import lexicon as lexicon
+    from lavise_core.explain.dissection.search import query_words
     from lavise_core.models.networks import ModelLoadError, load_model
 
 import torch  # noqa: E402

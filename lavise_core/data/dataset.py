@@ -31,7 +31,11 @@ __all__ = [
     "DatasetError",
     "ImageRecord",
     "ProbeDataset",
+    "BACKGROUND_TEMPLATE",
     "atomic_write_bytes",
+    "background_phrase",
+    "dataset_backgrounds",
+    "fit_indices",
     "atomic_write_text",
     "write_dataset",
 ]
@@ -355,3 +359,28 @@ def write_dataset(
     desc = {"name": name, "source": source, "classes": ds.classes, "regions": ds.regions, "meta": ds.meta}
     atomic_write_text(root / DATASET_FILE, json.dumps(desc, indent=2, sort_keys=True) + "\n")
     return ds
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+#: A background kind's concept phrase: ``"water"`` -> ``"water background"``.
+BACKGROUND_TEMPLATE = "{} background"
+
+
+def background_phrase(kind: str | None) -> str | None:
+    """The concept phrase of a background kind (a record's ``meta["background"]``), or None without one."""
+    if not kind or not str(kind).strip():
+        return None
+    return BACKGROUND_TEMPLATE.format(str(kind).strip().lower())
+
+
+def dataset_backgrounds(dataset: ProbeDataset) -> list[str]:
+    """Sorted background phrases of a data set (:func:`background_phrase` of every record's background kind)."""
+    out = {background_phrase(r.meta.get("background")) for r in dataset.records}
+    return sorted(p for p in out if p)
+
+
+def fit_indices(dataset: ProbeDataset) -> np.ndarray:
+    """Images a stage learns from: the train and val splits if any, else every image (the test split stays held out)."""
+    splits = dataset.splits()
+    idx = np.flatnonzero(splits != "test")
+    return idx if idx.size else np.arange(len(dataset))

@@ -13,9 +13,10 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_to_view", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_to_view", "load_image", "mask_weights"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
 
@@ -130,3 +131,21 @@ def crop_to_view(image: Image.Image, box: tuple[float, float, float, float]) -> 
     if (x0, y0) == (0, 0) and (x1, y1) == image.size:
         return image
     return image.crop((round(x0), round(y0), round(x1), round(y1)))
+
+
+def mask_weights(
+    indicator: np.ndarray,
+    map_size: tuple[int, int],
+    crop_box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Area-average a ``(H, W)`` 0/1 indicator (cropped to ``crop_box``) to ``map_size`` -> ``(h, w)`` in [0, 1]."""
+    ind = np.asarray(indicator, dtype=np.float32)
+    if crop_box is not None:
+        x0, y0, x1, y1 = (round(v) for v in crop_box)
+        H, W = ind.shape
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(W, x1), min(H, y1)
+        ind = ind[y0:y1, x0:x1]
+    import torch  # the data layer needs torch only here
+
+    t = torch.from_numpy(np.ascontiguousarray(ind))[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(t, map_size)[0, 0].numpy()

@@ -1,6 +1,6 @@
 """Which annotated part an attribute phrase names ("red crown" -> crown; "scarlet chest" -> breast).
 
-Shared by the grounding fit (:mod:`lavise_core.explain.grounding`) and the evaluation protocols: a caption
+Shared by the grounding fit (:mod:`lavise_core.explain.textual.grounding`) and the evaluation protocols: a caption
 phrase names a part through its noun, directly or through :data:`NOUN_REGIONS`.
 """
 

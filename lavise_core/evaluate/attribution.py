@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.explain.attribution import AttributionError
-from lavise_core.explain.attribution_methods import METHODS, make_method
-from lavise_core.explain.dissection import label_map_crop
+from lavise_core.explain.attribution.base import AttributionError
+from lavise_core.explain.attribution.registry import METHODS, make_method
+from lavise_core.explain.dissection.labels import label_map_crop
 
 __all__ = [
     "EVAL_OPTIONS",

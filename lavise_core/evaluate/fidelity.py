@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from lavise_core.data.dataset import ProbeDataset
-from lavise_core.explain.concept_search import probe_set
-from lavise_core.explain.dissection import (
+from lavise_core.data.dataset import ProbeDataset, fit_indices
+from lavise_core.explain.dissection.labels import (
     IOU_MIN,
     DissectionTables,
     activation_thresholds,
@@ -44,7 +43,7 @@ from lavise_core.explain.dissection import (
     rank_labels,
     split_overlaps,
 )
-from lavise_core.explain.textual import fit_indices
+from lavise_core.explain.dissection.search import probe_set
 
 __all__ = ["STAGE", "build_fidelity_stage", "label_accuracy", "test_ground_truth"]
 
@@ -123,10 +122,10 @@ def _sanity_section(
     labelled = scores[:, 0] >= IOU_MIN
     search = {}
     if len(rows):
-        from lavise_core.explain.concept_search import absent_phrases, search_index
-        from lavise_core.explain.concepts import shared_embedder
-        from lavise_core.explain.dissection import calibrate_search, subsampled_ground_truth
-        from lavise_core.explain.lexicon import build_lexicon
+        from lavise_core.explain.dissection.labels import calibrate_search, subsampled_ground_truth
+        from lavise_core.explain.dissection.lexicon import build_lexicon
+        from lavise_core.explain.dissection.search import absent_phrases, search_index
+        from lavise_core.models.text_encoder import shared_embedder
 
         n_test = int((dataset.splits() == "test").sum())
         size = min(n_test, len(rows) // 2)
@@ -201,7 +200,7 @@ def _search_rows(
     d: DissectionTables | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Precision of the returned filters for ``queries [(text, intended concept)]`` against ``G (C, T)``."""
-    from lavise_core.explain.concept_search import answer_query
+    from lavise_core.explain.dissection.search import answer_query
 
     pos = {c: j for j, c in enumerate(concepts)}
     prec, prec0, p5, rand, n_ret, conf, detectable, asserted = [], [], [], [], [], [], [], []
@@ -246,14 +245,19 @@ def _search_rows(
 
 def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any]:
     """Concept search and abstention (see the module docstring)."""
-    from lavise_core.explain.concept_search import absent_phrases, answer_query, search_index, word_table
-    from lavise_core.explain.concepts import shared_embedder
-    from lavise_core.explain.lexicon import build_lexicon
+    from lavise_core.explain.dissection.lexicon import build_lexicon
+    from lavise_core.explain.dissection.search import (
+        absent_phrases,
+        answer_query,
+        search_index,
+        word_table,
+    )
+    from lavise_core.models.text_encoder import shared_embedder
 
     emb = shared_embedder()
     table: dict = {}
     if (bundle.root / "lavise" / "index.json").is_file():
-        from lavise_core.explain.concepts import ConceptIndex
+        from lavise_core.explain.lavise.index import ConceptIndex
 
         ix = ConceptIndex.load(bundle.root / "lavise", embedder=emb)
         table = word_table(ix.phrases, np.asarray(ix.embeddings))

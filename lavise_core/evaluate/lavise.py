@@ -37,17 +37,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lavise_core.data.dataset import ProbeDataset
-from lavise_core.explain.concepts import ConceptIndex, background_phrase
-from lavise_core.explain.dissection import label_map_crop
-from lavise_core.explain.lavise import LaviseExplainer
-from lavise_core.explain.lavise_head import extract_region_features, train_head, training_targets
-from lavise_core.explain.lavise_labels import (
+from lavise_core.data.dataset import ProbeDataset, background_phrase
+from lavise_core.explain.dissection.labels import label_map_crop
+from lavise_core.explain.lavise.explainer import LaviseExplainer
+from lavise_core.explain.lavise.head import extract_region_features, train_head, training_targets
+from lavise_core.explain.lavise.index import ConceptIndex
+from lavise_core.explain.lavise.labels import (
     filter_attention_features,
     labels_from_features,
     no_attention_labels,
 )
-from lavise_core.explain.lavise_settings import LaviseSettings
+from lavise_core.explain.lavise.settings import LaviseSettings
 from lavise_core.models.networks import reinitialised
 
 __all__ = [

@@ -78,13 +78,13 @@ def heatmap_scores(heat: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
 def heatmap_methods(lm: LoadedModel, rf: RelevantFeatures | None) -> dict[str, HeatmapMethod]:
     """``{name: heatmap(x, target) -> (H, W)}``: Oramas et al. and the baselines.
 
-    Grad-CAM and guided backprop are the attribution toolbox's (:mod:`lavise_core.explain.attribution_cam`,
-    :mod:`lavise_core.explain.attribution_gradient`; equal to captum's to 1e-5 of the range): Grad-CAM at the
+    Grad-CAM and guided backprop are the attribution toolbox's (:mod:`lavise_core.explain.attribution.cam`,
+    :mod:`lavise_core.explain.attribution.gradient`; equal to captum's to 1e-5 of the range): Grad-CAM at the
     explained layer, ReLU, bilinear upsampling; guided backprop as ``|g|`` summed over colour channels.
     "activation" is the explained layer's channel sum, upsampled bilinearly.
     """
-    from lavise_core.explain.attribution_cam import GradCAM
-    from lavise_core.explain.attribution_gradient import GuidedBackprop
+    from lavise_core.explain.attribution.cam import GradCAM
+    from lavise_core.explain.attribution.gradient import GuidedBackprop
 
     gradcam = GradCAM(lm)
     gbp = GuidedBackprop(lm)

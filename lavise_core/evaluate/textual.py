@@ -8,12 +8,12 @@ Measured on the held-out split (``test``) of the probe data set:
   A prediction is correct when it lies within ``α · object size`` of the keypoint, object size =
   ``max(bbox width, bbox height)`` (the paper only says "object size" and uses bounding-box-cropped
   images; without a box the image's larger side is used). Rows: the paper's eq. 9 with ``p(t | f_k)``
-  weights ("eq. 9 literal") and the proposed specific weights (:func:`~lavise_core.explain.textual.filter_specificity`,
+  weights ("eq. 9 literal") and the proposed specific weights (:func:`~lavise_core.explain.textual.explainer.filter_specificity`,
   the lift over the mean filter, clipped at 0), each located on the receptive-field centres of the map
   cells (:func:`receptive_field_centres`) and, for comparison, on the uniform cell grid that bilinear
   upsampling assumes ("cell grid"); heatmaps are arg-maxed at map resolution (the arg-max of a bilinearly
   upsampled map is a map cell). Where the bundle has them, also the part-supervised weights of
-  :mod:`lavise_core.explain.grounding` (fitted on the fit split's part masks / keypoints, never the test split's);
+  :mod:`lavise_core.explain.textual.grounding` (fitted on the fit split's part masks / keypoints, never the test split's);
   they are trained on the cell grid, so that is their natural grid. The attribute's keypoints: the regions whose
   ``region_concepts`` list the phrase; else the regions named by the phrase's noun ("red wing" ->
   "left wing", "right wing"; "bill" -> "beak"; "head" -> "crown", "forehead"); the closest one counts.
@@ -47,14 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lavise_core.data.dataset import fit_indices
 from lavise_core.data.parts import attribute_regions, part_names
-from lavise_core.explain.textual import (
+from lavise_core.explain.textual.explainer import (
     TextualError,
     TextualExplainer,
     explanation_sentence,
     filter_attribute_pdf,
     filter_specificity,
-    fit_indices,
     ground_attribute,
     image_class_pdf,
 )
@@ -420,7 +420,7 @@ def _grounding(
     if ex.part_learned is not None and np.asarray(ex.part_learned)[cols].any():
         weights["parts"] = ex.grounding_weights(
             cols, "auto"
-        )  # part-supervised (lavise_core.explain.grounding)
+        )  # part-supervised (lavise_core.explain.textual.grounding)
     grid = receptive_field_centres(lm.model, layer, lm.input_size, seed=seed)
     rng = np.random.default_rng(seed)
     preds: dict[str, list[np.ndarray]] = {f"{m}{g}": [] for m in weights for g in ("", "_cell_grid")}
@@ -669,7 +669,7 @@ def evaluate_textual(
             # PCK comes from the trained features rather than from the annotations they were fitted to
             from dataclasses import replace
 
-            from lavise_core.explain.grounding import fit_part_grounding, grounding_images
+            from lavise_core.explain.textual.grounding import fit_part_grounding, grounding_images
 
             lm_r = replace(lm, model=rand_model)
             g_idx, _ = grounding_images(bundle, dataset, vocab, attr, seed=seed)

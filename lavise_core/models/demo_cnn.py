@@ -127,11 +127,11 @@ def load_images(ds: ProbeDataset, indices: np.ndarray, input_size: int, progress
     return out
 
 
-def _normalise(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalise_batch(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (x_u8.float() / 255.0 - mean) / std
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 8) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 8) -> torch.Tensor:
     """Train-only augmentation on uint8 ``(N, 3, S, S)``: random flip, random shift (reflect padding)."""
     import torch
     import torch.nn.functional as F
@@ -154,7 +154,7 @@ def _predict(
     preds = []
     with torch.no_grad():
         for k in range(0, len(x_u8), batch):
-            xb = _normalise(torch.from_numpy(x_u8[k : k + batch]), mean, std)
+            xb = normalise_batch(torch.from_numpy(x_u8[k : k + batch]), mean, std)
             preds.append(model(xb).argmax(1).numpy())
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
@@ -254,7 +254,7 @@ def train_demo(
                 if len(idx) < 2:  # BatchNorm needs two samples
                     sched.step()
                     continue
-                xb = _augment(xt[idx], gen)
+                xb = augment_batch(xt[idx], gen)
                 xb = ((xb / 255.0) - mean_t) / std_t
                 loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=0.05)
                 opt.zero_grad(set_to_none=True)

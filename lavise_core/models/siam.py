@@ -171,7 +171,7 @@ def _run_epochs(
     import torch
     import torch.nn.functional as F
 
-    from lavise_core.models.demo_cnn import _augment, _normalise
+    from lavise_core.models.demo_cnn import augment_batch, normalise_batch
 
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, (2 * epochs) // 3)], 0.1)
@@ -183,7 +183,7 @@ def _run_epochs(
         order = torch.randperm(n, generator=gen)
         for s in range(0, n, batch):
             b = order[s : s + batch]
-            f = xs[b] if cached else net.features(_normalise(_augment(xs[b], gen), mean, std))
+            f = xs[b] if cached else net.features(normalise_batch(augment_batch(xs[b], gen), mean, std))
             maps = net.attributes(f)
             loss = _attribute_loss(maps, attrs[b]) + F.cross_entropy(
                 net.classifier(net.evidence(maps)), labels[b]
@@ -243,7 +243,7 @@ def train_siam(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lavise_core.models.demo_cnn import _normalise, load_images
+    from lavise_core.models.demo_cnn import load_images, normalise_batch
 
     if keep not in VARIANTS:
         raise SiamError(f"keep must be one of {VARIANTS}, got {keep!r}")
@@ -269,7 +269,7 @@ def train_siam(
     def feats_of(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat(
-                [net.features(_normalise(x[s : s + 256], mean, std)) for s in range(0, len(x), 256)]
+                [net.features(normalise_batch(x[s : s + 256], mean, std)) for s in range(0, len(x), 256)]
             )
 
     results: dict[str, dict] = {}

@@ -242,7 +242,7 @@ def _gather_maps(maps: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- data
-class _ProbeImages(Dataset):
+class ProbeImages(Dataset):
     """Loads and preprocesses image ``i``; a bad image yields zeros and its error message."""
 
     def __init__(self, ds: ProbeDataset, lm: LoadedModel, start: int) -> None:
@@ -262,7 +262,7 @@ class _ProbeImages(Dataset):
             return i, torch.zeros(3, self.lm.input_size, self.lm.input_size), f"{type(e).__name__}: {e}"
 
 
-def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def collate_batch(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
     return idx, torch.stack([b[1] for b in batch]), [b[2] for b in batch]
 
@@ -309,14 +309,14 @@ def open_or_create_bundle(
 
 
 # --------------------------------------------------------------------------------------- the pass
-def _prepare_device(lm: LoadedModel, device: torch.device) -> None:
+def prepare_device(lm: LoadedModel, device: torch.device) -> None:
     """Move the model; on a GPU in channels-last memory format (faster convolutions under autocast)."""
     lm.model.to(device)
     if device.type == "cuda":
         lm.model.to(memory_format=torch.channels_last)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast_forward(device: torch.device, amp: bool):
     """Mixed precision for the forward pass on a GPU (bfloat16 where supported); a no-op on the CPU."""
     import contextlib
 
@@ -332,7 +332,7 @@ def _forward(lm: LoadedModel, rec, x: torch.Tensor, device: torch.device, amp: b
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
     else:
         x = x.to(device)
-    with _autocast(device, amp):
+    with autocast_forward(device, amp):
         out = lm.model(x)
     return rec.output.float(), out.float()
 
@@ -373,7 +373,7 @@ def run_probe(
     bundle.verify_model(lm)
     layer = bundle.layer
     device = torch.device(settings.device)
-    _prepare_device(lm, device)
+    prepare_device(lm, device)
     n = len(ds)
     if n == 0:
         raise ValueError(f"the data set at {ds.root} has no images")
@@ -397,10 +397,10 @@ def run_probe(
 
     gpu = device.type == "cuda"
     loader = DataLoader(
-        _ProbeImages(ds, lm, done),
+        ProbeImages(ds, lm, done),
         batch_size=settings.batch_size,
         num_workers=settings.num_workers or (min(4, os.cpu_count() or 1) if gpu else 0),
-        collate_fn=_collate,
+        collate_fn=collate_batch,
         shuffle=False,
         pin_memory=gpu,
     )
@@ -542,11 +542,11 @@ class ProbeShardTask:
                 f"the worker on {socket.gethostname()} cannot see the data set folder {root}: the images must "
                 "be on a filesystem every Ray node mounts at the same path (see docs/ray.md)"
             )
-        _prepare_device(self.lm, self.device)
+        prepare_device(self.lm, self.device)
         n, bs = len(self.ds), self.settings.batch_size
         first_error = ""
         for start in range(0, n, bs):
-            _, x, errors = _collate([self._item(i) for i in range(start, min(n, start + bs))])
+            _, x, errors = collate_batch([self._item(i) for i in range(start, min(n, start + bs))])
             ok = torch.tensor([not e for e in errors])
             if not bool(ok.any()):
                 first_error = first_error or errors[0]
@@ -567,7 +567,7 @@ class ProbeShardTask:
         raise WorkerDataError(f"none of the {n} images of {root} could be read; first error: {first_error}")
 
     def _item(self, i: int) -> tuple[int, torch.Tensor, str]:
-        return _ProbeImages(self.ds, self.lm, 0)[i]
+        return ProbeImages(self.ds, self.lm, 0)[i]
 
     def __call__(self, rows: np.ndarray) -> ProbePartial:
         assert self.origin is not None, "setup() first"
@@ -578,7 +578,7 @@ class ProbeShardTask:
         pooled, logits, valid, failures = [], [], [], {}
         with torch.no_grad(), self.lm.lock, record_layer(self.lm.model, self.layer) as rec:
             for s in range(0, len(rows), bs):  # the single-process batches: shards start at multiples of bs
-                idx, x, errors = _collate([self._item(int(i)) for i in rows[s : s + bs]])
+                idx, x, errors = collate_batch([self._item(int(i)) for i in rows[s : s + bs]])
                 maps, out = _forward(self.lm, rec, x, self.device, self.settings.amp)
                 if top is None:
                     top = TopKMaps(c, k_top, tuple(maps.shape[2:]))

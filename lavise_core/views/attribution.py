@@ -20,7 +20,7 @@ from PIL import Image
 
 from lavise_core.api import ImageAnalysis
 from lavise_core.evaluate.attribution import EVAL_OPTIONS
-from lavise_core.explain.attribution_methods import DEFAULT_METHOD, METHODS, make_method, method_labels
+from lavise_core.explain.attribution.registry import DEFAULT_METHOD, METHODS, make_method, method_labels
 from lavise_core.views.overlays import colorize, overlay
 from lavise_core.views.workspace import Workspace
 

@@ -75,7 +75,7 @@ def class_report(ws: Workspace, max_errors: int = 24, split: str = "test") -> Cl
     errors: list[dict] = []
     confusing: list[tuple[str, int]] = []
     if desc is not None:
-        from lavise_core.explain.textual import debug_misclassified
+        from lavise_core.explain.textual.explainer import debug_misclassified
 
         idx = np.flatnonzero(sel)
         rep = debug_misclassified(

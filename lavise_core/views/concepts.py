@@ -50,7 +50,7 @@ def concept_view(
 
 
 def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side: int) -> ConceptView:
-    from lavise_core.explain.concept_query import grounding_heatmap
+    from lavise_core.explain.lavise.query import grounding_heatmap
 
     res = ws.query(text, n=n_filters, n_images=n_images)
     best = _filter_labels(ws)[0]

@@ -32,7 +32,7 @@ class DatasetReport:
 def background_views(ws: Workspace, ids: Sequence[int], size: int = 112) -> list[np.ndarray]:
     """Images ``ids`` with their object painted out, as the bias test saw them: ``(size, size, 3)`` uint8 each;
     unreadable images and images without a mask are skipped."""
-    from lavise_core.explain.lavise_head import paint_out_object
+    from lavise_core.explain.lavise.head import paint_out_object
 
     ds = ws.dataset()
     out = []
@@ -80,7 +80,7 @@ def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:
     spurious = ds.meta.get("spurious") if isinstance(ds.meta.get("spurious"), dict) else None
     bias, bnote = None, None
     try:
-        from lavise_core.explain.lavise import insight_for_bundle
+        from lavise_core.explain.lavise.explainer import insight_for_bundle
 
         lv = ws.lavise()
         bias = ws._once("insight", lambda: insight_for_bundle(ws.bundle, ds, lv))[0]

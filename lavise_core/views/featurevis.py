@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from lavise_core.views.workspace import _LRU, Workspace
+from lavise_core.views.workspace import LRUCache, Workspace
 
 __all__ = [
     "FilterVisualisation",
@@ -50,9 +50,9 @@ def _png(arr: np.ndarray, side: int) -> bytes:
     return buf.getvalue()
 
 
-def _cache(ws: Workspace) -> _LRU:
+def _cache(ws: Workspace) -> LRUCache:
     if not hasattr(ws, "_featurevis"):
-        ws._featurevis = _LRU(256)  # type: ignore[attr-defined]
+        ws._featurevis = LRUCache(256)  # type: ignore[attr-defined]
     return ws._featurevis  # type: ignore[attr-defined]
 
 
@@ -81,7 +81,7 @@ def compute_filter_visualisation(
     ws: Workspace, k: int, side: int = 192, report: Callable[[int, int], None] | None = None
 ) -> FilterVisualisation:
     """Visualise filter ``k`` now (:data:`ON_DEMAND_STEPS` steps at the model's input size), cached."""
-    from lavise_core.explain.featurevis import VisSettings, visualise
+    from lavise_core.explain.featurevis.visualise import VisSettings, visualise
 
     ws.require_probe()
     lm = ws.model()
@@ -118,7 +118,7 @@ def invert_image(
     report: Callable[[int, int], None] | None = None,
 ) -> InversionView:  # fmt: skip
     """Mahendran–Vedaldi inversion of ``image`` (what the network sees) from ``layer``'s map."""
-    from lavise_core.explain.inversion import invert
+    from lavise_core.explain.featurevis.invert import invert
 
     lm = ws.model()
     inv = invert(lm, lm.preprocess(image), layer, steps=steps, report=report)

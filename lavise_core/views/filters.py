@@ -9,7 +9,7 @@ import numpy as np
 
 from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
-from lavise_core.views.workspace import StageMissing, Workspace, _placeholder, build_hint
+from lavise_core.views.workspace import StageMissing, Workspace, build_hint, placeholder_image
 
 __all__ = [
     "SORT_KEYS",
@@ -112,7 +112,7 @@ def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 96) -> byte
         tiles = []
         for i, a in zip(idx, maps, strict=True):
             if i < 0:
-                tiles.append(_placeholder(tile, ""))
+                tiles.append(placeholder_image(tile, ""))
                 continue
             img = ws.record_image(int(i), side=tile)
             tiles.append(overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.2))

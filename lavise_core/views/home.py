@@ -62,7 +62,7 @@ def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, n
             np.ones(c, bool),
         )
     if ws.has_dissection():  # ground-truth IoU on the fit split beats any word model
-        from lavise_core.explain.dissection import IOU_MIN
+        from lavise_core.explain.dissection.labels import IOU_MIN
 
         d = ws.dissection()
         sc = np.asarray(d.label_scores[:, 0], np.float32)

@@ -81,7 +81,7 @@ def bundle_class_note(ws: Workspace) -> str | None:
 
 
 # =========================================================================== workspace
-class _LRU:
+class LRUCache:
     """A tiny thread-safe LRU cache (thumbnails, activation maps)."""
 
     def __init__(self, size: int) -> None:
@@ -123,11 +123,11 @@ class Workspace(Explainer):
         lavise_loader: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(bundle, model_loader, lavise_loader)
-        self.thumbs = _LRU(2048)
-        self.maps = _LRU(512)
-        self.cards = _LRU(4096)  # JPEG bytes of filter cards, per (filter, n, tile)
-        self.details = _LRU(256)  # FilterDetail per (filter, n_images): overlays rendered once
-        self.queries = _LRU(128)  # ConceptView per (query text, n_filters, n_images)
+        self.thumbs = LRUCache(2048)
+        self.maps = LRUCache(512)
+        self.cards = LRUCache(4096)  # JPEG bytes of filter cards, per (filter, n, tile)
+        self.details = LRUCache(256)  # FilterDetail per (filter, n_images): overlays rendered once
+        self.queries = LRUCache(128)  # ConceptView per (query text, n_filters, n_images)
 
     def dataset_classes(self) -> list[str] | None:
         """The probe set's class names from its ``dataset.json`` (cheap: the image list is not read)."""
@@ -189,14 +189,14 @@ class Workspace(Explainer):
         def make() -> Image.Image:
             ds = self.dataset()
             if ds is None:
-                return _placeholder(side, "data set missing")
+                return placeholder_image(side, "data set missing")
             path = ds.image_path(int(i))
             if not path.is_file():  # deleted or moved after the build: the bundle's numbers still stand
-                return _placeholder(side, "image deleted")
+                return placeholder_image(side, "image deleted")
             try:
                 img = load_image(path, name=ds.records[int(i)].path)
             except ImageLoadError:
-                return _placeholder(side, "unreadable")
+                return placeholder_image(side, "unreadable")
             img = crop_to_view(img, self.view_box(*img.size))
             img.thumbnail((side, side), Image.BILINEAR)
             return img
@@ -231,7 +231,7 @@ class Workspace(Explainer):
         return out
 
 
-def _placeholder(side: int, text: str) -> Image.Image:
+def placeholder_image(side: int, text: str) -> Image.Image:
     from PIL import ImageDraw
 
     img = Image.new("RGB", (side, side), (235, 235, 235))

@@ -37,7 +37,7 @@ def build_app_bundles(root: Path | None = None) -> AppBundles:
     root.mkdir(parents=True, exist_ok=True)
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.data.synthbirds import SPECIES, generate_synthbirds
-    from lavise_core.explain.lavise_settings import LaviseSettings
+    from lavise_core.explain.lavise.settings import LaviseSettings
     from lavise_core.models.networks import load_model
     from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
     from lavise_core.pipeline.stages import BuildSettings, build_stages

@@ -17,7 +17,7 @@ from lavise_core.evaluate.attribution import (
     evaluate_attribution,
     format_attribution,
 )
-from lavise_core.explain.attribution import AttributionError
+from lavise_core.explain.attribution.base import AttributionError
 from lavise_core.models.networks import load_model
 
 

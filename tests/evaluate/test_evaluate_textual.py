@@ -27,7 +27,7 @@ from lavise_core.evaluate.textual import (
     spearman_rows,
     top_k_mask,
 )
-from lavise_core.explain.textual import (
+from lavise_core.explain.textual.explainer import (
     TextualError,
     TextualExplainer,
     filter_attribute_pdf,

@@ -195,7 +195,7 @@ def test_workers_that_cannot_read_the_images(ray_runtime, birds):
 
 
 def test_region_features_on_ray_equal_local(ray_runtime, birds):
-    from lavise_core.explain.lavise_head import extract_region_features
+    from lavise_core.explain.lavise.head import extract_region_features
 
     _, ds, lm, _ = birds
     torch.set_num_threads(1)
@@ -211,7 +211,7 @@ def test_region_features_on_ray_equal_local(ray_runtime, birds):
 def test_region_features_interrupted_on_ray_keep_their_shards_and_resume(ray_runtime, birds, tmp_path):
     """The region pass stops after its first shard: that shard stays in ``resume_dir``; the next pass reads it
     back, maps only the other images, equals the single-process pass and removes the folder."""
-    from lavise_core.explain.lavise_head import extract_region_features
+    from lavise_core.explain.lavise.head import extract_region_features
 
     _, ds, lm, _ = birds
     torch.set_num_threads(1)

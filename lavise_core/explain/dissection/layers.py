@@ -1,0 +1,247 @@
+"""Network Dissection across layers (Bau et al. 2017, Fig. 5–6): how many units of each layer detect a concept.
+
+Several layers are recorded in the same forward passes (:func:`~lavise_core.models.networks.record_layers`)
+over a subset of the fit split (train + val) with region label maps, with memory bounded by ``C × T`` per layer
+(never the maps, never per-image counts):
+
+1. one pass for each unit's Network Dissection threshold ``thr_k`` (the 0.995 quantile of its spatial
+   activations; :class:`~lavise_core.pipeline.probe.StreamingHistogram` per layer);
+2. one pass accumulating, batch by batch, the sums of :func:`~lavise_core.explain.dissection.labels.iou_sums` from the
+   same :func:`~lavise_core.explain.dissection.labels.region_overlap` the filter labels use, so
+   ``IoU_kt = I_kt / (|T_k| + |M_t| - I_kt)`` is the same quantity as the ``dissection`` stage's table.
+
+Each unit's best concept is :func:`~lavise_core.explain.dissection.labels.rank_labels` over all concepts (bare part
+names included, as in Network Dissection); a unit is *interpretable* when that IoU reaches
+:data:`~lavise_core.explain.dissection.labels.IOU_MIN` (0.04). Per layer: "N of M units interpretable, K unique
+concepts", by concept kind (part, colour, pattern/shape, background). The stage also dissects a re-initialised
+copy of the network on fewer images: the baseline (few interpretable units expected).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lavise_core.data.dataset import ProbeDataset
+from lavise_core.explain.dissection.labels import (
+    EVAL_SIZE,
+    IOU_MIN,
+    concept_incidence,
+    dissection_concepts,
+    iou_from_sums,
+    iou_sums,
+    label_map_crop,
+    rank_labels,
+    region_overlap,
+)
+from lavise_core.models.networks import record_layers, reinitialised, spatial_layers
+from lavise_core.pipeline.probe import StreamingHistogram, image_batches
+
+__all__ = [
+    "COLOUR_WORDS",
+    "KINDS",
+    "STAGE",
+    "LayerDissection",
+    "build_layers_stage",
+    "concept_kind",
+    "dissect_layers",
+    "dissection_layers",
+    "layer_summary",
+    "layer_thresholds",
+]
+
+STAGE = "layers"
+KINDS = ("part", "colour", "pattern/shape", "background")
+COLOUR_WORDS = frozenset(
+    [
+        "black",
+        "blue",
+        "brown",
+        "green",
+        "grey",
+        "gray",
+        "orange",
+        "pink",
+        "purple",
+        "red",
+        "teal",
+        "white",
+        "yellow",
+        "olive",
+        "buff",
+        "iridescent",
+        "rufous",
+        "golden",
+        "cream",
+    ]
+)
+
+
+def concept_kind(concept: str, regions: Sequence[str]) -> str:
+    """``"background"`` (``"<kind> background"``), ``"part"`` (a bare region name), ``"colour"`` (a colour word
+    + part) or ``"pattern/shape"`` (any other attribute + part: striped, spotted, forked, curved ...)."""
+    if concept.endswith(" background"):
+        return "background"
+    if concept in regions:
+        return "part"
+    return "colour" if concept.split()[0] in COLOUR_WORDS else "pattern/shape"
+
+
+def dissection_layers(lm) -> list[str]:
+    """The layers to dissect: a timm-style ``blocks`` container's stages plus the explained layer, else every
+    ReLU (or ReLU6) with a spatial output (the demo CNN's seven conv blocks)."""
+    spatial = spatial_layers(lm)
+    if hasattr(lm.model, "blocks") and isinstance(lm.model.blocks, nn.Sequential):
+        names = [f"blocks.{i}" for i in range(len(lm.model.blocks))]
+        return [n for n in [*names, lm.default_layer] if n in spatial]
+    mods = dict(lm.model.named_modules())
+    return [n for n in spatial if isinstance(mods[n], nn.ReLU | nn.ReLU6)] or [lm.default_layer]
+
+
+def layer_thresholds(
+    lm, dataset: ProbeDataset, layers: Sequence[str], indices: Sequence[int], batch_size: int = 32,
+    level: float = 0.995, bins: int = 1024,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """``{layer: (C,)}`` per-unit ``level`` quantile of the spatial activations over ``indices``, one pass."""
+    hists: dict[str, StreamingHistogram] = {}
+    with torch.no_grad(), lm.lock, record_layers(lm.model, list(layers)) as rec:
+        for _, x, _ in image_batches(dataset, lm, indices, batch_size):
+            lm.model(x)
+            for name in layers:
+                m = rec.outputs[name].float()
+                hists.setdefault(name, StreamingHistogram(m.shape[1], bins))
+                hists[name].update(m.permute(1, 0, 2, 3).reshape(m.shape[1], -1))
+    return {name: h.quantiles([level])[:, 0].copy() for name, h in hists.items()}
+
+
+@dataclass
+class LayerDissection:
+    """``iou[layer] (C, T)`` data-set-wide IoU of every unit with every concept, ``concepts (T,)``, ``kinds
+    (T,)``, ``images`` how many images went in."""
+
+    layers: list[str]
+    concepts: list[str]
+    kinds: list[str]
+    iou: dict[str, np.ndarray]
+    images: int
+
+    def best(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each unit's best concept ``(ids (C,), IoU (C,))`` (the filter labels' :func:`rank_labels`)."""
+        ids, scores, _ = rank_labels(self.iou[layer], self.concepts, n=1)
+        return ids[:, 0], scores[:, 0]
+
+
+def dissect_layers(
+    lm, dataset: ProbeDataset, layers: Sequence[str], indices: Sequence[int], *, batch_size: int = 32,
+    thresholds: dict[str, np.ndarray] | None = None, size: int = EVAL_SIZE,
+    report: Callable[[int, int], None] | None = None,
+) -> LayerDissection:  # fmt: skip
+    """Network Dissection of ``layers`` over the records ``indices`` that have a label map (see module doc)."""
+    recs = [dataset.records[int(i)] for i in indices if dataset.records[int(i)].mask]
+    keep_idx = [int(i) for i in indices if dataset.records[int(i)].mask]
+    if not keep_idx:
+        raise ValueError("none of these images has a region label map: nothing to dissect")
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
+    kinds = [concept_kind(c, dataset.regions) for c in concepts]
+    thr = thresholds or layer_thresholds(lm, dataset, layers, keep_idx[:512], batch_size)
+    n_slots = len(dataset.regions) + 1
+    sums: dict[str, list] = {}
+    m_t = np.zeros(len(concepts), np.float64)
+    done = 0
+    with torch.no_grad(), lm.lock, record_layers(lm.model, list(layers)) as rec:
+        for batch, x, _ in image_batches(dataset, lm, keep_idx, batch_size):
+            labels = np.stack([label_map_crop(dataset, i, lm, size) for i in batch])
+            inc = concept_incidence([dataset.records[i] for i in batch], dataset.regions, concepts)
+            lm.model(x)
+            for name in layers:
+                inter, act, area = region_overlap(rec.outputs[name], labels, thr[name], n_slots)
+                i_ct, act_c, mt = iou_sums(inter, act, area, inc)
+                if name not in sums:
+                    sums[name] = [np.zeros_like(i_ct, np.float64), np.zeros_like(act_c, np.float64)]
+                sums[name][0] += i_ct
+                sums[name][1] += act_c
+            m_t += mt
+            done += len(batch)
+            if report is not None:
+                report(done, len(keep_idx))
+    iou = {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}
+    return LayerDissection(list(layers), concepts, kinds, iou, done)
+
+
+def layer_summary(diss: LayerDissection, iou_min: float = IOU_MIN) -> list[dict]:
+    """Per layer: ``units``, ``interpretable`` (best IoU ≥ iou_min), ``unique`` concepts among them, and per
+    kind the interpretable units and unique concepts (``by_kind``)."""
+    out = []
+    for name in diss.layers:
+        ids, sc = diss.best(name)
+        ok = sc >= iou_min
+        by_kind = {}
+        for kind in KINDS:
+            sel = ok & np.array([diss.kinds[int(j)] == kind for j in ids], bool)
+            by_kind[kind] = {"units": int(sel.sum()), "unique": len({int(j) for j in ids[sel]})}
+        out.append(
+            {
+                "layer": name,
+                "units": len(ids),
+                "interpretable": int(ok.sum()),
+                "unique": len({int(j) for j in ids[ok]}),
+                "median_best_iou": round(float(np.median(sc)), 4),
+                "by_kind": by_kind,
+            }
+        )
+    return out
+
+
+def build_layers_stage(
+    bundle, dataset: ProbeDataset, lm, *, layers: Sequence[str] | None = None, max_images: int = 640,
+    baseline_images: int = 256, batch_size: int = 32, seed: int = 0,
+    report: Callable[[int, int, str], None] | None = None,
+) -> dict:  # fmt: skip
+    """Dissect :func:`dissection_layers` on ``max_images`` fit images with label maps (a seeded draw), and a
+    re-initialised copy on ``baseline_images`` of them.
+
+    Writes ``layers/names.json``, ``layers/concepts.json``, ``layers/kinds.json``, per layer ``i``
+    ``layers/iou_<i> (C_i, T)``, and ``layers/summary.json`` ``{"trained": [...], "reinitialised": [...]}``
+    (:func:`layer_summary`).
+    """
+    from lavise_core.data.dataset import fit_indices
+
+    t0 = time.perf_counter()
+    if not dataset.regions or not any(r.mask for r in dataset.records):
+        return {"skipped": "the data set has no region label maps (SynthBirds masks, COCO instance masks)"}
+    layers = list(layers or dissection_layers(lm))
+    fit = np.array([int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask])
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(fit, min(max_images, len(fit)), replace=False))
+
+    def tick(what: str, share: float, offset: float) -> Callable[[int, int], None]:
+        def f(done: int, total: int) -> None:
+            if report is not None:
+                report(int(1000 * (offset + share * done / total)), 1000, f"{what}: {done} / {total} images")
+
+        return f
+
+    diss = dissect_layers(lm, dataset, layers, pick, batch_size=batch_size, report=tick("layers", 0.75, 0))
+    base = dissect_layers(
+        reinitialised(lm, seed), dataset, layers, pick[:baseline_images], batch_size=batch_size,
+        report=tick("re-initialised baseline", 0.25, 0.75),
+    )  # fmt: skip
+    trained, reinit = layer_summary(diss), layer_summary(base)
+    bundle.write_json("layers/names", layers)
+    bundle.write_json("layers/concepts", diss.concepts)
+    bundle.write_json("layers/kinds", diss.kinds)
+    for i, name in enumerate(layers):
+        bundle.write_array(f"layers/iou_{i}", diss.iou[name])
+    bundle.write_json("layers/summary", {"trained": trained, "reinitialised": reinit, "iou_min": IOU_MIN})
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "images": diss.images,
+        "layers": len(layers),
+        "interpretable": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in trained},
+        "reinitialised": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in reinit},
+    }

@@ -1,0 +1,110 @@
+"""Network Dissection on hand-built maps and label maps: exact counts and IoUs, planted units."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from lavise_core.explain.dissection.labels import (
+    IOU_MIN,
+    calibrate_search,
+    concept_incidence,
+    dissection_concepts,
+    dissection_iou,
+    ground_truth_matrix,
+    rank_labels,
+    region_overlap,
+    subsampled_ground_truth,
+)
+
+REGIONS = ["crown", "breast"]
+
+
+def record(crown: str, breast: str, background: str):
+    return SimpleNamespace(
+        region_concepts={"crown": [f"{crown} crown"], "breast": [f"{breast} breast"]},
+        meta={"background": background},
+    )
+
+
+def labels() -> np.ndarray:
+    """(1, 4, 4): crown = top-left 2×2 (value 1), breast = bottom row (value 2), the rest background (0)."""
+    lab = np.zeros((1, 4, 4), np.int64)
+    lab[0, :2, :2] = 1
+    lab[0, 3, :] = 2
+    return lab
+
+
+def test_region_overlap_counts_exactly() -> None:
+    maps = np.zeros((1, 2, 4, 4), np.float32)
+    maps[0, 0, :2, :2] = 1.0  # filter 0 fires exactly on the crown
+    maps[0, 1, 2:, :] = 1.0  # filter 1 on the two bottom rows: 4 breast pixels + 4 background
+    inter, act, area = region_overlap(maps, labels(), np.array([0.5, 0.5]), 3)
+    assert area.tolist() == [[8, 4, 4]]
+    assert act.tolist() == [[4, 8]]
+    assert inter[0, 0].tolist() == [0, 4, 0] and inter[0, 1].tolist() == [4, 0, 4]
+
+
+def test_iou_labels_and_planted_units() -> None:
+    recs = [record("red", "blue", "water"), record("red", "yellow", "sand")]
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=REGIONS)
+    assert concepts == sorted(
+        [
+            "red crown",
+            "blue breast",
+            "yellow breast",
+            "crown",
+            "breast",
+            "water background",
+            "sand background",
+        ]
+    )
+    inc = concept_incidence(recs, REGIONS, concepts)
+    assert inc.shape == (2, 3, len(concepts))
+    assert inc[0, 1, concepts.index("red crown")] and inc[1, 0, concepts.index("sand background")]
+    lab = np.concatenate([labels(), labels()])
+    maps = np.zeros((2, 2, 4, 4), np.float32)
+    maps[:, 0, :2, :2] = 1.0  # planted unit: exactly the crown mask in both images
+    maps[0, 1, 3, :] = 1.0  # fires on the breast of image 0 only (blue breast)
+    inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
+    iou, _ = dissection_iou(inter, act, area, inc)
+    assert iou[0, concepts.index("red crown")] == 1.0 and iou[0, concepts.index("crown")] == 1.0
+    assert iou[1, concepts.index("blue breast")] == 1.0
+    assert np.isclose(iou[1, concepts.index("breast")], 4 / 8)  # union: both images' breasts
+    assert iou[1, concepts.index("yellow breast")] == 0.0
+    allowed = np.array([c not in REGIONS for c in concepts])
+    _, scores, names = rank_labels(iou, concepts, n=2, allowed=allowed)
+    assert names[0][0] == ("red crown", 1.0) and names[1][0] == ("blue breast", 1.0)
+    assert scores[:, 0].min() >= IOU_MIN
+    # the held-out ground truth over each filter's top-1 image (by pooled activation)
+    pooled = maps.mean((2, 3))
+    G, _ = ground_truth_matrix(inter, act, area, inc, pooled, p=1)
+    assert G[1, concepts.index("blue breast")] and not G[1, concepts.index("yellow breast")]
+    rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=2, p=1, draws=3)
+    assert rate[0, concepts.index("red crown")] == 1.0 and mean.shape == iou.shape
+
+
+def test_search_calibration_on_planted_units() -> None:
+    """Two units that detect their concept on every image: every judged-detected concept stays confident at
+    the highest rate (min_rate 1), and their returned filters are right at the lowest floor (1 / draws)."""
+    n = 48
+    recs = [
+        record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)
+    ]
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=REGIONS)
+    inc = concept_incidence(recs, REGIONS, concepts)
+    lab = np.concatenate([labels()] * n)
+    maps = np.zeros((n, 2, 4, 4), np.float32)
+    for i in range(n):
+        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i  # the crown, every image (all crowns are red)
+        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1  # the breast of blue-breasted birds only
+    inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
+    pooled = maps.mean((2, 3))
+    cal = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
+    assert cal["min_rate"] == 1.0 and cal["floor_rate_part"] == 1 / 8
+    assert cal["floor_rate_background"] == 1.0  # no unit detects a background: no floor reaches 90 %
+    assert cal["folds"] == 4 and len(cal["curves"]["grid"]) == 8
+    assert cal["curves"]["precision_part"] == [1.0] * 8
+    again = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
+    assert again == cal  # seeded
