@@ -1,4 +1,7 @@
-"""Streamlit glue shared by the pages: cached resources, the bundle choice, error display.
+"""Streamlit glue shared by the pages: cached resources, the bundle selector, error display.
+
+The rules behind the selector (which bundle opens first, the bundle labels) are plain functions in
+:mod:`lavise_core.views.workspace`.
 
 Everything heavy is a ``st.cache_resource`` (one copy per server process, shared by sessions, never
 copied): the bundle (memory-mapped arrays), the model (a ``LoadedModel`` whose ``.lock`` guards every
@@ -10,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import streamlit as st
 
 from lavise_core.data.images import ImageLoadError
 from lavise_core.pipeline.bundle import Bundle, BundleError, find_bundles
-from lavise_core.views.workspace import StageMissing, Workspace
+from lavise_core.views.workspace import StageMissing, Workspace, default_bundle, unique_bundle_labels
 
 log = logging.getLogger("lavise.app")
 
@@ -74,47 +76,8 @@ def _stamp(path: str) -> float:
         return 0.0
 
 
-def _label(b: Bundle) -> str:
-    from lavise_core.views.workspace import model_label
-
-    m = b.manifest
-    stages = [s for s in ("probe", "textual", "lavise") if b.stage_done(s)]
-    return f"{m['dataset'].get('name', '?')} · {model_label(m['model']['spec'])} · {m['layer']} [{', '.join(stages) or 'empty'}]"
-
-
-def _unique_labels(bundles: list[Bundle]) -> dict[str, str]:
-    """``{bundle path: label}``; labels shared by several bundles get the data folder, then the bundle folder.
-
-    (The selectbox matches the chosen option by its label: two bundles with one label would be one choice.)
-    """
-    labels = {str(b.root): _label(b) for b in bundles}
-    for extra in (
-        lambda b: Path(str(b.manifest["dataset"].get("root", "?"))).name,
-        lambda b: Path(b.root).name,
-    ):
-        counts = Counter(labels.values())
-        labels = {
-            str(b.root): labels[str(b.root)] + (f" · {extra(b)}" if counts[labels[str(b.root)]] > 1 else "")
-            for b in bundles
-        }
-    return labels
-
-
 def available_bundles() -> list[Bundle]:
     return find_bundles(bundles_root())
-
-
-def default_bundle(bundles: list[Bundle]) -> Bundle:
-    """The SynthBirds demo bundle when it exists (most stages first), else the newest."""
-    demo = [b for b in bundles if b.manifest["model"]["spec"] == "synthbirds"]
-    pool = demo or bundles
-    return max(
-        pool,
-        key=lambda b: (
-            sum(b.stage_done(s) for s in ("probe", "textual", "lavise")),
-            b.manifest.get("created", ""),
-        ),
-    )
 
 
 def sidebar_bundle_choice() -> str | None:
@@ -124,7 +87,7 @@ def sidebar_bundle_choice() -> str | None:
         st.sidebar.warning(f"No bundle under `{bundles_root()}` yet.")
         return None
     paths = [str(b.root) for b in bundles]
-    labels = _unique_labels(bundles)
+    labels = unique_bundle_labels(bundles)
     wanted = st.query_params.get("bundle")
     current = st.session_state.get(BUNDLE_KEY)
     if wanted:

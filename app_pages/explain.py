@@ -32,9 +32,11 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
     classes = ws.classes
     c_img, c_txt = st.columns([2, 3])
     with c_txt:
-        top = [c for c, _ in views.explain_image(ws, a).predictions]
+        predicted = views.predicted_class(ws, a)  # cheap: the explanation below needs the contrast class
         why_not = st.selectbox(
-            "Why not class…?", ["(choose a class)"] + [c for c in classes if c != top[0]], key=f"whynot_{uid}"
+            "Why not class…?",
+            ["(choose a class)"] + [c for c in classes if c != predicted],
+            key=f"whynot_{uid}",
         )
         attr_key = f"attr_{uid}"
         ex = views.explain_image(
@@ -206,18 +208,15 @@ if ws is not None:
             if ds is None:
                 st.error(f"The probe set is unavailable: {ws.dataset_error()}")
             else:
-                test = [i for i, r in enumerate(ds.records) if r.split == "test"] or list(range(len(ds)))
                 i = st.selectbox(
                     "Test image",
-                    test[:300],
-                    format_func=lambda i: (
-                        f"#{i} {ds.records[i].id} ({ds.classes[ds.records[i].label] if 0 <= ds.records[i].label < len(ds.classes) else '?'})"
-                    ),
+                    views.probe_test_images(ds),
+                    format_func=lambda i: views.probe_image_label(ds, i),
                     key="probe_image",
                 )
-                truth = ds.records[i].label
-                if 0 <= truth < len(ds.classes):
-                    st.caption(f"True class: **{ds.classes[truth]}**")
+                truth = views.probe_image_class(ds, i)
+                if truth is not None:
+                    st.caption(f"True class: **{truth}**")
                 items.append((f"probe-{i}", f"#{i}", lambda: views.analyse_image(ws, ds.load_image(i))))
         if not items and source == "Upload":
             st.info("Upload an image, or switch to a sample photo.")

@@ -145,8 +145,8 @@ def main() -> int:
 
     bundles = args.bundles or os.environ.get("LAVISE_BUNDLES") or str(browser_bundles().bundles)
     os.environ["LAVISE_BUNDLES"] = bundles
-    from app_pages._shared import default_bundle
     from lavise_core.pipeline.bundle import find_bundles
+    from lavise_core.views.workspace import default_bundle
 
     b = default_bundle(find_bundles(bundles))
     print(f"bundle {b.summary()} · {b.manifest['channels']} filters · load average {os.getloadavg()}")

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from lavise_core.api import ImageAnalysis
+from lavise_core.data.dataset import ProbeDataset
 from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import overlay
 from lavise_core.views.workspace import Workspace
 
-__all__ = ["ImageAnalysis", "ImageExplanation", "analyse_image", "explain_image"]
+__all__ = [
+    "PROBE_CHOICES",
+    "ImageAnalysis",
+    "ImageExplanation",
+    "analyse_image",
+    "explain_image",
+    "predicted_class",
+    "probe_image_class",
+    "probe_image_label",
+    "probe_test_images",
+]
+
+#: at most this many probe images are offered to explain
+PROBE_CHOICES = 300
 
 
 def analyse_image(
@@ -19,6 +34,30 @@ def analyse_image(
 ) -> ImageAnalysis:
     """Load (raises :class:`~lavise_core.data.images.ImageLoadError` with a user message) and run the model once."""
     return ws.analyse(source, name=name)
+
+
+def probe_test_images(ds: ProbeDataset, limit: int = PROBE_CHOICES) -> list[int]:
+    """The probe images offered to explain: the first ``limit`` of the test split, in data set order
+    (every image when the data set has no test split)."""
+    test = [i for i, r in enumerate(ds.records) if r.split == "test"] or list(range(len(ds)))
+    return test[:limit]
+
+
+def probe_image_class(ds: ProbeDataset, i: int) -> str | None:
+    """The true class name of probe image ``i`` (``None`` when its label is not one of the classes)."""
+    label = ds.records[i].label
+    return ds.classes[label] if 0 <= label < len(ds.classes) else None
+
+
+def probe_image_label(ds: ProbeDataset, i: int) -> str:
+    """``#i id (true class)``: how the probe image choice names image ``i``."""
+    truth = probe_image_class(ds, i)
+    return f"#{i} {ds.records[i].id} ({'?' if truth is None else truth})"
+
+
+def predicted_class(ws: Workspace, a: ImageAnalysis) -> str:
+    """The network's class for ``a`` (what :func:`explain_image` reports as ``predicted``), without explaining."""
+    return ws.classes[int(np.argsort(-a.probs, kind="stable")[0])]
 
 
 @dataclass

@@ -9,7 +9,7 @@ shared by every browser session. A page that needs a stage the bundle lacks gets
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,10 @@ __all__ = [
     "StageMissing",
     "Workspace",
     "bundle_class_note",
+    "bundle_label",
+    "default_bundle",
     "model_label",
+    "unique_bundle_labels",
 ]
 
 
@@ -64,6 +67,50 @@ def model_label(spec: str) -> str:
     if base.endswith(".json"):
         return Path(base).stem
     return base
+
+
+#: the stages a bundle label lists, and that rank bundles for :func:`default_bundle`
+LABEL_STAGES = ("probe", "textual", "lavise")
+#: the model spec of the SynthBirds demo bundle, which the dashboard opens first
+DEMO_MODEL_SPEC = "synthbirds"
+
+
+def bundle_label(b: Bundle) -> str:
+    """``data set · model · layer [stages done]``: how the bundle selector names a bundle."""
+    m = b.manifest
+    stages = [s for s in LABEL_STAGES if b.stage_done(s)]
+    return f"{m['dataset'].get('name', '?')} · {model_label(m['model']['spec'])} · {m['layer']} [{', '.join(stages) or 'empty'}]"
+
+
+def unique_bundle_labels(bundles: Sequence[Bundle]) -> dict[str, str]:
+    """``{bundle path: label}``; labels shared by several bundles get the data folder, then the bundle folder.
+
+    (The selectbox matches the chosen option by its label: two bundles with one label would be one choice.)
+    """
+    labels = {str(b.root): bundle_label(b) for b in bundles}
+    for extra in (
+        lambda b: Path(str(b.manifest["dataset"].get("root", "?"))).name,
+        lambda b: Path(b.root).name,
+    ):
+        counts = Counter(labels.values())
+        labels = {
+            str(b.root): labels[str(b.root)] + (f" · {extra(b)}" if counts[labels[str(b.root)]] > 1 else "")
+            for b in bundles
+        }
+    return labels
+
+
+def default_bundle(bundles: Sequence[Bundle]) -> Bundle:
+    """The bundle the dashboard opens first: among the SynthBirds demo bundles when there is one, else among
+    all, the one with the most of :data:`LABEL_STAGES` done, the newest (``created``) of those.
+
+    Raises ``ValueError`` on an empty list."""
+    demo = [b for b in bundles if b.manifest["model"]["spec"] == DEMO_MODEL_SPEC]
+    pool = demo or bundles
+    return max(
+        pool,
+        key=lambda b: (sum(b.stage_done(s) for s in LABEL_STAGES), b.manifest.get("created", "")),
+    )
 
 
 def bundle_class_note(ws: Workspace) -> str | None:

@@ -280,24 +280,3 @@ def test_two_sessions_keep_their_own_filter(monkeypatch, bundles):
     b = open_app(monkeypatch, bundles, "app_pages/filters.py", filter="11")
     a.run()
     assert a.header[0].value.startswith("Filter 3") and b.header[0].value.startswith("Filter 11")
-
-
-def test_bundle_labels_are_unique(tmp_path):
-    """Two bundles of one data set name, model and layer (e.g. SynthBirds with the switch on and off) must
-    stay two choices: the sidebar's selectbox matches the chosen option by its label."""
-    from app_pages._shared import _label, _unique_labels
-    from lavise_core.pipeline.bundle import Bundle
-
-    def make(name: str, data: str) -> Bundle:
-        return Bundle.create(
-            tmp_path / name,
-            {"key": name, "dataset": {"name": "SynthBirds", "root": f"/x/{data}"}, "model": {"spec": "synthbirds"},
-             "layer": "features"},
-        )  # fmt: skip
-
-    a, b, c = make("a1", "synthbirds"), make("b2", "synthbirds-spurious"), make("c3", "synthbirds")
-    labels = _unique_labels([a, b, c])
-    assert len(set(labels.values())) == 3
-    assert labels[str(b.root)].endswith("· synthbirds-spurious")
-    assert labels[str(a.root)].endswith("· synthbirds · a1")
-    assert _unique_labels([a]) == {str(a.root): _label(a)}  # alone: nothing added
