@@ -7,6 +7,7 @@ import streamlit as st
 
 from app_pages import _shared as sh
 from lavise_core import views
+from lavise_core.explain.dissection import IOU_MIN
 
 PER_PAGE = 24
 COLS = 6
@@ -78,7 +79,7 @@ def detail(ws: views.Workspace, k: int) -> None:
         how = "dissection, IoU" if d.label_source.startswith("dissection") else "score"
         st.caption(f"Best label: “{d.label}” ({how} {d.score:.2f}).")
     elif d.label_source.startswith("dissection"):
-        st.caption("No label: no annotated concept overlaps this filter's regions with IoU ≥ 0.04.")
+        st.caption(f"No label: no annotated concept overlaps this filter's regions with IoU ≥ {IOU_MIN:g}.")
     lab_l, lab_r = st.columns(2)
     with lab_l:
         st.subheader("Network Dissection (annotations)")
@@ -87,7 +88,9 @@ def detail(ws: views.Workspace, k: int) -> None:
                 {
                     "concept": [c for c, _ in d.dissection],
                     "IoU": [round(s, 3) for _, s in d.dissection],
-                    "evidence": ["detects (IoU ≥ 0.04)" if s >= 0.04 else "weak" for _, s in d.dissection],
+                    "evidence": [
+                        f"detects (IoU ≥ {IOU_MIN:g})" if s >= IOU_MIN else "weak" for _, s in d.dissection
+                    ],
                 },
                 hide_index=True,
             )

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app_pages import _shared as sh
 from lavise_core import views
+from lavise_core.explain.dissection import IOU_MIN
 
 COLOURS = {"part": "#4c78a8", "colour": "#f58518", "pattern/shape": "#54a24b", "background": "#b279a2"}
 
@@ -14,7 +15,7 @@ st.title("How is the network organised, layer by layer?")
 st.caption(
     "Network Dissection (Bau et al. 2017) of several layers, recorded in one pass over annotated training images: "
     "each unit's best concept by IoU of its top-0.5 % region with the concept's annotated pixels. A unit is "
-    "interpretable when that IoU reaches 0.04. The re-initialised network (same architecture, random weights) is "
+    f"interpretable when that IoU reaches {IOU_MIN:g}. The re-initialised network (same architecture, random weights) is "
     "the baseline."
 )
 
@@ -51,7 +52,7 @@ if ws is not None:
                 ]
             )
             fig.update_layout(
-                barmode="group", title="Share of units interpretable (IoU ≥ 0.04)", height=360,
+                barmode="group", title=f"Share of units interpretable (IoU ≥ {IOU_MIN:g})", height=360,
                 margin={"l": 0, "r": 10, "t": 40, "b": 10}, yaxis_tickformat=".0%",
             )  # fmt: skip
             st.plotly_chart(fig, width="stretch", key="share")

@@ -84,9 +84,9 @@ def main() -> None:
         b = Bundle.open(args.bundle)
         lm, ex, layer = b.load_model(), TextualExplainer.from_bundle(b), b.layer
         if b.has("ood/bank"):
-            from lavise_core.explain.ood import load_ood
+            from lavise_core.explain.ood import OODModel
 
-            ood = load_ood(b)
+            ood = OODModel.from_bundle(b)
     else:
         lm = load_model(args.model)
         ex, layer = synthetic_explainer(lm, args.attributes), lm.default_layer

@@ -1,6 +1,6 @@
 """One filter's feature visualisation (256 Adam steps): the demo CNN at 128 px and EfficientNet-Lite0 at 224 px.
 
-Per model: median wall time of ``--repeats`` runs of :func:`lavise_core.explain.featurevis.visualise` for one
+Per model: median wall time of ``--repeats`` runs of :func:`lavise_core.explain.featurevis.visualisation` for one
 filter of the default layer, beside the cost of the same number of bare forward + backward passes of the
 network on a fixed input, and their ratio. The ratio is the stable number on a shared machine: the bare network's
 own time moves by half between quiet and busy minutes. ``visualise`` runs a private copy of the network with the
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lavise_core.explain.featurevis.visualise import VisSettings, visualise
+from lavise_core.explain.featurevis.visualisation import VisSettings, visualise
 from lavise_core.models.networks import load_model
 
 SIZES = {"synthbirds": 128, "efficientnet_lite0": 224}

@@ -43,6 +43,13 @@ __all__ = [
 SOURCE_DISSECTION = "dissection"
 SOURCE_ZERO_SHOT = "zero-shot (LaViSE)"
 SOURCE_PDF = "attribute p.d.f."
+SOURCE_SIAM = "SIAM attribute (by design)"
+
+#: a filter "has a confident concept" when its top LaViSE vote score (activation-weighted mean cosine of
+#: the label over the filter's top images, 0 when the label is absent) reaches this value; for bundles
+#: with only the textual stage, when its top p(t | f) is at least CONFIDENT_LIFT times the uniform 1 / T.
+CONFIDENT_SCORE = 0.35
+CONFIDENT_LIFT = 4.0
 
 
 #: longest concept query :meth:`Explainer.query` accepts (characters)
@@ -63,7 +70,7 @@ class FilterInfo:
     Attributes:
         index: the filter ``k``.
         labels: ``[(phrase, score, source)]``: Network Dissection labels (score = IoU on the fit split, only those
-            with IoU ≥ 0.04) first, then the zero-shot labels (score = vote score), else the p.d.f.'s top attributes.
+            with IoU ≥ ``IOU_MIN``) first, then the zero-shot labels (score = vote score), else the p.d.f.'s top attributes.
         top_images: ``(k,)`` probe record indices where it fires most, strongest first.
         top_values: ``(k,)`` their pooled activations.
         pdf: ``[(attribute, p(t | f_k))]`` best first (empty without the textual stage).
@@ -74,6 +81,25 @@ class FilterInfo:
     top_images: np.ndarray
     top_values: np.ndarray
     pdf: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class ShownLabels:
+    """The one label each filter shows (the Overview's word cloud, the filter table and every page):
+
+    - a SIAM bundle: each map's attribute (by design);
+    - with the dissection stage: the best concept when its IoU on the fit split reaches ``IOU_MIN``, else "";
+    - else with the LaViSE stage: the best zero-shot label, confident at vote score ≥ :data:`CONFIDENT_SCORE`;
+    - else with the textual stage: the top attribute of ``p(t | f)``, confident at ≥ :data:`CONFIDENT_LIFT` × uniform.
+
+    Attributes: ``labels`` (C,) phrases ("" for none), ``scores`` (C,) float32, ``source`` (one of the
+    ``SOURCE_*`` names), ``confident`` (C,) bool.
+    """
+
+    labels: list[str]
+    scores: np.ndarray
+    source: str
+    confident: np.ndarray
 
 
 class FilterList(Sequence):
@@ -204,7 +230,7 @@ class Explainer:
         bundle: an opened bundle (or its folder).
         model_loader: ``() -> LoadedModel``; default ``bundle.load_model()`` (verified by hash). The
             dashboard passes a cached loader so one model (with its lock) serves every session.
-        lavise_loader: ``() -> LaviseExplainer``; default ``LaviseExplainer(bundle)``.
+        lavise_loader: ``() -> LaviseExplainer``; default ``LaviseExplainer.from_bundle(bundle)``.
     """
 
     def __init__(
@@ -287,7 +313,7 @@ class Explainer:
             )  # fmt: skip
         from lavise_core.explain.dissection.labels import DissectionTables
 
-        value, err = self._once("dissection", lambda: DissectionTables(self.bundle))
+        value, err = self._once("dissection", lambda: DissectionTables.from_bundle(self.bundle))
         if value is None:
             raise StageMissing(f"the dissection stage could not be read ({err}); rebuild it")
         return value
@@ -328,7 +354,7 @@ class Explainer:
                 return self._lavise_loader()
             from lavise_core.explain.lavise.explainer import LaviseExplainer
 
-            return LaviseExplainer(self.bundle)
+            return LaviseExplainer.from_bundle(self.bundle)
 
         value, err = self._once("lavise", make)
         if value is None:
@@ -376,6 +402,61 @@ class Explainer:
             )
         return value
 
+    def shown_labels(self) -> ShownLabels:
+        """:class:`ShownLabels`: the one label each filter shows, decided here only (computed once)."""
+        value, err = self._once("shown_labels", self._compute_shown_labels)
+        if value is None:
+            raise StageMissing(err)
+        return value
+
+    def _compute_shown_labels(self) -> ShownLabels:
+        from lavise_core.explain.dissection.labels import IOU_MIN
+
+        c = self.channels
+        card = self.bundle.manifest.get("model", {}).get("card", {})
+        if card.get("architecture") == "synthbirds_siam" and len(card.get("attributes", [])) == c:
+            return ShownLabels(
+                list(card["attributes"]), np.ones(c, np.float32), SOURCE_SIAM, np.ones(c, bool)
+            )
+        if self.has_dissection():  # ground-truth IoU on the fit split beats any word model
+            d = self.dissection()
+            sc = np.asarray(d.label_scores[:, 0], np.float32)
+            labels = [
+                d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)
+            ]
+            return ShownLabels(labels, sc, SOURCE_DISSECTION, sc >= IOU_MIN)
+        table = self.label_table()
+        if table is not None:
+            # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
+            ids_all, sc_all, phrases, _, _ = table
+            ids = np.asarray(ids_all[:, 0])
+            sc = np.asarray(sc_all[:, 0], dtype=np.float32)
+            labels = [phrases[int(j)] if 0 <= j < len(phrases) else "" for j in ids]
+            return ShownLabels(labels, sc, SOURCE_ZERO_SHOT, sc >= CONFIDENT_SCORE)
+        if self.has_textual():
+            pdf = np.asarray(self.textual().pdf)
+            j = pdf.argmax(1)
+            top = pdf[np.arange(c), j]
+            labels = [self.textual().vocabulary[int(t)] for t in j]
+            return ShownLabels(
+                labels, top.astype(np.float32), SOURCE_PDF, top * pdf.shape[1] >= CONFIDENT_LIFT
+            )
+        return ShownLabels([""] * c, np.zeros(c, np.float32), "none", np.zeros(c, bool))
+
+    def zero_shot_labels(self, k: int, n: int = 10) -> list[tuple[str, float, str]] | None:
+        """Filter ``k``'s top-``n`` zero-shot labels ``[(phrase, vote score, seen | unseen | vocabulary)]``,
+        or None without the LaViSE stage."""
+        table = self.label_table()
+        if table is None:
+            return None
+        ids, scores, phrases, seen, unseen = table
+        out = []
+        for j, s in zip(ids[k][:n], scores[k][:n], strict=True):
+            if 0 <= j < len(phrases):
+                p = phrases[int(j)]
+                out.append((p, float(s), "seen" if p in seen else "unseen" if p in unseen else "vocabulary"))
+        return out
+
     def filter_info(self, k: int, n_labels: int = 10) -> FilterInfo:
         """:class:`FilterInfo` of filter ``k`` (see :attr:`filters`)."""
         from lavise_core.explain.dissection.labels import IOU_MIN
@@ -386,14 +467,7 @@ class Explainer:
             labels += [
                 (c, s, SOURCE_DISSECTION) for c, s in self.dissection().labels(k, n_labels) if s >= IOU_MIN
             ]
-        table = self.label_table()
-        if table is not None:
-            ids, scores, phrases, _, _ = table
-            labels += [
-                (phrases[int(j)], float(s), SOURCE_ZERO_SHOT)
-                for j, s in zip(ids[k][:n_labels], scores[k][:n_labels], strict=True)
-                if 0 <= j < len(phrases)
-            ]
+        labels += [(p, s, SOURCE_ZERO_SHOT) for p, s, _ in self.zero_shot_labels(k, n_labels) or []]
         pdf: list[tuple[str, float]] = []
         if self.has_textual():
             tx = self.textual()
@@ -528,9 +602,9 @@ class Explainer:
         """The fitted upload check (:class:`~lavise_core.explain.ood.OODModel`), or ``None`` without the stage."""
         if not (self.bundle.stage_done("ood") and self.bundle.has("ood/bank")):
             return None
-        from lavise_core.explain.ood import load_ood
+        from lavise_core.explain.ood import OODModel
 
-        return self._once("ood", lambda: load_ood(self.bundle))[0]
+        return self._once("ood", lambda: OODModel.from_bundle(self.bundle))[0]
 
     def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """``maps (B, C, h, w)`` float32 and ``logits (B, K)`` for PIL images, under the model's lock."""

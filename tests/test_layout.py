@@ -51,6 +51,9 @@ def imports_of(path: Path) -> set[str]:
                 mod = node.module or ""
             if mod.startswith("lavise_core"):
                 out.add(mod)
+                # ``from lavise_core.explain.textual import grounding``: the submodule is imported too
+                folder = PACKAGE.parent.joinpath(*mod.split("."))
+                out |= {f"{mod}.{a.name}" for a in node.names if (folder / f"{a.name}.py").is_file()}
     return out
 
 

@@ -41,12 +41,14 @@ from lavise_core.data.dataset import ProbeDataset
 from lavise_core.explain.attribution.base import AttributionError
 from lavise_core.explain.attribution.registry import METHODS, make_method
 from lavise_core.explain.dissection.labels import label_map_crop
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "EVAL_OPTIONS",
     "RESULT_NAME",
     "AttributionEvalSettings",
     "build_attribution_stage",
+    "build_stage",
     "cascading_layers",
     "deletion_insertion",
     "discriminative_parts",
@@ -389,3 +391,11 @@ def build_attribution_stage(
     if save:
         bundle.write_json(RESULT_NAME, res)
     return {"seconds": res["seconds"], "winners": res["winners"]}
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``attribution`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_attribution_stage` with the build's settings and
+    ``options['attribution']``."""
+    return build_attribution_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("attribution")
+    )

@@ -44,8 +44,15 @@ from lavise_core.explain.dissection.labels import (
     split_overlaps,
 )
 from lavise_core.explain.dissection.search import probe_set
+from lavise_core.pipeline.stages import StageContext
 
-__all__ = ["STAGE", "build_fidelity_stage", "label_accuracy", "test_ground_truth"]
+__all__ = [
+    "STAGE",
+    "build_fidelity_stage",
+    "build_stage",
+    "label_accuracy",
+    "test_ground_truth",
+]
 
 STAGE = "fidelity"
 RESULT_NAME = "eval/fidelity"
@@ -154,9 +161,9 @@ def _ood_section(bundle, dataset: ProbeDataset, lm, n_per_kind: int = 40, seed: 
     import torch
 
     from lavise_core.data.ood_images import OOD_KINDS, synthetic_ood_images
-    from lavise_core.explain.ood import forward_with_ood, load_ood, msp_score
+    from lavise_core.explain.ood import OODModel, forward_with_ood, msp_score
 
-    model = load_ood(bundle)
+    model = OODModel.from_bundle(bundle)
     test = np.flatnonzero(dataset.splits() == "test")
     valid = (
         np.asarray(bundle.array("probe/valid"), bool)
@@ -328,7 +335,7 @@ def build_fidelity_stage(
         return {"skipped": "no Network Dissection ground truth (the data set has no region masks)"}
     if not (dataset.splits() == "test").any():
         return {"skipped": "the data set has no test split to hold out"}
-    d = DissectionTables(bundle)
+    d = DissectionTables.from_bundle(bundle)
     thr = np.asarray(bundle.array("probe/threshold"), np.float32)
     say = report or (lambda done, total, message: None)
     G, _ = test_ground_truth(
@@ -348,3 +355,11 @@ def build_fidelity_stage(
     if save:
         bundle.write_json(RESULT_NAME, res)
     return {"seconds": res["seconds"], "labels_dissection": round(res["labels"]["dissection"], 4)}
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``fidelity`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_fidelity_stage` with the build's settings and
+    ``options['fidelity']``."""
+    return build_fidelity_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("fidelity")
+    )

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lavise_core.data.dataset import ProbeDataset, background_phrase
-from lavise_core.explain.dissection.labels import label_map_crop
+from lavise_core.explain.dissection.labels import IOU_MIN, label_map_crop
 from lavise_core.explain.lavise.explainer import LaviseExplainer
 from lavise_core.explain.lavise.head import extract_region_features, train_head, training_targets
 from lavise_core.explain.lavise.index import ConceptIndex
@@ -59,8 +59,6 @@ __all__ = [
     "recall_at",
     "top1_in_gt",
 ]
-
-IOU_MIN = 0.04
 
 
 def concept_ground_truth(
@@ -222,7 +220,7 @@ def evaluate_lavise(
     Stored as ``eval/lavise.json`` when ``write`` (and the bundle is writable).
     """
     t0 = time.perf_counter()
-    ex = LaviseExplainer(bundle)
+    ex = LaviseExplainer.from_bundle(bundle)
     stored = ex.settings()
     # heads stored before these settings existed: the old recipe (margin loss, no rows of backgrounds, no prior)
     old = {"loss": "margin", "background_rows": False, "dataset_prior": 0.0}

@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.explain.oramas import OramasError, RelevantFeatures, explain_oramas, load_relevant
+from lavise_core.explain.oramas import OramasError, RelevantFeatures, explain_oramas
 from lavise_core.models.networks import LoadedModel, forward_maps
 from lavise_core.pipeline.bundle import Bundle
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "HeatmapMethod",
     "build_oramas_eval_stage",
+    "build_stage",
     "discriminative_parts",
     "heatmap_methods",
     "heatmap_scores",
@@ -140,7 +142,7 @@ def build_oramas_eval_stage(
 
     from lavise_core.pipeline.probe import image_batches
 
-    rf = load_relevant(bundle)
+    rf = RelevantFeatures.from_bundle(bundle)
     try:
         parts = discriminative_parts(lm.class_names)
     except OramasError as e:
@@ -194,3 +196,11 @@ def build_oramas_eval_stage(
     }
     bundle.write_json("eval/oramas", out)
     return {"iou": table.get("oramas", {}).get("iou"), "n": len(idx)}
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``oramas_eval`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_oramas_eval_stage` with the build's settings and
+    ``options['oramas_eval']``."""
+    return build_oramas_eval_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas_eval")
+    )

@@ -30,8 +30,14 @@ from lavise_core.explain.siam import is_siam, siam_net
 from lavise_core.models.networks import LoadedModel
 from lavise_core.models.siam import check_attributes
 from lavise_core.pipeline.bundle import Bundle
+from lavise_core.pipeline.stages import StageContext
 
-__all__ = ["build_siam_eval_stage", "evaluate_siam_bundle", "top5_precision"]
+__all__ = [
+    "build_siam_eval_stage",
+    "build_stage",
+    "evaluate_siam_bundle",
+    "top5_precision",
+]
 
 
 def top5_precision(scores: np.ndarray, truth: np.ndarray, positive_only: bool = True) -> float:
@@ -167,3 +173,9 @@ def build_siam_eval_stage(
     out = evaluate_siam_bundle(ds, lm, report=report)
     bundle.write_json("eval/siam", out)
     return {k: out[k] for k in ("test_accuracy", "attribute_auc", "decomposition_max_error")}
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``siam_eval`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_siam_eval_stage` with the build's settings and
+    ``options['siam_eval']``."""
+    return build_siam_eval_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report)

@@ -14,10 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lavise_core.pipeline.stages import StageContext
+
 __all__ = [
     "STAGE",
     "THUMB_TILE",
     "build_datamap_stage",
+    "build_stage",
     "embed_pooled",
     "neighbour_agreement",
     "write_thumbnails",
@@ -131,3 +134,9 @@ def build_datamap_stage(
     if report is not None:
         report(1, 1, "data map: done")
     return info
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``datamap`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_datamap_stage` with the build's settings and
+    ``options['datamap']``."""
+    return build_datamap_stage(ctx.bundle, ctx.dataset, report=ctx.report, **ctx.options_for("datamap"))

@@ -52,10 +52,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lavise_core.pipeline.stages import StageContext
+
 __all__ = [
     "OODModel",
     "OODVerdict",
     "build_ood_stage",
+    "build_stage",
     "calibration_images_for",
     "default_early_layers",
     "early_statistics",
@@ -65,7 +68,6 @@ __all__ = [
     "forward_with_ood",
     "fresh_synthbirds",
     "ledoit_wolf",
-    "load_ood",
     "msp_score",
     "ood_features",
     "save_ood",
@@ -195,6 +197,17 @@ class OODModel:
     early_whiten: np.ndarray | None = None
     early_layers: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, prefix: str = "ood") -> OODModel:
+        """Read the model written by :func:`save_ood` (arrays fully loaded, not memory-mapped)."""
+        p = bundle.read_json(f"{prefix}/params")
+        arrays = {
+            name: np.array(bundle.array(f"{prefix}/{name}")) if bundle.has(f"{prefix}/{name}") else None
+            for name in _ARRAYS
+        }
+        return cls(p["method"], float(p["threshold"]), float(p["quantile"]), int(p["k"]), info=p.get("info", {}),
+                   early_layers=list(p.get("early_layers", [])), **arrays)  # fmt: skip
 
     def __post_init__(self) -> None:
         # float32 working copies, made once: converting the float16 bank per call costs milliseconds
@@ -723,17 +736,6 @@ def save_ood(bundle: Any, model: OODModel, prefix: str = "ood") -> None:
     )  # fmt: skip
 
 
-def load_ood(bundle: Any, prefix: str = "ood") -> OODModel:
-    """Read the model written by :func:`save_ood` (arrays fully loaded, not memory-mapped)."""
-    p = bundle.read_json(f"{prefix}/params")
-    arrays = {
-        name: np.array(bundle.array(f"{prefix}/{name}")) if bundle.has(f"{prefix}/{name}") else None
-        for name in _ARRAYS
-    }
-    return OODModel(p["method"], float(p["threshold"]), float(p["quantile"]), int(p["k"]), info=p.get("info", {}),
-                    early_layers=list(p.get("early_layers", [])), **arrays)  # fmt: skip
-
-
 # =========================================================================== the stage
 STAGE = "ood"
 
@@ -789,3 +791,9 @@ def build_ood_stage(
         "early_layers": list(model.early_layers),
         "test_flagged": None if flagged is None else round(flagged, 4),
     }
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``ood`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_ood_stage` with the build's settings and
+    ``options['ood']``."""
+    return build_ood_stage(ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("ood"))

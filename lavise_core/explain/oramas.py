@@ -32,6 +32,7 @@ from torch import nn
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.models.networks import LoadedModel, ModelLoadError, record_layer
 from lavise_core.pipeline.bundle import Bundle
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "MU_GRID",
@@ -39,6 +40,7 @@ __all__ = [
     "RelevantFeatures",
     "backproject",
     "build_oramas_stage",
+    "build_stage",
     "choose_mu",
     "collect_energies",
     "energies_of",
@@ -50,7 +52,6 @@ __all__ = [
     "l2_rows",
     "lasso_path_positive",
     "layer_energy",
-    "load_relevant",
     "select_radius",
     "top_features",
 ]
@@ -246,6 +247,19 @@ class RelevantFeatures:
     mu: float
     classes: list[str]
     labels: dict[int, str]  # feature -> part label (relevant features only)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> RelevantFeatures:
+        """The fitted method from a bundle; :class:`OramasError` when the ``oramas`` stage is not built."""
+        if not bundle.has("oramas/weights"):
+            raise OramasError(
+                "this bundle has no Oramas et al. features; build them with `lavise build --stages oramas`"
+            )
+        info = bundle.read_json("oramas/info")
+        return cls(
+            info["layers"], info["sizes"], np.asarray(bundle.array("oramas/weights")), info["mu"], info["classes"],
+            {int(k): v for k, v in info["labels"].items()},
+        )  # fmt: skip
 
     def locate(self, j: int) -> tuple[str, int]:
         """Feature index -> ``(layer, filter)``."""
@@ -558,14 +572,9 @@ def build_oramas_stage(
     return {"mu": float(mu), "features": int(rel.size), "dim": int(X.shape[1])}
 
 
-def load_relevant(bundle: Bundle) -> RelevantFeatures:
-    """The fitted method from a bundle; :class:`OramasError` when the ``oramas`` stage is not built."""
-    if not bundle.has("oramas/weights"):
-        raise OramasError(
-            "this bundle has no Oramas et al. features; build them with `lavise build --stages oramas`"
-        )
-    info = bundle.read_json("oramas/info")
-    return RelevantFeatures(
-        info["layers"], info["sizes"], np.asarray(bundle.array("oramas/weights")), info["mu"], info["classes"],
-        {int(k): v for k, v in info["labels"].items()},
-    )  # fmt: skip
+def build_stage(ctx: StageContext) -> dict:
+    """The ``oramas`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_oramas_stage` with the build's settings and
+    ``options['oramas']``."""
+    return build_oramas_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("oramas")
+    )

@@ -11,6 +11,7 @@ Unreadable images are reported and skipped (their row is marked invalid), never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from lavise_core.data.images import ImageLoadError
 from lavise_core.models.networks import LoadedModel, record_layer
 from lavise_core.pipeline.bundle import Bundle, bundle_key
 from lavise_core.pipeline.executor import ExecutorError, ExecutorSettings, WorkerDataError, map_shards
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "QUANTILE_LEVELS",
@@ -39,6 +41,7 @@ __all__ = [
     "ProbeShardTask",
     "StreamingHistogram",
     "TopKMaps",
+    "build_stage",
     "bundle_dir_for",
     "image_batches",
     "open_or_create_bundle",
@@ -798,3 +801,19 @@ def image_batches(
             batch, xs, images = [], [], []
     if batch:
         yield batch, torch.stack(xs), images
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``probe`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`run_probe` with the build's settings and
+    ``options['probe']``."""
+    s = ctx.settings
+    settings = ProbeSettings(
+        top_k=s.top_k, batch_size=s.batch_size, num_workers=s.workers, device=s.device, progress=s.bars
+    )
+    settings = dataclasses.replace(settings, **ctx.options_for("probe"))  # e.g. {"histogram_bins": 512}
+    run_probe(
+        ctx.bundle, ctx.model, ctx.dataset, settings,
+        on_progress=lambda done, total: ctx.report(done, total, f"probe pass: {done} / {total} images"),
+        executor=s.executor_settings(),
+    )  # fmt: skip
+    return {}

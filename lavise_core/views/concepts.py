@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import encode_jpeg, overlay
 from lavise_core.views.workspace import Workspace
 
@@ -53,7 +52,7 @@ def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side:
     from lavise_core.explain.lavise.query import grounding_heatmap
 
     res = ws.query(text, n=n_filters, n_images=n_images)
-    best = _filter_labels(ws)[0]
+    best = ws.shown_labels().labels
     filters = [
         (int(k), float(s), str(best[k]), float(ls))
         for k, s, ls in zip(res.filters, res.scores, res.label_scores, strict=True)

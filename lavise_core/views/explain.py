@@ -9,7 +9,6 @@ from PIL import Image
 
 from lavise_core.api import ImageAnalysis
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import overlay
 from lavise_core.views.workspace import Workspace
 
@@ -90,7 +89,7 @@ def explain_image(
 ) -> ImageExplanation:
     """Explain ``a`` for class ``target`` (default: the prediction); ``why_not``: a contrast class."""
     ans = ws.explain(a, target=target, why_not=why_not, n_contributions=n_contrib)
-    best = _filter_labels(ws)[0]
+    best = ws.shown_labels().labels
     contributions = [(k, v, str(best[k])) for k, v in ans.contributions]
     names = {t for t, _ in ans.attributes}
     attribute = (attribute if attribute in names else ans.attributes[0][0]) if ans.attributes else None

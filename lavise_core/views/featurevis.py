@@ -81,7 +81,7 @@ def compute_filter_visualisation(
     ws: Workspace, k: int, side: int = 192, report: Callable[[int, int], None] | None = None
 ) -> FilterVisualisation:
     """Visualise filter ``k`` now (:data:`ON_DEMAND_STEPS` steps at the model's input size), cached."""
-    from lavise_core.explain.featurevis.visualise import VisSettings, visualise
+    from lavise_core.explain.featurevis.visualisation import VisSettings, visualise
 
     ws.require_probe()
     lm = ws.model()
@@ -118,7 +118,7 @@ def invert_image(
     report: Callable[[int, int], None] | None = None,
 ) -> InversionView:  # fmt: skip
     """Mahendran–Vedaldi inversion of ``image`` (what the network sees) from ``layer``'s map."""
-    from lavise_core.explain.featurevis.invert import invert
+    from lavise_core.explain.featurevis.inversion import invert
 
     lm = ws.model()
     inv = invert(lm, lm.preprocess(image), layer, steps=steps, report=report)

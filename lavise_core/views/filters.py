@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from lavise_core.views.home import _filter_labels
 from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
 from lavise_core.views.workspace import StageMissing, Workspace, build_hint, placeholder_image
 
@@ -40,7 +39,8 @@ def filter_table(ws: Workspace) -> Any:
         W = np.asarray(Wc, np.float64) if Wc is not None else np.zeros((len(ws.classes), ws.channels))
         contrib = W * mean[None, :]  # (K, C)
         top_c = contrib.argmax(0)
-        labels, scores, source, confident = _filter_labels(ws)
+        shown = ws.shown_labels()
+        labels, scores, source, confident = shown.labels, shown.scores, shown.source, shown.confident
         df = pd.DataFrame(
             {
                 "filter": np.arange(ws.channels),
@@ -178,7 +178,7 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
     except StageMissing as e:
         anote = str(e)
     labs, lnote, inside = None, None, None
-    labs = ws.filter_labels(k, 10)
+    labs = ws.zero_shot_labels(k, 10)
     if labs is None:
         lnote = (
             "this bundle has no LaViSE stage (zero-shot concepts) yet: build it with "
@@ -200,7 +200,8 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
     levels = ws.array("probe/quantile_levels")
     quant = [(float(lv_), float(v)) for lv_, v in zip(levels, q[k], strict=True)] if q is not None else []
     thr = ws.array("probe/threshold")
-    labels, scores, source, _ = _filter_labels(ws)
+    shown = ws.shown_labels()
+    labels, scores, source = shown.labels, shown.scores, shown.source
     dis, dnote = None, None
     try:
         dis = ws.dissection().labels(k, 10)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lavise_core.api import SOURCE_DISSECTION, SOURCE_SIAM, SOURCE_ZERO_SHOT
+from lavise_core.explain.dissection.labels import IOU_MIN
 from lavise_core.views.workspace import (
     CONFIDENT_LIFT,
     CONFIDENT_SCORE,
-    StageMissing,
     Workspace,
     build_hint,
     bundle_class_note,
@@ -43,63 +44,13 @@ class Overview:
     class_note: str | None = None
 
 
-def _filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
-    """Best label per filter, its score, the source, and the confident mask ``(C,)`` (computed once)."""
-    value, err = ws._once("filter_labels", lambda: _compute_filter_labels(ws))
-    if value is None:
-        raise StageMissing(err)
-    return value
-
-
-def _compute_filter_labels(ws: Workspace) -> tuple[list[str], np.ndarray, str, np.ndarray]:
-    c = ws.channels
-    card = ws.bundle.manifest.get("model", {}).get("card", {})
-    if card.get("architecture") == "synthbirds_siam" and len(card.get("attributes", [])) == c:
-        return (
-            list(card["attributes"]),
-            np.ones(c, np.float32),
-            "SIAM attribute (by design)",
-            np.ones(c, bool),
-        )
-    if ws.has_dissection():  # ground-truth IoU on the fit split beats any word model
-        from lavise_core.explain.dissection.labels import IOU_MIN
-
-        d = ws.dissection()
-        sc = np.asarray(d.label_scores[:, 0], np.float32)
-        labels = [
-            d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)
-        ]
-        return labels, sc, "dissection (IoU)", sc >= IOU_MIN
-    table = ws.label_table()
-    if table is not None:
-        # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
-        ids_all, sc_all, phrases, _, _ = table
-        ids = np.asarray(ids_all[:, 0])
-        sc = np.asarray(sc_all[:, 0], dtype=np.float32)
-        labels = [phrases[int(j)] if 0 <= j < len(phrases) else "" for j in ids]
-        return labels, sc, "zero-shot (LaViSE)", sc >= CONFIDENT_SCORE
-    if ws.has_textual():
-        tx = ws.textual()
-        pdf = np.asarray(tx.pdf)
-        j = pdf.argmax(1)
-        top = pdf[np.arange(c), j]
-        lift = top * pdf.shape[1]
-        return (
-            [tx.vocabulary[int(t)] for t in j],
-            top.astype(np.float32),
-            "attribute p.d.f.",
-            lift >= CONFIDENT_LIFT,
-        )
-    return [""] * c, np.zeros(c, np.float32), "none", np.zeros(c, bool)
-
-
 def confident_rule_short(source: str) -> str:
     """One line saying when a filter's label counts as confident, for the label ``source``."""
-    if source.startswith("dissection"):
-        return "IoU ≥ 0.04 with the concept's annotated regions (Network Dissection)"
-    if source.startswith("SIAM"):
+    if source == SOURCE_DISSECTION:
+        return f"IoU ≥ {IOU_MIN:g} with the concept's annotated regions (Network Dissection)"
+    if source == SOURCE_SIAM:
         return "each SIAM map is trained to be one attribute"
-    if source.startswith("zero"):
+    if source == SOURCE_ZERO_SHOT:
         return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
     if source and source != "none":
         return f"top p(t | f) ≥ {CONFIDENT_LIFT:g}× uniform"
@@ -119,7 +70,8 @@ def overview(ws: Workspace) -> Overview:
         if st.default or ws.bundle.stage_done(st.name)
     }
     msgs = []
-    labels, scores, source, confident = _filter_labels(ws)
+    shown = ws.shown_labels()
+    labels, scores, source, confident = shown.labels, shown.scores, shown.source, shown.confident
     if source == "none":
         msgs.append(
             f"No concept labels yet: build the textual and LaViSE stages with `{build_hint(ws.bundle)}`."
@@ -138,13 +90,13 @@ def overview(ws: Workspace) -> Overview:
         if named.size
         else ""
     )
-    if source.startswith("dissection"):
+    if source == SOURCE_DISSECTION:
         rule = (
             "the filter's map, thresholded at its top 0.5 % of activations, overlaps the concept's annotated "
-            "regions with IoU ≥ 0.04 over the training images (Network Dissection; a re-initialised network "
+            f"regions with IoU ≥ {IOU_MIN:g} over the training images (Network Dissection; a re-initialised network "
             "reaches no such overlap)." + spread
         )
-    elif source.startswith("zero"):
+    elif source == SOURCE_ZERO_SHOT:
         rule = (
             f"the filter's best word has a zero-shot vote score ≥ {CONFIDENT_SCORE} (the activation-weighted "
             "mean similarity between the word and what the explainer sees in the filter's top images; "
@@ -172,6 +124,6 @@ def overview(ws: Workspace) -> Overview:
         stages=stages,
         messages=msgs,
         label_source=source,
-        confident_score=CONFIDENT_SCORE if source.startswith("zero") else None,
+        confident_score=CONFIDENT_SCORE if source == SOURCE_ZERO_SHOT else None,
         class_note=bundle_class_note(ws),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lavise_core.api import build_hint
+from lavise_core.explain.dissection.labels import IOU_MIN
 from lavise_core.views.workspace import StageMissing, Workspace
 
 __all__ = ["LayersView", "layer_units", "layers_view"]
@@ -55,15 +56,15 @@ def layers_view(ws: Workspace) -> LayersView:
         kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in KIND_ORDER if r["by_kind"][k]["units"])
         sentences.append(
             f"`{r['layer']}`: {r['interpretable']} of {r['units']} units interpretable "
-            f"(IoU ≥ {summary.get('iou_min', 0.04):g}), {r['unique']} unique concepts"
+            f"(IoU ≥ {summary.get('iou_min', IOU_MIN):g}), {r['unique']} unique concepts"
             + (f" — {kinds}" if kinds else "")
         )
     info = b.manifest.get("stages", {}).get("layers", {})
-    return LayersView(rows, [r["layer"] for r in rows], float(summary.get("iou_min", 0.04)),
+    return LayersView(rows, [r["layer"] for r in rows], float(summary.get("iou_min", IOU_MIN)),
                       int(info.get("images", 0)), sentences)  # fmt: skip
 
 
-def layer_units(ws: Workspace, layer: str, iou_min: float = 0.04) -> list[dict]:
+def layer_units(ws: Workspace, layer: str, iou_min: float = IOU_MIN) -> list[dict]:
     """Every unit of ``layer`` with its best concept, IoU, kind and the runner-up; ValueError for an unknown layer."""
     names = ws.bundle.read_json("layers/names")
     if layer not in names:

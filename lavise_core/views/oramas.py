@@ -36,9 +36,9 @@ class ClassReliance:
 
 
 def _relevant(ws: Workspace):
-    from lavise_core.explain.oramas import load_relevant
+    from lavise_core.explain.oramas import RelevantFeatures
 
-    rf, err = ws._once("oramas", lambda: load_relevant(ws.bundle))
+    rf, err = ws._once("oramas", lambda: RelevantFeatures.from_bundle(ws.bundle))
     if rf is None:
         raise StageMissing(err)
     return rf
@@ -60,9 +60,7 @@ def class_reliance(ws: Workspace, cls: str, n: int = 12) -> ClassReliance:
         return ClassReliance(cls, rf.mu, [], counts, str(e), info.get("mu_curve", []))
     dis = None
     if ws.has_dissection():
-        from lavise_core.views.home import _filter_labels
-
-        dis = _filter_labels(ws)[0]
+        dis = ws.shown_labels().labels
     top = rf.layers[-1] if ws.layer in ("features", rf.layers[-1]) else None  # the explained layer's filters
     out = []
     for j in idx[:n]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lavise_core.api import Explainer, build_hint
+from lavise_core.api import CONFIDENT_LIFT, CONFIDENT_SCORE, Explainer, build_hint
 from lavise_core.data.dataset import DATASET_FILE
 from lavise_core.data.images import ImageLoadError, load_image
 from lavise_core.pipeline.bundle import Bundle, StageMissing
@@ -37,11 +37,6 @@ __all__ = [
 ]
 
 
-#: a filter "has a confident concept" when its top LaViSE vote score (activation-weighted mean cosine of
-#: the label over the filter's top images, 0 when the label is absent) reaches this value; for bundles
-#: with only the textual stage, when its top p(t | f) is at least CONFIDENT_LIFT times the uniform 1 / T.
-CONFIDENT_SCORE = 0.35
-CONFIDENT_LIFT = 4.0
 #: a background-bias flag is confirmed by the ground truth when one background holds this share of a class
 BIAS_CONFIRM_SHARE = 0.5
 
@@ -197,19 +192,6 @@ class Workspace(Explainer):
                 f"this bundle has no LaViSE vocabulary: build it with `{build_hint(self.bundle)}`"
             )
         return table[2]
-
-    def filter_labels(self, k: int, n: int = 10) -> list[tuple[str, float, str]] | None:
-        """Filter ``k``'s top-``n`` zero-shot labels ``[(phrase, vote score, seen | unseen | vocabulary)]``."""
-        table = self.label_table()
-        if table is None:
-            return None
-        ids, scores, phrases, seen, unseen = table
-        out = []
-        for j, s in zip(ids[k][:n], scores[k][:n], strict=True):
-            if 0 <= j < len(phrases):
-                p = phrases[int(j)]
-                out.append((p, float(s), "seen" if p in seen else "unseen" if p in unseen else "vocabulary"))
-        return out
 
     def filter_inside(self, k: int) -> float | None:
         """Share of filter ``k``'s activation on the object (``lavise/filter_inside``), if stored."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lavise_core.explain.ood import fit_ood, forward_with_ood, load_ood, save_ood
+from lavise_core.explain.ood import OODModel, fit_ood, forward_with_ood, save_ood
 from lavise_core.pipeline.bundle import Bundle
 
 
@@ -25,7 +25,7 @@ def test_flag_rate_and_far_points(tmp_path) -> None:
     assert not v.in_distribution and "does not look like" in v.message and v.percentile > 99
     b = Bundle.create(tmp_path / "b", {"key": "k", "layer": "x", "classes": []})
     save_ood(b, model)
-    again = load_ood(Bundle.open(b.root))
+    again = OODModel.from_bundle(Bundle.open(b.root))
     assert np.allclose(again.score(far), model.score(far)) and again.threshold == model.threshold
 
 

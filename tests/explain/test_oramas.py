@@ -140,7 +140,7 @@ def test_stage_on_solid_colours(tmp_path, colour_dataset, identity_model) -> Non
     b = open_or_create_bundle(tmp_path / "bundles", identity_model, colour_dataset)
     info = build_stage(b, colour_dataset, "oramas", lm=identity_model, layers=["features"], mu=0.5)
     assert info["mu"] == 0.5 and info["dim"] == 3
-    rf = O.load_relevant(b)
+    rf = O.RelevantFeatures.from_bundle(b)
     assert rf.weights.shape == (3, 3) and (rf.weights.sum(1) <= 0.5 + 1e-9).all()
     assert [int(rf.relevant(c)[0]) for c in range(3)] == [0, 1, 2]  # each class relies on its own colour
     assert b.array("oramas/patches").shape[1:] == (48, 48, 3)
@@ -170,7 +170,7 @@ def test_stages_on_tiny_birds(tiny_birds) -> None:
     b, ds, lm = tiny_birds
     info = build_stage(b, ds, "oramas", lm=lm, mu=50.0)
     assert info["dim"] == 5 * 8 + 2 * 16  # every conv block of the demo architecture (width 16)
-    rf = O.load_relevant(b)
+    rf = O.RelevantFeatures.from_bundle(b)
     assert len(rf.layers) == 7 and set(rf.labels.values()) <= {*ds.regions, "none"}
     ev = build_stage(b, ds, "oramas_eval", lm=lm, max_images=4)
     rep = b.read_json("eval/oramas")
@@ -194,7 +194,7 @@ def test_views_on_tiny_birds(tiny_birds) -> None:
     if not b.stage_done("oramas"):
         build_stage(b, ds, "oramas", lm=lm, mu=50.0)
     ws = views.Workspace(b, model_loader=lambda: lm)
-    rf = O.load_relevant(b)
+    rf = O.RelevantFeatures.from_bundle(b)
     has = [ds.classes[c] for c in range(len(ds.classes)) if (rf.weights[c] > 0).any()]
     rel = views.class_reliance(ws, has[0])
     assert rel.note is None and rel.features and rel.features[0].patch.size == (48, 48)

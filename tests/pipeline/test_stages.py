@@ -90,3 +90,22 @@ def test_a_failing_stage_leaves_earlier_stages_done(bundle) -> None:
     assert bundle.stage_done("a") and not bundle.stage_done("b")
     reopened = Bundle.open(bundle.root)
     assert reopened.stage_done("a") and np.asarray(reopened.array("a/out")).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_every_stage_is_its_methods_build_stage_and_every_method_reads_itself_back() -> None:
+    from lavise_core.evaluate import fidelity
+    from lavise_core.explain.dissection import DissectionTables
+    from lavise_core.explain.lavise import LaviseExplainer
+    from lavise_core.explain.ood import OODModel
+    from lavise_core.explain.oramas import RelevantFeatures
+    from lavise_core.explain.textual import TextualExplainer
+    from lavise_core.stages import REGISTRY
+
+    for stage in REGISTRY:
+        assert stage.run.__name__ == "build_stage", stage.name
+        assert stage.run.__module__.startswith(
+            ("lavise_core.explain.", "lavise_core.evaluate.", "lavise_core.pipeline.")
+        )
+    assert fidelity.build_stage in [s.run for s in REGISTRY]
+    for reader in (DissectionTables, LaviseExplainer, OODModel, RelevantFeatures, TextualExplainer):
+        assert callable(getattr(reader, "from_bundle", None)), reader.__name__

@@ -106,11 +106,11 @@ def test_overview_without_labels_says_how_to_build(tmp_path):
 
 def test_filter_labels_status_and_inside(tmp_path):
     ws = views.Workspace(_bundle(tmp_path))
-    assert ws.filter_labels(0) == [("red wing", 0.5, "seen"), ("grass", pytest.approx(0.2), "vocabulary")]
-    assert ws.filter_labels(1, 1) == [("blue wing", pytest.approx(0.4), "unseen")]
+    assert ws.zero_shot_labels(0) == [("red wing", 0.5, "seen"), ("grass", pytest.approx(0.2), "vocabulary")]
+    assert ws.zero_shot_labels(1, 1) == [("blue wing", pytest.approx(0.4), "unseen")]
     assert ws.filter_inside(0) == pytest.approx(0.9)
     assert ws.filter_inside(1) is None  # NaN: not measured
-    assert views.Workspace(_bundle(tmp_path / "b", lavise=False)).filter_labels(0) is None
+    assert views.Workspace(_bundle(tmp_path / "b", lavise=False)).zero_shot_labels(0) is None
 
 
 def test_filter_table_and_select(tmp_path):

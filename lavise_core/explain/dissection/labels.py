@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,12 +32,14 @@ import torch
 from lavise_core.data.dataset import ProbeDataset, background_phrase
 from lavise_core.models.networks import record_layer
 from lavise_core.pipeline.probe import image_batches
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "IOU_MIN",
     "STAGE",
     "DissectionTables",
     "build_dissection_stage",
+    "build_stage",
     "calibrate_search",
     "concept_incidence",
     "crop_label_map",
@@ -418,31 +421,49 @@ def split_overlaps(
 
 
 # ------------------------------------------------------------------------------------------- the stage
+@dataclass
 class DissectionTables:
     """What the dissection stage stored in a bundle (memory-mapped): ``concepts`` (T,), ``iou (C, T)``,
     ``label_ids / label_scores (C, L)`` (labels: part+attribute and background phrases, not bare part
-    names), ``rate / mean_iou (C, T)`` (evidence for the concept search), ``is_part (T,)``."""
+    names), ``rate / mean_iou (C, T)`` (evidence for the concept search), ``is_part (T,)``; ``colour``: the
+    colour path's evidence (``dissection.colour``) when stored, with its ``regions``; ``calibration``: the
+    concept search's rates, cross-fitted on the fit split (None for a bundle from before: defaults)."""
 
-    def __init__(self, bundle) -> None:
-        self.concepts: list[str] = list(bundle.read_json("dissection/concepts"))
-        self.regions: list[str] = []
-        self.colour: dict | None = None  # the colour path's evidence (explain.part_colour), when stored
+    concepts: list[str]
+    iou: np.ndarray
+    label_ids: np.ndarray
+    label_scores: np.ndarray
+    rate: np.ndarray
+    mean_iou: np.ndarray
+    is_part: np.ndarray
+    regions: list[str] = field(default_factory=list)
+    colour: dict | None = None
+    calibration: dict | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle) -> DissectionTables:
+        """The dissection stage of ``bundle`` (arrays memory-mapped)."""
+        colour, regions = None, []
         if bundle.has("dissection/colour_hist"):
-            self.colour = {
+            colour = {
                 "hist": np.asarray(bundle.array("dissection/colour_hist"), np.float64),
                 "count": np.asarray(bundle.array("dissection/colour_count"), np.float64),
                 "palette_lab": np.asarray(bundle.array("dissection/palette_lab"), np.float64),
             }
-            self.regions = list(bundle.read_json("dissection/regions"))
-        self.iou = bundle.array("dissection/iou")
-        self.label_ids = bundle.array("dissection/label_ids")
-        self.label_scores = bundle.array("dissection/label_scores")
-        self.rate = bundle.array("dissection/rate")
-        self.mean_iou = bundle.array("dissection/mean_iou")
-        self.is_part = np.asarray(bundle.array("dissection/is_part"), bool)
-        # the concept search's rates, cross-fitted on the fit split (None: a bundle from before; defaults)
+            regions = list(bundle.read_json("dissection/regions"))
         has_cal = (bundle.root / "dissection" / "search_calibration.json").is_file()
-        self.calibration: dict | None = bundle.read_json("dissection/search_calibration") if has_cal else None
+        return cls(
+            concepts=list(bundle.read_json("dissection/concepts")),
+            iou=bundle.array("dissection/iou"),
+            label_ids=bundle.array("dissection/label_ids"),
+            label_scores=bundle.array("dissection/label_scores"),
+            rate=bundle.array("dissection/rate"),
+            mean_iou=bundle.array("dissection/mean_iou"),
+            is_part=np.asarray(bundle.array("dissection/is_part"), bool),
+            regions=regions,
+            colour=colour,
+            calibration=bundle.read_json("dissection/search_calibration") if has_cal else None,
+        )
 
     def labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
         """Filter ``k``'s best ``n`` labels ``[(concept, IoU)]`` (IoU below :data:`IOU_MIN` included: check)."""
@@ -532,3 +553,12 @@ def build_dissection_stage(
         "unique_labels": len({int(j) for j, s in zip(ids[:, 0], scores[:, 0], strict=True) if s >= IOU_MIN}),
         "median_best_iou": round(float(np.median(scores[:, 0])), 4),
     }
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``dissection`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_dissection_stage` with the build's settings and
+    ``options['dissection']``."""
+    return build_dissection_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, progress=ctx.settings.bars,
+        **ctx.options_for("dissection"),
+    )  # fmt: skip

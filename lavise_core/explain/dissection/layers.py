@@ -41,6 +41,7 @@ from lavise_core.explain.dissection.labels import (
 )
 from lavise_core.models.networks import record_layers, reinitialised, spatial_layers
 from lavise_core.pipeline.probe import StreamingHistogram, image_batches
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "COLOUR_WORDS",
@@ -48,6 +49,7 @@ __all__ = [
     "STAGE",
     "LayerDissection",
     "build_layers_stage",
+    "build_stage",
     "concept_kind",
     "dissect_layers",
     "dissection_layers",
@@ -245,3 +247,11 @@ def build_layers_stage(
         "interpretable": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in trained},
         "reinitialised": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in reinit},
     }
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``layers`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_layers_stage` with the build's settings and
+    ``options['layers']``."""
+    return build_layers_stage(
+        ctx.bundle, ctx.dataset, ctx.model, report=ctx.report, **ctx.options_for("layers")
+    )  # fmt: skip

@@ -1,7 +1,7 @@
-"""What a filter wants: feature visualisation (visualise.py) and inversion of a layer's code (invert.py)."""
+"""What a filter wants: feature visualisation (visualisation.py) and inversion of a layer's code (inversion.py)."""
 
-from lavise_core.explain.featurevis.invert import Inversion, invert
-from lavise_core.explain.featurevis.visualise import (
+from lavise_core.explain.featurevis.inversion import Inversion, invert
+from lavise_core.explain.featurevis.visualisation import (
     FeatureVisError,
     VisSettings,
     Visualisation,

@@ -26,12 +26,14 @@ from lavise_core.explain.lavise.index import ConceptIndex
 from lavise_core.explain.lavise.labels import compute_filter_labels
 from lavise_core.explain.lavise.query import QueryResult, query_concept
 from lavise_core.explain.lavise.settings import LaviseError, LaviseSettings
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "RECIPES",
     "SUBSTAGES",
     "LaviseExplainer",
     "build_lavise_stage",
+    "build_stage",
     "insight_for_bundle",
     "settings_dict",
 ]
@@ -57,6 +59,11 @@ class LaviseExplainer:
             bundle.array("lavise/filter_object_area") if bundle.has("lavise/filter_object_area") else None
         )
         self._query_arrays: dict | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle, index: ConceptIndex | None = None) -> LaviseExplainer:
+        """The LaViSE stage of ``bundle`` (``index``: an already loaded concept index to share)."""
+        return cls(bundle, index=index)
 
     def filter_labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
         """Filter ``k``'s top-``n`` zero-shot labels ``[(phrase, score)]``."""
@@ -284,7 +291,7 @@ def insight_for_bundle(
 
     Classes are the data set's; the classifier weights are used only when the network's classes are the same.
     """
-    ex = explainer or LaviseExplainer(bundle)
+    ex = explainer or LaviseExplainer.from_bundle(bundle)
     labels = dataset.labels()
     valid = (
         np.asarray(bundle.array("probe/valid")) if bundle.has("probe/valid") else np.ones(len(labels), bool)
@@ -304,3 +311,10 @@ def insight_for_bundle(
         ex.label_ids, ex.label_scores, ex.index.phrases, ex.inside,
         bg, bg_labels, names, ex.object_area, bg_img, **kw,
     )  # fmt: skip
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``lavise`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_lavise_stage` with the build's settings and
+    ``options['lavise']``."""
+    options = {"executor": ctx.settings.executor_settings(), **ctx.options_for("lavise")}
+    return build_lavise_stage(ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **options)

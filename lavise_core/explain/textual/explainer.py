@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.explain.textual.attributes import AttributeTable
     from lavise_core.pipeline.bundle import Bundle
+    from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "STAGE",
@@ -57,6 +58,7 @@ __all__ = [
     "Explanation",
     "TextualError",
     "TextualExplainer",
+    "build_stage",
     "build_textual_stage",
     "class_descriptions",
     "contrastive_explanation",
@@ -883,3 +885,10 @@ def build_textual_stage(
         },
     )
     return explainer
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``textual`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_textual_stage` with the build's settings and
+    ``options['textual']``."""
+    build_textual_stage(ctx.bundle, ctx.dataset, progress=ctx.settings.bars, **ctx.options_for("textual"))
+    return {}

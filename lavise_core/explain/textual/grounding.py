@@ -34,12 +34,14 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.pipeline.bundle import Bundle
+    from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "LAMBDAS",
     "STAGE",
     "GroundingFit",
     "build_grounding_stage",
+    "build_stage",
     "cell_targets",
     "fit_grounding_weights",
     "fit_part_grounding",
@@ -335,3 +337,11 @@ def build_grounding_stage(
     bundle.write_array("textual/grounding_learned", fit.learned)
     bundle.mark_stage(STAGE, {"seconds": round(time.perf_counter() - t0, 2), **fit.info})
     return bundle.manifest["stages"][STAGE]
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``textual_grounding`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_grounding_stage` with the build's settings and
+    ``options['textual_grounding']``."""
+    return build_grounding_stage(
+        ctx.bundle, ctx.dataset, ctx.model, progress=ctx.settings.bars, **ctx.options_for("textual_grounding")
+    )

@@ -527,7 +527,7 @@ def test_stage_trains_on_background_rows(tiny_bundle):
 
 def test_explainer_query_and_evaluation(tiny_bundle):
     bundle, ds, lm, emb, _ = tiny_bundle
-    ex = LaviseExplainer(bundle, index=ConceptIndex.load(bundle.root / "lavise", embedder=emb))
+    ex = LaviseExplainer.from_bundle(bundle, index=ConceptIndex.load(bundle.root / "lavise", embedder=emb))
     r = ex.query("a bird standing in shallow water")
     assert r.status == "not in vocabulary" and len(r.filters) == 10 and len(r.images) > 0
     assert ex.filter_labels(0, 3) and ex.concept_status(ex.seen[0]) == "seen"

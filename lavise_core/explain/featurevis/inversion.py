@@ -4,7 +4,7 @@ Given the activation ``Φ0 = Φ_L(x0) (C, h, w)`` of an image ``x0`` at layer ``
 
     x* = argmin_x  ||Φ_L(x) - Φ0||² / ||Φ0||²  +  λ_TV · TV(x)                      (1)
 
-with ``x`` in the feature-visualisation parameterisation (:func:`~lavise_core.explain.featurevis.visualise.fourier_image`:
+with ``x`` in the feature-visualisation parameterisation (:func:`~lavise_core.explain.featurevis.visualisation.fourier_image`:
 1/f-scaled spectrum, decorrelated colour, sigmoid; the natural-image prior) plus M&V's total variation
 ``TV(x) = mean |∇x|²`` (β = 2), optimised with Adam from a seeded random start. Reported: the relative feature
 error ``||Φ_L(x*) - Φ0|| / ||Φ0||`` beside the same error of a mid-grey image (the baseline that knows nothing).
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lavise_core.explain.featurevis.visualise import (
+from lavise_core.explain.featurevis.visualisation import (
     FeatureVisError,
     FusedAdam,
     check_layer,
@@ -57,7 +57,7 @@ def invert(
 ) -> Inversion:  # fmt: skip
     """Reconstruct ``x0 (3, S, S)`` (preprocessed, as ``lm.preprocess`` returns) from its ``layer`` map (eq. 1).
 
-    Raises :class:`~lavise_core.explain.featurevis.visualise.FeatureVisError` for a layer without a spatial map or an
+    Raises :class:`~lavise_core.explain.featurevis.visualisation.FeatureVisError` for a layer without a spatial map or an
     input of the wrong shape.
     """
     layer, _ = check_layer(lm, layer)

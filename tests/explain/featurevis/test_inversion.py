@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lavise_core.explain.featurevis.invert import invert, relative_error
-from lavise_core.explain.featurevis.visualise import FeatureVisError
+from lavise_core.explain.featurevis.inversion import invert, relative_error
+from lavise_core.explain.featurevis.visualisation import FeatureVisError
 from lavise_core.models.networks import load_model
 
 

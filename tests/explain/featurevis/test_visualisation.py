@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lavise_core.explain.featurevis.visualise import (
+from lavise_core.explain.featurevis.visualisation import (
     FeatureVisError,
     FusedAdam,
     VisSettings,
@@ -129,7 +129,7 @@ def test_earlier_layer_and_diversity(demo) -> None:
 
 
 def test_fourier_image_and_gram_similarity_exact() -> None:
-    from lavise_core.explain.featurevis.visualise import frequency_scale
+    from lavise_core.explain.featurevis.visualisation import frequency_scale
 
     z = torch.zeros(2, 3, 8, 5, 2)
     img = fourier_image(z, frequency_scale(8, 1.0))
@@ -178,7 +178,7 @@ def test_stage_on_a_tiny_bundle(tmp_path) -> None:
 @pytest.mark.parametrize("size", [8, 9, 16])
 def test_fourier_image_gradient_is_autograds(size: int) -> None:
     """The written-out backward of eq. 2 equals autograd's through irfft2, the colour mix and the sigmoid."""
-    from lavise_core.explain.featurevis.visualise import _COLOUR_MIX, frequency_scale
+    from lavise_core.explain.featurevis.visualisation import _COLOUR_MIX, frequency_scale
 
     gen = torch.Generator().manual_seed(size)
     z = torch.randn(2, 3, size, size // 2 + 1, 2, generator=gen, dtype=torch.float64).requires_grad_()
@@ -197,7 +197,7 @@ def test_fourier_image_gradient_is_autograds(size: int) -> None:
 @pytest.mark.parametrize("top", [float("inf"), 6.0])
 def test_leaky_backward_values_and_gradient(top: float) -> None:
     """Forward is clamp(x, 0, top); backward passes the gradient where the clamp is steep and leak · it elsewhere."""
-    from lavise_core.explain.featurevis.visualise import _LeakyBackward
+    from lavise_core.explain.featurevis.visualisation import _LeakyBackward
 
     x = torch.tensor([-2.0, 0.0, 0.5, 5.0, 7.0], requires_grad=True)
     y = _LeakyBackward.apply(x, top, 0.1)

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lavise_core.models.networks import LoadedModel, spatial_layers
+from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "COLOR_CORRELATION",
@@ -48,6 +49,7 @@ __all__ = [
     "VisSettings",
     "Visualisation",
     "build_featurevis_stage",
+    "build_stage",
     "check_layer",
     "featurevis_summary",
     "folded_copy",
@@ -608,3 +610,9 @@ def featurevis_summary(acts: np.ndarray, top: np.ndarray) -> dict:
         "beats_other_images": int((diag > col).sum()),
         "_ratio": ratio.astype(np.float32),
     }
+
+
+def build_stage(ctx: StageContext) -> dict:
+    """The ``featurevis`` stage (:data:`lavise_core.stages.REGISTRY`): :func:`build_featurevis_stage` with the build's settings and
+    ``options['featurevis']``."""
+    return build_featurevis_stage(ctx.bundle, ctx.model, report=ctx.report, **ctx.options_for("featurevis"))
