@@ -155,3 +155,32 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) ->
     fake.write_text("def f():\n    from lavise_core.views.home import _filter_labels\n")
     assert private_imports(fake) == ["lavise_core.views.home._filter_labels"]
     assert family_of("lavise_core.explain.lavise.head") == "lavise" and family_of("lavise_core.api") is None
+
+
+def uses_argparse(path: Path) -> bool:
+    """Whether the file imports ``argparse`` anywhere (``import argparse [as x]``, ``from argparse import``)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] == "argparse" for n in names):
+            return True
+    return False
+
+
+def test_only_the_cli_imports_argparse(tmp_path: Path) -> None:
+    """Command-line wiring lives in lavise_core/cli/; data, models, views and the rest never import argparse."""
+    cli = PACKAGE / "cli"
+    found = [
+        str(p.relative_to(PACKAGE.parent))
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if cli not in p.parents and uses_argparse(p)
+    ]
+    assert not found, "argparse outside lavise_core/cli/:\n" + "\n".join(found)
+    assert uses_argparse(cli / "parser.py")
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from argparse import ArgumentParser\n")
+    assert uses_argparse(fake)

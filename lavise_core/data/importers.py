@@ -22,7 +22,6 @@ annotation file is an error naming the file and the line.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -30,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -49,8 +47,8 @@ from lavise_core.data.dataset import (
 __all__ = [
     "CUB_PARTS",
     "IMAGE_EXTENSIONS",
+    "LINK_MODES",
     "Skipped",
-    "add_commands",
     "clean_class_name",
     "cub_attribute_phrase",
     "decode_coco_segmentation",
@@ -1138,138 +1136,3 @@ def _coco_instances(
     ]
     mask_rel = _write_mask(out, rid, label_map) if drawn else None
     return mask_rel, inst
-
-
-# ====================================================================== CLI
-
-
-def _report(ds: ProbeDataset, out: Path) -> int:
-    splits = {s: int((ds.splits() == s).sum()) for s in ("train", "val", "test")}
-    print(
-        f"wrote {out}: {len(ds)} images, {len(ds.classes)} classes, "
-        + ", ".join(f"{k} {v}" for k, v in splits.items() if v)
-    )
-    skipped = ds.meta.get("skipped", [])
-    if skipped:
-        print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
-        for s in skipped:
-            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
-    for note in ds.meta.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-def _run(fn, args: argparse.Namespace) -> int:
-    try:
-        ds = fn()
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return _report(ds, Path(args.out))
-
-
-def _cmd_folder(args: argparse.Namespace) -> int:
-    return _run(
-        lambda: import_image_folder(
-            Path(args.src),
-            Path(args.out),
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            link=args.link,
-            progress=not args.quiet,
-        ),
-        args,
-    )
-
-
-def _cmd_cub(args: argparse.Namespace) -> int:
-    return _run(
-        lambda: import_cub(
-            Path(args.src),
-            Path(args.out),
-            captions=None if args.captions is None else Path(args.captions),
-            segmentations=None if args.segmentations is None else Path(args.segmentations),
-            min_certainty=args.min_certainty,
-            link=args.link,
-            progress=not args.quiet,
-        ),
-        args,
-    )
-
-
-def _cmd_coco(args: argparse.Namespace) -> int:
-    return _run(
-        lambda: import_coco(
-            Path(args.images),
-            Path(args.out),
-            captions_json=None if args.captions_json is None else Path(args.captions_json),
-            instances_json=None if args.instances_json is None else Path(args.instances_json),
-            split=args.split,
-            max_images=args.max_images,
-            link=args.link,
-            progress=not args.quiet,
-        ),
-        args,
-    )
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``import-folder``, ``import-cub`` and ``import-coco``."""
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, help="directory of the probe data set to write")
-        p.add_argument(
-            "--link",
-            choices=LINK_MODES,
-            default="symlink",
-            help="symlink: OUT/images links to the source images (default); copy: copy them into OUT/images",
-        )
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    p = sub.add_parser(
-        "import-folder",
-        help="import a folder of images (one sub-folder per class)",
-        description="Import SRC/<class>/<image> (or a flat SRC/<image>, unlabeled) as a probe data set.",
-    )
-    p.add_argument("src", help="image folder")
-    p.add_argument(
-        "--test-fraction", type=float, default=0.2, help="fraction of each class put in the test split"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    common(p)
-    p.set_defaults(func=_cmd_folder)
-
-    p = sub.add_parser(
-        "import-cub",
-        help="import CUB-200-2011 (labels, attributes, parts, boxes, captions)",
-        description="Import the extracted CUB_200_2011/ folder as a probe data set.",
-    )
-    p.add_argument("src", help="the CUB_200_2011 folder (holds images.txt and images/)")
-    p.add_argument("--captions", default=None, help="Reed et al. text_c10 folder (or its parent)")
-    p.add_argument("--segmentations", default=None, help="CUB segmentations folder (<class>/<image>.png)")
-    p.add_argument(
-        "--min-certainty",
-        type=int,
-        default=1,
-        choices=(1, 2, 3, 4),
-        help="keep present attributes with certainty >= this (1 not visible .. 4 definitely)",
-    )
-    common(p)
-    p.set_defaults(func=_cmd_cub)
-
-    p = sub.add_parser(
-        "import-coco",
-        help="import MS-COCO captions and/or instances",
-        description="Import COCO images with captions_*.json and/or instances_*.json as a probe data set.",
-    )
-    p.add_argument("--images", required=True, help="COCO image folder, e.g. val2017/")
-    p.add_argument("--captions-json", default=None, help="captions_*.json")
-    p.add_argument("--instances-json", default=None, help="instances_*.json")
-    p.add_argument(
-        "--split", choices=("train", "val", "test"), default="train", help="split given to every image"
-    )
-    p.add_argument(
-        "--max-images", type=int, default=None, help="import only the first N images (by image id)"
-    )
-    common(p)
-    p.set_defaults(func=_cmd_coco)

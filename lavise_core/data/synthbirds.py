@@ -24,7 +24,6 @@ fixed settings: the same arguments give byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -39,6 +38,7 @@ from lavise_core.data.dataset import DATASET_FILE, MANIFEST_FILE, DatasetError, 
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "DEFAULT_N",
     "REGIONS",
     "SLOTS",
     "SPECIES",
@@ -48,7 +48,6 @@ __all__ = [
     "TYPICAL",
     "VARIATION",
     "VERSION",
-    "add_commands",
     "generate_synthbirds",
     "one_part_pairs",
     "parse_caption",
@@ -1000,46 +999,3 @@ def generate_synthbirds(
         meta=meta,
     )
     return ProbeDataset.open(out)
-
-
-# ----------------------------------------------------------------------------- CLI
-def _cmd_synthbirds(args: argparse.Namespace) -> int:
-    ds = generate_synthbirds(
-        Path(args.out),
-        n=args.n,
-        seed=args.seed,
-        image_size=args.image_size,
-        spurious=args.spurious,
-        progress=not args.quiet,
-        spurious_strength=args.spurious_strength,
-        test_fraction=args.test_fraction,
-        workers=args.workers,
-    )
-    n_train = int((ds.splits() == "train").sum())
-    print(f"wrote {len(ds)} images ({n_train} train, {len(ds) - n_train} test) to {ds.root}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``lavise synthbirds``."""
-    p = sub.add_parser(
-        "synthbirds",
-        help="generate the SynthBirds probe data set",
-        description="Generate SynthBirds: synthetic birds with part masks, keypoints, attributes and captions.",
-    )
-    p.add_argument("--out", default="data/synthbirds", help="output directory (default: data/synthbirds)")
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of images (default: {DEFAULT_N})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
-    p.add_argument(
-        "--spurious",
-        action="store_true",
-        help=f"put most train {SPURIOUS_SPECIES!r} over {SPURIOUS_BACKGROUND!r}",
-    )
-    p.add_argument(
-        "--spurious-strength", type=float, default=0.9, help="probability of that background (default: 0.9)"
-    )
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of test images (default: 0.2)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_synthbirds)

@@ -12,7 +12,6 @@ with the card's ``mean`` / ``std``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ __all__ = [
     "DEFAULT_EPOCHS",
     "WEIGHTS_FILE",
     "SynthBirdsCNN",  # noqa: F822 - defined on first access by the module __getattr__ (keeps torch off the CLI import path)
-    "add_commands",
     "build_synthbirds_cnn",
     "evaluate_demo",
     "load_demo",
@@ -318,43 +316,3 @@ def load_demo(model_dir: Path = Path("models")) -> tuple[nn.Module, dict]:
     model = build_synthbirds_cnn(**card["arch_kwargs"])
     model.load_state_dict(load_file(str(weights_path)))
     return model.eval(), card
-
-
-# ----------------------------------------------------------------------------- CLI
-def _cmd_train_demo(args: argparse.Namespace) -> int:
-    card = train_demo(
-        Path(args.data),
-        Path(args.out),
-        seed=args.seed,
-        epochs=args.epochs,
-        progress=not args.quiet,
-        threads=args.threads,
-    )
-    print(
-        f"test accuracy {card['test_accuracy']:.3f}, one-part pairs {card['one_part_pair_accuracy']:.3f}, "
-        f"{card['train_seconds']:.0f} s; wrote {Path(args.out) / WEIGHTS_FILE} and {Path(args.out) / CARD_FILE}"
-    )
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``lavise train-demo``."""
-    p = sub.add_parser(
-        "train-demo",
-        help="train the SynthBirds demo CNN",
-        description="Train the compact demo CNN on a SynthBirds data set and write its checkpoint and model card.",
-    )
-    p.add_argument(
-        "--data", default="data/synthbirds", help="SynthBirds directory (default: data/synthbirds)"
-    )
-    p.add_argument("--out", default="models", help="output directory (default: models)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default: {DEFAULT_EPOCHS})")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default: 1; the weights are bit-identical only for the same thread count)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train_demo)

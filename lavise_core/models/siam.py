@@ -18,7 +18,6 @@ chosen one to ``models/synthbirds_siam.{safetensors,json}`` and every variant's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CARD_FILE",
+    "VARIANTS",
     "WEIGHTS_FILE",
     "SiamError",
-    "add_commands",
     "build_siam",
     "check_attributes",
     "train_siam",
@@ -343,37 +342,3 @@ def train_siam(
     }
     atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
-
-
-def _cmd_train_siam(args: argparse.Namespace) -> int:
-    card = train_siam(
-        args.data, args.out, args.backbone, args.head_epochs, args.finetune_epochs, seed=args.seed,
-        threads=args.threads, keep=args.keep, progress=not args.quiet,
-    )  # fmt: skip
-    for name, r in card["variants"].items():
-        print(
-            f"{name:20s} accuracy {r['test_accuracy']:.1%}  attribute AUC {r['attribute_auc']:.3f}  "
-            f"decomposition error {r['decomposition_max_error']:.1e}"
-        )
-    print(f"kept {card['variant']} -> {Path(args.out) / CARD_FILE} ({card['train_seconds']} s)")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train-siam",
-        help="train the SIAM attribute-map model on SynthBirds (four variants; keeps one)",
-        description=train_siam.__doc__,
-    )
-    p.add_argument("--data", default="data/synthbirds", type=Path)
-    p.add_argument("--out", default="models", type=Path)
-    p.add_argument("--backbone", default="models/synthbirds_cnn.json", type=Path, help="demo CNN card")
-    p.add_argument("--head-epochs", type=int, default=30)
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch threads (results are deterministic per count)"
-    )
-    p.add_argument("--keep", default="finetuned-linear", choices=VARIANTS)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_train_siam)

@@ -9,13 +9,11 @@ opens offline and can be mailed. ``lavise report BUNDLE`` writes both from the c
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +21,7 @@ from lavise_core.views.filters import filter_card_image, filter_table
 from lavise_core.views.home import overview
 from lavise_core.views.workspace import StageMissing, Workspace
 
-__all__ = ["add_commands", "filter_table_csv", "filter_table_rows", "report_html"]
+__all__ = ["filter_table_csv", "filter_table_rows", "report_html"]
 
 
 def filter_table_rows(ws: Workspace, n_top: int = 8) -> list[dict]:
@@ -131,33 +129,3 @@ def report_html(ws: Workspace, max_filters: int | None = None, n_images: int = 4
         )
     parts.append("</div></body></html>")
     return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def _cmd_report(args: argparse.Namespace) -> int:
-    from lavise_core.pipeline.bundle import Bundle
-
-    ws = Workspace(Bundle.open(args.bundle))
-    out = args.out or Path(f"{Path(args.bundle).name}-report.html")
-    t0 = time.perf_counter()
-    page = report_html(ws, max_filters=args.max_filters)
-    out.write_text(page, encoding="utf-8")
-    print(f"wrote {out} ({len(page) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
-    if args.csv is not None:
-        args.csv.write_bytes(filter_table_csv(ws))
-        print(f"wrote {args.csv}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """``lavise report BUNDLE [--out FILE.html] [--csv FILE.csv] [--max-filters N]``."""
-    p = sub.add_parser(
-        "report",
-        help="write a bundle's report as one self-contained HTML file (and the filter table as CSV)",
-        description=__doc__,
-    )
-    p.add_argument("bundle", type=Path, help="bundle folder")
-    p.add_argument("--out", type=Path, default=None, help="HTML file (default: <bundle>-report.html)")
-    p.add_argument("--csv", type=Path, default=None, help="also write the filter table as CSV here")
-    p.add_argument("--max-filters", type=int, default=None, help="only the N best-labelled filters")
-    p.set_defaults(func=_cmd_report)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lavise_core.cli.data import add_import_commands
 from lavise_core.data.dataset import DatasetError, ProbeDataset
 from lavise_core.data.importers import (
     CUB_PARTS,
-    add_commands,
     clean_class_name,
     cub_attribute_phrase,
     decode_coco_segmentation,
@@ -509,7 +509,7 @@ def test_coco_errors(tmp_path: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavise")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_import_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lavise_core.cli.data import add_synthbirds, cmd_synthbirds
 from lavise_core.data import synthbirds as sb
 from lavise_core.data.dataset import DatasetError, ProbeDataset
 
@@ -172,7 +173,7 @@ def test_refuses_foreign_dataset_and_bad_args(tmp_path: Path) -> None:
 
 def test_cli_registers_synthbirds() -> None:
     parser = argparse.ArgumentParser()
-    sb.add_commands(parser.add_subparsers())
+    add_synthbirds(parser.add_subparsers())
     args = parser.parse_args(["synthbirds", "--out", "x", "--n", "7", "--spurious", "--image-size", "96"])
     assert (args.out, args.n, args.spurious, args.image_size, args.seed) == ("x", 7, True, 96, 0)
-    assert args.func is sb._cmd_synthbirds
+    assert args.func is cmd_synthbirds

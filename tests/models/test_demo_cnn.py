@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lavise_core.cli.train import add_train_demo
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.data.synthbirds import generate_synthbirds, render_synthbird
 from lavise_core.models import demo_cnn
@@ -79,7 +80,7 @@ def test_load_demo_errors(tmp_path: Path) -> None:
 
 def test_cli_registers_train_demo() -> None:
     parser = argparse.ArgumentParser()
-    demo_cnn.add_commands(parser.add_subparsers())
+    add_train_demo(parser.add_subparsers())
     args = parser.parse_args(["train-demo", "--data", "d", "--out", "m", "--epochs", "2"])
     assert (args.data, args.out, args.epochs, args.seed) == ("d", "m", 2, 0)
 

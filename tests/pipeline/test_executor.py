@@ -109,7 +109,8 @@ def test_shards_and_settings():
 
 def test_cli_ray_flag_and_unreachable_cluster(tmp_path, colour_dataset, capsys):
     pytest.importorskip("ray")
-    from lavise_core.cli import _settings, build_parser, main
+    from lavise_core.cli import build_parser, main
+    from lavise_core.cli.build import _settings
 
     args = build_parser().parse_args(["build", "--data", "x", "--ray"])
     assert (_settings(args).executor, _settings(args).address) == ("ray", None)

@@ -1,29 +1,25 @@
-"""The ``lavise`` command line: import data, train the demo CNN, build and evaluate bundles.
-
-``lavise --help`` lists the commands; ``lavise COMMAND --help`` explains one.
-"""
+"""``lavise probe``, ``build``, ``evaluate``, ``stages``, ``models``, ``layers`` and ``info``: the commands that
+build, inspect and evaluate bundles (the library calls live in :mod:`lavise_core.api` and below)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
-import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUNDLES", "main"]
+__all__ = [
+    "DEFAULT_BUNDLES",
+    "add_build_commands",
+    "cmd_build",
+    "cmd_evaluate",
+    "cmd_info",
+    "cmd_layers",
+    "cmd_models",
+    "cmd_probe",
+    "cmd_stages",
+]
 
 DEFAULT_BUNDLES = Path("data/bundles")
-
-# modules that register their own commands with ``add_commands(subparsers)``
-COMMAND_MODULES = (
-    "lavise_core.data.synthbirds",
-    "lavise_core.models.demo_cnn",
-    "lavise_core.data.importers",
-    "lavise_core.models.siam",
-    "lavise_core.views.export",  # lavise report
-)
 
 
 def _common_bundle_args(p: argparse.ArgumentParser) -> None:
@@ -194,13 +190,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lavise",
-        description="Explain what a CNN has learned, filter by filter, in words and pictures.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_build_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``probe``, ``build``, ``evaluate``, ``stages``, ``models``, ``layers`` and ``info``."""
     p = sub.add_parser("probe", help="run the streaming probe pass", description=cmd_probe.__doc__ or "")
     _common_bundle_args(p)
     _add_ray_args(p)
@@ -251,33 +242,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", type=Path)
     p.add_argument("--bundles", default=DEFAULT_BUNDLES, type=Path)
     p.set_defaults(func=cmd_info)
-
-    for mod in COMMAND_MODULES:
-        try:
-            importlib.import_module(mod).add_commands(sub)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # our errors are ValueError subclasses with user messages
-        print(f"lavise {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

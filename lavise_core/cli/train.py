@@ -1,0 +1,89 @@
+"""``lavise train-demo`` and ``train-siam``: train the SynthBirds models with :mod:`lavise_core.models.demo_cnn`
+and :mod:`lavise_core.models.siam`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lavise_core.models import demo_cnn, siam
+
+__all__ = ["add_train_demo", "add_train_siam", "cmd_train_demo", "cmd_train_siam"]
+
+
+# ----------------------------------------------------------------------------- train-demo
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    card = demo_cnn.train_demo(
+        Path(args.data),
+        Path(args.out),
+        seed=args.seed,
+        epochs=args.epochs,
+        progress=not args.quiet,
+        threads=args.threads,
+    )
+    print(
+        f"test accuracy {card['test_accuracy']:.3f}, one-part pairs {card['one_part_pair_accuracy']:.3f}, "
+        f"{card['train_seconds']:.0f} s; wrote {Path(args.out) / demo_cnn.WEIGHTS_FILE} and "
+        f"{Path(args.out) / demo_cnn.CARD_FILE}"
+    )
+    return 0
+
+
+def add_train_demo(sub: argparse._SubParsersAction) -> None:
+    """Register ``lavise train-demo``."""
+    epochs = demo_cnn.DEFAULT_EPOCHS
+    p = sub.add_parser(
+        "train-demo",
+        help="train the SynthBirds demo CNN",
+        description="Train the compact demo CNN on a SynthBirds data set and write its checkpoint and model card.",
+    )
+    p.add_argument(
+        "--data", default="data/synthbirds", help="SynthBirds directory (default: data/synthbirds)"
+    )
+    p.add_argument("--out", default="models", help="output directory (default: models)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1; the weights are bit-identical only for the same thread count)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_demo)
+
+
+# ----------------------------------------------------------------------------- train-siam
+def cmd_train_siam(args: argparse.Namespace) -> int:
+    card = siam.train_siam(
+        args.data, args.out, args.backbone, args.head_epochs, args.finetune_epochs, seed=args.seed,
+        threads=args.threads, keep=args.keep, progress=not args.quiet,
+    )  # fmt: skip
+    for name, r in card["variants"].items():
+        print(
+            f"{name:20s} accuracy {r['test_accuracy']:.1%}  attribute AUC {r['attribute_auc']:.3f}  "
+            f"decomposition error {r['decomposition_max_error']:.1e}"
+        )
+    print(f"kept {card['variant']} -> {Path(args.out) / siam.CARD_FILE} ({card['train_seconds']} s)")
+    return 0
+
+
+def add_train_siam(sub: argparse._SubParsersAction) -> None:
+    """Register ``lavise train-siam``."""
+    p = sub.add_parser(
+        "train-siam",
+        help="train the SIAM attribute-map model on SynthBirds (four variants; keeps one)",
+        description=siam.train_siam.__doc__,
+    )
+    p.add_argument("--data", default="data/synthbirds", type=Path)
+    p.add_argument("--out", default="models", type=Path)
+    p.add_argument("--backbone", default="models/synthbirds_cnn.json", type=Path, help="demo CNN card")
+    p.add_argument("--head-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (results are deterministic per count)"
+    )
+    p.add_argument("--keep", default="finetuned-linear", choices=siam.VARIANTS)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_siam)
