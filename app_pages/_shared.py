@@ -57,7 +57,7 @@ def get_lavise(path: str, stamp: float):
 
     bundle = get_bundle(path, stamp)
     index = ConceptIndex.load(Path(path) / "lavise", embedder=get_embedder(DEFAULT_MODEL_ID))
-    return LaviseExplainer(bundle, index=index)
+    return LaviseExplainer.from_bundle(bundle, index=index)
 
 
 @st.cache_resource(show_spinner=False)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from lavise_core.api import SOURCE_ZERO_SHOT
 from lavise_core.views.filters import filter_card_image, filter_table
 from lavise_core.views.home import overview
 from lavise_core.views.workspace import StageMissing, Workspace
@@ -39,7 +40,7 @@ def filter_table_rows(ws: Workspace, n_top: int = 8) -> list[dict]:
         if diss is not None:
             j, s = int(diss.label_ids[k, 0]), float(diss.label_scores[k, 0])
             dlab, iou = diss.concepts[j], round(s, 4)
-        zs = ws.filter_labels(k, 1) if source != "zero-shot (LaViSE)" else None
+        zs = ws.zero_shot_labels(k, 1) if source != SOURCE_ZERO_SHOT else None
         tops = [int(i) for i in top_index[k] if i >= 0]
         rows.append(
             {
