@@ -13,6 +13,7 @@ textual             probe               attributes from captions, p(t | f), clas
 textual_grounding   textual             eq. 9 weights fitted to part masks / keypoints
 dissection          probe               IoU of each filter with each annotated concept (labels, search)
 lavise              probe               vocabulary + FAISS index, explainer head, zero-shot labels
+evidence            dissection          attribute detectors behind the default sentence; its held-out measures
 ood                 probe               the upload check (feature distances to the train images)
 fidelity            dissection, …       held-out fidelity of labels, search, abstention, upload check
 attribution         probe               faithfulness of the attribution maps (deletion/insertion, pointing)
@@ -28,7 +29,7 @@ siam_eval           probe               SIAM bundles only (on request): accuracy
 from __future__ import annotations
 
 from lavise_core.evaluate import attribution as attribution_eval
-from lavise_core.evaluate import fidelity
+from lavise_core.evaluate import fidelity, sentences
 from lavise_core.evaluate import oramas as oramas_eval
 from lavise_core.evaluate import siam as siam_eval
 from lavise_core.explain import datamap, ood, oramas
@@ -81,6 +82,13 @@ REGISTRY = StageRegistry(
             "concept index, explainer head, zero-shot filter labels",
             parts=lavise.SUBSTAGES,
             stale=_lavise_stale,
+        ),
+        Stage(
+            "evidence",
+            ("probe", "dissection"),
+            1,
+            sentences.build_stage,
+            "attribute detectors read off the labelled filters: the default sentence, measured on held-out images",
         ),
         Stage("ood", ("probe",), 1, ood.build_stage, "the upload check: is an image like the probe images?"),
         Stage(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_to_view", "load_image", "mask_weights"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_label_map", "crop_to_view", "load_image", "mask_weights"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
 
@@ -149,3 +149,13 @@ def mask_weights(
 
     t = torch.from_numpy(np.ascontiguousarray(ind))[None, None]
     return torch.nn.functional.adaptive_avg_pool2d(t, map_size)[0, 0].numpy()
+
+
+def crop_label_map(label: np.ndarray, crop_box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The network-input crop of a label map ``(H, W)`` uint8, resized (nearest) to ``(size, size)``.
+
+    ``crop_box`` = ``LoadedModel.crop_box(W, H)``; the evaluation of LaViSE labels uses the same crop.
+    """
+    x0, y0, x1, y1 = (round(v) for v in crop_box)
+    lab = label[max(0, y0) : y1, max(0, x0) : x1]
+    return np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))

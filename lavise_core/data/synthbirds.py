@@ -39,6 +39,7 @@ __all__ = [
     "BACKGROUNDS",
     "COLOURS",
     "DEFAULT_N",
+    "NAME_ATTRIBUTES",
     "REGIONS",
     "SLOTS",
     "SPECIES",
@@ -115,6 +116,11 @@ SPECIES: dict[str, dict[str, str]] = {
     "violet-breasted robin": {"breast.colour": "purple", "wing.colour": "brown", "tail.shape": "square"},
     "emerald sunbird": {"wing.colour": "green", "beak.shape": "curved", "belly.colour": "white"},
     "speckled pipit": {"breast.pattern": "spotted", "tail.shape": "pointed", "crown.colour": "grey"},
+}
+
+#: the attribute each species is named after, its first defining slot: "scarlet-capped warbler" -> "red crown"
+NAME_ATTRIBUTES: dict[str, str] = {
+    name: f"{value} {slot.split('.')[0]}" for name, slots in SPECIES.items() for slot, value in list(slots.items())[:1]
 }
 
 

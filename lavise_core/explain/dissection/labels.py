@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lavise_core.data.dataset import ProbeDataset, background_phrase
+from lavise_core.data.images import crop_label_map
 from lavise_core.models.networks import record_layer
 from lavise_core.pipeline.probe import image_batches
 from lavise_core.pipeline.stages import StageContext
@@ -42,7 +43,6 @@ __all__ = [
     "build_stage",
     "calibrate_search",
     "concept_incidence",
-    "crop_label_map",
     "dissection_concepts",
     "dissection_iou",
     "ground_truth_matrix",
@@ -109,18 +109,6 @@ def concept_incidence(
             if j is not None:
                 a[i, 0, j] = True
     return a
-
-
-def crop_label_map(label: np.ndarray, crop_box: tuple[float, float, float, float], size: int) -> np.ndarray:
-    """The network-input crop of a label map ``(H, W)`` uint8, resized (nearest) to ``(size, size)``.
-
-    ``crop_box`` = ``LoadedModel.crop_box(W, H)``; the evaluation of LaViSE labels uses the same crop.
-    """
-    from PIL import Image
-
-    x0, y0, x1, y1 = (round(v) for v in crop_box)
-    lab = label[max(0, y0) : y1, max(0, x0) : x1]
-    return np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))
 
 
 # ------------------------------------------------------------------------------------------ overlaps / IoU

@@ -58,6 +58,7 @@ __all__ = [
     "Explanation",
     "TextualError",
     "TextualExplainer",
+    "article",
     "build_stage",
     "build_textual_stage",
     "class_descriptions",
@@ -329,7 +330,7 @@ _MASS_NOUNS = {"plumage", "coloring", "colouring", "color", "colour", "fur", "ha
 _IRREGULAR_PLURALS = {"foot": "feet", "tarsus": "tarsi"}
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
@@ -375,7 +376,7 @@ def merge_phrases(phrases: Sequence[str]) -> list[str]:
         if noun in _PLURAL_NOUNS:
             desc = " ".join([join_items(adjs), _plural(noun)]).strip()
         elif noun not in _MASS_NOUNS:
-            desc = f"{_article(desc)} {desc}"
+            desc = f"{article(desc)} {desc}"
         out.append(desc)
     return out
 
@@ -427,7 +428,7 @@ def explanation_sentence(
     idx = _top(row, top)
     attrs = [(vocabulary[j], float(row[j])) for j in idx]
     items = merge_phrases([a for a, _ in attrs])
-    sentence = f"This is {_article(class_name)} {class_name} because it has {join_items(items)}."
+    sentence = f"This is {article(class_name)} {class_name} because it has {join_items(items)}."
     return Explanation(class_name, attrs, sentence, class_index)
 
 
@@ -471,7 +472,7 @@ def contrastive_explanation(
     d = a - b
     for_a = [(vocabulary[j], float(d[j])) for j in _top(d, top) if d[j] > 0]
     for_b = [(vocabulary[j], float(-d[j])) for j in _top(-d, top) if d[j] < 0]
-    art_a, art_b = _article(class_a), _article(class_b)
+    art_a, art_b = article(class_a), article(class_b)
     if for_a:
         s = f"It is {art_a} {class_a} rather than {art_b} {class_b} because it has {join_items(merge_phrases([t for t, _ in for_a]))}"
     else:
