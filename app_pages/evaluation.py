@@ -9,6 +9,7 @@ from app_pages import _shared as sh
 from lavise_core import views
 
 TITLES = {
+    "sentences": "Is the sentence about an image right? (held-out test images the network classifies correctly)",
     "fidelity": "Are the words right? (held-out test images and concepts)",
     "textual": "Textual explanations (Guo et al.)",
     "lavise": "Zero-shot filter labels (LaViSE)",
@@ -53,6 +54,19 @@ if ws is not None:
             st.info(msg, icon=":material/construction:")
         for name, obj in rep.sections.items():
             st.subheader(TITLES.get(name, name))
+            if name == "sentences":
+                st.dataframe(views.sentence_rows(obj), hide_index=True, key="sentence_rows")
+                st.caption(
+                    f"{obj.get('images', 0)} test images; the sentence names attributes found by "
+                    f"{obj.get('detectors', 0)} attribute detectors read off the filters whose labels are measured "
+                    "(a sentence names fewer, and says so, when fewer are confirmed). Baselines: the five attributes "
+                    "most frequent in the predicted class, and Guo et al.'s p.d.f. sentence, which stays available "
+                    'as `explain(..., method="guo")`.'
+                )
+                with st.expander("How the network describes each class"):
+                    for cls, sentence in obj.get("descriptions", {}).get("sentences", {}).items():
+                        st.markdown(f"- **{cls}**: {sentence}")
+                continue
             if name == "attribution":
                 for line in views.attribution_findings(obj):
                     st.markdown(f"- {line}")

@@ -47,11 +47,17 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
         )
         if ex.in_distribution is False:
             st.error(f"**Unlike the probe images.** {ex.ood_message}", icon=":material/warning:")
-            st.markdown(f"The network's answer, for what it is worth: {ex.sentence or ex.predicted}")
+            st.markdown(
+                f"The network's guess, **{ex.predicted}**, is unreliable here: no reason is given for it, "
+                "because the attributes it would name were learnt on other images."
+            )
         else:
             st.markdown(f"#### {ex.sentence or f'Predicted: {ex.predicted}'}")
             if ex.ood_message:
                 st.caption(ex.ood_message)
+        if ex.evidence:
+            with st.expander("The evidence behind each attribute"):
+                st.markdown("\n".join(f"- {line}" for line in ex.evidence))
         if ex.contrast:
             st.markdown(f"**Why not {why_not}?** {ex.contrast}")
         for n in ex.notes:
@@ -61,13 +67,13 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
                 x=[p for _, p in ex.predictions][::-1],
                 y=[c for c, _ in ex.predictions][::-1],
                 orientation="h",
-                marker_color="#4c78a8",
+                marker_color="#4c78a8" if ex.in_distribution is not False else "#bbbbbb",
                 text=[f"{p:.1%}" for _, p in ex.predictions][::-1],
                 textposition="auto",
             )
         )
         fig.update_layout(
-            title="Top-5 predictions",
+            title="Top-5 predictions" if ex.in_distribution is not False else "Top-5 guesses (unreliable)",
             height=230,
             margin={"l": 0, "r": 10, "t": 40, "b": 10},
             xaxis={"range": [0, 1], "tickformat": ".0%"},

@@ -75,14 +75,32 @@ def detail(ws: views.Workspace, k: int) -> None:
             caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
             width=DETAIL_SIDE,
         )
-    if d.label:
-        how = "dissection, IoU" if d.label_source.startswith("dissection") else "score"
-        st.caption(f"Best label: “{d.label}” ({how} {d.score:.2f}).")
+    acc = d.accuracy
+
+    def measured(source: str) -> str:
+        return (
+            f"right for {acc[source]:.0%} of this layer's filters on held-out images"
+            if source in acc
+            else "not measured yet"
+        )
+
+    if d.label and d.label_source.startswith("dissection"):
+        st.caption(
+            f"**“{d.label}”**: its top-0.5 % region overlaps the annotated {d.label} pixels with IoU {d.score:.2f} "
+            f"on the training images (Network Dissection; labels of this kind are {measured('dissection')}; "
+            f"a random concept: {acc.get('random', float('nan')):.0%}). The other words below are other views "
+            "of the same filter, less reliable."
+        )
+    elif d.label:
+        how = "zero-shot vote score" if d.label_source.startswith("zero") else "p(t | f)"
+        src = "zero_shot" if d.label_source.startswith("zero") else "pdf"
+        st.caption(f"**“{d.label}”** ({how} {d.score:.2f}; labels of this kind are {measured(src)}).")
     elif d.label_source.startswith("dissection"):
         st.caption(f"No label: no annotated concept overlaps this filter's regions with IoU ≥ {IOU_MIN:g}.")
     lab_l, lab_r = st.columns(2)
     with lab_l:
         st.subheader("Network Dissection (annotations)")
+        st.caption(f"The best-measured view: {measured('dissection')}.")
         if d.dissection is not None:
             st.dataframe(
                 {
@@ -100,15 +118,14 @@ def detail(ws: views.Workspace, k: int) -> None:
         else:
             st.info(d.dissection_note, icon=":material/construction:")
     with lab_r:
-        st.subheader("Zero-shot labels (LaViSE)")
+        st.subheader("Other view: zero-shot labels (LaViSE)")
+        st.caption(f"Top word {measured('zero_shot')}.")
         if d.labels is not None:
             st.dataframe(
                 {
                     "concept": [p for p, _, _ in d.labels],
                     "score": [round(s, 3) for _, s, _ in d.labels],
-                    "kind": [
-                        {"seen": "seen in training", "unseen": "zero-shot"}.get(t, t) for _, _, t in d.labels
-                    ],
+                    "kind": [views.LABEL_KINDS.get(t, t) for _, _, t in d.labels],
                 },
                 hide_index=True,
             )
@@ -128,11 +145,12 @@ def detail(ws: views.Workspace, k: int) -> None:
                 _bar(
                     [a for a, _ in d.attributes],
                     [p for _, p in d.attributes],
-                    "Attribute p.d.f. p(t | f) (Guo et al.)",
+                    "Other view: attribute p.d.f. p(t | f) (Guo et al.)",
                 ),
                 width="stretch",
                 key="pdf",
             )
+            st.caption(f"Its top attribute is {measured('pdf')}: read it as a weak hint.")
         else:
             st.info(d.attributes_note, icon=":material/construction:")
     with right:

@@ -168,16 +168,24 @@ class ImageAnalysis:
     ood: Any = None  # OODVerdict (in_distribution, score, percentile, message) when the bundle has the check
 
 
+#: the ways an image's sentence can be built (:meth:`Explainer.explain`'s ``method``)
+METHODS = ("evidence", "guo")
+
+
 @dataclass
 class ImageAnswer:
-    """An image's prediction explained (Guo et al. eq. 5–6 and 9).
+    """An image's prediction explained: by default from the attribute detectors (``method="evidence"``, issue 23),
+    else Guo et al.'s eq. 5–6 and 9 (``method="guo"``).
 
     Attributes:
         predicted: the network's class; ``target``: the class explained (the prediction unless asked).
         probabilities: ``(K,)`` softmax over the network's classes; ``predictions``: the top 5 ``[(class, p)]``.
-        sentence: "This is a … because it has …" (``None`` without the textual stage).
+        sentence: "This is a … because it has …" (``None`` without a stage to build it from, or when the image is
+            unlike the probe images: then the guess is unreliable and no reason is given).
         contrast: why ``target`` rather than ``why_not`` (``None`` when not asked).
-        attributes: ``[(attribute, p(t | x, c))]`` behind the sentence.
+        attributes: ``[(attribute, score)]`` behind the sentence: the attribute's contribution to the class score
+            (``"evidence"``) or ``p(t | x, c)`` (``"guo"``).
+        evidence: ``"evidence"`` only: per attribute, its filters, detector margin and held-out precision.
         in_distribution: whether the image looks like the probe set's train images (the ``ood`` stage; ``None``
             without it). When ``False``, ``notes[0]`` says so in plain words.
         contributions: ``[(filter, phi_k · W[c, k])]`` largest first.
@@ -198,6 +206,13 @@ class ImageAnswer:
     notes: list[str] = field(default_factory=list)
     analysis: ImageAnalysis | None = field(default=None, repr=False)
     _explainer: Explainer | None = field(default=None, repr=False)
+    method: str = "guo"
+    evidence: list = field(default_factory=list)  # [EvidenceAttribute] for method "evidence"
+
+    @property
+    def reliable(self) -> bool:
+        """False when the upload check flags the image as unlike the probe images."""
+        return self.in_distribution is not False
 
     def heatmap(self, attribute: str | None = None) -> tuple[np.ndarray, str]:
         """``(map (h, w) in [0, 1], caption)``: where the network sees ``attribute`` (eq. 9; default: the
@@ -205,6 +220,25 @@ class ImageAnswer:
         ex, a = self._explainer, self.analysis
         if ex is None or a is None:
             raise ValueError("this answer holds no activation maps")
+        if self.evidence:
+            from lavise_core.explain.textual.evidence import GROUND_AREA, ground_pixels
+
+            names = [e.phrase for e in self.evidence]
+            attribute = attribute if attribute in names else names[0]
+            ev = self.evidence[names.index(attribute)]
+            lm = ex.model()
+            x = lm.preprocess(a.image)[None]
+            W = ex.class_weight()
+            heat = ground_pixels(
+                lm, x, ex.layer, [k for k, _ in ev.filters], np.asarray(W[ex.classes.index(self.target)])
+            )
+            fl = ", ".join(f"#{k}" for k, _ in ev.filters)
+            return (
+                heat,
+                f"Where the network sees “{attribute}”: the pixels that make filters {fl} add to the "
+                f"{self.target} score (gradient × input; the brightest {GROUND_AREA:.0%} is where the sentence "
+                "grounds it)",
+            )
         if self.attributes:
             names = [t for t, _ in self.attributes]
             attribute = attribute if attribute is not None else names[0]
@@ -340,6 +374,34 @@ class Explainer:
                 f"the textual stage could not be read ({err}); rebuild it with `{build_hint(self.bundle)}`"
             )
         return value
+
+    def has_evidence(self) -> bool:
+        return self.bundle.stage_done("evidence") and self.bundle.has("evidence/weight")
+
+    def evidence(self):
+        """The attribute detectors behind the default sentence (:class:`~lavise_core.explain.textual.evidence.
+        AttributeDetectors`), or raise :class:`StageMissing`."""
+        from lavise_core.explain.textual.evidence import AttributeDetectors
+
+        if not self.has_evidence():
+            raise StageMissing(
+                "no attribute detectors in this bundle (the evidence stage needs annotated probe images); "
+                f"build them with `{build_hint(self.bundle)}`"
+            )
+        return self._once("evidence", lambda: AttributeDetectors.from_bundle(self.bundle))[0]
+
+    def describe_class(self, name: str):
+        """What class ``name`` looks like to the network (:class:`~lavise_core.explain.textual.evidence.
+        ClassDescription`: sentence, distinct and shared attributes, nearest classes), from the detectors."""
+        from lavise_core.explain.textual.evidence import describe_class
+
+        if name not in self.classes:
+            raise ValueError(f"unknown class {name!r}; the network's classes are e.g. {self.classes[:3]}")
+        det = self.evidence()
+        rate = np.asarray(self.bundle.array("evidence/detection_rate"), np.float64)
+        return describe_class(
+            det, self.classes, self.classes.index(name), rate, np.asarray(self.class_weight())
+        )
 
     def lavise(self):
         """The :class:`~lavise_core.explain.lavise.explainer.LaviseExplainer`, or raise :class:`StageMissing`."""
@@ -660,9 +722,14 @@ class Explainer:
         target: str | None = None,
         why_not: str | None = None,
         n_contributions: int = 10,
+        method: str | None = None,
     ) -> ImageAnswer:
         """Explain the prediction for ``image`` (PIL image, bytes or path), for class ``target`` (default: the
-        prediction); ``why_not``: a class to contrast with. See :class:`ImageAnswer`."""
+        prediction); ``why_not``: a class to contrast with; ``method``: ``"evidence"`` (the default where the
+        evidence stage is built: attribute detectors, measured best) or ``"guo"`` (eq. 5–6). See :class:`ImageAnswer`."""
+        if method is not None and method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        method = method or ("evidence" if self.has_evidence() else "guo")
         a = image if isinstance(image, ImageAnalysis) else self.analyse(image)
         classes = self.classes
         if target is not None and target not in classes:
@@ -685,15 +752,38 @@ class Explainer:
         top = np.argsort(-contrib, kind="stable")[:n_contributions]
         sentence = contrast = None
         attrs: list[tuple[str, float]] = []
-        try:
-            tx = self.textual()
-            exp = tx.explain(a.phi, class_index=c, top=5)
-            sentence = exp.sentence
-            attrs = [(t, float(s)) for t, s in exp.attributes]
-            if why_not and why_not != classes[c]:
-                contrast = tx.contrast(a.phi, c, why_not).sentence
-        except StageMissing as e:
-            notes.append(str(e))
+        evidence: list = []
+        if in_dist is False:
+            notes.append(
+                f"The network's guess ({classes[c]}) is unreliable for this image, so no reason is given for it."
+            )
+        elif method == "evidence":
+            from lavise_core.explain.textual.evidence import (
+                evidence_contrast,
+                evidence_explanation,
+                image_features,
+            )
+
+            det = self.evidence()
+            feats = image_features(a.maps)
+            ex = evidence_explanation(det, feats, classes[c], None if W is None else np.asarray(W[c]))
+            sentence, evidence = ex.sentence, ex.attributes
+            attrs = [(e.phrase, e.contribution) for e in evidence]
+            if why_not and why_not != classes[c] and W is not None:
+                freq = np.asarray(self.bundle.array("evidence/class_frequency"), np.float64)
+                contrast = evidence_contrast(
+                    det, feats, classes, c, classes.index(why_not), np.asarray(W), freq
+                )[0]
+        else:
+            try:
+                tx = self.textual()
+                exp = tx.explain(a.phi, class_index=c, top=5)
+                sentence = exp.sentence
+                attrs = [(t, float(s)) for t, s in exp.attributes]
+                if why_not and why_not != classes[c]:
+                    contrast = tx.contrast(a.phi, c, why_not).sentence
+            except StageMissing as e:
+                notes.append(str(e))
         zero_shot = None
         if self.has_lavise():
             try:
@@ -702,7 +792,7 @@ class Explainer:
                 notes.append(str(e))
         return ImageAnswer(
             classes[int(order[0])], classes[c], a.probs, preds, sentence, contrast, attrs, in_dist,
-            [(int(k), float(contrib[k])) for k in top], zero_shot, notes, a, self,
+            [(int(k), float(contrib[k])) for k in top], zero_shot, notes, a, self, method, evidence,
         )  # fmt: skip
 
 

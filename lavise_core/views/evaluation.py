@@ -8,7 +8,13 @@ from typing import Any
 
 from lavise_core.views.workspace import PAPER_NUMBERS, Workspace, build_hint
 
-__all__ = ["EvaluationReport", "evaluation_headlines", "evaluation_report", "flatten_tables"]
+__all__ = [
+    "EvaluationReport",
+    "evaluation_headlines",
+    "evaluation_report",
+    "flatten_tables",
+    "sentence_rows",
+]
 
 
 # =========================================================================== evaluation
@@ -23,6 +29,8 @@ def evaluation_report(ws: Workspace) -> EvaluationReport:
     """The stored evaluation results (``eval/fidelity.json`` from the build stage ``fidelity``, and
     ``eval/textual.json``, ``eval/lavise.json`` from ``lavise evaluate``) and the papers' numbers."""
     sections, missing = {}, []
+    if (Path(ws.bundle.root) / "eval" / "sentences.json").is_file():
+        sections["sentences"] = ws.bundle.read_json("eval/sentences")
     for name in ("fidelity", "textual", "lavise"):
         if (Path(ws.bundle.root) / "eval" / f"{name}.json").is_file():
             sections[name] = ws.bundle.read_json(f"eval/{name}")
@@ -183,3 +191,42 @@ def flatten_tables(obj: Any, prefix: str = "") -> list[tuple[str, list[dict]]]:
             if isinstance(v, dict | list):
                 out.extend(flatten_tables(v, f"{prefix} / {k}" if prefix else str(k)))
     return out
+
+
+def sentence_rows(obj: dict) -> list[dict[str, Any]]:
+    """The sentence measures (``eval/sentences.json``): ours beside its two baselines and the target, one row each."""
+
+    def pct(section: str, key: str) -> str:
+        v = (obj.get(section) or {}).get(key)
+        return "—" if v is None else f"{v:.1%}"
+
+    def num(section: str, key: str) -> str:
+        v = (obj.get(section) or {}).get(key)
+        return "—" if v is None else f"{v:.2f}"
+
+    f, c, d = obj.get("faithfulness", {}), obj.get("contrast", {}), obj.get("descriptions", {})
+    rows = [
+        {"measure": "stated attributes true of the image", "evidence (default)": pct("evidence", "stated_true"),
+         "class's frequent attributes": pct("baseline_frequent", "stated_true"),
+         "Guo et al. (eq. 5–6)": pct("baseline_guo", "stated_true"), "target": "≥ 95 %"},
+        {"measure": "sentences right in every attribute", "evidence (default)": pct("evidence", "fully_right"),
+         "class's frequent attributes": pct("baseline_frequent", "fully_right"),
+         "Guo et al. (eq. 5–6)": pct("baseline_guo", "fully_right"), "target": "≥ 80 %"},
+        {"measure": "attributes per sentence", "evidence (default)": num("evidence", "mean_attributes"),
+         "class's frequent attributes": num("baseline_frequent", "mean_attributes"),
+         "Guo et al. (eq. 5–6)": num("baseline_guo", "mean_attributes"), "target": "≥ 3"},
+        {"measure": "deleting the grounded region lowers the class score more than a random bird region",
+         "evidence (default)": "—" if f.get("lower_than_random") is None else f"{f['lower_than_random']:.1%}",
+         "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "≥ 90 %"},
+        {"measure": "“why not” pairs whose named attributes really differ between the classes",
+         "evidence (default)": "—" if c.get("differ") is None else f"{c['differ']:.1%}",
+         "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "≥ 90 %"},
+        {"measure": "class descriptions that differ from each other",
+         "evidence (default)": f"{d.get('distinct', 0)} of {d.get('classes', 0)}",
+         "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "all"},
+    ]  # fmt: skip
+    if "name_attribute" in d:
+        rows.append({"measure": "class descriptions that name the attribute in the class's name",
+                     "evidence (default)": f"{d['name_attribute']} of {d.get('classes', 0)}",
+                     "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "all"})  # fmt: skip
+    return rows

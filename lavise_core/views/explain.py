@@ -77,6 +77,8 @@ class ImageExplanation:
     notes: list[str] = field(default_factory=list)
     in_distribution: bool | None = None
     ood_message: str | None = None  # plain words: does the image look like the probe images?
+    method: str = "guo"  # how the sentence was built ("evidence": attribute detectors; "guo": eq. 5–6)
+    evidence: list[str] = field(default_factory=list)  # one line of plain words per attribute named
 
 
 def explain_image(
@@ -96,7 +98,14 @@ def explain_image(
     heat, caption = ans.heatmap(attribute)
     hm = overlay(a.image, heat, alpha=0.6, mask_below=0.1)
     notes = [n for n in ans.notes if a.ood is None or n != a.ood.message]
+    evidence = [
+        f"{e.phrase}: detected by filters {', '.join(f'#{k}' for k, _ in e.filters)} (this detector is right "
+        f"{e.precision:.0%} of the time on held-out training images); they add {e.contribution:+.2f} to the "
+        f"{ans.target} score"
+        for e in ans.evidence
+    ]
     return ImageExplanation(
         ans.predictions, ans.predicted, ans.target, ans.sentence, ans.contrast, ans.attributes, attribute, hm,
         caption, contributions, ans.zero_shot, notes, ans.in_distribution, None if a.ood is None else a.ood.message,
+        ans.method, evidence,
     )  # fmt: skip

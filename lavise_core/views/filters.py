@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,11 +12,13 @@ from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
 from lavise_core.views.workspace import StageMissing, Workspace, build_hint, placeholder_image
 
 __all__ = [
+    "LABEL_KINDS",
     "SORT_KEYS",
     "FilterDetail",
     "filter_card_image",
     "filter_detail",
     "filter_table",
+    "label_accuracy",
     "select_filters",
 ]
 
@@ -141,6 +144,31 @@ class FilterDetail:
     dissection: list[tuple[str, float]] | None = None  # concept, IoU with its annotated regions (fit split)
     dissection_note: str | None = None
     label_source: str = ""
+    #: how often each label source is right on this bundle's held-out test images (eval/fidelity.json):
+    #: {"dissection": share, "zero_shot": share, "pdf": share, "random": share}; empty without the fidelity stage
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+
+#: plain words for the kind of a zero-shot label
+LABEL_KINDS = {
+    "seen": "an annotated concept the explainer was trained on",
+    "unseen": "an annotated concept held out from training (zero-shot)",
+    "vocabulary": "a general English word, never annotated here (zero-shot)",
+}
+
+
+def label_accuracy(ws: Workspace) -> dict[str, float]:
+    """Share of filters whose label of each source is in their held-out ground truth (the fidelity stage)."""
+    if not (Path(ws.bundle.root) / "eval" / "fidelity.json").is_file():
+        return {}
+    lab = ws.bundle.read_json("eval/fidelity").get("labels", {})
+    keys = {
+        "dissection": "dissection",
+        "zero_shot": "zero_shot",
+        "pdf": "pdf_top_attribute",
+        "random": "random_concept",
+    }
+    return {k: float(lab[v]) for k, v in keys.items() if isinstance(lab.get(v), int | float)}
 
 
 def filter_detail(ws: Workspace, k: int, n_images: int = 8, side: int = 192) -> FilterDetail:
@@ -209,5 +237,5 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         dnote = str(e)
     return FilterDetail(
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
-        float(thr[k]) if thr is not None else None, inside, dis, dnote, source,
+        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, label_accuracy(ws),
     )  # fmt: skip

@@ -69,7 +69,7 @@ def test_siam_bundle_views(tiny_siam, tmp_path) -> None:
     run_probe(b, lm, ds, ProbeSettings(top_k=4, batch_size=16, num_workers=0, progress=False))
     ws = views.Workspace(b, model_loader=lambda: lm)
     assert views.is_siam_bundle(ws)
-    assert views.home._filter_labels(ws)[0] == lm.card["attributes"]  # each map is named by its attribute
+    assert ws.shown_labels().labels == lm.card["attributes"]  # each map is named by its attribute
     sv = views.siam_view(ws, ws.analyse(ds.load_image(0)), n=5)
     assert [t for t, _ in sv.waterfall][-1] == "other attributes" and len(sv.waterfall) == 6
     assert abs(sv.bias + sum(v for _, v in sv.waterfall) - sv.score) < 1e-5  # the waterfall ends at the score

@@ -67,6 +67,8 @@ def _fit_logistic(
     x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
     """Independent L2-regularised logistic regressions ``(N, D) -> (N, A)`` fitted at once -> ``W (A, D)``, ``b (A,)``."""
+    if y.shape[1] == 0:
+        return np.zeros((0, x.shape[1])), np.zeros(0)
     X = torch.from_numpy(np.ascontiguousarray(x, np.float64))
     Y = torch.from_numpy(np.ascontiguousarray(y, np.float64))
     W = torch.zeros(Y.shape[1], X.shape[1], dtype=torch.float64, requires_grad=True)
