@@ -130,7 +130,9 @@ def detail(ws: views.Workspace, k: int) -> None:
                 hide_index=True,
             )
             st.caption(
-                "Vote score: mean similarity of the word to what the explainer sees; no annotation used."
+                "Vote score: mean similarity of the word to what the explainer sees; no annotation used. Kind: "
+                "an annotated concept the explainer was trained on, one held out from its training (a zero-shot "
+                "test), or a general English word that no probe image annotates."
             )
             if d.inside is not None:
                 st.caption(

@@ -97,7 +97,12 @@ def explain_image(
     attribute = (attribute if attribute in names else ans.attributes[0][0]) if ans.attributes else None
     heat, caption = ans.heatmap(attribute)
     hm = overlay(a.image, heat, alpha=0.6, mask_below=0.1)
-    notes = [n for n in ans.notes if a.ood is None or n != a.ood.message]
+    # the page says both in its own words: the upload check's verdict and that the guess is unreliable
+    notes = [
+        n
+        for n in ans.notes
+        if (a.ood is None or n != a.ood.message) and (ans.reliable or "unreliable" not in n)
+    ]
     evidence = [
         f"{e.phrase}: detected by filters {', '.join(f'#{k}' for k, _ in e.filters)} (this detector is right "
         f"{e.precision:.0%} of the time on held-out training images); they add {e.contribution:+.2f} to the "

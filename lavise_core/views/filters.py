@@ -151,9 +151,9 @@ class FilterDetail:
 
 #: plain words for the kind of a zero-shot label
 LABEL_KINDS = {
-    "seen": "an annotated concept the explainer was trained on",
-    "unseen": "an annotated concept held out from training (zero-shot)",
-    "vocabulary": "a general English word, never annotated here (zero-shot)",
+    "seen": "annotated, trained on",
+    "unseen": "annotated, held out",
+    "vocabulary": "English word, never annotated",
 }
 
 

@@ -84,12 +84,13 @@ def test_overview_counts_labels_and_confident_share(tmp_path):
     assert ov.confident_score == views.CONFIDENT_SCORE
     assert "0.10–0.50" in ov.confident_rule and "median 0.40" in ov.confident_rule
     # every default stage in build order; the on-request ones (attribution, siam_eval) only once built
-    assert list(ov.stages)[:7] == [
+    assert list(ov.stages)[:8] == [
         "probe",
         "textual",
         "textual_grounding",
         "dissection",
         "lavise",
+        "evidence",
         "ood",
         "fidelity",
     ]
