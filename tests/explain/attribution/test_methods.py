@@ -135,7 +135,8 @@ def test_batching_does_not_change_the_maps(demo) -> None:
         ma = a.attribute(x, 4)
         torch.manual_seed(0)
         mb = b.attribute(x, 4)
-        torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-5)  # conv algorithms differ by batch size: ~1e-6
+        # conv algorithms differ by batch size: about 1e-6
+        torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-5)
 
 
 class Faulty(nn.Module):
