@@ -66,3 +66,32 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
 def test_bad_model_spec(spec, capsys):
     assert main(["layers", spec]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_weights_are_fetched_only_on_request(tmp_path, monkeypatch, capsys):
+    """`lavise layers` without the weights says what to do; --download and fetch-weights fetch them from
+    127.0.0.1 (a served fixture file, never the internet), verified by the hash in the file name."""
+    import torch
+
+    from tests.weights_server import SPEC, only_localhost, publish, serve, write_weights
+
+    only_localhost(monkeypatch)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path, digest, _ = write_weights(tmp_path / "served")
+    publish(monkeypatch, path.name)
+    assert main(["layers", SPEC]) == 2
+    err = capsys.readouterr().err
+    assert f"run `lavise fetch-weights {SPEC}` while online, or pass --download" in err
+    assert "Traceback" not in err
+    with serve(path.parent) as url:
+        monkeypatch.setenv("LAVISE_WEIGHTS_URL", url)
+        assert main(["layers", SPEC, "--download"]) == 0
+        out = capsys.readouterr().out
+        assert f"SHA-256 {digest}" in out and "verified" in out and "conv5  <- default" in out
+        assert main(["fetch-weights", SPEC, "--quiet", "--force"]) == 0
+        assert f"downloaded {SPEC} from {url}/{path.name}" in capsys.readouterr().out
+    monkeypatch.setenv("LAVISE_WEIGHTS_URL", url)  # the server is gone
+    assert main(["fetch-weights", SPEC, "--force", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavise fetch-weights: error: the download from") and "refused" in err
+    assert "Traceback" not in err and (tmp_path / "hub" / "checkpoints" / path.name).is_file()

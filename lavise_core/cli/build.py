@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lavise_core.cli.weights import add_download_arg, download_if_asked
+
 __all__ = [
     "DEFAULT_BUNDLES",
     "add_build_commands",
@@ -36,6 +38,7 @@ def _common_bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=16, help="top-activating images kept per filter")
     p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_download_arg(p)
 
 
 def _settings(args: argparse.Namespace):
@@ -84,6 +87,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """The streaming probe pass only (stage ``probe``)."""
     import lavise_core
 
+    download_if_asked(args, args.model)
     ex = lavise_core.build(
         args.model, args.data, args.layer, ["probe"], args.bundles, settings=_settings(args)
     )
@@ -104,6 +108,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         stages = [s for s in stages if s != "lavise"]
     for name in [*stages, *(args.force or [])]:
         REGISTRY[name]  # unknown names fail here, with the list of stages
+    download_if_asked(args, args.model)
     ex = lavise_core.build(
         args.model,
         args.data,
@@ -123,6 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     bundle = Bundle.open(args.bundle, writable=True)
     ds = bundle.dataset()
+    download_if_asked(args, bundle.manifest["model"]["spec"])
     lm = bundle.load_model(args.device)
     which = args.only or ["textual", "lavise"]
     if "textual" in which:
@@ -161,8 +167,9 @@ def cmd_models(_args: argparse.Namespace) -> int:
     state = "trained" if DEMO_CARD.is_file() else "not trained yet: `lavise train-demo`"
     print(f"synthbirds              the SynthBirds demo CNN ({state})")
     print("PATH/card.json          a model card next to its .safetensors")
-    print("torchvision:NAME        torchvision architecture, weights already in the torch hub cache")
-    print("timm:NAME               timm architecture, weights already in the torch hub cache")
+    print("torchvision:NAME        torchvision architecture, ImageNet weights from the torch hub cache")
+    print("timm:NAME               timm architecture, ImageNet weights from the torch hub cache")
+    print("                        (not there? `lavise fetch-weights SPEC` while online, or --download)")
     print("checkpoint:PATH?arch=torchvision:resnet18&classes=names.txt   your own weights")
     return 0
 
@@ -170,6 +177,7 @@ def cmd_models(_args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from lavise_core.models.networks import load_model
 
+    download_if_asked(args, args.model)
     lm = load_model(args.model)
     for name in lm.layer_names():
         mark = "  <- default" if name == lm.default_layer else ""
@@ -226,6 +234,7 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
+    add_download_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("stages", help="list the registered build stages")
@@ -236,6 +245,7 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("layers", help="list a model's layers (and the default one)")
     p.add_argument("model", help="model spec")
+    add_download_arg(p)
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("info", help="describe bundles")

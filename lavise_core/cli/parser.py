@@ -10,6 +10,7 @@ from lavise_core.cli.build import add_build_commands
 from lavise_core.cli.data import add_import_commands, add_synthbirds
 from lavise_core.cli.report import add_report
 from lavise_core.cli.train import add_train_demo, add_train_siam
+from lavise_core.cli.weights import add_fetch_weights
 
 __all__ = ["build_parser", "main"]
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # the order `lavise --help` lists the commands in
     add_build_commands(sub)  # probe, build, evaluate, stages, models, layers, info
+    add_fetch_weights(sub)
     add_synthbirds(sub)
     add_train_demo(sub)
     add_import_commands(sub)  # import-folder, import-cub, import-coco

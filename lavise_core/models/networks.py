@@ -7,7 +7,8 @@ Sources (``load_model(spec)``):
 - ``"synthbirds"``: the demo CNN trained on SynthBirds (``models/synthbirds_cnn.json``), or any
   model card path ``path/to/card.json`` next to its ``.safetensors``.
 - ``"torchvision:resnet50"``, ``"timm:resnet18"``: an architecture whose weights are already on
-  disk (torch hub cache); never downloaded here, a clear error names the missing file instead.
+  disk (torch hub cache); never downloaded here, a clear error names the missing file and how to fetch
+  it (``lavise fetch-weights SPEC`` or ``--download``: :mod:`lavise_core.models.weights`).
 - ``"checkpoint:weights.safetensors?arch=resnet18&classes=names.txt"``: a user checkpoint
   (safetensors, or a ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)`` only).
 """
@@ -20,7 +21,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -618,25 +618,22 @@ def _build_named(library: str, arch: str, num_classes: int | None = None) -> nn.
 
 def _load_named(spec: str, q: dict) -> LoadedModel:
     """``torchvision:NAME`` / ``timm:NAME`` with ImageNet weights already in the torch hub cache."""
+    from lavise_core.models.weights import WeightsError, missing_weights_message, weights_path
+
     library, arch = spec.split(":", 1)
     model = _build_named(library, arch)
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
     if library == "torchvision":
         import torchvision
 
-        weights_enum = torchvision.models.get_model_weights(arch).DEFAULT
-        fname = os.path.basename(weights_enum.url)
-        classes = list(weights_enum.meta["categories"])
+        classes = list(torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"])
     else:
-        url = model.pretrained_cfg.get("url") or ""
-        fname = os.path.basename(url) if url else f"{arch}.pth"
         classes = imagenet_classes()
-    path = hub / fname
+    try:
+        path = weights_path(spec)
+    except WeightsError as e:
+        raise ModelLoadError(str(e)) from None
     if not path.is_file():
-        raise ModelLoadError(
-            f"the weights of {spec} are not on disk: expected {path}. This tool never downloads; copy the "
-            f"file there (or use a `checkpoint:` spec with your own weights)."
-        )
+        raise ModelLoadError(missing_weights_message(spec, path))
     _load_strict(model, _read_torch_checkpoint(path), str(path))
     return _wrap_named(spec, model, classes, _file_sha256(path), q)
 

@@ -88,7 +88,7 @@ def test_unknown_spec():
 
 def test_named_architecture_without_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(ModelLoadError, match=r"not on disk: expected .*resnet18"):
+    with pytest.raises(ModelLoadError, match=r"not on this machine \(looked for .*resnet18-f37072fd\.pth\)"):
         load_model("torchvision:resnet18")
 
 
