@@ -256,6 +256,25 @@ class ImageAnswer:
         return m, f"filter {k}, the largest contributor to {self.target}"
 
 
+def _concept_message(
+    layer: str, shown: str, confident: bool, weak: bool, nearest: Sequence[str], why_none: str, found: str
+) -> str:
+    """The one wording of a concept query's answer, for every query method: no filter responds (``why_none``,
+    then the ``nearest`` concepts the layer does detect), only weak evidence, or what was ``found``."""
+    near = ", ".join(f"“{c}”" for c in nearest[:4])
+    if not confident:
+        return (
+            f"No filter of layer {layer} responds to {shown}: {why_none}. Concepts this layer does detect that "
+            f"come closest: {near}."
+        )
+    if weak:
+        return (
+            f"Only weak evidence for {shown}: no filter fires on it reliably; the one shown comes closest. "
+            f"Closest concepts the layer detects: {near}."
+        )
+    return found
+
+
 # =========================================================================== the explainer
 class Explainer:
     """One bundle, opened read-only, and everything loaded from it at most once (thread-safe).
@@ -581,14 +600,17 @@ class Explainer:
             self.array("probe/valid"),
         )  # fmt: skip
 
-    def query(self, text: str, n: int = 10, n_images: int = 12) -> ConceptAnswer:
+    def query(self, text: str, n: int = 10, n_images: int = 12, method: str | None = None) -> ConceptAnswer:
         """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`.
 
-        With Network Dissection evidence (a data set with region masks) filters are ranked by how often the
-        concept lands in their annotated regions, only filters that pass the evidence floor are returned, and
-        ``confident`` is False when no filter of the layer responds (with the nearest concepts it does detect);
-        otherwise the LaViSE head ranks filters by embedding similarity (``confident`` True, ``method``
-        "zero-shot": no annotation to check against).
+        ``method="evidence"`` (the default where the dissection stage is built: a data set with region masks):
+        filters are ranked by how often the concept lands in their annotated regions, only filters that pass the
+        evidence floor are returned, and ``confident`` is False when no filter of the layer responds (with the
+        nearest concepts it does detect). ``method="zero-shot"`` (the default otherwise): the LaViSE head ranks
+        filters by embedding similarity, and the bundle's abstention rule (calibrated on concepts absent from the
+        data when the LaViSE stage was built) says whether the text is near enough to a concept the layer's
+        filters are labelled with: ``confident`` False (no filter shown) or ``weak`` (the best one shown), with the
+        same wording. A bundle built before that rule answers every query and says so.
         """
         text = str(text).strip()
         if not text:
@@ -598,19 +620,49 @@ class Explainer:
                 f"the query is too long ({len(text)} characters, at most {QUERY_MAX_CHARS}): type a short "
                 "concept such as 'red wing'"
             )
-        if self.has_dissection():
+        if method is None:
+            method = "evidence" if self.has_dissection() else "zero-shot"
+        if method == "evidence":
+            if not self.has_dissection():
+                raise StageMissing(
+                    "this bundle has no dissection stage (evidence from annotated regions): query it with "
+                    f"method='zero-shot', or build it with `{build_hint(self.bundle)}`"
+                )
             return self._query_evidence(text, n, n_images)
-        res = self.lavise().query(text, n_filters=n, n_images=n_images)
-        confident = True  # abstention: see issue 16
-        message = (
-            f"{len(res.filters)} filters of layer {self.layer} matched by the zero-shot explainer "
-            f"(best cosine {float(res.filter_scores[0]):.2f})"
-            if len(res.filters)
+        if method != "zero-shot":
+            raise ValueError(f"unknown query method {method!r}: use 'evidence' or 'zero-shot'")
+        return self._query_zero_shot(text, n, n_images)
+
+    def _query_zero_shot(self, text: str, n: int, n_images: int) -> ConceptAnswer:
+        lav = self.lavise()
+        res = lav.query(text, n_filters=n, n_images=n_images)
+        filters, scores, weights = res.filters, res.filter_scores, res.filter_weights()
+        images, image_scores, label_scores = res.images, res.image_scores, res.label_scores
+        if not res.confident or res.weak:  # none shown, or only the closest one
+            keep = 0 if not res.confident else 1
+            filters, scores, label_scores = filters[:keep], scores[:keep], label_scores[:keep]
+            weights = np.ones(keep, np.float32)
+            images, image_scores = self._images_for(filters, weights, n_images)
+        found = (
+            f"{len(filters)} filters of layer {self.layer} matched by the zero-shot explainer "
+            f"(best cosine {float(scores[0]):.2f})"
+            if len(filters)
             else f"layer {self.layer} has no filters"
         )
+        if not res.calibrated and lav.abstention_note:
+            found += (
+                f". Not checked against concepts absent from the data: {lav.abstention_note}; "
+                f"`{build_hint(self.bundle)} --force lavise` adds the check."
+            )
+        message = _concept_message(
+            self.layer, f"“{text}”", res.confident, res.weak, [c for c, _ in res.nearest],
+            "no filter's zero-shot embedding matches it better than filters match concepts absent from the probe "
+            "images", found,
+        )  # fmt: skip
         return ConceptAnswer(
-            res.text, res.filters, res.filter_scores, confident, message, res.images, res.image_scores,
-            res.status, res.suggestions, res.label_scores, res.filter_weights(),
+            res.text, filters, scores, res.confident, message, images, image_scores,
+            res.status if res.confident else "no filter responds", res.suggestions, label_scores, weights,
+            "zero-shot", None, res.weak,
         )  # fmt: skip
 
     def _query_evidence(self, text: str, n: int, n_images: int) -> ConceptAnswer:
@@ -619,27 +671,17 @@ class Explainer:
         qi, lex, table, emb = self._search()
         d = self.dissection()
         a, read_as = answer_query(text, qi, lex, table, emb, d.colour, d.regions, n=n)
-        near = ", ".join(f"“{c}”" for c, _, _ in a.nearest[:4])
         shown = f"“{text}”" + (f" (read as “{read_as}”)" if read_as.strip().lower() != text.lower() else "")
-        if not a.confident:
-            message = (
-                f"No filter of layer {self.layer} responds to {shown}: nothing in the annotated probe images "
-                f"makes any filter fire on it. Concepts this layer does detect that come closest: {near}."
-            )
-        elif a.weak:
-            message = (
-                f"Only weak evidence for {shown}: no filter fires on it reliably; the one shown comes closest. "
-                f"Closest concepts the layer detects: {near}."
-            )
-        else:
-            how = {
-                "exact": "its annotated regions",
-                "colour+part": "the part's annotated regions and the colour of the pixels they fire on",
-            }.get(a.mode, "the concepts that share its words")
-            message = (
-                f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
-                f"{shown}, judged by where they fire on {how} in the probe images."
-            )
+        how = {
+            "exact": "its annotated regions",
+            "colour+part": "the part's annotated regions and the colour of the pixels they fire on",
+        }.get(a.mode, "the concepts that share its words")
+        message = _concept_message(
+            self.layer, shown, bool(a.confident), bool(a.weak), [c for c, _, _ in a.nearest],
+            "nothing in the annotated probe images makes any filter fire on it",
+            f"{len(a.filters)} filter{'s' if len(a.filters) != 1 else ''} of layer {self.layer} respond to "
+            f"{shown}, judged by where they fire on {how} in the probe images.",
+        )  # fmt: skip
         scores = np.clip(
             np.asarray(a.scores, np.float32), 0, 1
         )  # exact path: ≈ P(concept in the filter's G_k)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lavise_core.data.probe_sets import absent_phrases, probe_set
+
 __all__ = [
     "SEARCH_SETTINGS",
     "QueryAnswer",
@@ -357,21 +359,6 @@ def search_index(
     if absent and "sim_threshold" not in overrides:
         qi.sim_threshold = abstention_threshold(qi, embedder, absent)
     return qi
-
-
-def probe_set(name: str) -> dict:
-    """A JSON file of ``lavise_core/evaluate/probe_sets/`` (paraphrases, absent concepts)."""
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).parents[2] / "evaluate" / "probe_sets" / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def absent_phrases(half: str = "calibration") -> list[str]:
-    """Concepts SynthBirds never draws (everyday objects, scenes, textures), ``half`` = ``"calibration"`` (tunes
-    the abstention threshold) or ``"evaluation"`` (only reported): ``probe_set("absent_concepts")``."""
-    return list(probe_set("absent_concepts")[half])
 
 
 def abstention_threshold(qi: QueryIndex, embedder, absent: Sequence[str], quantile: float = 0.95) -> float:

@@ -1,16 +1,19 @@
 """LaViSE (Yang, Kim & Joo, CVPR 2022; METHODS.md §2): zero-shot filter labels from an open vocabulary.
 
 settings.py (settings, errors) → index.py (vocabulary, embeddings, FAISS) → head.py (region features, the
-explainer head) → labels.py (filter attention, labels) → query.py (free-text concept queries), bias.py
-(data-set bias) → explainer.py (the stage and :class:`LaviseExplainer`, its reader).
+explainer head) → labels.py (filter attention, labels) → abstention.py (when a query is answered) → query.py
+(free-text concept queries), bias.py (data-set bias) → explainer.py (the stage and :class:`LaviseExplainer`, its
+reader).
 """
 
+from lavise_core.explain.lavise.abstention import AbstentionRule, calibrate_abstention
 from lavise_core.explain.lavise.explainer import LaviseExplainer, build_lavise_stage
 from lavise_core.explain.lavise.index import ConceptError, ConceptIndex, VocabularySettings, dataset_concepts
 from lavise_core.explain.lavise.query import QueryResult, query_concept
 from lavise_core.explain.lavise.settings import LaviseError, LaviseSettings
 
 __all__ = [
+    "AbstentionRule",
     "ConceptError",
     "ConceptIndex",
     "LaviseError",
@@ -19,6 +22,7 @@ __all__ = [
     "QueryResult",
     "VocabularySettings",
     "build_lavise_stage",
+    "calibrate_abstention",
     "dataset_concepts",
     "query_concept",
 ]

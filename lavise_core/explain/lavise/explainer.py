@@ -12,6 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from lavise_core.data.dataset import ProbeDataset
+from lavise_core.explain.lavise.abstention import (
+    AbstentionRule,
+    build_abstention,
+    detected_concepts,
+    load_abstention,
+)
 from lavise_core.explain.lavise.bias import dataset_insight
 from lavise_core.explain.lavise.head import (
     RegionFeatures,
@@ -41,9 +47,11 @@ __all__ = [
 
 # ============================================================================ the explainer as a whole
 class LaviseExplainer:
-    """Everything LaViSE stored in a bundle, loaded once: index, head, labels, embeddings, split."""
+    """Everything LaViSE stored in a bundle, loaded once: index, head, labels, embeddings, split, and the
+    query's abstention rule (``abstention``; ``None`` with ``abstention_note`` saying why: a bundle built
+    before it answers every query, as before)."""
 
-    def __init__(self, bundle, index: ConceptIndex | None = None):
+    def __init__(self, bundle, index: ConceptIndex | None = None, abstention: AbstentionRule | None = None):
         self.bundle = bundle
         lav = Path(bundle.root) / "lavise"
         self.index = index or ConceptIndex.load(lav)
@@ -59,11 +67,20 @@ class LaviseExplainer:
             bundle.array("lavise/filter_object_area") if bundle.has("lavise/filter_object_area") else None
         )
         self._query_arrays: dict | None = None
+        # the concepts the layer detects (each filter's top label) and the query's abstention rule (issue 24)
+        self.detected = detected_concepts(self.label_ids)
+        if abstention is not None:
+            self.abstention, self.abstention_note = abstention, None
+        else:
+            self.abstention, self.abstention_note = load_abstention(bundle)
 
     @classmethod
-    def from_bundle(cls, bundle, index: ConceptIndex | None = None) -> LaviseExplainer:
-        """The LaViSE stage of ``bundle`` (``index``: an already loaded concept index to share)."""
-        return cls(bundle, index=index)
+    def from_bundle(
+        cls, bundle, index: ConceptIndex | None = None, abstention: AbstentionRule | None = None
+    ) -> LaviseExplainer:
+        """The LaViSE stage of ``bundle`` (``index``: an already loaded concept index to share; ``abstention``: a
+        rule to use instead of the stored ``lavise/abstention.json``)."""
+        return cls(bundle, index=index, abstention=abstention)
 
     def filter_labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
         """Filter ``k``'s top-``n`` zero-shot labels ``[(phrase, score)]``."""
@@ -82,7 +99,7 @@ class LaviseExplainer:
         return "vocabulary" if self.index.position(p) is not None else "not in vocabulary"
 
     def query(self, text: str, **kw) -> QueryResult:
-        """:func:`query_concept` against this bundle."""
+        """:func:`query_concept` against this bundle, with its detected concepts and abstention rule."""
         if self._query_arrays is None:  # memory-mapped once, not per query
             b = self.bundle
             self._query_arrays = {
@@ -97,7 +114,7 @@ class LaviseExplainer:
         return query_concept(
             text, self.index, self.filter_embeddings, a["top_index"], a["top_value"], pooled=a["pooled"],
             label_ids=self.label_ids, label_scores=self.label_scores, seen=a["seen"], unseen=a["unseen"],
-            valid=a["valid"], **kw,
+            valid=a["valid"], detected=self.detected, abstention=self.abstention, **kw,
         )  # fmt: skip
 
     def explain_feature(self, v: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
@@ -117,7 +134,7 @@ def settings_dict(s: LaviseSettings) -> dict:
 
 
 # ============================================================================ the stage
-SUBSTAGES = ("lavise_index", "lavise_regions", "lavise_head", "lavise_filters")
+SUBSTAGES = ("lavise_index", "lavise_regions", "lavise_head", "lavise_filters", "lavise_abstention")
 
 
 def _region_concept_phrases(dataset: ProbeDataset) -> list[str]:
@@ -130,7 +147,15 @@ def _region_concept_phrases(dataset: ProbeDataset) -> list[str]:
 #: 2: background features from painted-out images; the objects' area share per filter.
 #: Zero-shot recipe (index 2, regions 3, head 2, filters 3): "{kind} background" phrases among the data set's
 #: phrases and always seen; one background row per image; multi-label softmax head; labels with the data-set prior.
-RECIPES = {"lavise_index": 2, "lavise_regions": 3, "lavise_head": 2, "lavise_filters": 3}
+#: ``lavise_abstention`` (issue 24): the query's abstention rule; a bundle from before has no record of it and
+#: keeps answering every query (its stage is not stale: ``lavise build --force lavise`` adds it).
+RECIPES = {
+    "lavise_index": 2,
+    "lavise_regions": 3,
+    "lavise_head": 2,
+    "lavise_filters": 3,
+    "lavise_abstention": 1,
+}
 
 
 def build_lavise_stage(
@@ -150,7 +175,8 @@ def build_lavise_stage(
     ``split.json``, ``region_features``, ``region_image``, ``regions.json``, ``background_features``,
     ``background_image``, ``head.safetensors``, ``head.json``, ``filter_label_ids (C, L)``,
     ``filter_label_scores (C, L)``, ``filter_embeddings (C, d)``, ``filter_inside (C,)``,
-    ``filter_object_area (C,)``.
+    ``filter_object_area (C,)``, ``abstention.json`` (the query's abstention rule,
+    :func:`~lavise_core.explain.lavise.abstention.build_abstention`).
     ``vocabulary``: a :class:`~lavise_core.explain.lavise.index.VocabularySettings` (default recipe), or a tuple
     ``(phrases, embeddings (T, d))`` used as the general vocabulary as is. ``executor``: where the region-feature
     pass over the images runs (:class:`~lavise_core.pipeline.executor.ExecutorSettings`; default this process).
@@ -167,7 +193,7 @@ def build_lavise_stage(
         if bundle.stage_done(stage) and bundle.manifest["stages"][stage].get("recipe", 1) != recipe:
             bundle.clear_stage(stage)
             bundle.clear_stage("lavise")
-    if bundle.stage_done("lavise"):
+    if bundle.stage_done("lavise") and bundle.stage_done("lavise_abstention"):
         return bundle.manifest["stages"]["lavise"]
     lav = Path(bundle.root) / "lavise"
     layer = bundle.layer
@@ -273,6 +299,12 @@ def build_lavise_stage(
             {"seconds": round(time.perf_counter() - t, 2), "recipe": RECIPES["lavise_filters"]},
         )
     timings["filters"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if not bundle.stage_done("lavise_abstention"):
+        rec = build_abstention(bundle, index)
+        bundle.mark_stage("lavise_abstention", rec | {"recipe": RECIPES["lavise_abstention"]})
+    timings["abstention"] = time.perf_counter() - t
     info = {
         "seconds": round(sum(timings.values()), 2),
         "timings": {k: round(v, 2) for k, v in timings.items()},

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lavise_core.explain.lavise.abstention import AbstentionRule, nearest_detected
 from lavise_core.explain.lavise.index import ConceptIndex
 from lavise_core.explain.lavise.settings import LaviseError
 
@@ -33,6 +34,10 @@ class QueryResult:
         images: ``(M,)`` record indices where the matched filters fire most.
         image_scores: ``(M,)``.
         embedding: ``(d,)`` the query embedding.
+        nearest: the concepts the layer detects (filters' top labels) nearest the query ``[(phrase, cosine)]``.
+        confident: some filter of the layer responds (the best filter's cosine passes the bundle's abstention
+            rule; always ``True`` without a rule); ``weak``: it does, but below the rule's firm level.
+        calibrated: whether an abstention rule decided ``confident`` and ``weak``.
     """
 
     text: str
@@ -44,6 +49,10 @@ class QueryResult:
     images: np.ndarray
     image_scores: np.ndarray
     embedding: np.ndarray = field(repr=False)
+    nearest: list[tuple[str, float]] = field(default_factory=list)
+    confident: bool = True
+    weak: bool = False
+    calibrated: bool = False
 
     def filter_weights(self) -> np.ndarray:
         """``(F,)`` non-negative weights of the matched filters (for :func:`grounding_heatmap`)."""
@@ -66,12 +75,17 @@ def query_concept(
     n_suggestions: int = 10,
     n_images: int = 12,
     valid: np.ndarray | None = None,
+    detected: np.ndarray | None = None,
+    abstention: AbstentionRule | None = None,
 ) -> QueryResult:
     """Free-text concept query (works for any text: it is embedded itself, not looked up).
 
     Filters are ranked by ``cos(emb(text), filter_embeddings (C, d))``; images by
     ``Σ_k w_k phi_k(x) / max phi_k`` over the matched filters using ``pooled (N, C)`` (else the
-    filters' ``top_index (C, k)`` lists weighted by ``top_value``).
+    filters' ``top_index (C, k)`` lists weighted by ``top_value``). ``abstention`` judges the best filter's cosine
+    (``confident``, ``weak``; the ranking is returned either way, the caller shows what the verdict allows);
+    ``detected``: vocabulary ids of the concepts the layer detects
+    (:func:`~lavise_core.explain.lavise.abstention.detected_concepts`), the ``nearest`` of which are offered.
     """
     text = str(text).strip()
     if not text:
@@ -115,9 +129,18 @@ def query_concept(
         best = sorted(acc.items(), key=lambda kv: -kv[1])[:n_images]
         img = np.array([i for i, _ in best], np.int64)
         img_sc = np.array([s for _, s in best], np.float32)
+    nearest: list[tuple[str, float]] = []
+    if detected is not None and len(detected):
+        det = np.asarray(detected, np.int64)
+        e = np.asarray(index.embeddings[det], np.float32)
+        nearest = [(index.phrases[int(det[j])], float(e[j] @ q[0])) for j in nearest_detected(q[:1], e)[0]]
+    confident, weak = True, False
+    if abstention is not None:
+        confident, weak = abstention.verdict(float(cos[order[0]]) if nf else -np.inf)
     return QueryResult(
         text, status, suggestions, order.astype(np.int64), cos[order].astype(np.float32), lab,
-        img.astype(np.int64), np.asarray(img_sc, np.float32), q[0],
+        img.astype(np.int64), np.asarray(img_sc, np.float32), q[0], nearest, confident, weak,
+        abstention is not None,
     )  # fmt: skip
 
 
