@@ -86,17 +86,24 @@ def detail(ws: views.Workspace, k: int) -> None:
 
     if d.label and d.label_source.startswith("dissection"):
         st.caption(
-            f"**“{d.label}”**: its top-0.5 % region overlaps the annotated {d.label} pixels with IoU {d.score:.2f} "
-            f"on the training images (Network Dissection; labels of this kind are {measured('dissection')}; "
+            f"**“{d.label}” · dissection on {d.label_concepts} (IoU {d.score:.2f})**: its top-0.5 % region overlaps "
+            f"the annotated {d.label} pixels of {d.label_concepts}'s training images (Network Dissection; labels "
+            f"of this kind are {measured('dissection')}; "
             f"a random concept: {acc.get('random', float('nan')):.0%}). The other words below are other views "
             "of the same filter, less reliable."
         )
     elif d.label:
         how = "zero-shot vote score" if d.label_source.startswith("zero") else "p(t | f)"
         src = "zero_shot" if d.label_source.startswith("zero") else "pdf"
-        st.caption(f"**“{d.label}”** ({how} {d.score:.2f}; labels of this kind are {measured(src)}).")
+        st.caption(
+            f"**“{d.label}” · {d.label_source} on {d.label_concepts}** ({how} {d.score:.2f}; labels of this kind "
+            f"are {measured(src)})."
+        )
     elif d.label_source.startswith("dissection"):
-        st.caption(f"No label: no annotated concept overlaps this filter's regions with IoU ≥ {IOU_MIN:g}.")
+        st.caption(
+            f"No label: no annotated concept of {d.label_concepts} overlaps this filter's regions with "
+            f"IoU ≥ {IOU_MIN:g}."
+        )
     lab_l, lab_r = st.columns(2)
     with lab_l:
         st.subheader("Network Dissection (annotations)")

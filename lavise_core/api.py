@@ -100,6 +100,14 @@ class ShownLabels:
     scores: np.ndarray
     source: str
     confident: np.ndarray
+    concepts: str = (
+        ""  # the data set the words were measured on (a concept set lent to this bundle, or its own)
+    )
+
+    @property
+    def where(self) -> str:
+        """``"dissection on SynthBirds"``: the source and the data it was measured on."""
+        return f"{self.source} on {self.concepts}" if self.concepts else self.source
 
 
 class FilterList(Sequence):
@@ -418,6 +426,11 @@ class Explainer:
             raise ValueError(f"unknown class {name!r}; the network's classes are e.g. {self.classes[:3]}")
         det = self.evidence()
         rate = np.asarray(self.bundle.array("evidence/detection_rate"), np.float64)
+        if len(rate) != len(self.classes):
+            raise StageMissing(
+                f"the attribute detectors come from the concept set '{self.concept_set('evidence')}', whose classes "
+                "are not this network's: class descriptions need a concept set annotated with the network's classes"
+            )
         return describe_class(
             det, self.classes, self.classes.index(name), rate, np.asarray(self.class_weight())
         )
@@ -490,6 +503,12 @@ class Explainer:
             raise StageMissing(err)
         return value
 
+    def concept_set(self, stage: str) -> str:
+        """The name of the data set ``stage``'s words were measured on: the concept set that lent them, or the
+        bundle's own probe set."""
+        info = self.bundle.manifest.get("stages", {}).get(stage, {})
+        return str(info.get("concepts") or self.bundle.manifest.get("dataset", {}).get("name", ""))
+
     def _compute_shown_labels(self) -> ShownLabels:
         from lavise_core.explain.dissection.labels import IOU_MIN
 
@@ -505,7 +524,7 @@ class Explainer:
             labels = [
                 d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)
             ]
-            return ShownLabels(labels, sc, SOURCE_DISSECTION, sc >= IOU_MIN)
+            return ShownLabels(labels, sc, SOURCE_DISSECTION, sc >= IOU_MIN, self.concept_set("dissection"))
         table = self.label_table()
         if table is not None:
             # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
@@ -513,14 +532,20 @@ class Explainer:
             ids = np.asarray(ids_all[:, 0])
             sc = np.asarray(sc_all[:, 0], dtype=np.float32)
             labels = [phrases[int(j)] if 0 <= j < len(phrases) else "" for j in ids]
-            return ShownLabels(labels, sc, SOURCE_ZERO_SHOT, sc >= CONFIDENT_SCORE)
+            return ShownLabels(
+                labels, sc, SOURCE_ZERO_SHOT, sc >= CONFIDENT_SCORE, self.concept_set("lavise")
+            )
         if self.has_textual():
             pdf = np.asarray(self.textual().pdf)
             j = pdf.argmax(1)
             top = pdf[np.arange(c), j]
             labels = [self.textual().vocabulary[int(t)] for t in j]
             return ShownLabels(
-                labels, top.astype(np.float32), SOURCE_PDF, top * pdf.shape[1] >= CONFIDENT_LIFT
+                labels,
+                top.astype(np.float32),
+                SOURCE_PDF,
+                top * pdf.shape[1] >= CONFIDENT_LIFT,
+                self.concept_set("textual"),
             )
         return ShownLabels([""] * c, np.zeros(c, np.float32), "none", np.zeros(c, bool))
 
@@ -811,8 +836,8 @@ class Explainer:
             ex = evidence_explanation(det, feats, classes[c], None if W is None else np.asarray(W[c]))
             sentence, evidence = ex.sentence, ex.attributes
             attrs = [(e.phrase, e.contribution) for e in evidence]
-            if why_not and why_not != classes[c] and W is not None:
-                freq = np.asarray(self.bundle.array("evidence/class_frequency"), np.float64)
+            freq = np.asarray(self.bundle.array("evidence/class_frequency"), np.float64)
+            if why_not and why_not != classes[c] and W is not None and len(freq) == len(classes):
                 contrast = evidence_contrast(
                     det, feats, classes, c, classes.index(why_not), np.asarray(W), freq
                 )[0]
@@ -858,6 +883,7 @@ def build(
     executor: str | None = None,
     address: str | None = None,
     lock_timeout: float | None = None,
+    concepts: str | os.PathLike | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
@@ -870,6 +896,13 @@ def build(
     Finished stages are skipped, so calling it again on a built bundle only opens it. A second build of
     the same bundle waits for the first (``lock_timeout=None``) or raises ``BundleBusy`` after
     ``lock_timeout`` seconds (``0``: at once).
+
+    **Probe set and concept set.** Where the filters fire comes from ``data``; the words (dissection labels,
+    the LaViSE head, the attribute detectors, the p.d.f.s, and their fidelity) come from a *concept set*, an
+    annotated data set the same network is run over, built as its own bundle and lent to this one. An
+    annotated ``data`` is its own concept set; a plain folder takes :data:`DEFAULT_CONCEPTS` (SynthBirds) unless
+    ``concepts`` names another. A stage whose data is missing from both is not built, and ``ex.built`` says why
+    in one sentence.
     """
     import dataclasses
 
@@ -889,6 +922,9 @@ def build(
         raise ValueError(str(e)) from e
     lm = load_model(model, device=settings.device)
     bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
+    lent = _lend_words(
+        bundle, ds, lm, REGISTRY, stages, concepts, Path(bundles), settings, progress, options, lock_timeout
+    )
     outcome = build_stages(
         bundle,
         ds,
@@ -901,6 +937,75 @@ def build(
         options=options,
         lock_timeout=lock_timeout,
     )
+    outcome.update(lent)
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     ex.built = outcome
     return ex
+
+
+#: the concept set a plain folder of images takes its words from (``lavise synthbirds`` makes it)
+DEFAULT_CONCEPTS = Path("data/synthbirds")
+
+
+def _open_concepts(concepts: str | os.PathLike | None, ds: ProbeDataset) -> ProbeDataset:
+    """The concept set: ``concepts``, else :data:`DEFAULT_CONCEPTS`; a plain message when it cannot serve."""
+    from lavise_core.pipeline.stages import data_facts
+
+    path = Path(concepts) if concepts is not None else DEFAULT_CONCEPTS
+    try:
+        cds = ProbeDataset.open(path)
+    except DatasetError as e:
+        if concepts is None:
+            raise ValueError(
+                f"'{ds.name}' has no annotations, so its words come from a concept set, and the default one "
+                f"({DEFAULT_CONCEPTS}) is not on this machine: make it with `lavise synthbirds --out "
+                f"{DEFAULT_CONCEPTS}`, or name an annotated set with --concepts FOLDER"
+            ) from e
+        raise ValueError(f"the concept set {path} cannot be opened: {e}") from e
+    if not {"masks", "text"} & data_facts(cds):
+        raise ValueError(
+            f"the concept set '{cds.name}' has neither region masks nor captions or attributes, so it can give no "
+            "words: use an annotated set (SynthBirds, CUB, COCO; see `lavise import-cub --help`)"
+        )
+    return cds
+
+
+def _lend_words(
+    bundle: Bundle, ds: ProbeDataset, lm, registry, stages, concepts, bundles: Path, settings, progress, options,
+    lock_timeout,
+) -> dict[str, str]:  # fmt: skip
+    """Build the word stages that ``ds`` cannot make on the concept set's own bundle (same model and layer) and
+    lend them to ``bundle`` -> ``{stage: outcome}``. With ``concepts`` given, every word stage comes from it."""
+    from lavise_core.pipeline.probe import open_or_create_bundle
+    from lavise_core.pipeline.stages import data_facts, missing_data
+
+    order = registry.resolve(list(stages) if stages is not None else registry.defaults())
+    facts = data_facts(ds)
+    words = [s for s in order if s.words and (concepts is not None or missing_data(s, facts))]
+    words = [s for s in words if not bundle.stage_done(s.name)]
+    if not words:
+        return {}
+    cds = _open_concepts(concepts, ds)
+    if cds.root.resolve() == ds.root.resolve():
+        return {}
+    cfacts = data_facts(cds)
+    names = [s.name for s in words if not missing_data(s, cfacts)]
+    if not names:
+        return {}
+    cbundle = open_or_create_bundle(bundles, lm, cds, bundle.layer)
+    say = progress or (lambda event: None)
+    say(BuildProgress(0.0, "concepts", f"words from the concept set '{cds.name}' ({cbundle.root.name})"))
+    build_stages(
+        cbundle, cds, registry, names, settings=settings, model_loader=lambda: lm, progress=progress,
+        options=options, lock_timeout=lock_timeout,
+    )  # fmt: skip
+    out: dict[str, str] = {}
+    with bundle.build_lock(lock_timeout):
+        for name in names:
+            s = registry[name]
+            if cbundle.stage_done(name):
+                bundle.borrow_stage(
+                    cbundle, name, s.files, s.parts, concepts=cds.name, concept_bundle=str(cbundle.root)
+                )
+                out[name] = f"from the concept set '{cds.name}'"
+    return out

@@ -59,6 +59,9 @@ REGISTRY = StageRegistry(
             1,
             textual.build_stage,
             "attributes from captions and the filter–attribute p.d.f.",
+            requires=("text",),
+            words=True,
+            files=("textual",),
         ),
         Stage(
             "textual_grounding",
@@ -66,6 +69,9 @@ REGISTRY = StageRegistry(
             1,
             grounding.build_stage,
             "grounding weights fitted to the part annotations",
+            requires=("text",),
+            words=True,
+            files=("textual",),
         ),
         Stage(
             "dissection",
@@ -73,6 +79,9 @@ REGISTRY = StageRegistry(
             3,  # 2: pixel colours per part (colour path); 3: 64 draws and the search calibration
             dissection.build_stage,
             "Network Dissection labels: IoU of each filter with each annotated concept",
+            requires=("masks",),
+            words=True,
+            files=("dissection",),
         ),
         Stage(
             "lavise",
@@ -82,6 +91,9 @@ REGISTRY = StageRegistry(
             "concept index, explainer head, zero-shot filter labels",
             parts=lavise.SUBSTAGES,
             stale=_lavise_stale,
+            requires=("masks",),
+            words=True,
+            files=("lavise",),
         ),
         Stage(
             "evidence",
@@ -89,6 +101,9 @@ REGISTRY = StageRegistry(
             1,
             sentences.build_stage,
             "attribute detectors read off the labelled filters: the default sentence, measured on held-out images",
+            requires=("masks", "attributes", "test split"),
+            words=True,
+            files=("evidence", "eval/sentences.json"),
         ),
         Stage("ood", ("probe",), 1, ood.build_stage, "the upload check: is an image like the probe images?"),
         Stage(
@@ -97,6 +112,9 @@ REGISTRY = StageRegistry(
             3,  # 2: search sanity on the re-initialised network; 3: calibrated search, asserted precision first
             fidelity.build_stage,
             "are the words right? labels, search, abstention and the upload check against held-out truth",
+            requires=("masks", "test split"),
+            words=True,
+            files=("eval/fidelity.json",),
         ),
         Stage(
             "attribution",
@@ -119,6 +137,9 @@ REGISTRY = StageRegistry(
             1,
             layers.build_stage,
             "Network Dissection across layers: interpretable units per layer, by concept kind",
+            requires=("masks",),
+            words=True,
+            files=("layers",),
         ),
         Stage(
             "datamap",
@@ -133,6 +154,7 @@ REGISTRY = StageRegistry(
             1,
             oramas.build_stage,
             "Oramas et al.: class-relevant features by μ-lasso on layer energies",
+            requires=("classes",),
         ),
         Stage(
             "oramas_eval",
@@ -140,6 +162,7 @@ REGISTRY = StageRegistry(
             1,
             oramas_eval.build_stage,
             "an8Flower protocol: Oramas heatmaps vs Grad-CAM, guided backprop, activations on part masks",
+            requires=("masks", "test split"),
         ),
         Stage(
             "siam_eval",
@@ -147,6 +170,7 @@ REGISTRY = StageRegistry(
             1,
             siam_eval.build_stage,
             "SIAM bundles: accuracy, attribute AUC, pointing game / PCK, exact decomposition, sentence precision",
+            requires=("attributes", "masks"),
             default=False,
         ),
     ]

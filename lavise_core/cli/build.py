@@ -76,11 +76,23 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print_build(ex, outcome: dict[str, str]) -> None:
+    """The build's summary: what was built and from which data, what was not and why, how to add it."""
     print(f"bundle: {ex.bundle.root}")
     stages = ex.bundle.manifest["stages"]
+    data = ex.bundle.manifest.get("dataset", {}).get("name", "the probe set")
+    missing = []
     for stage, what in outcome.items():
+        if what.startswith("not built: "):
+            missing.append(what.removeprefix("not built: "))
+            print(f"  {stage:17s} not built (below)")
+            continue
         secs = stages.get(stage, {}).get("seconds")
-        print(f"  {stage:17s} {what}" + (f" in {secs} s" if secs is not None and what != "skipped" else ""))
+        if "concept set" in what or what == "skipped":
+            print(f"  {stage:17s} {what}")
+        else:
+            print(f"  {stage:17s} {what} from '{data}'" + (f" in {secs} s" if secs is not None else ""))
+    for line in missing:
+        print(f"not built: {line}")
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -118,6 +130,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         force=args.force or (),
         settings=_settings(args),
         lock_timeout=0 if getattr(args, "no_wait", False) else None,
+        concepts=args.concepts,
     )
     _print_build(ex, {s.name: ex.built[s.name] for s in REGISTRY if s.name in ex.built})
     return 0
@@ -210,6 +223,14 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
     )
     _common_bundle_args(p)
     p.add_argument("--no-lavise", action="store_true", help="skip the LaViSE explainer and concept index")
+    p.add_argument(
+        "--concepts",
+        type=Path,
+        default=None,
+        metavar="CONCEPT_SET",
+        help="an annotated data set folder the words come from (default: the probe set itself when it is "
+        "annotated, else data/synthbirds); the same network is run over its images in a bundle of its own",
+    )
     p.add_argument(
         "--stages", nargs="*", metavar="STAGE", help="build only these stages (and what they need)"
     )

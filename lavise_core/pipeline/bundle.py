@@ -21,10 +21,12 @@ import io
 import json
 import os
 import platform
+import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -281,6 +283,36 @@ class Bundle:
             **(info or {}),
         }
         self._save_manifest()
+
+    def borrow_stage(
+        self, source: Bundle, stage: str, files: Sequence[str], parts: Sequence[str] = (), **info: Any
+    ) -> None:
+        """Take ``stage`` (its ``files``: folders or files under the bundle, and its ``parts`` marks) from the
+        finished ``source`` bundle of the same model and layer, recorded with ``info`` (e.g. the concept set).
+
+        Files are hard-linked where the file system allows (a stage rewrites its files atomically, so a later
+        rebuild of ``source`` never changes them here), else copied through a temporary name; the stage is
+        marked only once every file is in place, so an interrupted borrow is redone by the next build.
+        """
+        self._require_writable()
+        for rel in files:
+            src = source.root / rel
+            paths = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+            for p in paths:
+                dst = self.root / p.relative_to(source.root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.borrow")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(p, tmp)
+                except OSError:
+                    shutil.copyfile(p, tmp)
+                os.replace(tmp, dst)
+        recorded = source.manifest.get("stages", {})
+        for part in parts:
+            if part in recorded:
+                self.manifest.setdefault("stages", {})[part] = dict(recorded[part])
+        self.mark_stage(stage, {**recorded.get(stage, {}), **info})
 
     def clear_stage(self, stage: str) -> None:
         self._require_writable()

@@ -26,6 +26,7 @@ from lavise_core.pipeline.bundle import Bundle, disk_error
 from lavise_core.pipeline.executor import ExecutorSettings
 
 __all__ = [
+    "DATA_FACTS",
     "BuildProgress",
     "BuildSettings",
     "Stage",
@@ -33,7 +34,56 @@ __all__ = [
     "StageError",
     "StageRegistry",
     "build_stages",
+    "data_facts",
+    "missing_data",
+    "skip_reason",
 ]
+
+#: what a stage can need of a data set, in plain words (what is missing) and what to do about it
+DATA_FACTS: dict[str, tuple[str, str]] = {
+    "masks": (
+        "its images have no region masks",
+        "import a data set with masks (CUB, COCO)",
+    ),
+    "attributes": ("its images have no annotated attributes", "add attributes to its manifest"),
+    "text": (
+        "its images have neither captions nor attributes",
+        "add captions or attributes",
+    ),
+    "classes": ("it has fewer than two classes", "import a folder with one subfolder per class"),
+    "test split": ("it has no test split to hold out", "import it with a test split (--test-fraction)"),
+}
+
+
+def data_facts(dataset: ProbeDataset) -> set[str]:
+    """What ``dataset`` offers of :data:`DATA_FACTS`: ``{"masks", "attributes", "text", "classes", "test split"}``."""
+    recs = dataset.records
+    facts: set[str] = set()
+    if any(r.mask for r in recs):
+        facts.add("masks")
+    if any(r.attributes for r in recs):
+        facts |= {"attributes", "text"}
+    if any(r.captions for r in recs):
+        facts.add("text")
+    if len({r.label for r in recs if r.label is not None and r.label >= 0}) >= 2:
+        facts.add("classes")
+    if len(recs) and (dataset.splits() == "test").any():
+        facts.add("test split")
+    return facts
+
+
+def missing_data(stage: Stage, facts: set[str]) -> list[str]:
+    """The data ``stage`` needs that the data set does not offer."""
+    return [f for f in stage.requires if f not in facts]
+
+
+def skip_reason(stage: Stage, missing: Sequence[str], data_name: str) -> str:
+    """One plain sentence: why ``stage`` is not built on ``data_name`` and how to add what is missing."""
+    what = "; ".join(DATA_FACTS[m][0] for m in missing)
+    how = "; ".join(dict.fromkeys(DATA_FACTS[m][1] for m in missing))
+    if stage.words:
+        how += ", or name an annotated concept set with --concepts"
+    return f"{stage.name} ({stage.doc or 'this stage'}) needs more than '{data_name}' has: {what}. To add it: {how}."
 
 
 class StageError(ValueError):
@@ -108,6 +158,11 @@ class Stage:
         stale: ``stale(bundle) -> bool`` for a stage that knows more than its recipe (e.g. a part of it
             written by an older recipe); a finished stage that is stale is run again (its function redoes
             only what is out of date).
+        requires: what it needs of the data set (keys of :data:`DATA_FACTS`); without it the stage is skipped
+            with one sentence saying why and how to add it.
+        words: it makes words (labels, p.d.f.s, detectors) that are properties of the network, measured on
+            annotated images: a probe set without what it needs takes them from a concept set's bundle.
+        files: the bundle paths (folders or files) it writes, which a concept set's bundle lends.
     """
 
     name: str
@@ -118,6 +173,9 @@ class Stage:
     parts: tuple[str, ...] = ()
     default: bool = True
     stale: Callable[[Bundle], bool] | None = None
+    requires: tuple[str, ...] = ()
+    words: bool = False
+    files: tuple[str, ...] = ()
 
 
 class StageRegistry:
@@ -270,10 +328,24 @@ def _build_unlocked(
         bundle, dataset, settings, model_loader or bundle.load_model, options=dict(options or {})
     )
     n = len(order)
+    facts = data_facts(dataset) if dataset is not None else set(DATA_FACTS)  # no data set: nothing to check
+    not_built: set[str] = set()
     for i, s in enumerate(order):
         if bundle.stage_done(s.name):
             outcome.setdefault(s.name, "skipped")
             say(BuildProgress((i + 1) / n, s.name, f"{s.name}: already built"))
+            continue
+        lacking = missing_data(s, facts)
+        after = [d for d in s.needs if d in not_built]
+        if lacking or after:
+            not_built.add(s.name)
+            why = (
+                skip_reason(s, lacking, dataset.name if dataset is not None else "the data set")
+                if lacking
+                else f"{s.name} needs {', '.join(after)}, which {'was' if len(after) == 1 else 'were'} not built."
+            )
+            outcome[s.name] = f"not built: {why}"
+            say(BuildProgress((i + 1) / n, s.name, why))
             continue
         say(BuildProgress(i / n, s.name, f"{s.name}: {s.doc or 'building'}"))
 

@@ -144,6 +144,7 @@ class FilterDetail:
     dissection: list[tuple[str, float]] | None = None  # concept, IoU with its annotated regions (fit split)
     dissection_note: str | None = None
     label_source: str = ""
+    label_concepts: str = ""  # the data set the label was measured on (a lent concept set, or the probe set)
     #: how often each label source is right on this bundle's held-out test images (eval/fidelity.json):
     #: {"dissection": share, "zero_shot": share, "pdf": share, "random": share}; empty without the fidelity stage
     accuracy: dict[str, float] = field(default_factory=dict)
@@ -237,5 +238,5 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         dnote = str(e)
     return FilterDetail(
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
-        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, label_accuracy(ws),
+        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, label_accuracy(ws), shown.concepts,
     )  # fmt: skip

@@ -123,7 +123,7 @@ def overview(ws: Workspace) -> Overview:
         words=words,
         stages=stages,
         messages=msgs,
-        label_source=source,
+        label_source=shown.where,
         confident_score=CONFIDENT_SCORE if source == SOURCE_ZERO_SHOT else None,
         class_note=bundle_class_note(ws),
     )

@@ -1,0 +1,124 @@
+"""Words for a plain folder of one's own images (issue 24): how right they are, and what the build costs.
+
+The probe set is ``--n`` new SynthBirds images (generator seed ``--seed``, never in the demo data set) imported as a
+plain folder: no masks, attributes or captions reach the bundle. The concept set is the annotated demo data set
+(``data/synthbirds``), whose bundle `make assets` built; it lends the words. Ground truth comes from the folder
+images' own masks, which the bundle never sees: ``G_k`` = the concepts whose annotated regions overlap filter k's
+map (top 0.5 %) with IoU > 0.04 over its top-10 folder images (METHODS.md §6).
+
+Printed, each beside its baseline:
+
+- the card label (dissection on the concept set) in ``G_k``, against a random concept;
+- the concept search's asserted filters right (concept in ``G_k``), against a random filter;
+- concepts absent from SynthBirds answered confidently (held-out half of the absent list), against always answering;
+- the build's wall time against the annotated bundle of the same images built side by side.
+
+    python bench/own_data.py [--n 1200] [--out /tmp/lavise-own-data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1200)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/lavise-own-data"))
+    args = ap.parse_args()
+
+    import lavise_core
+    from lavise_core.data.dataset import write_dataset
+    from lavise_core.data.importers import import_image_folder
+    from lavise_core.data.probe_sets import absent_phrases
+    from lavise_core.data.synthbirds import generate_synthbirds
+    from lavise_core.evaluate.fidelity import label_accuracy, test_ground_truth
+    from lavise_core.explain.dissection import IOU_MIN
+
+    demo = next(
+        (p.parent for p in sorted((ROOT / "data" / "bundles").glob("synthbirds-synthbirds-*/bundle.json"))),
+        None,
+    )
+    if demo is None:
+        raise SystemExit("build the demo bundle first: make assets")
+    out = args.out
+    shutil.rmtree(out, ignore_errors=True)
+    annotated = generate_synthbirds(
+        out / "annotated", n=args.n, seed=args.seed, image_size=128, progress=False
+    )
+    folder = out / "folder"
+    for i, r in enumerate(annotated.records):
+        d = folder / annotated.classes[r.label].replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{r.id}.png").symlink_to(annotated.image_path(i))
+    plain = import_image_folder(folder, out / "plain", progress=False)
+    bundles = out / "bundles"
+    bundles.mkdir()
+    (bundles / demo.name).symlink_to(demo)  # the concept set's bundle, as `make assets` built it
+
+    t0 = time.perf_counter()
+    ex = lavise_core.build("synthbirds", plain.root, bundles=bundles)
+    t_own = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lavise_core.build("synthbirds", annotated.root, bundles=out / "annotated_bundles")
+    t_annotated = time.perf_counter() - t0
+
+    # ground truth from the folder images' own masks: every image counts (a copy whose split is all "test")
+    truth_root = out / "truth"
+    truth_root.mkdir()
+    for r in annotated.records:
+        for rel in (r.path, r.mask):
+            if rel:
+                (truth_root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (truth_root / rel).symlink_to(annotated.root / rel)
+    recs = [type(r)(**{**r.__dict__, "split": "test"}) for r in annotated.records]
+    truth = write_dataset(
+        truth_root, name="truth", source=annotated.source, classes=annotated.classes, records=recs,
+        regions=annotated.regions, meta=annotated.meta,
+    )  # fmt: skip
+    d = ex.dissection()
+    lm = ex.model()
+    thr = np.asarray(ex.bundle.array("probe/threshold"), np.float32)
+    G, _ = test_ground_truth(lm, truth, ex.layer, thr, d.concepts)
+    labelled = np.asarray(d.label_scores[:, 0]) >= IOU_MIN
+    top1 = np.where(labelled, np.asarray(d.label_ids[:, 0]), -1)
+    allowed = ~np.asarray(d.is_part)
+    res: dict = {
+        "images": args.n,
+        "label_in_G": label_accuracy(top1, G),
+        "label_random_concept": float((G[:, allowed].sum(1) / max(int(allowed.sum()), 1)).mean()),
+    }
+    present = [j for j in np.flatnonzero(allowed) if G[:, j].any()]
+    right = asserted = 0
+    base: list[float] = []
+    for j in present:
+        a = ex.query(d.concepts[j], n=5)
+        if a.confident and not a.weak:
+            right += int(sum(G[int(k), j] for k in a.filters))
+            asserted += len(a.filters)
+            base.append(float(G[:, j].mean()))
+    res["search_asserted_right"] = right / asserted if asserted else None
+    res["search_random_filter"] = float(np.mean(base)) if base else None
+    res["search_concepts"] = len(present)
+    absent = absent_phrases("evaluation")
+    res["absent_answered"] = float(np.mean([ex.query(t).confident for t in absent]))
+    res["absent_phrases"] = len(absent)
+    res["build_seconds_own"] = round(t_own, 1)
+    res["build_seconds_annotated"] = round(t_annotated, 1)
+    res["build_ratio"] = round(t_own / t_annotated, 3)
+    res["stages"] = ex.built
+    print(json.dumps(res, indent=1))
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
