@@ -345,7 +345,7 @@ def _build_unlocked(
                 else f"{s.name} needs {', '.join(after)}, which {'was' if len(after) == 1 else 'were'} not built."
             )
             outcome[s.name] = f"not built: {why}"
-            say(BuildProgress((i + 1) / n, s.name, why))
+            say(BuildProgress((i + 1) / n, s.name, outcome[s.name]))
             continue
         say(BuildProgress(i / n, s.name, f"{s.name}: {s.doc or 'building'}"))
 

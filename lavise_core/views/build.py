@@ -166,7 +166,7 @@ class StageLine:
     """One stage's row in the build progress: state, progress within it, seconds spent and left."""
 
     stage: str
-    state: str = "waiting"  # waiting | running | done | skipped
+    state: str = "waiting"  # waiting | running | done | skipped | not built
     done: int = 0
     total: int = 0
     seconds: float = 0.0
@@ -197,6 +197,10 @@ class BuildTracker:
         now = self.clock()
         if event.message.endswith("already built"):
             line.state, line.left = "skipped", 0.0
+        elif event.message.startswith(
+            "not built: "
+        ):  # the data lacks what the stage needs: the reason says so
+            line.state, line.left = "not built", 0.0
         elif event.message.endswith(": done"):
             line.state, line.left = "done", 0.0
             line.seconds = now - self.start.get(event.stage, now)
@@ -224,6 +228,7 @@ class BuildTracker:
                 "progress": f"{ln.done}/{ln.total}" if ln.total else "",
                 "spent": fmt(ln.seconds) if ln.state in ("running", "done") else "",
                 "left": fmt(ln.left) if ln.state == "running" else "",
+                **({"why": ln.message.removeprefix("not built: ")} if ln.state == "not built" else {}),
             }
             for ln in self.lines.values()
         ]

@@ -75,6 +75,12 @@ def test_build_tracker_estimates_time_left_per_stage():
     t.update(BuildProgress(1.0, "textual", "textual: already built"))
     assert [r["state"] for r in t.rows()] == ["done", "skipped"] and t.rows()[0]["spent"] == "0:40"
     assert t.fraction == 1.0 and t.left_total() is None
+    t.update(
+        BuildProgress(
+            1.0, "oramas", "not built: oramas needs more than 'mine' has: it has fewer than two classes."
+        )
+    )
+    assert t.rows()[-1]["state"] == "not built" and t.rows()[-1]["why"].endswith("fewer than two classes.")
 
 
 def test_check_data_folder(tmp_path, colour_dataset):
