@@ -20,5 +20,6 @@ from lavise_core.views.filters import *  # noqa: F403
 from lavise_core.views.home import *  # noqa: F403
 from lavise_core.views.layers import *  # noqa: F403
 from lavise_core.views.oramas import *  # noqa: F403
+from lavise_core.views.serving import *  # noqa: F403
 from lavise_core.views.siam import *  # noqa: F403
 from lavise_core.views.workspace import *  # noqa: F403
