@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: install assets demo test lint bench browser clean-data
+.PHONY: install assets demo serve test lint bench browser clean-data
 
 ## install: the virtual environment with every pinned package and lavise itself (editable)
 install: $(STAMP)
@@ -30,10 +30,16 @@ assets: install
 	@test -f $(MODEL) || $(BIN)/lavise train-demo --data $(DATA) --out models
 	$(BIN)/lavise build --model synthbirds --data $(DATA)
 
-## demo: serve the dashboard on http://localhost:$(PORT)
+## demo: serve the dashboard on http://localhost:$(PORT), to this machine only (127.0.0.1)
 demo: assets
 	$(BIN)/lavise build --model synthbirds --data $(DATA) --stages attribution   # on request: ~1 min, once
-	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
+		--browser.gatherUsageStats false
+
+## serve: serve the dashboard to others, read-only (make serve HOST=0.0.0.0; ARGS=--allow-build lets them build)
+HOST ?= 127.0.0.1
+serve: assets
+	$(BIN)/lavise serve --host $(HOST) --port $(PORT) $(ARGS)
 
 ## test: the whole suite (unit, app and browser tests)
 test: assets browser

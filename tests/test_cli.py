@@ -95,3 +95,44 @@ def test_weights_are_fetched_only_on_request(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lavise fetch-weights: error: the download from") and "refused" in err
     assert "Traceback" not in err and (tmp_path / "hub" / "checkpoints" / path.name).is_file()
+
+
+def _serve_args(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_make_demo_binds_localhost_only():
+    """Issue 29: `make demo` serves this machine only; serving to others is `lavise serve` / `make serve`."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "--server.address 127.0.0.1" in demo
+    assert "lavise serve" in makefile.split("\nserve:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_serve_is_read_only_unless_asked(tmp_path):
+    from lavise_core.cli.serve import serve_command
+
+    argv, env = serve_command(_serve_args("--host", "0.0.0.0", "--port", "8600", "--bundles", str(tmp_path)),
+                              {"LAVISE_BUILD_TOKEN": "t"})  # fmt: skip
+    assert argv[argv.index("--server.address") + 1] == "0.0.0.0"
+    assert argv[argv.index("--server.port") + 1] == "8600"
+    assert argv[argv.index("--client.showErrorDetails") + 1] == "none"
+    assert env["LAVISE_SERVE"] == "read-only" and "LAVISE_BUILD_TOKEN" not in env
+    assert env["LAVISE_BUNDLES"] == str(tmp_path.resolve())
+    argv, env = serve_command(_serve_args("--allow-build"), {})  # on 127.0.0.1: no token needed
+    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert env["LAVISE_SERVE"] == "build" and env["LAVISE_BUILD_TOKEN_NEEDED"] == "0"
+
+
+def test_serve_allow_build_on_a_network_address_needs_a_token(capsys, monkeypatch):
+    from lavise_core.cli.serve import serve_command
+
+    with pytest.raises(ValueError, match="LAVISE_BUILD_TOKEN"):
+        serve_command(_serve_args("--host", "0.0.0.0", "--allow-build"), {})
+    monkeypatch.delenv("LAVISE_BUILD_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--allow-build"]) == 2  # a message, no server started
+    assert "needs a token" in capsys.readouterr().err
+    _, env = serve_command(_serve_args("--host", "0.0.0.0", "--allow-build"), {"LAVISE_BUILD_TOKEN": "t"})
+    assert env["LAVISE_SERVE"] == "build" and env["LAVISE_BUILD_TOKEN_NEEDED"] == "1"

@@ -1,0 +1,72 @@
+"""``lavise serve``: serve the dashboard to others, read-only unless ``--allow-build`` (issue 29).
+
+``make demo`` serves on 127.0.0.1 only; this is the explicit step for a room. The mode reaches the app through
+the ``LAVISE_SERVE`` environment variable, read in one place (:mod:`lavise_core.views.serving`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lavise_core.views.serving import ENV_MODE, ENV_TOKEN, ENV_TOKEN_NEEDED, is_local_address
+
+__all__ = ["add_serve", "cmd_serve", "serve_command"]
+
+APP = Path(__file__).resolve().parents[2] / "app.py"
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the dashboard to others (read-only unless --allow-build)",
+        description="Run the Streamlit dashboard for others to open. Read-only by default: no build form, no "
+        "path inputs, exports only as downloads, messages without server paths. --allow-build shows the build "
+        f"form; on a non-local --host it also needs a token in ${ENV_TOKEN}, which the form asks for.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface; default "
+                   "127.0.0.1)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--allow-build", action="store_true",
+                   help=f"let visitors build bundles (on a non-local host: only with the token in ${ENV_TOKEN})")  # fmt: skip
+    p.add_argument("--bundles", default=None,
+                   help="folder of the bundles to serve (default: $LAVISE_BUNDLES or data/bundles)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_command(
+    args: argparse.Namespace, env: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The Streamlit command line and environment for ``args`` (raises ValueError when they are unsafe)."""
+    env = dict(os.environ if env is None else env)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a port number")
+    local = is_local_address(args.host)
+    if args.allow_build and not local and not env.get(ENV_TOKEN):
+        raise ValueError(
+            f"--allow-build on {args.host} (reachable from other machines) needs a token: set {ENV_TOKEN} in the "
+            "environment; the build form asks visitors for it"
+        )
+    env[ENV_MODE] = "build" if args.allow_build else "read-only"
+    env[ENV_TOKEN_NEEDED] = "1" if args.allow_build and not local else "0"
+    if not args.allow_build:
+        env.pop(ENV_TOKEN, None)  # nothing in the app needs it
+    bundles = args.bundles or env.get("LAVISE_BUNDLES") or "data/bundles"
+    env["LAVISE_BUNDLES"] = str(Path(bundles).resolve())
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", args.host,
+            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.showErrorDetails", "none"]  # fmt: skip
+    return argv, env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    argv, env = serve_command(args)
+    mode = "builds allowed" + (" with the token" if env[ENV_TOKEN_NEEDED] == "1" else "") if args.allow_build \
+        else "read-only"  # fmt: skip
+    print(f"serving {env['LAVISE_BUNDLES']} on http://{args.host}:{args.port} ({mode}); Ctrl-C stops it")
+    return subprocess.call(argv, env=env, cwd=APP.parent)
