@@ -84,10 +84,8 @@ if ws is not None:
                 components.html(views.hover_script(thumbs), height=0)
             if v.faithfulness:
                 st.caption(v.faithfulness)
-        points = (event or {}).get("selection", {}).get("points", []) if event else []
-        if points:
-            cd = points[0].get("customdata")
-            picked = int(cd[0] if isinstance(cd, list | tuple) else cd)
+        picked = views.picked_image(event)
+        if picked is not None:
             q["image"] = str(picked)
         with right:
             i = _int("image")

@@ -19,6 +19,7 @@ __all__ = [
     "map_image",
     "map_thumbnails",
     "map_view",
+    "picked_image",
 ]
 
 COLOUR_BY = ("class", "prediction", "correctness", "concept", "filter")
@@ -117,6 +118,29 @@ class MapImage:
     image: object
     caption: str
     filters: list[tuple[int, float]]
+
+
+def picked_image(event: object) -> int | None:
+    """The probe image index of the first point selected in the map's ``st.plotly_chart`` event, or ``None``.
+
+    Each point carries its image index as ``customdata``, whose shape depends on how the trace was made:
+    a plotly-express trace (``custom_data=[index]``) comes back from Streamlit 1.67 as ``{"0": i}``, a
+    ``go.Scattergl(customdata=index)`` as the bare number ``i``, older versions as ``[i]``."""
+    try:
+        points = event["selection"]["points"]  # type: ignore[index]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if not points:
+        return None
+    cd = points[0].get("customdata")
+    while isinstance(cd, dict | list | tuple):
+        if not cd:
+            return None
+        cd = next(iter(cd.values())) if isinstance(cd, dict) else cd[0]
+    try:
+        return None if cd is None or isinstance(cd, bool) else int(cd)
+    except (TypeError, ValueError):
+        return None
 
 
 def map_image(ws: Workspace, i: int, side: int = 256, n_filters: int = 6) -> MapImage:

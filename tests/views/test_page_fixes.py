@@ -1,0 +1,19 @@
+"""What trying every page as a new user turned up (issue 25): the view rules behind each fix."""
+
+from __future__ import annotations
+
+from lavise_core import views
+
+
+def test_a_clicked_map_dot_opens_its_image_in_every_return_shape() -> None:
+    # recorded from Streamlit 1.67 in Chromium: px.scatter(custom_data=[index]) comes back as {"0": i}
+    px_event = {"selection": {"points": [{"curve_number": 0, "point_number": 3, "point_index": 3, "x": 0.18,
+                                          "y": 0.03, "customdata": {"0": 9}, "legendgroup": "0"}],
+                              "point_indices": [3], "box": [], "lasso": []}}  # fmt: skip
+    assert views.picked_image(px_event) == 9
+    # go.Scattergl(customdata=index): the bare number
+    go_event = {"selection": {"points": [{"point_index": 3, "customdata": 3}]}}
+    assert views.picked_image(go_event) == 3
+    assert views.picked_image({"selection": {"points": [{"customdata": [12]}]}}) == 12  # older Streamlit
+    for nothing in (None, {}, {"selection": {"points": []}}, {"selection": {"points": [{"x": 1}]}}):
+        assert views.picked_image(nothing) is None
