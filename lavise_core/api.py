@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from lavise_core.data.dataset import DatasetError, ProbeDataset
-from lavise_core.data.images import crop_to_view, load_image
+from lavise_core.data.images import crop_to_view, load_image, require_min_side
 from lavise_core.pipeline.bundle import Bundle, BundleError, StageMissing
 from lavise_core.pipeline.stages import BuildProgress, BuildSettings, build_stages
 
@@ -751,7 +751,9 @@ class Explainer:
     ) -> ImageAnalysis:
         """Load ``image`` (raises :class:`~lavise_core.data.images.ImageLoadError` with a user message) and
         run the network once."""
+        lm = self.model()
         if isinstance(image, Image.Image):
+            require_min_side(image.size, lm.min_side, name or "the image")
             img = image.convert("RGB")
             digest = hashlib.sha256(img.tobytes()).hexdigest()[:16]
         else:
@@ -759,12 +761,11 @@ class Explainer:
                 name = name or str(image)
                 image = Path(image).read_bytes()
             digest = hashlib.sha256(image).hexdigest()[:16]
-            img = load_image(image, name=name or "the uploaded file")
+            img = load_image(image, name=name or "the uploaded file", min_side=lm.min_side)
         import torch
 
         from lavise_core.explain.ood import forward_with_ood
 
-        lm = self.model()
         ood = self.ood_model()
         x = torch.stack([lm.preprocess(img)])
         maps_t, logits_t, early = forward_with_ood(

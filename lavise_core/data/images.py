@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "crop_label_map", "crop_to_view", "load_image", "mask_weights"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageLoadError",
+    "crop_label_map",
+    "crop_to_view",
+    "load_image",
+    "mask_weights",
+    "require_min_side",
+]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
 
@@ -34,6 +42,7 @@ def load_image(
     source: str | os.PathLike | bytes | io.IOBase,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 1,
     name: str | None = None,
     upright: bool = True,
 ) -> Image.Image:
@@ -42,12 +51,14 @@ def load_image(
     Args:
         source: a path, raw bytes, or a binary file object.
         max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
+        min_side: refuse images whose shorter side is below this (too small to explain; see
+            :func:`require_min_side`).
         name: how to call the image in messages (defaults to the path).
         upright: apply the EXIF orientation. Turn off for images whose annotations (masks, keypoints,
             boxes) are in stored pixel order, as in CUB and COCO.
 
     Raises:
-        ImageLoadError: not an image, unreadable, truncated, empty or too large.
+        ImageLoadError: not an image, unreadable, truncated, empty, too large or too small.
     """
     if isinstance(source, bytes | bytearray):
         label = name or "the uploaded file"
@@ -67,28 +78,26 @@ def load_image(
         fh = source
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's own bomb warning is not needed: the size is checked against max_pixels below, from the
+            # header, before any pixel is decoded (one limit, one message)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 im = Image.open(fh)
             except UnidentifiedImageError as e:
                 raise ImageLoadError(
-                    f"{label} is not an image PIL can read (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)."
+                    f"{label} is not an image that can be read (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)."
                 ) from e
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise ImageLoadError(
-                    f"{label} is too large to open safely (over {max_pixels / 1e6:.0f} megapixels; {e}). "
-                    "Downscale it first."
-                ) from e
+            except Image.DecompressionBombError as e:  # over twice PIL's limit: refused before any size check
+                size = _declared_size(fh)
+                raise ImageLoadError(_too_large(label, size, max_pixels)) from e
             except DECODE_ERRORS as e:
                 raise ImageLoadError(f"{label} is truncated or corrupt ({type(e).__name__}: {e}).") from e
             w, h = im.size
             if w == 0 or h == 0:
                 raise ImageLoadError(f"{label} has no pixels ({w}×{h}).")
             if w * h > max_pixels:
-                raise ImageLoadError(
-                    f"{label} is {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                    f"{max_pixels / 1e6:.0f} megapixels. Downscale it first."
-                )
+                raise ImageLoadError(_too_large(label, (w, h), max_pixels))
+            require_min_side((w, h), min_side, label)
             try:
                 if getattr(im, "is_animated", False):
                     im.seek(0)
@@ -103,6 +112,45 @@ def load_image(
     finally:
         if isinstance(source, str | os.PathLike):
             fh.close()
+
+
+def _too_large(label: str, size: tuple[int, int] | None, max_pixels: int) -> str:
+    """The one message for an image over ``max_pixels`` (``size`` ``None`` when the header could not be read)."""
+    what = "" if size is None else f": {size[0]}×{size[1]} = {size[0] * size[1] / 1e6:.0f} megapixels"
+    return f"{label} is too large{what}; the limit is {max_pixels / 1e6:.0f} megapixels. Downscale it first."
+
+
+def _declared_size(fh: io.IOBase) -> tuple[int, int] | None:
+    """The width and height an image file's header declares, read without PIL's decompression-bomb check (which
+    refuses to open images over twice its limit at all), or ``None``."""
+    try:
+        fh.seek(0)
+        prefix = fh.read(16)
+    except (OSError, ValueError):
+        return None
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        ok = accept is None or accept(prefix)
+        if not ok or isinstance(ok, str):  # a str: the plugin's reason it cannot open this file
+            continue
+        try:
+            fh.seek(0)
+            return tuple(factory(fh, "").size)  # type: ignore[return-value]
+        except DECODE_ERRORS:
+            continue
+    return None
+
+
+def require_min_side(size: tuple[int, int], min_side: int, label: str = "the image") -> None:
+    """Raise :class:`ImageLoadError` when the shorter side of a ``(width, height)`` image is below ``min_side``:
+    an image that small is blown up into a blur the network cannot tell from anything else, so an explanation
+    of it would describe noise (``LoadedModel.min_side`` says how small is too small for a model)."""
+    w, h = size
+    if min(w, h) < min_side:
+        raise ImageLoadError(
+            f"{label} is too small to explain ({w}×{h} pixels): the smallest image this network can explain is "
+            f"{min_side}×{min_side} pixels. Use a larger image."
+        )
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -80,6 +80,30 @@ def test_bad_upload_gets_clear_message(monkeypatch, bundles, name, make, message
     assert not at.exception and _explained(at)
 
 
+@pytest.mark.parametrize("side", [1, 8, 31])
+def test_an_upload_too_small_to_explain_says_the_smallest_size_that_works(monkeypatch, bundles, side):
+    # a 1×1 upload was explained "as a crimson-breasted robin because it has a red breast" (issue 25)
+    at = _explain(monkeypatch, bundles, "dot.png", _save(Image.new("RGB", (side, side), "red"), "PNG"))
+    assert at.error and not _explained(at)
+    msg = at.error[0].value
+    assert "too small to explain" in msg and f"({side}×{side} pixels)" in msg
+    assert "32×32 pixels" in msg  # a quarter of the test network's 128 px input
+    at.file_uploader[0].upload("ok.png", _save(_bird(bundles).resize((32, 32)), "PNG"), "image/png").run()
+    assert not at.exception and _explained(at)  # the smallest size that works, works
+
+
+def test_a_huge_upload_gets_one_limit_in_plain_words(monkeypatch, bundles):
+    # 12000×12000 is over PIL's own limit too: its "decompression bomb DOS attack" text leaked (issue 25)
+    for side in (9000, 12000, 20000):
+        at = _explain(monkeypatch, bundles, "huge.png", _huge_png(side, side))
+        msg = at.error[0].value
+        mp = side * side / 1e6
+        assert msg.endswith(
+            f" is too large: {side}×{side} = {mp:.0f} megapixels; the limit is 64 megapixels. Downscale it first."
+        ), msg
+        assert "decompression" not in msg.lower() and "89478485" not in msg, msg
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [
