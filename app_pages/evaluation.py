@@ -20,7 +20,8 @@ st.title("How good are the explanations?")
 st.caption(
     "Measured against the probe set's ground truth on images and concepts the methods were not fitted on; each "
     "number next to a baseline that knows nothing (an explanation is only worth reading when it beats its "
-    "baseline). The first section is built with the bundle; the others come from `lavise evaluate`."
+    "baseline). The first sections are built with the bundle; the papers' own protocols come from "
+    "`lavise evaluate`."
 )
 
 
@@ -28,7 +29,7 @@ def tables(name: str, obj: dict) -> None:
     """Every table of one evaluation JSON, with a grouped bar chart where rows compare methods."""
     for title, rows in views.flatten_tables(obj):
         st.markdown(f"**{title}**")
-        st.dataframe(rows, hide_index=True)
+        st.dataframe(views.table_rows(rows), hide_index=True)
         numeric = [
             k
             for k in rows[0]
@@ -50,8 +51,6 @@ ws = sh.workspace()
 if ws is not None:
     with sh.guard("the Evaluation page"):
         rep = views.evaluation_report(ws)
-        for msg in rep.missing:
-            st.info(msg, icon=":material/construction:")
         for name, obj in rep.sections.items():
             st.subheader(TITLES.get(name, name))
             if name == "sentences":
@@ -97,7 +96,7 @@ if ws is not None:
                 )
             elif head:
                 st.dataframe(
-                    head,
+                    views.table_rows(head),
                     hide_index=True,
                     column_config={"question": st.column_config.TextColumn(width="large")},
                     key=f"head_{name}",
@@ -112,7 +111,9 @@ if ws is not None:
                     )
             with st.expander(f"All {name} numbers", expanded=not head):
                 tables(name, obj)
+        for msg in rep.missing:  # normal after `make demo`: one muted line each, not an alarm
+            st.caption(f":material/schedule: {msg}")
         st.subheader("The papers' numbers")
         for title, rows in rep.paper.items():
             st.markdown(f"**{title}**")
-            st.dataframe(rows, hide_index=True)
+            st.dataframe(views.table_rows(rows), hide_index=True)

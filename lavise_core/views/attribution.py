@@ -70,30 +70,36 @@ def stored_attribution(ws: Workspace) -> dict | None:
 
 
 def attribution_rows(obj: dict) -> list[dict[str, Any]]:
-    """One row per method of a stored evaluation (plus the random baseline row), for a table."""
+    """One row per method of a stored evaluation (plus the random baseline row), for a table: numbers as text
+    with three decimals, "—" where a measure does not apply (the baseline has no time per image)."""
+
+    def num(v: Any, fmt: str = ".3f") -> str:
+        return "—" if v is None or (isinstance(v, float) and v != v) else format(float(v), fmt)
+
     rows = []
     b = obj.get("baselines", {})
     for name, r in obj.get("methods", {}).items():
         rows.append(
             {
                 "method": METHODS[name].label if name in METHODS else name,
-                "deletion AUC ↓": round(r["deletion_auc"], 3),
-                "insertion AUC ↑": round(r["insertion_auc"], 3),
-                "pointing game ↑": None if r.get("pointing") is None else round(r["pointing"], 3),
-                "energy in parts ↑": None if r.get("energy") is None else round(r["energy"], 3),
-                "rank corr. under re-init (mean) ↓": r.get("sanity_mean"),
-                "s / image": r["seconds_per_image"],
+                "deletion AUC ↓": num(r.get("deletion_auc")),
+                "insertion AUC ↑": num(r.get("insertion_auc")),
+                "pointing game ↑": num(r.get("pointing")),
+                "energy in parts ↑": num(r.get("energy")),
+                "rank corr. under re-init (mean) ↓": num(r.get("sanity_mean")),
+                "s / image": num(r.get("seconds_per_image"), ".4f"),
             }
         )
+    rnd = obj.get("random", {})
     rows.append(
         {
             "method": "baseline (random order / uniform map)",
-            "deletion AUC ↓": round(obj["random"]["deletion_auc"], 3),
-            "insertion AUC ↑": round(obj["random"]["insertion_auc"], 3),
-            "pointing game ↑": None if "pointing_uniform" not in b else round(b["pointing_uniform"], 3),
-            "energy in parts ↑": None if "energy_uniform" not in b else round(b["energy_uniform"], 3),
-            "rank corr. under re-init (mean) ↓": 0.0,
-            "s / image": None,
+            "deletion AUC ↓": num(rnd.get("deletion_auc")),
+            "insertion AUC ↑": num(rnd.get("insertion_auc")),
+            "pointing game ↑": num(b.get("pointing_uniform")),
+            "energy in parts ↑": num(b.get("energy_uniform")),
+            "rank corr. under re-init (mean) ↓": num(0.0),
+            "s / image": "—",
         }
     )
     return rows

@@ -14,6 +14,7 @@ __all__ = [
     "evaluation_report",
     "flatten_tables",
     "sentence_rows",
+    "table_rows",
 ]
 
 
@@ -21,39 +22,56 @@ __all__ = [
 @dataclass
 class EvaluationReport:
     sections: dict[str, Any]  # "textual" / "lavise" -> the stored JSON
-    missing: list[str]
+    missing: list[str]  # one short line per measurement not made yet: what it is and the command that adds it
     paper: dict[str, list[dict[str, Any]]]
 
 
 def evaluation_report(ws: Workspace) -> EvaluationReport:
-    """The stored evaluation results (``eval/fidelity.json`` from the build stage ``fidelity``, and
-    ``eval/textual.json``, ``eval/lavise.json`` from ``lavise evaluate``) and the papers' numbers."""
+    """The stored evaluation results (``eval/sentences.json``, ``eval/fidelity.json`` from build stages,
+    ``eval/attribution.json`` from the ``attribution`` stage that ``make demo`` builds, ``eval/textual.json`` and
+    ``eval/lavise.json`` from ``lavise evaluate``) and the papers' numbers.
+
+    What is not there is one plain line in ``missing`` ("not measured yet; run X to add it"), never an alarm:
+    a bundle fresh from ``make demo`` has no ``lavise evaluate`` results, and that is normal."""
+    root = Path(ws.bundle.root)
     sections, missing = {}, []
-    if (Path(ws.bundle.root) / "eval" / "sentences.json").is_file():
+    if (root / "eval" / "sentences.json").is_file():
         sections["sentences"] = ws.bundle.read_json("eval/sentences")
-    for name in ("fidelity", "textual", "lavise"):
-        if (Path(ws.bundle.root) / "eval" / f"{name}.json").is_file():
-            sections[name] = ws.bundle.read_json(f"eval/{name}")
-        elif name == "fidelity":
-            why = ws.bundle.manifest.get("stages", {}).get("fidelity", {}).get("skipped")
-            missing.append(
-                f"no fidelity check: {why}"
-                if why
-                else f"no fidelity check yet: build it with `{build_hint(ws.bundle)}`"
-            )
-        else:
-            missing.append(
-                f"no {name} evaluation yet: run `lavise evaluate {ws.bundle.root}"
-                + ("" if name == "textual" else " --only lavise")
-                + "`"
-            )
-    if (Path(ws.bundle.root) / "eval" / "attribution.json").is_file():
+    if (root / "eval" / "fidelity.json").is_file():
+        sections["fidelity"] = ws.bundle.read_json("eval/fidelity")
+    else:
+        why = ws.bundle.manifest.get("stages", {}).get("fidelity", {}).get("skipped")
+        missing.append(
+            f"Are the words right? not measured: {why}"
+            if why
+            else f"Are the words right? not measured yet; run `{build_hint(ws.bundle)}` to add it."
+        )
+    protocols = [n for n in ("textual", "lavise") if (root / "eval" / f"{n}.json").is_file()]
+    for name in protocols:
+        sections[name] = ws.bundle.read_json(f"eval/{name}")
+    todo = [n for n in ("textual", "lavise") if n not in protocols]
+    if todo:
+        what = {"textual": "Guo et al.'s (PCK, retrieval, BLEU)", "lavise": "LaViSE's (recall@s)"}
+        only = "" if len(todo) == 2 else f" --only {todo[0]}"
+        missing.append(
+            f"The papers' own protocols, {' and '.join(what[n] for n in todo)}: not measured yet; run "
+            f"`lavise evaluate {root}{only}` to add {'them' if len(todo) == 2 else 'it'}."
+        )
+    if (root / "eval" / "attribution.json").is_file():
         sections["attribution"] = ws.bundle.read_json("eval/attribution")
     else:
         missing.append(
-            f"no attribution faithfulness yet: run `lavise evaluate {ws.bundle.root} --only attribution`"
+            "Where does it look? (faithfulness of the attribution maps) not measured yet; run "
+            f"`{build_hint(ws.bundle)} --stages attribution` to add it (about a minute)."
         )
     return EvaluationReport(sections, missing, PAPER_NUMBERS)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` for a table: a missing value (``None``, NaN) shows as "—", never as "None" or "nan"."""
+    return [
+        {k: "—" if v is None or (isinstance(v, float) and v != v) else v for k, v in r.items()} for r in rows
+    ]
 
 
 def _path(obj: Any, *keys: Any) -> Any:

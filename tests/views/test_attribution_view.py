@@ -35,7 +35,7 @@ def test_stored_numbers_in_rows_and_sentences() -> None:
         "Gradient saliency",
         "baseline (random order / uniform map)",
     ]
-    assert rows[-1]["deletion AUC ↓"] == 0.07 and rows[-1]["pointing game ↑"] == 0.05
+    assert rows[-1]["deletion AUC ↓"] == "0.070" and rows[-1]["pointing game ↑"] == "0.050"
     text = " ".join(views.attribution_findings(STORED))
     assert "**Gradient saliency** 0.040 vs random order 0.070" in text
     assert "FAILED" in text and "Grad-CAM." in text and "passed: Gradient saliency" in text

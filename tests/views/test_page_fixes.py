@@ -17,3 +17,19 @@ def test_a_clicked_map_dot_opens_its_image_in_every_return_shape() -> None:
     assert views.picked_image({"selection": {"points": [{"customdata": [12]}]}}) == 12  # older Streamlit
     for nothing in (None, {}, {"selection": {"points": []}}, {"selection": {"points": [{"x": 1}]}}):
         assert views.picked_image(nothing) is None
+
+
+def test_evaluation_tables_never_show_none_or_nan() -> None:
+    stored = {
+        "random": {"deletion_auc": 0.07, "insertion_auc": 0.64},
+        "baselines": {"pointing_uniform": 0.05},  # no energy baseline: the data set has no part masks
+        "methods": {"gradcam": {"deletion_auc": 0.05, "insertion_auc": 0.7, "pointing": 0.3, "energy": None,
+                                "sanity_mean": float("nan"), "seconds_per_image": 0.004}},
+    }  # fmt: skip
+    rows = views.attribution_rows(stored)
+    shown = [str(v) for r in rows for v in r.values()]
+    assert "None" not in shown and "nan" not in shown and "—" in shown
+    assert rows[-1]["s / image"] == "—" and rows[0]["energy in parts ↑"] == "—"
+    assert views.table_rows([{"a": None, "b": float("nan"), "c": 0.5, "d": "x"}]) == [
+        {"a": "—", "b": "—", "c": 0.5, "d": "x"}
+    ]
