@@ -42,6 +42,7 @@ __all__ = [
     "default_layer",
     "forward_maps",
     "load_model",
+    "output_aliases",
     "record_layer",
     "record_layers",
     "reinitialised",
@@ -244,6 +245,18 @@ class LayersRecorder:
 def record_layers(model: nn.Module, layers: list[str] | tuple[str, ...]) -> LayersRecorder:
     """``with record_layers(model, ["a", "b"]) as rec: model(x)`` -> ``rec.outputs["a"] (B, C, h, w)``."""
     return LayersRecorder(model, layers)
+
+
+def output_aliases(model: nn.Module, layer: str) -> list[str]:
+    """The modules whose output *is* ``layer``'s output: an ``nn.Sequential`` returns its last child's output, so
+    the demo CNN's ``features`` is also ``features.20`` (its last ReLU). Outermost first; ``[]`` for a layer that
+    is not a non-empty ``nn.Sequential``."""
+    mods = dict(model.named_modules())
+    out, name = [], layer
+    while isinstance(mods.get(name), nn.Sequential) and len(mods[name]) > 0:
+        name = f"{name}.{list(mods[name].named_children())[-1][0]}"
+        out.append(name)
+    return out
 
 
 def spatial_layers(lm: LoadedModel) -> dict[str, tuple[int, int, int]]:

@@ -10,7 +10,7 @@ from lavise_core.api import build_hint
 from lavise_core.explain.dissection.labels import IOU_MIN
 from lavise_core.views.workspace import StageMissing, Workspace
 
-__all__ = ["LayersView", "layer_units", "layers_view"]
+__all__ = ["LayersView", "layer_units", "layers_view", "shown_layer_names"]
 
 KIND_ORDER = ("part", "colour", "pattern/shape", "background")
 
@@ -27,6 +27,18 @@ class LayersView:
     sentences: list[str]
 
 
+def shown_layer_names(ws: Workspace, recorded: list[str]) -> list[str]:
+    """How the dashboard names each recorded layer: the explained layer by the bundle's name for it
+    (``ws.bundle.layer``, as every other page says it), also where the ``layers`` stage recorded the same
+    output under a child's name (the demo CNN's ``features.20`` is ``features``); other layers by their own."""
+    if ws.bundle.layer in recorded:
+        return list(recorded)
+    from lavise_core.models.networks import output_aliases
+
+    same = set(output_aliases(ws.model().model, ws.bundle.layer))
+    return [ws.bundle.layer if name in same else name for name in recorded]
+
+
 def layers_view(ws: Workspace) -> LayersView:
     """The ``layers`` stage's summary as table rows and one sentence per layer; :class:`StageMissing` if absent."""
     b = ws.bundle
@@ -38,9 +50,11 @@ def layers_view(ws: Workspace) -> LayersView:
     summary = b.read_json("layers/summary")
     base = {r["layer"]: r for r in summary.get("reinitialised", [])}
     rows, sentences = [], []
+    names = [r["layer"] for r in summary["trained"]]
+    shown = dict(zip(names, shown_layer_names(ws, names), strict=True))
     for r in summary["trained"]:
         row = {
-            "layer": r["layer"],
+            "layer": shown[r["layer"]],
             "units": r["units"],
             "interpretable": r["interpretable"],
             "share": round(r["interpretable"] / max(r["units"], 1), 3),
@@ -55,7 +69,7 @@ def layers_view(ws: Workspace) -> LayersView:
         rows.append(row)
         kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in KIND_ORDER if r["by_kind"][k]["units"])
         sentences.append(
-            f"`{r['layer']}`: {r['interpretable']} of {r['units']} units interpretable "
+            f"`{shown[r['layer']]}`: {r['interpretable']} of {r['units']} units interpretable "
             f"(IoU ≥ {summary.get('iou_min', IOU_MIN):g}), {r['unique']} unique concepts"
             + (f" — {kinds}" if kinds else "")
         )
@@ -67,9 +81,13 @@ def layers_view(ws: Workspace) -> LayersView:
 def layer_units(ws: Workspace, layer: str, iou_min: float = IOU_MIN) -> list[dict]:
     """Every unit of ``layer`` with its best concept, IoU, kind and the runner-up; ValueError for an unknown layer."""
     names = ws.bundle.read_json("layers/names")
-    if layer not in names:
-        raise ValueError(f"?layer={layer} was not dissected; dissected layers: {', '.join(names)}")
-    i = names.index(layer)
+    shown = shown_layer_names(ws, names)
+    if layer in shown:  # the name the page shows (``features``); the recorded one (``features.20``) works too
+        i = shown.index(layer)
+    elif layer in names:
+        i = names.index(layer)
+    else:
+        raise ValueError(f"?layer={layer} was not dissected; dissected layers: {', '.join(shown)}")
     iou = np.asarray(ws.bundle.array(f"layers/iou_{i}"), np.float32)
     concepts = ws.bundle.read_json("layers/concepts")
     kinds = ws.bundle.read_json("layers/kinds")

@@ -33,3 +33,44 @@ def test_evaluation_tables_never_show_none_or_nan() -> None:
     assert views.table_rows([{"a": None, "b": float("nan"), "c": 0.5, "d": "x"}]) == [
         {"a": "—", "b": "—", "c": 0.5, "d": "x"}
     ]
+
+
+def test_the_layers_page_names_the_explained_layer_as_every_other_page(tmp_path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lavise_core.models.demo_cnn import SynthBirdsCNN
+    from lavise_core.models.networks import output_aliases
+
+    net = SynthBirdsCNN(num_classes=12, width=16)
+    assert output_aliases(net, "features") == ["features.20"]  # a Sequential's output is its last child's
+    assert output_aliases(net, "features.17") == [] and output_aliases(net, "nope") == []
+
+    class FakeBundle:  # what layers_view reads: the layers stage's files and the explained layer's name
+        def __init__(self) -> None:
+            self.layer, self.root, self.manifest = "features", tmp_path, {"stages": {"layers": {"images": 8}}}
+
+        def has(self, name: str) -> bool:
+            return True
+
+        def read_json(self, name: str):
+            return {
+                "layers/summary": {"iou_min": 0.04, "trained": [
+                    {"layer": n, "units": 4, "interpretable": 2, "unique": 1,
+                     "by_kind": {k: {"units": 0, "unique": 0} for k in ("part", "colour", "pattern/shape", "background")}}
+                    for n in ("features.17", "features.20")]},
+                "layers/names": ["features.17", "features.20"],
+                "layers/concepts": ["red breast", "wing"],
+                "layers/kinds": ["colour", "part"],
+            }[name]  # fmt: skip
+
+        def array(self, name: str):
+            return np.array([[0.1, 0.02], [0.01, 0.03]], np.float32)
+
+    ws = SimpleNamespace(bundle=FakeBundle(), model=lambda: SimpleNamespace(model=net))
+    v = views.layers_view(ws)
+    assert v.layers == ["features.17", "features"] and "`features`: 2 of 4 units" in v.sentences[1]
+    assert "features.20" not in json.dumps([v.rows, v.sentences])
+    assert views.layer_units(ws, "features") == views.layer_units(ws, "features.20")  # old links still work
