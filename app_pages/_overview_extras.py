@@ -54,7 +54,11 @@ def compare_section(ws: views.Workspace) -> None:
     others = [b for b in sh.available_bundles() if b.root != ws.bundle.root]
     with st.expander(":material/compare: Compare with another bundle", expanded=False):
         if not others:
-            st.caption("Only one bundle is built: build another layer or model below to compare them.")
+            st.caption(
+                "Only one bundle is served here."
+                if sh.mode().read_only
+                else "Only one bundle is built: build another layer or model below to compare them."
+            )
             return
         labels = {str(b.root): f"{views.model_label(b.manifest['model']['spec'])} · {b.layer} · "
                   f"{b.manifest['dataset']['name']}" for b in others}  # fmt: skip
@@ -80,6 +84,9 @@ def compare_section(ws: views.Workspace) -> None:
 
 
 def build_section(ws: views.Workspace | None) -> None:
+    mode = sh.mode()
+    if mode.read_only:  # served to others: no build form, no model-spec or folder inputs (issue 29)
+        return
     with st.expander(":material/build: Build a bundle", expanded=ws is None):
         st.caption(
             "Runs the probe pass and the explanation stages for a model × layer × probe set (finished stages "
@@ -110,8 +117,15 @@ def build_section(ws: views.Workspace | None) -> None:
         all_stages, default_stages = views.stage_choices()
         stages = st.multiselect("Stages (what they need is added)", all_stages, default=default_stages,
                                 key="build_stages")  # fmt: skip
-        go = st.button("Build", key="build_go", disabled=not (check.ok and spec), type="primary")
-        if not go:
+        token = None
+        if mode.token_needed:
+            token = st.text_input("Build token", type="password", key="build_token",
+                                  help="this server lets visitors build with the operator's token only")  # fmt: skip
+        allowed = views.build_token_ok(mode, token)
+        if token and not allowed:
+            st.error("That is not this server's build token.", icon=":material/key_off:")
+        go = st.button("Build", key="build_go", disabled=not (check.ok and spec and allowed), type="primary")
+        if not go or not views.build_token_ok(mode, token):
             return
         tracker = views.BuildTracker(stages)
         bar = st.progress(0.0, text="starting…")

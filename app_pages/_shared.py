@@ -20,6 +20,7 @@ import streamlit as st
 
 from lavise_core.data.images import ImageLoadError
 from lavise_core.pipeline.bundle import Bundle, BundleError, find_bundles
+from lavise_core.views.serving import ServeMode, ServerBusy, public_message, serve_mode
 from lavise_core.views.workspace import StageMissing, Workspace, default_bundle, unique_bundle_labels
 
 log = logging.getLogger("lavise.app")
@@ -29,6 +30,22 @@ BUNDLE_KEY = "bundle_path"
 
 def bundles_root() -> Path:
     return Path(os.environ.get("LAVISE_BUNDLES", "data/bundles"))
+
+
+def mode() -> ServeMode:
+    """How this server is served (local, read-only, build): decided in :func:`lavise_core.views.serve_mode`."""
+    return serve_mode(address=st.get_option("server.address"))
+
+
+def public(message: object) -> str:
+    """``message`` as a visitor may see it: when shared, bundle paths become bundle names and no path is named."""
+    m = mode()
+    if not m.shared:
+        return str(message)
+    roots = {str(bundles_root()): "the bundles folder"}
+    with contextlib.suppress(Exception):
+        roots.update({str(b.root): b.root.name for b in available_bundles()})
+    return public_message(message, m, roots)
 
 
 @st.cache_resource(show_spinner="Opening the bundle…")
@@ -84,7 +101,7 @@ def sidebar_bundle_choice() -> str | None:
     """The bundle selector in the sidebar; returns the chosen bundle's path (or None when there is none)."""
     bundles = available_bundles()
     if not bundles:
-        st.sidebar.warning(f"No bundle under `{bundles_root()}` yet.")
+        st.sidebar.warning(public(f"No bundle under `{bundles_root()}` yet."))
         return None
     paths = [str(b.root) for b in bundles]
     labels = unique_bundle_labels(bundles)
@@ -114,16 +131,21 @@ def workspace() -> Workspace | None:
     """The workspace of the chosen bundle, or ``None`` after telling the user how to get one."""
     path = st.session_state.get(BUNDLE_KEY)
     if not path:
+        if mode().read_only:
+            st.info("This server has no explanation bundle to show yet.")
+            return None
         st.info(
-            f"There is no explanation bundle under `{bundles_root()}` yet. Build the demo one with "
-            "`make demo` (or `lavise build --model synthbirds --data data/synthbirds`), or use "
-            "**Build a bundle** on the Overview page."
+            public(
+                f"There is no explanation bundle under `{bundles_root()}` yet. Build the demo one with "
+                "`make demo` (or `lavise build --model synthbirds --data data/synthbirds`), or use "
+                "**Build a bundle** on the Overview page."
+            )
         )
         return None
     try:
         return get_workspace(path, _stamp(path))
     except BundleError as e:
-        st.error(str(e))
+        st.error(public(e))
         return None
 
 
@@ -133,11 +155,16 @@ def guard(what: str = "this view") -> Iterator[None]:
     try:
         yield
     except StageMissing as e:
-        st.info(str(e), icon=":material/construction:")
+        st.info(public(e), icon=":material/construction:")
     except ImageLoadError as e:
-        st.error(str(e))
+        st.error(public(e))
+    except ServerBusy as e:
+        st.warning(str(e), icon=":material/hourglass_top:")
     except ValueError as e:
-        st.error(str(e))
+        st.error(public(e))
     except Exception as e:  # the session must survive anything
         log.exception("unexpected error in %s", what)
-        st.error(f"Unexpected error in {what}: {type(e).__name__}: {e}. Details are in the server log.")
+        if mode().shared:  # a visitor sees neither the exception's type nor its text (paths, internals)
+            st.error(f"Unexpected error in {what}. Details are in the server log.")
+        else:
+            st.error(f"Unexpected error in {what}: {type(e).__name__}: {e}. Details are in the server log.")

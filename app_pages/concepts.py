@@ -39,13 +39,19 @@ if ws is not None:
                 if res.status.startswith("zero")
                 else ":gray-badge[open vocabulary]"
             )
-            st.markdown(f"### “{res.text}” {badge} <small>{res.status}</small>", unsafe_allow_html=True)
+            st.markdown(  # the concept is the visitor's text: escaped, never markup
+                f"### “{views.escape_markdown(res.text)}” {badge} <small>{views.escape_html(res.status)}</small>",
+                unsafe_allow_html=True,
+            )
+            message = (
+                res.message.replace(res.text, views.escape_markdown(res.text)) if res.text else res.message
+            )
             if not res.confident:
-                st.warning(res.message, icon=":material/search_off:")
+                st.warning(message, icon=":material/search_off:")
             elif res.weak:
-                st.warning(res.message, icon=":material/help:")
+                st.warning(message, icon=":material/help:")
             else:
-                st.success(res.message, icon=":material/check_circle:")
+                st.success(message, icon=":material/check_circle:")
             st.caption(
                 "Concepts this layer detects that come closest (click to search):"
                 if res.method == "evidence"

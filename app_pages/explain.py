@@ -192,11 +192,12 @@ if ws is not None:
             )
             for f in (files or [])[:MAX_UPLOADS]:
                 data = f.getvalue()
+                shown = views.escape_markdown(f.name)  # a visitor's file name is text, never markup
                 items.append(
                     (
                         f.file_id or f.name,
-                        f.name,
-                        lambda data=data, name=f.name: views.analyse_image(ws, data, name),
+                        shown,
+                        lambda data=data, name=shown: views.analyse_image(ws, data, name),
                     )
                 )
             if files and len(files) > MAX_UPLOADS:
@@ -229,6 +230,8 @@ if ws is not None:
         tabs = st.tabs([t for _, t, _ in items]) if len(items) > 1 else [st.container()]
         for (uid, title, make), tab in zip(items, tabs, strict=False):
             with tab:
+                if source == "Upload" and len(items) == 1:
+                    st.caption(f":material/image: {title}")
                 try:
                     a = _analysis(ws, uid, make)
                 except ImageLoadError as e:

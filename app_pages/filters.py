@@ -233,11 +233,12 @@ def grid(ws: views.Workspace) -> None:
         k = int(r["filter"])
         with cols[j % COLS].container(border=True):
             st.image(views.filter_card_image(ws, k), width="stretch")
-            label = r["label"] or "—"
+            label = views.escape_markdown(r["label"]) if r["label"] else "—"  # labels may come from captions
+            top_class = views.escape_html(r["top_class"])
             how = "dissection, IoU" if table.attrs.get("source", "").startswith("dissection") else "score"
             st.markdown(
                 f"**#{k}** · {label}"
-                + ("" if not r["label"] else f"  \n<small>{how} {r['score']:.2f} · {r['top_class']}</small>"),
+                + ("" if not r["label"] else f"  \n<small>{how} {r['score']:.2f} · {top_class}</small>"),
                 unsafe_allow_html=True,
             )
             st.button("Open", key=f"open_{k}", on_click=_open, args=(k,), width="stretch")

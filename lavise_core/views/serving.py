@@ -102,12 +102,14 @@ def build_token_ok(mode: ServeMode, given: str | None, env: Mapping[str, str] | 
     return bool(want) and hmac.compare_digest(want.encode(), (given or "").encode())
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>:$])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~:$])")  # what starts markup anywhere (<, > and & are HTML-escaped)
+_MD_LEADING = re.compile(r"^(\s*(?:\d+)?)([-+=.)])")  # what starts a list or a heading at the start
 
 
 def escape_markdown(text: object) -> str:
     """``text`` as literal text inside Streamlit markdown: HTML escaped, markdown syntax backslash-escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
+    out = _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
+    return _MD_LEADING.sub(lambda m: m.group(1) + "\\" + m.group(2), out)
 
 
 def escape_html(text: object) -> str:

@@ -55,7 +55,9 @@ def test_escape_markdown_keeps_the_text_literal() -> None:
     name = "<img src=x onerror=alert(1)>.png"
     out = escape_markdown(name)
     assert "<" not in out and ">" not in out
-    assert escape_markdown("**bold** [x](http://e)") == r"\*\*bold\*\* \[x\]\(http\://e\)"
+    assert escape_markdown("**bold** [x](http://e)") == r"\*\*bold\*\* \[x\](http\://e)"
+    assert escape_markdown("notes.txt") == "notes.txt"  # plain names stay as they are
+    assert escape_markdown("- 1. x") == r"\- 1. x" and escape_markdown("12. x") == r"12\. x"
     assert escape_html('"><script>') == "&quot;&gt;&lt;script&gt;"
 
 
