@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,4 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mode = "builds allowed" + (" with the token" if env[ENV_TOKEN_NEEDED] == "1" else "") if args.allow_build \
         else "read-only"  # fmt: skip
     print(f"serving {env['LAVISE_BUNDLES']} on http://{args.host}:{args.port} ({mode}); Ctrl-C stops it")
-    return subprocess.call(argv, env=env, cwd=APP.parent)
+    sys.stdout.flush()
+    os.chdir(APP.parent)
+    os.execve(argv[0], argv, env)  # Streamlit replaces this process: signals reach the server itself
