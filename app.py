@@ -7,6 +7,7 @@ Run with ``make demo`` or ``streamlit run app.py``. Pages live in ``app_pages/``
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,8 +16,12 @@ import streamlit as st
 
 from app_pages import _shared
 
+# a local favicon: a ":material/…" page icon is fetched from an external font host by the browser, and the
+# dashboard makes no request that leaves the machine (tests/app/test_browser.py checks every page)
 st.set_page_config(
-    page_title="lavise · what has this CNN learned?", page_icon=":material/neurology:", layout="wide"
+    page_title="lavise · what has this CNN learned?",
+    page_icon=str(Path(__file__).parent / "app_pages" / "favicon.png"),
+    layout="wide",
 )
 
 PAGES = [

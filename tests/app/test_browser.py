@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from app_bundles import ROOT, browser_bundles
@@ -36,6 +37,20 @@ ARGS = [
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 COLD_START_LIMIT_S = 5.0
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+#: every page of app.py and a text each shows once rendered, whatever stages the bundle has
+EVERY_PAGE = [
+    ("", "Filters in this layer"),
+    ("filters", "Filters of layer"),
+    ("filters?filter=3", "Where it fires"),
+    ("concepts", "Search a concept"),
+    ("explain", "Explain an image"),
+    ("classes", "Confusion matrix"),
+    ("dataset", "Bias findings"),
+    ("map", "A map of the data set"),
+    ("layers", "How is the network organised"),
+    ("evaluation", "The papers' numbers"),
+]
 
 
 def _free_port() -> int:
@@ -236,3 +251,72 @@ def test_two_sessions_on_different_filters(server, browser):
     assert b.get_by_role("heading", name="Filter 11").count() == 1
     _shot(a, "12_session_a_filter3")
     _shot(b, "13_session_b_filter11")
+
+
+def _click_map_dot(page, i: int = 3) -> None:
+    """Click the ``i``-th point of the map's first trace, at the pixel plotly drew it."""
+    x, y = page.evaluate(
+        """(i) => { const gd = document.querySelector('.js-plotly-plot'); const t = gd._fullData[0];
+        const box = gd.querySelector('.nsewdrag').getBoundingClientRect(); const L = gd._fullLayout;
+        return [box.left + L.xaxis.l2p(Number(t.x[i])), box.top + L.yaxis.l2p(Number(t.y[i]))]; }""",
+        i,
+    )
+    page.mouse.click(x, y)
+
+
+def test_click_a_map_dot(server, browser):
+    # Streamlit 1.67 returns a plotly-express point's customdata as {"0": i}: int() of it broke the page (issue 25)
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.goto(f"{server['url']}/map")
+    _settle(page, "A map of the data set")
+    if page.locator(".js-plotly-plot").count() == 0:
+        pytest.skip("this bundle has no map (the datamap stage): `make assets` builds it")
+    _click_map_dot(page)
+    _settle(page, "Its most active filters", timeout=30_000)
+    _no_exception(page)
+    assert "image=" in page.url
+    assert "Unexpected error" not in page.inner_text("body")
+    _shot(page, "14_map_dot_opened")
+
+
+def test_no_request_leaves_the_machine(server, browser):
+    """Every page, and its main controls (a concept query, an upload, a map dot), load only from this server:
+    no font host, no CDN, no favicon from elsewhere (the README: nothing is downloaded at run time)."""
+    import io
+
+    from lavise_core.data.samples import sample_photo
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    outside: list[str] = []
+
+    def record(request) -> None:
+        host = urlparse(request.url).hostname
+        if urlparse(request.url).scheme in ("http", "https", "ws", "wss") and host not in LOCAL_HOSTS:
+            outside.append(f"{page.url} -> {request.url}")
+
+    page.on("request", record)
+    for path, text in EVERY_PAGE:
+        page.goto(f"{server['url']}/{path}")
+        _settle(page, text)
+        _no_exception(page)
+    page.goto(f"{server['url']}/concepts")
+    _settle(page, "Search a concept")
+    box = page.get_by_role("textbox", name="Concept")
+    box.fill("red breast")
+    box.press("Enter")
+    _settle(page, "Where those filters fire")
+    page.goto(f"{server['url']}/explain")
+    _settle(page, "Upload one or more images")
+    buf = io.BytesIO()
+    sample_photo("chelsea").save(buf, format="PNG")
+    page.locator('input[type="file"]').set_input_files(
+        files=[{"name": "cat.png", "mimeType": "image/png", "buffer": buf.getvalue()}]
+    )
+    _settle(page, "Where does it look?")
+    page.goto(f"{server['url']}/map")
+    _settle(page, "A map of the data set")
+    if page.locator(".js-plotly-plot").count():
+        _click_map_dot(page)
+        _settle(page, "Its most active filters", timeout=30_000)
+    page.wait_for_timeout(1000)
+    assert not outside, "requests that left the machine:\n" + "\n".join(sorted(set(outside)))
