@@ -160,10 +160,15 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
     st.query_params["methods"] = views.methods_param(chosen) or views.DEFAULT_METHOD
     others = [c for c in ws.classes if c != predicted]
     other = st.selectbox("Compare with class", ["(runner-up)", *others], key=f"attr_other_{uid}")
-    view = views.where_it_looks(ws, a, chosen, None if other.startswith("(") else other)
+    other = None if other.startswith("(") else other
+    if len(chosen) > 2:  # several methods at once: heavy, bounded across sessions (busy = a message)
+        with views.heavy_slot("the attribution maps"):
+            view = views.where_it_looks(ws, a, chosen, other)
+    else:
+        view = views.where_it_looks(ws, a, chosen, other)
     st.image(view.legend, caption="0 → 1: " + view.scale_note, width=256)
     for n in view.notes:
-        st.caption(n)
+        st.caption(sh.public(n))  # no server path in front of a visitor
     for p in view.panels:
         cols = st.columns([2, 2, 3])
         for col, c in zip(cols, view.classes, strict=False):

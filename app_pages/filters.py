@@ -34,9 +34,10 @@ def featurevis_panel(ws: views.Workspace, k: int) -> None:
         st.caption("**What it wants** (feature visualisation): not precomputed for this bundle.")
         if st.button("Visualise this filter", key=f"fv_{k}", help="256 optimisation steps on this machine"):
             bar = st.progress(0.0, text="optimising the image…")
-            vis = views.compute_filter_visualisation(
-                ws, k, side=DETAIL_SIDE, report=lambda i, n: bar.progress(i / n, text=f"step {i} / {n}")
-            )
+            with sh.guard("the feature visualisation"):  # busy server: a message here, the page stays
+                vis = views.compute_filter_visualisation(
+                    ws, k, side=DETAIL_SIDE, report=lambda i, n: bar.progress(i / n, text=f"step {i} / {n}")
+                )
             bar.empty()
     if vis is not None:
         st.image(vis.image, width=DETAIL_SIDE, caption=f"what it wants · φ={vis.phi:.2f}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from lavise_core.views.serving import heavy_slot
 from lavise_core.views.workspace import LRUCache, Workspace
 
 __all__ = [
@@ -84,8 +85,9 @@ def compute_filter_visualisation(
     from lavise_core.explain.featurevis.visualisation import VisSettings, visualise
 
     ws.require_probe()
-    lm = ws.model()
-    v = visualise(lm, int(k), ws.bundle.layer, settings=VisSettings(steps=ON_DEMAND_STEPS), report=report)
+    with heavy_slot("this filter's visualisation"):  # bounded across sessions: busy = a message
+        lm = ws.model()
+        v = visualise(lm, int(k), ws.bundle.layer, settings=VisSettings(steps=ON_DEMAND_STEPS), report=report)
     top = np.asarray(ws.array("probe/top_value")[:, 0], np.float32)
     norm = v.activations[0] / np.maximum(top, 1e-6)
     others = float((norm.sum() - norm[k]) / max(len(norm) - 1, 1))
@@ -120,6 +122,7 @@ def invert_image(
     """Mahendran–Vedaldi inversion of ``image`` (what the network sees) from ``layer``'s map."""
     from lavise_core.explain.featurevis.inversion import invert
 
-    lm = ws.model()
-    inv = invert(lm, lm.preprocess(image), layer, steps=steps, report=report)
+    with heavy_slot("the inversion"):  # bounded across sessions: busy = a message, not a slowdown
+        lm = ws.model()
+        inv = invert(lm, lm.preprocess(image), layer, steps=steps, report=report)
     return InversionView(_png(inv.image, side), inv.relative_error, inv.baseline_error, inv.layer)

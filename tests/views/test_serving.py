@@ -81,3 +81,20 @@ def test_heavy_slot_refuses_at_once_when_full() -> None:
         pass
     assert issubclass(ServerBusy, ValueError)
     assert serving._slots() >= 1
+
+
+def test_heavy_views_say_busy_when_every_slot_is_taken(monkeypatch) -> None:
+    from lavise_core import views
+
+    full = threading.BoundedSemaphore(1)
+    full.acquire()
+    monkeypatch.setattr(serving, "_HEAVY", full)
+    with pytest.raises(ServerBusy, match="inversion"):
+        views.invert_image(None, None, "features")  # refused before any work (or model load) starts
+    with pytest.raises(ServerBusy, match="visualisation"):
+        views.compute_filter_visualisation(_NoProbe(), 0)
+
+
+class _NoProbe:
+    def require_probe(self) -> None:
+        pass
