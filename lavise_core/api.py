@@ -983,7 +983,11 @@ def _lend_words(
     order = registry.resolve(list(stages) if stages is not None else registry.defaults())
     facts = data_facts(ds)
     words = [s for s in order if s.words and (concepts is not None or missing_data(s, facts))]
-    words = [s for s in words if not bundle.stage_done(s.name)]
+    lent_from = {
+        s.name: bundle.manifest.get("stages", {}).get(s.name, {}).get("concept_bundle") for s in words
+    }
+    if concepts is None:
+        words = [s for s in words if not bundle.stage_done(s.name)]
     if not words:
         return {}
     cds = _open_concepts(concepts, ds)
@@ -994,6 +998,15 @@ def _lend_words(
     if not names:
         return {}
     cbundle = open_or_create_bundle(bundles, lm, cds, bundle.layer)
+    # another concept set asked for: what an earlier one lent (or the probe set made) is replaced
+    names = [n for n in names if not (bundle.stage_done(n) and lent_from[n] == str(cbundle.root))]
+    if not names:
+        return {}
+    with bundle.build_lock(lock_timeout):
+        for n in names:
+            for d in registry.downstream(n):
+                if bundle.stage_done(d.name) and (d.words or d.name == n):
+                    bundle.clear_stage(d.name)
     say = progress or (lambda event: None)
     say(BuildProgress(0.0, "concepts", f"words from the concept set '{cds.name}' ({cbundle.root.name})"))
     build_stages(

@@ -142,3 +142,25 @@ def test_a_concept_set_without_words_is_refused_in_plain_words(demo_root, tmp_pa
             "synthbirds", ds.root, stages=["dissection"], bundles=demo_root, concepts=tmp_path / "x"
         )
     assert json.loads((ds.root / "dataset.json").read_text())["name"] == "mine"
+
+
+def test_a_concept_set_the_model_cannot_read_fails_before_anything_is_lent(demo_root, tmp_path) -> None:
+    import lavise_core
+
+    src = ProbeDataset.open(ROOT / "data" / "synthbirds")
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "masks").mkdir()
+    for r in src.records[:6]:
+        (bad / r.path).write_bytes(b"not an image")
+        shutil.copy(src.root / r.mask, bad / r.mask)
+    write_dataset(
+        bad, name="bad", source="copy", classes=src.classes, records=src.records[:6], regions=src.regions
+    )
+    ds = plain_folder(tmp_path / "mine", n=8)
+    with pytest.raises(Exception, match="none of the 6 images"):
+        lavise_core.build("synthbirds", ds.root, stages=["dissection"], bundles=demo_root, concepts=bad)
+    for m in demo_root.glob("mine-*/bundle.json"):  # this folder's bundle got nothing lent
+        manifest = json.loads(m.read_text())
+        if Path(manifest["dataset"]["root"]).resolve() == ds.root.resolve():
+            assert "dissection" not in manifest.get("stages", {})
