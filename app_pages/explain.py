@@ -218,7 +218,7 @@ if ws is not None:
         else:
             ds = ws.dataset()
             if ds is None:
-                st.error(f"The probe set is unavailable: {ws.dataset_error()}")
+                st.error(sh.public(f"The probe set is unavailable: {ws.dataset_error()}"))
             else:
                 i = st.selectbox(
                     "Test image",
@@ -240,7 +240,7 @@ if ws is not None:
                 try:
                     a = _analysis(ws, uid, make)
                 except ImageLoadError as e:
-                    st.error(f"{title}: {e}")
+                    st.error(sh.public(f"{title}: {e}"))
                     continue
                 with sh.guard(f"explaining {title}"):
                     render(ws, a, uid)
