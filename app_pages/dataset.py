@@ -82,51 +82,30 @@ if ws is not None:
                 )
             elif not flagged and not refuted:
                 st.success("No class can be told from its background alone.")
-            st.dataframe(
-                {
-                    "class": [b["class"] for b in rep.bias],
-                    "background AUC": [
-                        None if b["background_auc"] is None else round(b["background_auc"], 3)
-                        for b in rep.bias
-                    ],
-                    "p-value": [
-                        None if b["background_p"] is None else f"{b['background_p']:.1e}" for b in rep.bias
-                    ],
-                    "flagged": [b["background_bias"] for b in rep.bias],
-                    "true top background share": [
-                        None if b["ground_truth_share"] is None else round(b["ground_truth_share"], 3)
-                        for b in rep.bias
-                    ],
-                    "dominant background": [b.get("dominant_background") for b in rep.bias],
-                    "off-object share": [
-                        None if b["off_object_share"] is None else round(b["off_object_share"], 3)
-                        for b in rep.bias
-                    ],
-                    "top concepts": [
-                        ", ".join(
-                            c["phrase"] + (" (off-object)" if c.get("off_object") else "")
-                            for c in b["concepts"][:4]
-                        )
-                        for b in rep.bias
-                    ],
-                },
-                hide_index=True,
-            )
-            st.caption(
-                "Off-object share: of the class's most important filters (by their contribution to its logit), "
-                "the share that fire less on the object than a uniform map would."
-            )
+            rows, note = views.bias_table(rep.bias)
+            st.dataframe(rows, hide_index=True, width="stretch", height=35 * (len(rows) + 1) + 3)
+            if note:
+                st.caption(note)
         else:
             st.info(rep.bias_note, icon=":material/construction:")
-        if rep.background is not None:
+        if rep.background_share is not None:
             st.subheader("Ground truth: background per class")
+            st.caption(
+                "Share of each class's images on each background, coloured on a fixed 0–100 % scale. With no "
+                f"bias every cell is near {rep.background_chance:.0f} % (one in {len(rep.background_names)}); "
+                "a class photographed mostly on one background shows one dark cell."
+            )
             fig = _class_heatmap(
-                rep.background,
+                rep.background_share,
                 rep.background_names,
                 rep.class_counts,
                 200,
                 colorscale="Oranges",
-                texttemplate="%{z}",
+                zmin=0,
+                zmax=100,
+                texttemplate="%{z:.0f} %",
+                hovertemplate="%{y}<br>%{x}: %{z:.0f} % of its images<extra></extra>",
+                colorbar={"title": "% of class", "ticksuffix": " %"},
             )
             st.plotly_chart(fig, width="stretch", key="bg")
         st.subheader("Concept frequencies per class")

@@ -10,7 +10,7 @@ import numpy as np
 from lavise_core.data.images import ImageLoadError
 from lavise_core.views.workspace import BIAS_CONFIRM_SHARE, StageMissing, Workspace, build_hint
 
-__all__ = ["DatasetReport", "background_views", "dataset_report"]
+__all__ = ["DatasetReport", "background_views", "bias_table", "dataset_report"]
 
 
 # =========================================================================== data set
@@ -27,6 +27,59 @@ class DatasetReport:
     spurious: dict | None  # the generator's switch, when the data set records it
     bias: list[dict] | None  # LaViSE dataset insight per class
     bias_note: str | None
+    background_share: np.ndarray | None = None  # (K, B) % of each class's images on each background
+
+    @property
+    def background_chance(self) -> float | None:
+        """The share (%) every cell of :attr:`background_share` would have with no class–background bias."""
+        return None if not self.background_names else 100.0 / len(self.background_names)
+
+
+def _shown(v: float | None, fmt: str) -> str:
+    return "—" if v is None or v != v else format(v, fmt)
+
+
+def bias_table(bias: list[dict]) -> tuple[list[dict], str | None]:
+    """The bias findings as table rows narrow enough for the page, and a sentence for what a column left out
+    would have said.
+
+    The off-object share (of a class's most important filters, the share that fire less on the object than a
+    uniform map would) is a column only where some class has one; where it is 0 for every class (the demo
+    CNN: every filter fires at least 1.8× more on the bird than a uniform map) one sentence says so instead
+    of a column of zeros. Missing values show as "—"."""
+    offs = [b.get("off_object_share") for b in bias]
+    measured = [v for v in offs if v is not None]
+    show_off = any(v > 0 for v in measured)
+    rows = []
+    for b in bias:
+        top = b.get("dominant_background")
+        share = b.get("ground_truth_share")
+        row = {
+            "class": b["class"],
+            "background AUC": _shown(b.get("background_auc"), ".2f"),
+            "p": _shown(b.get("background_p"), ".2g"),
+            "flagged": bool(b.get("background_bias")),
+            "commonest background": "—" if not top else f"{top} ({_shown(share, '.0%')})",
+        }
+        if show_off:
+            row["off-object share"] = _shown(b.get("off_object_share"), ".0%")
+        row["top concepts"] = ", ".join(
+            c["phrase"] + (" (off-object)" if c.get("off_object") else "") for c in b["concepts"][:3]
+        )
+        rows.append(row)
+    if show_off:
+        note = (
+            "Off-object share: of the class's most important filters (by their contribution to its logit), the "
+            "share that fire less on the object than a uniform map would."
+        )
+    elif measured:
+        note = (
+            "Every class's most important filters fire on the object itself (more than a uniform map would): "
+            "no class leans on off-object filters."
+        )
+    else:
+        note = None
+    return rows, note
 
 
 def background_views(ws: Workspace, ids: Sequence[int], size: int = 112) -> list[np.ndarray]:
@@ -97,7 +150,10 @@ def dataset_report(ws: Workspace, n_concepts: int = 20) -> DatasetReport:
                 b["confirmed"] = bool(b.get("background_bias")) and share >= BIAS_CONFIRM_SHARE
     # bias rows also carry ``ground_truth_share`` (the class's most common true background) and
     # ``confirmed`` (flagged and that share ≥ BIAS_CONFIRM_SHARE; flagged when no ground truth exists)
+    share = None
+    if bg is not None:
+        share = 100.0 * bg / np.maximum(bg.sum(1, keepdims=True), 1)
     return DatasetReport(
         ds.name, len(ds), [(ds.classes[c], int(counts[c])) for c in range(K)], freq, names, fnote,
-        bg, bg_names, spurious, bias, bnote,
+        bg, bg_names, spurious, bias, bnote, share,
     )  # fmt: skip

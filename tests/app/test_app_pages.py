@@ -244,8 +244,14 @@ def test_dataset_page_shows_spurious_switch_and_findings(monkeypatch, bundles):
     at = open_app(monkeypatch, bundles, "app_pages/dataset.py")
     assert any("spurious correlation" in w.value and "water" in w.value for w in at.warning)
     df = at.dataframe[0].value
-    assert len(df) == 12 and {"background AUC", "p-value", "flagged"} <= set(df.columns)
+    assert len(df) == 12 and {"background AUC", "p", "flagged"} <= set(df.columns)
     assert len(at.get("plotly_chart")) == 2  # backgrounds, concept frequencies
+    # issue 25: the background heatmap is coloured on a fixed 0–100 % scale (an auto scale made noise look
+    # like bias), and the caption says so and gives the chance level
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert (spec["zmin"], spec["zmax"]) == (0, 100)
+    assert any("fixed 0–100 % scale" in c.value and "(one in " in c.value for c in at.caption)
+    assert "None" not in df.astype(str).to_numpy() and "nan" not in df.astype(str).to_numpy()
 
 
 def test_dataset_page_probe_only(monkeypatch, bundles):

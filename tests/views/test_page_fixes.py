@@ -74,3 +74,20 @@ def test_the_layers_page_names_the_explained_layer_as_every_other_page(tmp_path)
     assert v.layers == ["features.17", "features"] and "`features`: 2 of 4 units" in v.sentences[1]
     assert "features.20" not in json.dumps([v.rows, v.sentences])
     assert views.layer_units(ws, "features") == views.layer_units(ws, "features.20")  # old links still work
+
+
+def test_the_bias_table_fits_and_drops_a_column_of_zeros() -> None:
+    def cls(name: str, off: float | None) -> dict:
+        return {"class": name, "background_auc": 0.51, "background_p": 0.35, "background_bias": False,
+                "dominant_background": "sand", "ground_truth_share": 0.16, "off_object_share": off,
+                "concepts": [{"phrase": p, "off_object": False} for p in ("red wing", "red breast", "wing", "tail")]}  # fmt: skip
+
+    rows, note = views.bias_table([cls("a", 0.0), cls("b", 0.0)])  # the demo: every filter fires on the bird
+    assert "off-object share" not in rows[0] and "no class leans on off-object filters" in note
+    assert rows[0]["commonest background"] == "sand (16%)" and rows[0]["top concepts"].count(",") == 2
+    assert len(rows[0]) <= 6  # narrow enough for the page
+    rows, note = views.bias_table([cls("a", 0.25), cls("b", None)])
+    assert rows[0]["off-object share"] == "25%" and rows[1]["off-object share"] == "—"
+    assert note.startswith("Off-object share:")
+    assert "None" not in str(views.bias_table([{**cls("c", None), "background_auc": None, "background_p": None,
+                                                "dominant_background": None}])[0])  # fmt: skip
