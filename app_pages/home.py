@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import html
-
 import streamlit as st
 
 from app_pages import _overview_extras as _extras
 from app_pages import _shared as sh
 from lavise_core import views
-
-
-def word_cloud(words: list[tuple[str, int, float]], confident: float | None) -> str:
-    """Words sized by filter count (HTML, no chart library: the overview stays light to load)."""
-    top = max(n for _, n, _ in words)
-    spans = []
-    for i, (w, n, score) in enumerate(words):
-        size = 0.9 + 1.5 * (n / top) ** 0.7
-        strong = confident is None or score >= confident
-        color = f"hsl({(i * 47) % 360}, 60%, {30 if strong else 55}%)"
-        tip = f"{w}: best label of {n} filter{'s' * (n != 1)}, mean score {score:.2f}"
-        spans.append(
-            f'<span title="{html.escape(tip)}" style="font-size:{size:.2f}rem;color:{color};'
-            f'font-weight:{600 if strong else 400};margin:0 .55rem;white-space:nowrap;line-height:1.6">'
-            f"{html.escape(w)}</span>"
-        )
-    return (
-        '<div style="text-align:center;padding:.4rem 0;font-family:sans-serif">' + " ".join(spans) + "</div>"
-    )
-
 
 st.title("What has this network learned?")
 
@@ -85,9 +63,10 @@ if ws is not None:
             st.subheader("The concepts this layer detects")
             st.caption(
                 f"Each word labels one or more filters ({ov.label_source}); bigger = more filters. "
-                "Hover a word for its count and mean label score; dark = confident, pale = tentative."
+                "A word naming a colour is shown in that colour. Hover a word for its count and mean label "
+                "score; bold = confident, faded = tentative."
             )
-            st.html(word_cloud(ov.words[:45], ov.confident_score))
+            st.html(views.word_cloud_html(ov.words[:45], ov.confident_score))
 
 if ws is not None:
     _extras.export_section(ws)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,7 +19,9 @@ from lavise_core.views.workspace import (
     model_label,
 )
 
-__all__ = ["Overview", "confident_rule_short", "overview"]
+__all__ = ["Overview", "confident_rule_short", "overview", "word_cloud_html", "word_colour"]
+
+NEUTRAL = "#57534e"  # the colour of a word that names no colour
 
 
 # =========================================================================== overview
@@ -126,4 +129,53 @@ def overview(ws: Workspace) -> Overview:
         label_source=shown.where,
         confident_score=CONFIDENT_SCORE if source == SOURCE_ZERO_SHOT else None,
         class_note=bundle_class_note(ws),
+    )
+
+
+def word_colour(phrase: str) -> str | None:
+    """The CSS colour (``#rrggbb``) of the colour a phrase names, or ``None`` when it names none: "red breast"
+    is red, "yellow breast" yellow, "spotted wing" ``None``. The longest colour name in the phrase wins
+    ("light blue crown" is light blue); names and their sRGB are the lexicon's (XKCD survey + CSS4)."""
+    from lavise_core.explain.dissection.lexicon import COLOUR_TABLE
+
+    words = phrase.lower().replace("-", " ").split()
+    for n in range(min(3, len(words)), 0, -1):
+        for i in range(len(words) - n + 1):
+            rgb = COLOUR_TABLE.get(" ".join(words[i : i + n]))
+            if rgb is not None:
+                return "#{:02x}{:02x}{:02x}".format(*rgb)
+    return None
+
+
+def _lightness(css: str) -> float:
+    from lavise_core.explain.dissection.lexicon import srgb_to_lab
+
+    rgb = np.array([[int(css[j : j + 2], 16) for j in (1, 3, 5)]], np.float64)  # 0..255
+    return float(srgb_to_lab(rgb)[0, 0])
+
+
+def word_cloud_html(words: list[tuple[str, int, float]], confident: float | None) -> str:
+    """The overview's word map as HTML (no chart library: the overview stays light to load): words sized by how
+    many filters they label, each in the colour it names (:func:`word_colour`; neutral when it names none, a
+    light colour such as white or yellow on a dark chip so it stays readable); tentative words are thinner
+    and faded."""
+    if not words:
+        return ""
+    top = max(n for _, n, _ in words)
+    spans = []
+    for w, n, score in words:
+        size = 0.9 + 1.5 * (n / top) ** 0.7
+        strong = confident is None or score >= confident
+        colour = word_colour(w)
+        chip = ""
+        if colour is not None and _lightness(colour) > 80:
+            chip = "background:#44403c;border-radius:.35rem;padding:0 .3rem;"
+        tip = f"{w}: best label of {n} filter{'s' * (n != 1)}, mean score {score:.2f}"
+        spans.append(
+            f'<span title="{html.escape(tip)}" style="font-size:{size:.2f}rem;color:{colour or NEUTRAL};{chip}'
+            f"font-weight:{600 if strong else 400};opacity:{1 if strong else 0.6};margin:0 .55rem;"
+            f'white-space:nowrap;line-height:1.6">{html.escape(w)}</span>'
+        )
+    return (
+        '<div style="text-align:center;padding:.4rem 0;font-family:sans-serif">' + " ".join(spans) + "</div>"
     )

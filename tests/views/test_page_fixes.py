@@ -91,3 +91,18 @@ def test_the_bias_table_fits_and_drops_a_column_of_zeros() -> None:
     assert note.startswith("Off-object share:")
     assert "None" not in str(views.bias_table([{**cls("c", None), "background_auc": None, "background_p": None,
                                                 "dominant_background": None}])[0])  # fmt: skip
+
+
+def test_the_word_cloud_colours_a_word_by_the_colour_it_names() -> None:
+    # "red breast" was olive and "yellow breast" navy: colours went by position, not meaning (issue 25)
+    assert views.word_colour("red breast") == "#e50000"  # the lexicon's (XKCD) red
+    assert views.word_colour("yellow breast") == "#ffff14"
+    assert views.word_colour("light blue crown") == views.word_colour("light blue")  # the longest name wins
+    assert views.word_colour("spotted wing") is None and views.word_colour("wing") is None
+    html = views.word_cloud_html(
+        [("red breast", 13, 0.2), ("white breast", 2, 0.1), ("spotted wing", 6, 0.01)], 0.05
+    )
+    red, white, spotted = html.split("</span>")[:3]
+    assert "color:#e50000" in red and "font-weight:600" in red
+    assert "color:#ffffff" in white and "background:" in white  # a light colour sits on a dark chip
+    assert f"color:{views.home.NEUTRAL}" in spotted and "opacity:0.6" in spotted  # no colour named; tentative
