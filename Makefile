@@ -62,6 +62,7 @@ bench: assets
 	$(BIN)/python bench/gpu_probe.py
 	$(BIN)/python bench/attribution.py
 	$(BIN)/python bench/featurevis.py
+	$(BIN)/python bench/serve_load.py
 
 clean-data:
 	rm -rf data/bundles data/cache
