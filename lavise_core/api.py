@@ -507,7 +507,7 @@ class Explainer:
         """The name of the data set ``stage``'s words were measured on: the concept set that lent them, or the
         bundle's own probe set."""
         info = self.bundle.manifest.get("stages", {}).get(stage, {})
-        return str(info.get("concepts") or self.bundle.manifest.get("dataset", {}).get("name", ""))
+        return str(info.get("concept_set") or self.bundle.manifest.get("dataset", {}).get("name", ""))
 
     def _compute_shown_labels(self) -> ShownLabels:
         from lavise_core.explain.dissection.labels import IOU_MIN
@@ -1019,7 +1019,7 @@ def _lend_words(
             s = registry[name]
             if cbundle.stage_done(name):
                 bundle.borrow_stage(
-                    cbundle, name, s.files, s.parts, concepts=cds.name, concept_bundle=str(cbundle.root)
+                    cbundle, name, s.files, s.parts, concept_set=cds.name, concept_bundle=str(cbundle.root)
                 )
                 out[name] = f"from the concept set '{cds.name}'"
     return out

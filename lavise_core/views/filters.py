@@ -238,5 +238,5 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         dnote = str(e)
     return FilterDetail(
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
-        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, label_accuracy(ws), shown.concepts,
+        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, accuracy=label_accuracy(ws), label_concepts=shown.concepts,
     )  # fmt: skip

@@ -79,3 +79,12 @@ def test_the_stage_skips_without_dissection(identity_model, colour_dataset, tmp_
     b = open_or_create_bundle(tmp_path / "bundles", identity_model, colour_dataset)
     out = build_sentences_stage(b, colour_dataset, identity_model)
     assert "no Network Dissection labels" in out["skipped"]
+
+
+def test_the_filter_card_says_where_its_word_comes_from_and_how_often_such_words_are_right(demo) -> None:
+    from lavise_core import views
+
+    d = views.filter_detail(views.Workspace(demo.bundle), 17)
+    assert d.label_source == "dissection" and d.label_concepts == "SynthBirds" and d.label
+    assert set(d.accuracy) == {"dissection", "zero_shot", "pdf", "random"}
+    assert d.accuracy["dissection"] > d.accuracy["zero_shot"] > d.accuracy["random"]

@@ -95,7 +95,7 @@ def test_a_plain_folder_borrows_its_words_from_the_concept_set(demo_root, tmp_pa
     built = ex.built
     for s in ("textual", "dissection", "lavise", "evidence"):
         assert built[s] == "from the concept set 'SynthBirds'", (s, built[s])
-        assert ex.bundle.manifest["stages"][s]["concepts"] == "SynthBirds"
+        assert ex.bundle.manifest["stages"][s]["concept_set"] == "SynthBirds"
     assert built["probe"] == "built" and built["ood"] == "built"
     assert (
         built["oramas_eval"].startswith("not built: oramas_eval")
