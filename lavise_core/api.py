@@ -431,9 +431,13 @@ class Explainer:
                 f"the attribute detectors come from the concept set '{self.concept_set('evidence')}', whose classes "
                 "are not this network's: class descriptions need a concept set annotated with the network's classes"
             )
-        return describe_class(
-            det, self.classes, self.classes.index(name), rate, np.asarray(self.class_weight())
+        support = (
+            self.bundle.array("evidence/class_support") if self.bundle.has("evidence/class_support") else None
         )
+        return describe_class(
+            det, self.classes, self.classes.index(name), rate, np.asarray(self.class_weight()),
+            support=None if support is None else np.asarray(support),
+        )  # fmt: skip
 
     def lavise(self):
         """The :class:`~lavise_core.explain.lavise.explainer.LaviseExplainer`, or raise :class:`StageMissing`."""

@@ -54,6 +54,10 @@ __all__ = [
 
 STAGE = "evidence"
 RESULT_NAME = "eval/sentences"
+#: a network with classes of its own: a class is described when this many fit images are classified as it, and
+#: a contrast pair is judged when each class has this many test images
+DESCRIBE_MIN_IMAGES = 5
+CONTRAST_MIN_IMAGES = 5
 
 
 def measured_filters(bundle) -> np.ndarray:
@@ -207,26 +211,36 @@ def build_sentences_stage(
     bundle.write_array(f"{PREFIX}/features", features)
     labels = dataset.labels()
     predicted = logits.argmax(1)
-    classes = list(dataset.classes)
+    classes = list(lm.class_names)
     K = len(classes)
+    # a network trained on the data set's classes is judged on its correctly classified images; any other
+    # (an ImageNet network on SynthBirds) on every test image, its classes grouped by what it predicts
+    own_classes = classes == list(dataset.classes)
+    group = labels if own_classes else predicted
     weight = np.asarray(bundle.array("probe/classifier_weight"), np.float32)
     A = [vocab.index(t) for t in det.concepts]
-    class_frequency = np.stack([truth[fit][labels[fit] == c][:, A].mean(0) for c in range(K)])
-    rate = class_statistics(det, features, labels, predicted, fit, K)
+    support = np.bincount(predicted[fit][group[fit] == predicted[fit]], minlength=K)
+    overall = truth[fit].mean(0)
+    freq_all = np.stack(
+        [truth[fit][group[fit] == c].mean(0) if (group[fit] == c).any() else overall for c in range(K)]
+    )
+    class_frequency = freq_all[:, A]
+    rate = class_statistics(det, features, group, predicted, fit, K)
     bundle.write_array(f"{PREFIX}/class_frequency", class_frequency.astype(np.float32))
     bundle.write_array(f"{PREFIX}/detection_rate", rate.astype(np.float32))
+    bundle.write_array(f"{PREFIX}/class_support", support.astype(np.int32))
 
     say(1, 3, "measuring the sentences on the test split")
-    right = test[predicted[test] == labels[test]]
+    right = test[predicted[test] == labels[test]] if own_classes else test
     truth_sets = [{vocab[j] for j in np.flatnonzero(truth[i])} for i in right]
     ours = [
         [a.phrase for a in evidence_explanation(det, features[i], "", weight[predicted[i]]).attributes]
         for i in right
     ]
-    freq_all = np.stack([truth[fit][labels[fit] == c].mean(0) for c in range(K)])
     frequent = [[vocab[j] for j in np.argsort(-freq_all[predicted[i]], kind="stable")[:5]] for i in right]
     res: dict[str, Any] = {
-        "split": "test, correctly classified",
+        "split": "test, correctly classified" if own_classes else "test, every image",
+        "network_classes": "the data set's" if own_classes else f"its own ({K}), grouped by prediction",
         "images": len(right),
         "detectors": len(det.concepts),
         "attributes_annotated": len(vocab),
@@ -253,18 +267,18 @@ def build_sentences_stage(
     )
 
     # contrast with the two nearest classes (by detection rate), judged on the test annotations
-    test_freq = np.stack(
-        [
-            truth[test][labels[test] == c][:, A].mean(0) if (labels[test] == c).any() else np.zeros(len(A))
-            for c in range(K)
-        ]
-    )
+    test_group = [test[group[test] == c] for c in range(K)]
+    test_freq = np.stack([truth[r][:, A].mean(0) if len(r) else np.zeros(len(A)) for r in test_group])
+    judged = np.array([len(r) >= (1 if own_classes else CONTRAST_MIN_IMAGES) for r in test_group])
     pairs = named_pairs = good = 0
     for i in sample[:contrast_images]:
         a = int(predicted[i])
         dist = np.abs(rate - rate[a]).sum(1)
         dist[a] = np.inf
+        dist[support == 0] = np.inf
         for b in np.argsort(dist, kind="stable")[:2]:
+            if not (np.isfinite(dist[b]) and judged[a] and judged[b]):
+                continue
             _, pro, con = evidence_contrast(det, features[i], classes, a, int(b), weight, class_frequency)
             pairs += 1
             named = [det.concepts.index(t) for t in pro + con]
@@ -277,19 +291,22 @@ def build_sentences_stage(
         "differ": good / named_pairs if named_pairs else None,
     }
 
-    descriptions = [describe_class(det, classes, c, rate, weight) for c in range(K)]
+    described = [c for c in range(K) if own_classes or support[c] >= DESCRIBE_MIN_IMAGES]
+    descriptions = [describe_class(det, classes, c, rate, weight, support=support) for c in described]
     res["descriptions"] = {
-        "classes": K,
+        "classes": len(described),
         "distinct": len({d.sentence for d in descriptions}),
         "sentences": {d.class_name: d.sentence for d in descriptions},
     }
-    if dataset.source == "synthbirds":
+    if dataset.source == "synthbirds" and own_classes:
         from lavise_core.data.synthbirds import NAME_ATTRIBUTES as name_attributes
 
+        by_name = {d.class_name: d for d in descriptions}
         named = [
-            cls for cls, attr in name_attributes.items()
-            if cls in classes and attr in (descriptions[classes.index(cls)].distinct + descriptions[classes.index(cls)].shared)
-        ]  # fmt: skip
+            cls
+            for cls, attr in name_attributes.items()
+            if cls in by_name and attr in by_name[cls].distinct + by_name[cls].shared
+        ]
         res["descriptions"]["name_attribute"] = len(named)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     bundle.write_json(RESULT_NAME, res)

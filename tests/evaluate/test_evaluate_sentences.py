@@ -72,6 +72,35 @@ def test_describe_class_names_the_attribute_in_its_name(demo) -> None:
         demo.describe_class("penguin")
 
 
+def test_a_network_with_classes_of_its_own_is_judged_on_every_test_image(demo, tmp_path) -> None:
+    """An ImageNet network on SynthBirds has classes the data set does not: every test image is judged, and the
+    class statistics group images by the network's prediction (a hard-linked copy of the demo bundle; every write
+    replaces a file, so the original is untouched)."""
+    import dataclasses
+    import os
+    import shutil
+
+    from lavise_core.data.dataset import ProbeDataset
+    from lavise_core.evaluate.sentences import build_sentences_stage
+    from lavise_core.pipeline.bundle import Bundle
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo.bundle.root, root, copy_function=os.link)
+    ds = ProbeDataset.open(demo.bundle.manifest["dataset"]["root"])
+    lm = demo.model()
+    own = dataclasses.replace(lm, class_names=[f"kind {i}" for i in range(len(lm.class_names))])
+    b = Bundle.open(root, writable=True)
+    build_sentences_stage(b, ds, own, faithfulness_images=4, contrast_images=40)
+    r = b.read_json("eval/sentences")
+    test = int((ds.splits() == "test").sum())
+    assert r["split"] == "test, every image" and r["images"] == test
+    assert r["evidence"]["stated_true"] > r["baseline_frequent"]["stated_true"]
+    support = np.asarray(b.array("evidence/class_support"))
+    assert support.shape == (12,) and support.sum() == len(ds) - test
+    assert "name_attribute" not in r["descriptions"] and r["descriptions"]["classes"] == 12
+    assert demo.bundle.read_json("eval/sentences")["split"] == "test, correctly classified"
+
+
 def test_the_stage_skips_without_dissection(identity_model, colour_dataset, tmp_path) -> None:
     from lavise_core.evaluate.sentences import build_sentences_stage
     from lavise_core.pipeline.probe import open_or_create_bundle

@@ -411,6 +411,7 @@ def describe_class(
     typical: float = 0.6,
     differ: float = 0.5,
     top: int = 5,
+    support: np.ndarray | None = None,
 ) -> ClassDescription:
     """The description of class ``c``.
 
@@ -418,18 +419,35 @@ def describe_class(
         detection_rate: ``(K, A)`` share of each class's correctly classified fit images on which the detector
             finds the attribute (the network's evidence, not the annotations).
         weight: ``(K, C)`` classifier weights; the nearest classes are those whose detection rates are closest.
+        support: ``(K,)`` fit images behind each row of ``detection_rate`` (None: every class has some). A class
+            without images has no description and is never anyone's nearest class.
     """
     rate = np.asarray(detection_rate, np.float64)
+    name = class_names[c]
+    if support is not None and support[c] == 0:
+        return ClassDescription(
+            name, f"No probe image is classified as {name}, so there is no evidence of what it looks like.",
+            [], [], [],
+        )  # fmt: skip
     dist = np.abs(rate - rate[c]).sum(1)
     dist[c] = np.inf
-    nearest = [int(j) for j in np.argsort(dist, kind="stable")[:n_nearest]]
+    if support is not None:
+        dist[np.asarray(support) == 0] = np.inf
+    nearest = [int(j) for j in np.argsort(dist, kind="stable")[:n_nearest] if np.isfinite(dist[j])]
     mine = np.flatnonzero(rate[c] >= typical)
+    if not nearest:  # no other class to compare with
+        shared = [det.concepts[t] for t in mine[np.argsort(-rate[c, mine], kind="stable")][:top]]
+        sentence = (
+            f"{article(name).capitalize()} {name} has {join_items(merge_phrases(shared))}."
+            if shared else f"No attribute is detected on most {name} images."
+        )  # fmt: skip
+        return ClassDescription(name, sentence, [], shared, [])
     gap = rate[c, mine] - rate[nearest[0], mine]  # what sets it apart from its nearest class
     order = np.lexsort((-rate[c, mine], -(rate[c, mine] - rate[nearest][:, mine].mean(0)), -gap))
     distinct = [det.concepts[mine[i]] for i in order if gap[i] >= differ]
     shared = [det.concepts[mine[i]] for i in order if gap[i] < differ]
     distinct, shared = distinct[:top], shared[: max(0, top - len(distinct))]
-    name, near = class_names[c], class_names[nearest[0]]
+    near = class_names[nearest[0]]
     if distinct:
         sentence = f"{article(name).capitalize()} {name} has {join_items(merge_phrases(distinct))}, unlike the {near}"
         sentence += f"; like it, it has {join_items(merge_phrases(shared))}." if shared else "."

@@ -330,8 +330,19 @@ _MASS_NOUNS = {"plumage", "coloring", "colouring", "color", "colour", "fur", "ha
 _IRREGULAR_PLURALS = {"foot": "feet", "tarsus": "tarsi"}
 
 
+#: vowel letters read as "you" or "one" (a European gallinule, a unicycle, a one-way sign) and a silent h (an hour)
+_A_BEFORE = ("eu", "uni", "use", "usu", "ute", "one", "once")
+_AN_BEFORE = ("hour", "honest", "honour", "honor", "heir")
+
+
 def article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    """The article before ``word`` ("a" or "an"), by its sound where the first letter misleads."""
+    w = word.lower()
+    if w.startswith(_AN_BEFORE):
+        return "an"
+    if w.startswith(_A_BEFORE):
+        return "a"
+    return "an" if w[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def _plural(noun: str) -> str:

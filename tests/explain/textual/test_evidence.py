@@ -122,6 +122,28 @@ def test_class_description_puts_what_sets_it_apart_first() -> None:
     assert other.sentence != d.sentence and other.distinct == ["purple breast"]
 
 
+def test_a_class_without_images_is_not_described_and_is_nobodys_nearest() -> None:
+    """A network with classes of its own (ImageNet on SynthBirds): rows without fit images carry no evidence."""
+    det = hand_built(["red breast", "purple breast", "brown wing", "spotted wing"], C=4)
+    classes = ["crimson-breasted robin", "violet-breasted robin", "spotted-wing thrush"]
+    rate = np.array([[0.9, 0.0, 0.95, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.2, 0.9]])
+    support = np.array([40, 0, 25])
+    d = describe_class(det, classes, 0, rate, np.zeros((3, 4)), support=support)
+    assert d.nearest == ["spotted-wing thrush"] and d.distinct == ["red breast", "brown wing"]
+    assert (
+        d.sentence
+        == "A crimson-breasted robin has a red breast and brown wings, unlike the spotted-wing thrush."
+    )
+    none = describe_class(det, classes, 1, rate, np.zeros((3, 4)), support=support)
+    assert (
+        none.sentence.startswith("No probe image is classified as violet-breasted robin") and not none.nearest
+    )
+    alone = describe_class(det, classes, 0, rate, np.zeros((3, 4)), support=np.array([40, 0, 0]))
+    assert (
+        alone.sentence == "A crimson-breasted robin has brown wings and a red breast." and not alone.nearest
+    )
+
+
 def test_fit_finds_a_planted_attribute_and_refuses_an_unreadable_one() -> None:
     rng = np.random.default_rng(0)
     N, C = 600, 6

@@ -11,6 +11,7 @@ from lavise_core.explain.textual.attributes import AttributeTable
 from lavise_core.explain.textual.explainer import (
     TextualError,
     TextualExplainer,
+    article,
     class_descriptions,
     contrastive_explanation,
     debug_misclassified,
@@ -328,3 +329,14 @@ def test_textual_explainer_ground_weighting() -> None:
     np.testing.assert_allclose(ex.grounding_weights([0, 2]), [[0, 0], [1, 1]], atol=1e-6)
     with pytest.raises(TextualError, match="weighting"):
         ex.ground(maps, "red crown", weighting="bayes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("European gallinule", "a"), ("unicycle", "a"), ("umbrella", "an"), ("hour glass", "an"),
+        ("hornbill", "a"), ("emerald sunbird", "an"), ("one-way sign", "a"), ("ostrich", "an"),
+    ],
+)  # fmt: skip
+def test_the_article_follows_the_sound_not_the_letter(word, expected):
+    assert article(word) == expected
