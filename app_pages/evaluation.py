@@ -52,11 +52,22 @@ if ws is not None:
     with sh.guard("the Evaluation page"):
         rep = views.evaluation_report(ws)
         for name, obj in rep.sections.items():
-            st.subheader(TITLES.get(name, name))
+            title = TITLES.get(name, name)
+            # a network with classes of its own is judged on every test image
+            if name == "sentences" and obj.get("split") == "test, every image":
+                title = "Is the sentence about an image right? (every held-out test image)"
+            st.subheader(title)
             if name == "sentences":
-                st.dataframe(views.sentence_rows(obj), hide_index=True, key="sentence_rows")
+                st.dataframe(
+                    views.sentence_rows(obj), hide_index=True, key="sentence_rows",
+                    column_config={
+                        "measure": st.column_config.TextColumn(width="large"),
+                        **{c: st.column_config.TextColumn(width="small") for c in views.SENTENCE_COLUMNS[1:]},
+                    },
+                )  # fmt: skip
                 st.caption(
-                    f"{obj.get('images', 0)} test images; the sentence names attributes found by "
+                    f"{obj.get('images', 0)} images ({obj.get('split', 'test, correctly classified')}; "
+                    f"classes: {obj.get('network_classes', 'the data set’s')}); the sentence names attributes found by "
                     f"{obj.get('detectors', 0)} attribute detectors read off the filters whose labels are measured "
                     "(a sentence names fewer, and says so, when fewer are confirmed). Baselines: the five attributes "
                     "most frequent in the predicted class, and Guo et al.'s p.d.f. sentence, which stays available "

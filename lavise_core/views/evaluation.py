@@ -9,7 +9,9 @@ from typing import Any
 from lavise_core.views.workspace import PAPER_NUMBERS, Workspace, build_hint
 
 __all__ = [
+    "SENTENCE_COLUMNS",
     "EvaluationReport",
+    "contrast_cell",
     "evaluation_headlines",
     "evaluation_report",
     "flatten_tables",
@@ -117,6 +119,14 @@ def evaluation_headlines(name: str, obj: dict) -> list[dict[str, Any]]:
         row("Is a filter's label right? (% of filters whose label is among the concepts its top test images "
             "show; Network Dissection labels)", pct("labels", "dissection"), pct("labels", "random_concept"),
             "a random concept", target=90)  # fmt: skip
+        labelled, filters = (
+            _path(obj, "labels", "dissection_labelled_filters"),
+            _path(obj, "labels", "filters"),
+        )
+        if labelled is not None and filters and labelled < 0.9 * filters:  # most filters carry no label
+            row(f"…of the {labelled} filters of {filters} that carry a dissection label (the others carry none)",
+                pct("labels", "dissection_among_labelled"), pct("labels", "random_concept"), "a random concept",
+                target=90)  # fmt: skip
         row("…with zero-shot labels (LaViSE: no annotation used, what data without masks gets)",
             pct("labels", "zero_shot"), pct("labels", "random_concept"), "a random concept", target=60)  # fmt: skip
         for key, what, target in (
@@ -211,6 +221,25 @@ def flatten_tables(obj: Any, prefix: str = "") -> list[tuple[str, list[dict]]]:
     return out
 
 
+#: the columns of :func:`sentence_rows`
+SENTENCE_COLUMNS = (
+    "measure",
+    "evidence (default)",
+    "class's frequent attributes",
+    "Guo et al. (eq. 5–6)",
+    "target",
+)
+
+
+def contrast_cell(contrast: dict) -> str:
+    """The "why not" cell: the share of pairs whose named attributes differ, or why there is none."""
+    if contrast.get("differ") is not None:
+        return f"{contrast['differ']:.1%}"
+    if contrast.get("pairs"):
+        return f"none ({contrast['pairs']} pairs)"
+    return "—"
+
+
 def sentence_rows(obj: dict) -> list[dict[str, Any]]:
     """The sentence measures (``eval/sentences.json``): ours beside its two baselines and the target, one row each."""
 
@@ -233,11 +262,11 @@ def sentence_rows(obj: dict) -> list[dict[str, Any]]:
         {"measure": "attributes per sentence", "evidence (default)": num("evidence", "mean_attributes"),
          "class's frequent attributes": num("baseline_frequent", "mean_attributes"),
          "Guo et al. (eq. 5–6)": num("baseline_guo", "mean_attributes"), "target": "≥ 3"},
-        {"measure": "deleting the grounded region lowers the class score more than a random bird region",
+        {"measure": "deleting the grounded region lowers the score more than a random one",
          "evidence (default)": "—" if f.get("lower_than_random") is None else f"{f['lower_than_random']:.1%}",
          "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "≥ 90 %"},
         {"measure": "“why not” pairs whose named attributes really differ between the classes",
-         "evidence (default)": "—" if c.get("differ") is None else f"{c['differ']:.1%}",
+         "evidence (default)": contrast_cell(c),
          "class's frequent attributes": "—", "Guo et al. (eq. 5–6)": "—", "target": "≥ 90 %"},
         {"measure": "class descriptions that differ from each other",
          "evidence (default)": f"{d.get('distinct', 0)} of {d.get('classes', 0)}",

@@ -253,3 +253,26 @@ def test_probe_images_deleted_after_the_build_leave_the_pages_working(tmp_path):
     assert thumb.size == (64, 64) and thumb.getpixel((1, 1)) == (235, 235, 235)  # the grey placeholder
     detail = views.filter_detail(ws, 0, n_images=2, side=64)
     assert [t[1] for t in detail.top_images] == [0, 1] and all(len(t[0]) > 0 for t in detail.top_images)
+
+
+def test_the_why_not_row_says_why_it_has_no_share():
+    from lavise_core.views.evaluation import sentence_rows
+
+    def why_not(contrast):
+        rows = sentence_rows({"contrast": contrast})
+        return next(r["evidence (default)"] for r in rows if r["measure"].startswith("“why not”"))
+
+    assert why_not({"differ": 0.925, "named_something": 1.0, "pairs": 40}) == "92.5%"
+    assert why_not({"differ": None, "named_something": 0.0, "pairs": 41}) == "none (41 pairs)"
+    assert why_not({}) == "—"
+
+
+def test_a_layer_where_few_filters_carry_a_label_gets_their_accuracy_beside_the_share_of_all():
+    labels = {"dissection": 0.032, "dissection_among_labelled": 0.872, "dissection_labelled_filters": 47,
+              "filters": 1280, "random_concept": 0.04, "zero_shot": 0.33}  # fmt: skip
+    rows = views.evaluation_headlines("fidelity", {"labels": labels})
+    assert [r["ours"] for r in rows[:3]] == [3.2, 87.2, 33.0]
+    assert rows[1]["question"].startswith("…of the 47 filters of 1280 that carry a dissection label")
+    assert rows[1]["verdict"] == "better than the baseline; target 90 missed"
+    demo = views.evaluation_headlines("fidelity", {"labels": {**labels, "dissection_labelled_filters": 1200}})
+    assert not any("carry a dissection label" in r["question"] for r in demo)
