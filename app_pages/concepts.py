@@ -85,9 +85,17 @@ if ws is not None:
                 )
                 st.subheader("Where those filters fire")
                 st.caption(
-                    "The images these filters respond to most; coloured = where they fire together "
-                    "(grounding heatmap Σ_k w_k A_k(x), yellow = strongest). The number is the image's match score."
+                    "The images these filters respond to most. The white outline marks where they fire together; "
+                    "the image keeps its own colours, so you can check the concept by eye. The number is how "
+                    "strongly they fire on the image (higher = stronger)."
                 )
+                with st.expander("How this is computed"):
+                    st.markdown(
+                        "Grounding map Σ_k w_k A_k(x) over the filters above (each map A_k divided by its maximum, "
+                        "w_k the filter's weight for the concept), upsampled to the image; the outline encloses "
+                        f"where it reaches {views.GROUNDING_LEVEL:.0%} of its maximum on that image. The number under an "
+                        "image is Σ_k w_k φ_k(x) / max φ_k, φ_k(x) being filter k's mean activation on it."
+                    )
                 if res.images:
                     st.image(
                         [im for im, *_ in res.images],

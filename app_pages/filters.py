@@ -64,16 +64,25 @@ def detail(ws: views.Workspace, k: int) -> None:
     st.caption(f"Share this filter: add `?filter={k}` to the Filters page URL.")
     st.subheader("Where it fires: its top images")
     st.caption(
-        "The probe images that excite this filter most, the excited region coloured (yellow = strongest; "
-        "same scale for all images). φ = the filter's mean activation on the image."
+        "The probe images that excite this filter most. The white outline marks where it fires most; inside "
+        "and outside it the image keeps its own colours, so you can check the label by eye. An image with no "
+        "outline excites the filter, but less than its strongest regions. The number is how strongly it fires."
     )
+    with st.expander("How this is computed"):
+        level = f" ({d.threshold:.3g} for this filter)" if d.threshold is not None else ""
+        st.markdown(
+            "The filter's activation map A_k(x) is upsampled (bilinear) to the image; the outline encloses where "
+            f"it reaches the filter's Network-Dissection threshold{level}: the 0.995 quantile of its activations "
+            "over all probe images, the region the labels are measured on. The number under each image is "
+            "φ_k(x), the filter's mean activation on the image."
+        )
     vis_col, top_col = st.columns([1, 4])
     with vis_col:
         featurevis_panel(ws, k)
     with top_col:
         st.image(
             [im for im, *_ in d.top_images],
-            caption=[f"#{i} · {c} · φ={v:.2f}" if c else f"#{i} · φ={v:.2f}" for _, i, v, c in d.top_images],
+            caption=[f"#{i} · {c} · {v:.2f}" if c else f"#{i} · {v:.2f}" for _, i, v, c in d.top_images],
             width=DETAIL_SIDE,
         )
     acc = d.accuracy
@@ -199,8 +208,8 @@ def grid(ws: views.Workspace) -> None:
     table = views.filter_table(ws)
     st.header(f"Filters of layer `{ws.bundle.layer}`")
     st.caption(
-        f"{ws.channels} filters. Each card: the 4 images that excite the filter most, the excited region "
-        f"highlighted, and its best label ({table.attrs.get('source', '')}). Click **Open** for details."
+        f"{ws.channels} filters. Each card: the 4 images that excite the filter most, a white outline around "
+        f"where it fires (the image's own colours inside), and its best label ({table.attrs.get('source', '')}). Click **Open** for details."
     )
     note = views.bundle_class_note(ws)
     if note:

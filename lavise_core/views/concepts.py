@@ -6,22 +6,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lavise_core.views.overlays import encode_jpeg, overlay
+from lavise_core.views.overlays import encode_jpeg, outline
 from lavise_core.views.workspace import Workspace
 
-__all__ = ["ConceptView", "concept_choices", "concept_view"]
+__all__ = ["GROUNDING_LEVEL", "ConceptView", "concept_choices", "concept_view"]
+
+#: the outline on a concept's images encloses where the grounding map reaches this share of its maximum
+GROUNDING_LEVEL = 0.5
 
 
 # =========================================================================== concepts
 @dataclass
 class ConceptView:
-    """Answer to a concept query, with grounding overlays."""
+    """Answer to a concept query, with its images outlined where the matching filters fire together."""
 
     text: str
     status: str
     suggestions: list[tuple[str, float]]
     filters: list[tuple[int, float, str, float]]  # filter, match score, its best label, query's vote score
-    images: list[tuple[bytes, int, float, str]]  # grounding overlay (JPEG), record, score, class
+    images: list[tuple[bytes, int, float, str]]  # outlined image (JPEG), record, score, class
     confident: bool = True
     message: str = ""
     weak: bool = False
@@ -68,8 +71,7 @@ def _concept_view(ws: Workspace, text: str, n_filters: int, n_images: int, side:
             cls = ""
             if ds is not None and 0 <= ds.records[int(i)].label < len(ds.classes):
                 cls = ds.classes[ds.records[int(i)].label]
-            pic = overlay(img, heat, alpha=0.6, normalize=None, mask_below=0.15)
-            images.append((encode_jpeg(pic), int(i), float(s), cls))
+            images.append((encode_jpeg(outline(img, heat, GROUNDING_LEVEL)), int(i), float(s), cls))
     status = {"unseen": "zero-shot (held out in training)", "seen": "seen in training"}.get(
         res.status, res.status
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lavise_core.views.overlays import encode_jpeg, mosaic, overlay, relative_to
+from lavise_core.views.overlays import encode_jpeg, mosaic, outline
 from lavise_core.views.workspace import StageMissing, Workspace, build_hint, placeholder_image
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "filter_detail",
     "filter_table",
     "label_accuracy",
+    "region_level",
     "select_filters",
 ]
 
@@ -101,24 +102,35 @@ def select_filters(
     return df.sort_values(key, ascending=key == "filter", kind="stable")
 
 
-def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 96) -> bytes:
-    """JPEG of a 2 × 2 mosaic of filter ``k``'s top-``n`` images with its activation maps overlaid.
+def region_level(ws: Workspace, k: int, maps: np.ndarray) -> float:
+    """The activation level that outlines filter ``k``'s region on its top images: its Network-Dissection
+    threshold (``probe/threshold``, the 0.995 quantile of its spatial activations over the probe set, the
+    region the dissection and the label evaluation measure); without one, half the largest value in ``maps``."""
+    thr = ws.array("probe/threshold")
+    if thr is not None:
+        return float(thr[k])
+    return 0.5 * float(np.max(maps)) if np.size(maps) else 0.0
 
-    All tiles share one scale (the largest activation in them), so a weak tile looks weak. Cached per
-    ``(k, n, tile)`` in the workspace: the first call renders, later ones cost a dictionary lookup.
+
+def filter_card_image(ws: Workspace, k: int, n: int = 4, tile: int = 96) -> bytes:
+    """JPEG of a 2 × 2 mosaic of filter ``k``'s top-``n`` images, each with one outline around where the filter
+    fires above :func:`region_level` (the image's own colours everywhere else).
+
+    All tiles share that one level, so a weak tile shows a small outline or none. Cached per ``(k, n, tile)``
+    in the workspace: the first call renders, later ones cost a dictionary lookup.
     """
 
     def make() -> bytes:
         idx = ws.array("probe/top_index")[k][:n]
         maps = np.asarray(ws.array("probe/top_maps")[k][:n], np.float32)
-        norm = relative_to(max(float(maps.max()), 1e-6)) if maps.size else None
+        level = region_level(ws, k, maps)
         tiles = []
         for i, a in zip(idx, maps, strict=True):
             if i < 0:
                 tiles.append(placeholder_image(tile, ""))
                 continue
             img = ws.record_image(int(i), side=tile)
-            tiles.append(overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.2))
+            tiles.append(outline(img, a, level))
         return encode_jpeg(mosaic(tiles, cols=2, tile=tile, pad=1))
 
     return ws.cards.get((int(k), n, tile), make)
@@ -131,7 +143,7 @@ class FilterDetail:
     k: int
     label: str
     score: float
-    top_images: list[tuple[bytes, int, float, str]]  # overlay (JPEG), record, phi_k, class
+    top_images: list[tuple[bytes, int, float, str]]  # outlined image (JPEG), record, phi_k, class
     attributes: list[tuple[str, float]] | None
     attributes_note: str | None
     labels: list[tuple[str, float, str]] | None  # phrase, score, seen/unseen/vocabulary
@@ -173,7 +185,7 @@ def label_accuracy(ws: Workspace) -> dict[str, float]:
 
 
 def filter_detail(ws: Workspace, k: int, n_images: int = 8, side: int = 192) -> FilterDetail:
-    """Top images with overlays, attribute p.d.f., zero-shot labels, class weights, activation distribution.
+    """Top images outlined where the filter fires (:func:`region_level`), attribute p.d.f., zero-shot labels, class weights, activation distribution.
 
     ``top_images`` holds JPEG bytes ``side`` pixels wide (shown at that width, so the page never re-encodes).
     Cached per ``(k, n_images, side)`` in the workspace: opening a filter again costs a lookup.
@@ -188,7 +200,7 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
     idx = ws.array("probe/top_index")[k][:n_images]
     vals = ws.array("probe/top_value")[k][:n_images]
     maps = np.asarray(ws.array("probe/top_maps")[k][:n_images], np.float32)
-    norm = relative_to(max(float(maps.max()), 1e-6))
+    level = region_level(ws, k, maps)
     ds = ws.dataset()
     labels_all = ds.labels() if ds is not None else None
     tops = []
@@ -199,8 +211,7 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         cls = ""
         if labels_all is not None and 0 <= labels_all[i] < len(ds.classes):
             cls = ds.classes[int(labels_all[i])]
-        heat = overlay(img, a, alpha=0.6, normalize=norm, mask_below=0.15)
-        tops.append((encode_jpeg(heat), int(i), float(v), cls))
+        tops.append((encode_jpeg(outline(img, a, level)), int(i), float(v), cls))
     attrs, anote = None, None
     try:
         attrs = ws.textual().filter_top_attributes(k, 15)
