@@ -6,7 +6,9 @@ Run with ``make demo`` or ``streamlit run app.py``. Pages live in ``app_pages/``
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +25,30 @@ st.set_page_config(
     page_icon=str(Path(__file__).parent / "app_pages" / "favicon.png"),
     layout="wide",
 )
+
+
+def _load_sentence_encoder() -> None:
+    """Load the process's one sentence encoder and run one query through it (the first pass is slow too)."""
+    try:
+        from lavise_core.models.text_encoder import shared_embedder
+
+        shared_embedder().embed_queries(["a bird"])
+    except Exception:  # the Concepts page loads it again and shows the error where it is needed
+        logging.getLogger("lavise").exception("loading the sentence encoder in the background failed")
+
+
+@st.cache_resource(show_spinner=False)
+def warm_sentence_encoder() -> threading.Thread:
+    """Start loading the sentence encoder in a daemon thread, once per server process (the first visit runs
+    this file). The Concepts page asks the same ``shared_embedder`` instance, whose load is guarded by a lock:
+    a query made while the load runs waits for it instead of starting a second one."""
+    thread = threading.Thread(target=_load_sentence_encoder, name="lavise-sentence-encoder", daemon=True)
+    thread.start()
+    return thread
+
+
+if os.environ.get("LAVISE_PRELOAD_ENCODER", "1") != "0":
+    warm_sentence_encoder()
 
 PAGES = [
     st.Page("app_pages/home.py", title="Overview", icon=":material/home:", default=True),

@@ -2,7 +2,9 @@
 cold start of the server to the first rendered page in headless Chromium.
 
 Targets: ≤ 150 ms for the filter and concept pages, ≤ 400 ms for explaining an upload (CPU), ≤ 5 s cold start.
-Usage: python bench/ui_latency.py [--repeats 15] [--bundles data/bundles] [--cold-start 3]
+``--concepts-first N``: the first concept query on a fresh server, in headless Chromium, typed ``N`` seconds
+after the first page was rendered (a visitor who reads the Overview first; 0 = straight to the Concepts page).
+Usage: python bench/ui_latency.py [--repeats 15] [--bundles data/bundles] [--cold-start 3] [--concepts-first 20]
 (default bundles: the demo bundle when built, else the small test bundles of tests/app_bundles.py).
 Every run prints the load average: on the shared 2-core machine, numbers are only comparable at similar load.
 """
@@ -21,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "app")]
 
 
 def _stats(xs: list[float], unit: float = 1000.0, name: str = "ms") -> str:
@@ -130,6 +132,58 @@ def cold_start(reps: int, bundles: str) -> list[tuple[float, float]]:
     return out
 
 
+def _serve(bundles: str) -> tuple[subprocess.Popen, str]:
+    """A fresh ``streamlit run app.py`` on a free port, once healthy: ``(process, url)``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, LAVISE_BUNDLES=bundles)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.05)
+
+
+def concepts_first_query(bundles: str, delay: float, word: str = "water") -> float:
+    """Seconds from submitting the first concept query of a fresh server to its answer's heading.
+
+    The Overview is rendered first, then ``delay`` seconds pass (0: the Concepts page is the first page)."""
+    from playwright.sync_api import sync_playwright
+    from test_browser import ARGS, CHROMIUM
+
+    proc, url = _serve(bundles)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            if delay > 0:
+                page.goto(url)
+                page.get_by_text("Filters in this layer").first.wait_for(state="visible", timeout=120_000)
+                time.sleep(delay)
+            page.goto(f"{url}/concepts")
+            box = page.get_by_label("Concept", exact=True)
+            box.wait_for(state="visible", timeout=120_000)
+            box.fill(word)
+            t0 = time.perf_counter()
+            box.press("Enter")
+            page.locator("h3", has_text=f"“{word}”").first.wait_for(state="visible", timeout=120_000)
+            took = time.perf_counter() - t0
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return took
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15)
@@ -137,6 +191,10 @@ def main() -> int:
         "--bundles", help="LAVISE_BUNDLES folder (default: the demo bundle, else the test bundles)"
     )
     ap.add_argument("--cold-start", type=int, default=0, metavar="N", help="also time N cold starts")
+    ap.add_argument(
+        "--concepts-first", type=float, default=None, metavar="S",
+        help="only time the first concept query of a fresh server, typed S s after the Overview rendered",
+    )  # fmt: skip
     args = ap.parse_args()
     import torch
 
@@ -149,6 +207,11 @@ def main() -> int:
     from lavise_core.views.workspace import default_bundle
 
     b = default_bundle(find_bundles(bundles))
+    if args.concepts_first is not None:
+        took = [concepts_first_query(bundles, args.concepts_first) for _ in range(max(1, args.cold_start))]
+        print(f"first concept query, {args.concepts_first:g} s after the first page: {_stats(took, 1, 's')}")
+        print(f"load average after {os.getloadavg()}")
+        return 0
     print(f"bundle {b.summary()} · {b.manifest['channels']} filters · load average {os.getloadavg()}")
     for name, xs in interactions(args.repeats, int(b.manifest["channels"])).items():
         print(f"{name:50s} {_stats(xs)}")
