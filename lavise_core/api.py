@@ -24,6 +24,7 @@ from PIL import Image
 
 from lavise_core.data.dataset import DatasetError, ProbeDataset
 from lavise_core.data.images import crop_to_view, load_image, require_min_side
+from lavise_core.models.threads import one_blas_thread
 from lavise_core.pipeline.bundle import Bundle, BundleError, StageMissing
 from lavise_core.pipeline.stages import BuildProgress, BuildSettings, build_stages
 
@@ -629,6 +630,7 @@ class Explainer:
             self.array("probe/valid"),
         )  # fmt: skip
 
+    @one_blas_thread
     def query(self, text: str, n: int = 10, n_images: int = 12, method: str | None = None) -> ConceptAnswer:
         """Which filters encode ``text`` (any free text) and where they fire; see :class:`ConceptAnswer`.
 

@@ -32,6 +32,7 @@ from lavise_core.explain.lavise.index import ConceptIndex
 from lavise_core.explain.lavise.labels import compute_filter_labels
 from lavise_core.explain.lavise.query import QueryResult, query_concept
 from lavise_core.explain.lavise.settings import LaviseError, LaviseSettings
+from lavise_core.models.threads import one_blas_thread
 from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
@@ -98,6 +99,7 @@ class LaviseExplainer:
             return "unseen"
         return "vocabulary" if self.index.position(p) is not None else "not in vocabulary"
 
+    @one_blas_thread
     def query(self, text: str, **kw) -> QueryResult:
         """:func:`query_concept` against this bundle, with its detected concepts and abstention rule."""
         if self._query_arrays is None:  # memory-mapped once, not per query

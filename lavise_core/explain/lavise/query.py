@@ -14,6 +14,7 @@ from torch import nn
 from lavise_core.explain.lavise.abstention import AbstentionRule, nearest_detected
 from lavise_core.explain.lavise.index import ConceptIndex
 from lavise_core.explain.lavise.settings import LaviseError
+from lavise_core.models.threads import one_blas_thread
 
 __all__ = ["QueryResult", "grounding_heatmap", "images_where_filters_fire", "query_concept"]
 
@@ -60,6 +61,7 @@ class QueryResult:
         return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1), np.float32)
 
 
+@one_blas_thread
 def query_concept(
     text: str,
     index: ConceptIndex,
