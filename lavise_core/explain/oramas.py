@@ -31,6 +31,7 @@ from torch import nn
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.models.networks import LoadedModel, ModelLoadError, record_layer
+from lavise_core.models.threads import cpu_threads
 from lavise_core.pipeline.bundle import Bundle
 from lavise_core.pipeline.stages import StageContext
 
@@ -42,6 +43,7 @@ __all__ = [
     "build_oramas_stage",
     "build_stage",
     "choose_mu",
+    "class_paths",
     "collect_energies",
     "energies_of",
     "energy_layers",
@@ -207,11 +209,49 @@ def fit_mu_lasso(X: np.ndarray, target: np.ndarray, mu: float) -> np.ndarray:
     return select_radius(lasso_path_positive(X, target), mu)
 
 
+def class_paths(
+    X: np.ndarray,
+    pred: np.ndarray,
+    n_classes: int,
+    n_alphas: int = 100,
+    threads: int = 0,
+    report: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray]:
+    """:func:`lasso_path_positive` of each class's one-hot ``pred == c`` -> ``K`` paths ``(D, A + 1)``.
+
+    A class the network never predicts on these images has a zero target, whose path is all zeros (what the
+    solver returns for it), so it is not solved: an ImageNet network predicts a few dozen of its 1,000 classes
+    on a probe set. The others are solved in ``threads`` threads (0: every core; the coordinate descent runs
+    without the GIL); each path is independent, so the result does not depend on the thread count.
+    ``report(done, total)`` counts the classes solved.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pred = np.asarray(pred)
+    zero = np.zeros((np.asarray(X).shape[1], n_alphas + 1))
+    todo = [c for c in range(n_classes) if (pred == c).any()]
+    paths = [zero] * n_classes
+    with ThreadPoolExecutor(max_workers=min(cpu_threads(threads), max(len(todo), 1))) as pool:
+        futures = {
+            c: pool.submit(lasso_path_positive, X, (pred == c).astype(np.float64), n_alphas) for c in todo
+        }
+        for done, (c, f) in enumerate(futures.items(), 1):
+            paths[c] = f.result()
+            if report is not None:
+                report(done, len(todo))
+    return paths
+
+
 def fit_relevant(
-    X: np.ndarray, pred: np.ndarray, n_classes: int, mu: float, paths: list[np.ndarray] | None = None
+    X: np.ndarray,
+    pred: np.ndarray,
+    n_classes: int,
+    mu: float,
+    paths: list[np.ndarray] | None = None,
+    report: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """One μ-lasso per class on the one-hot of ``pred`` -> ``W (K, D)``; ``W[c] > 0`` are c's relevant features."""
-    paths = paths or [lasso_path_positive(X, (pred == c).astype(np.float64)) for c in range(n_classes)]
+    paths = paths or class_paths(X, pred, n_classes, report=report)
     return np.stack([select_radius(p, mu) for p in paths])
 
 
@@ -223,10 +263,11 @@ def choose_mu(
     n_classes: int,
     grid: Sequence[float] = MU_GRID,
     tolerance: float = 0.01,
+    report: Callable[[int, int], None] | None = None,
 ) -> tuple[float, list[dict]]:
     """The smallest μ whose held-out agreement (``argmax_c X w_c`` = the network's prediction) is within
     ``tolerance`` of the best; returns ``(μ, [{mu, agreement, features}, ...])``."""
-    paths = [lasso_path_positive(X_fit, (pred_fit == c).astype(np.float64)) for c in range(n_classes)]
+    paths = class_paths(X_fit, pred_fit, n_classes, report=report)
     curve = []
     for mu in grid:
         W = fit_relevant(X_fit, pred_fit, n_classes, mu, paths)
@@ -548,8 +589,14 @@ def build_oramas_stage(
     fit, held = _held_out(train)
     curve: list[dict] = []
     if mu is None:
-        mu, curve = choose_mu(X[fit], pred[fit], X[held], pred[held], K, grid)
-    W = fit_relevant(X[train], pred[train], K, float(mu))
+        mu, curve = choose_mu(
+            X[fit], pred[fit], X[held], pred[held], K, grid,
+            report=lambda d, t: say(d, t, f"Oramas: choosing μ, class {d} of the {t} predicted"),
+        )  # fmt: skip
+    W = fit_relevant(
+        X[train], pred[train], K, float(mu),
+        report=lambda d, t: say(d, t, f"Oramas: μ-lasso, class {d} of the {t} predicted"),
+    )  # fmt: skip
     rel = np.flatnonzero((W > 0).any(0))
     say(0, 1, f"Oramas: interpreting {rel.size} relevant features")
     patches, labels, part_iou = _interpret(ds, lm, layers, sizes, X, train, rel)

@@ -50,6 +50,22 @@ def test_choose_mu_takes_the_smallest_radius_near_the_best_agreement() -> None:
     assert (W.argmax(1) == [0, 1, 2]).all() and (W.sum(1) <= 1.0 + 1e-9).all()
 
 
+def test_class_paths_skip_unpredicted_classes_and_do_not_depend_on_threads() -> None:
+    rng = np.random.default_rng(1)
+    X = O.l2_rows(rng.random((40, 6)))
+    pred = rng.choice([0, 2, 5], 40)  # classes 1, 3, 4 and 6 are never predicted
+    naive = [O.lasso_path_positive(X, (pred == c).astype(np.float64)) for c in range(7)]
+    seen: list[tuple[int, int]] = []
+    one = O.class_paths(X, pred, 7, threads=1, report=lambda d, t: seen.append((d, t)))
+    two = O.class_paths(X, pred, 7, threads=2)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    for c in range(7):
+        assert one[c].shape == naive[c].shape == (6, 101)
+        np.testing.assert_array_equal(one[c], naive[c])  # exactly: a zero target's path is all zeros
+        np.testing.assert_array_equal(two[c], naive[c])
+    assert not any(one[c].any() for c in (1, 3, 4, 6))
+
+
 def test_top_features_and_the_feature_index() -> None:
     idx, r = O.top_features(np.array([0.5, 0.2, 0.1, 0.3]), np.array([1.0, 0.0, 3.0, 0.0]), n=3)
     assert idx.tolist() == [0, 2]
