@@ -35,6 +35,13 @@ def _share(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+def _accuracy(ov: Overview) -> str:
+    """The overview's accuracy, saying when it is over every probe image (a data set with no test split)."""
+    if ov.accuracy is None:
+        return "n/a"
+    return f"{ov.accuracy:.1%}" + ("" if ov.accuracy_scope == "test" else " (all probe images)")
+
+
 def compare_bundles(a: Workspace, b: Workspace, n_words: int = 20) -> Comparison:
     """Side-by-side numbers of two bundles; label counts are per concept (how many filters it labels)."""
     oa, ob = overview(a), overview(b)
@@ -50,11 +57,7 @@ def compare_bundles(a: Workspace, b: Workspace, n_words: int = 20) -> Comparison
         {"measure": "interpretable share", "left": _share(oa.confident_share), "right": _share(ob.confident_share)},
         {"measure": "label source", "left": oa.label_source, "right": ob.label_source},
         {"measure": "distinct concepts", "left": str(na), "right": str(nb)},
-        {
-            "measure": "accuracy on the probe set",
-            "left": "n/a" if oa.accuracy is None else f"{oa.accuracy:.1%}",
-            "right": "n/a" if ob.accuracy is None else f"{ob.accuracy:.1%}",
-        },
+        {"measure": "accuracy on test images", "left": _accuracy(oa), "right": _accuracy(ob)},
     ]  # fmt: skip
     ca = {w: n for w, n, _ in oa.words}
     cb = {w: n for w, n, _ in ob.words}

@@ -105,7 +105,8 @@ def report_html(ws: Workspace, max_filters: int | None = None, n_images: int = 4
         f"bundle {esc(ws.bundle.key)} · written {time.strftime('%Y-%m-%d %H:%M')}</div>",
         f"<div class='kpi'><b>{ov.n_filters}</b>filters</div>",
         f"<div class='kpi'><b>{share}</b>interpretable ({esc(ov.label_source)})</div>",
-        f"<div class='kpi'><b>{acc}</b>accuracy on the probe set</div>",
+        f"<div class='kpi'><b>{acc}</b>accuracy on {'test' if ov.accuracy_scope == 'test' else 'all probe'} "
+        "images</div>",
         f"<p class='meta'>Interpretable: {esc(ov.confident_rule)}</p>",
         "<h2>Label distribution</h2><table><tr><th>concept</th><th>filters</th><th>mean score</th></tr>",
         *(f"<tr><td>{esc(w)}</td><td>{n}</td><td>{s:.3f}</td></tr>" for w, n, s in ov.words[:30]),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from lavise_core.api import SOURCE_DISSECTION, SOURCE_SIAM, SOURCE_ZERO_SHOT
 from lavise_core.explain.dissection.labels import IOU_MIN
+from lavise_core.views.overlays import encode_jpeg
 from lavise_core.views.workspace import (
     CONFIDENT_LIFT,
     CONFIDENT_SCORE,
@@ -19,7 +22,16 @@ from lavise_core.views.workspace import (
     model_label,
 )
 
-__all__ = ["Overview", "confident_rule_short", "overview", "word_cloud_html", "word_colour"]
+__all__ = [
+    "Overview",
+    "confident_rule_short",
+    "overview",
+    "sample_images",
+    "split_accuracy",
+    "word_cloud_html",
+    "word_colour",
+    "worked_example",
+]
 
 NEUTRAL = "#57534e"  # the colour of a word that names no colour
 
@@ -36,7 +48,7 @@ class Overview:
     n_images: int
     n_classes: int
     n_filters: int
-    accuracy: float | None
+    accuracy: float | None  # on the test split where the data set has one (``accuracy_scope``)
     confident_share: float | None
     confident_rule: str
     words: list[tuple[str, int, float]]  # (concept, filters whose best label it is, mean score)
@@ -45,6 +57,10 @@ class Overview:
     label_source: str = "none"
     confident_score: float | None = None  # the score threshold behind ``confident_share`` (LaViSE labels)
     class_note: str | None = None
+    accuracy_scope: str = "all"  # "test": held-out test images; "all": every probe image (no test split)
+    accuracy_images: int = 0  # how many images ``accuracy`` is measured on
+    accuracy_all: float | None = None  # on every probe image, training images included
+    example: str = ""  # the first-visit path's worked example (:func:`worked_example`)
 
 
 def confident_rule_short(source: str) -> str:
@@ -58,6 +74,54 @@ def confident_rule_short(source: str) -> str:
     if source and source != "none":
         return f"top p(t | f) ≥ {CONFIDENT_LIFT:g}× uniform"
     return "no labels yet"
+
+
+def split_accuracy(ws: Workspace, split: str = "test") -> tuple[float, int] | None:
+    """The network's accuracy on the probe images of one ``split`` (argmax of ``probe/logits`` against the
+    images' labels, valid and labelled images only) and how many images that is; ``None`` when the data set
+    has no such image or its classes are not the network's outputs (the probe stage's rule)."""
+    ds = ws.dataset()
+    logits = ws.array("probe/logits")
+    if ds is None or logits is None or np.shape(logits)[1] != len(ds.classes):
+        return None
+    labels = np.asarray(ds.labels())
+    valid = ws.array("probe/valid")
+    keep = np.asarray(valid, bool) if valid is not None else np.ones(len(labels), bool)
+    keep = keep & (labels >= 0) & np.array([r.split == split for r in ds.records], bool)
+    if not keep.any():
+        return None
+    preds = np.asarray(logits).argmax(1)
+    return float((preds[keep] == labels[keep]).mean()), int(keep.sum())
+
+
+def worked_example(classes: Sequence[str], sentences: Mapping[str, str] | None = None) -> str:
+    """The first-visit path's example of an explanation, naming a real class of the bundle: the shortest of
+    the class descriptions the sentence evaluation wrote (``eval/sentences``; ties by class name), else the
+    first class's name, else no class at all."""
+    if sentences:
+        text = min(sentences.items(), key=lambda kv: (len(kv[1]), kv[0]))[1]
+        return f"What it has learned about one class, in its own words: “{text}”"
+    if classes:
+        return f"The answer is one of its {len(classes)} classes, such as “{classes[0]}”."
+    return ""
+
+
+def sample_images(ws: Workspace, n: int = 6, side: int = 128) -> list[tuple[bytes, str]]:
+    """A few probe images to show what the network sees: the first test image (the first image where the
+    data set has no test split) of each of the first ``n`` classes that have one, as JPEG bytes at most
+    ``side`` pixels, with the class name."""
+    ds = ws.dataset()
+    if ds is None:
+        return []
+    labels = np.asarray(ds.labels())
+    has_test = any(r.split == "test" for r in ds.records)
+    first: dict[int, int] = {}
+    for i, r in enumerate(ds.records):
+        c = int(labels[i])
+        if c >= 0 and c not in first and (r.split == "test" or not has_test):
+            first[c] = i
+    picks = [(c, first[c]) for c in sorted(first)][:n]
+    return [(encode_jpeg(ws.record_image(i, side=side)), str(ds.classes[c])) for c, i in picks]
 
 
 def overview(ws: Workspace) -> Overview:
@@ -112,6 +176,11 @@ def overview(ws: Workspace) -> Overview:
         )
     else:
         rule = "no labels yet"
+    all_acc = m.get("stages", {}).get("probe", {}).get("accuracy")
+    test = split_accuracy(ws, "test")
+    sentences = None
+    if (Path(ws.bundle.root) / "eval" / "sentences.json").is_file():
+        sentences = ws.bundle.read_json("eval/sentences").get("descriptions", {}).get("sentences") or None
     return Overview(
         title=ws.title,
         model=model_label(m["model"]["spec"]),
@@ -120,7 +189,7 @@ def overview(ws: Workspace) -> Overview:
         n_images=int(m["dataset"].get("n", 0)),
         n_classes=len(ws.classes),
         n_filters=ws.channels,
-        accuracy=m.get("stages", {}).get("probe", {}).get("accuracy"),
+        accuracy=test[0] if test is not None else all_acc,
         confident_share=float(confident.mean()) if source != "none" else None,
         confident_rule=rule,
         words=words,
@@ -129,6 +198,12 @@ def overview(ws: Workspace) -> Overview:
         label_source=shown.where,
         confident_score=CONFIDENT_SCORE if source == SOURCE_ZERO_SHOT else None,
         class_note=bundle_class_note(ws),
+        accuracy_scope="test" if test is not None else "all",
+        accuracy_images=test[1]
+        if test is not None
+        else int(m.get("stages", {}).get("probe", {}).get("valid", 0)),
+        accuracy_all=all_acc,
+        example=worked_example(ws.classes, sentences),
     )
 
 

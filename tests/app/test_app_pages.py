@@ -53,7 +53,7 @@ def test_overview_shows_metrics_word_map_and_guide(monkeypatch, bundles):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Filters in this layer"] == "512"
     assert metrics["Classes"] == "12"
-    assert metrics["Model accuracy on the probe set"].endswith("%")
+    assert metrics["Accuracy on test images"].endswith("%")
     assert metrics["Filters with a confident concept"].endswith("%")
     assert "First visit" in at.expander[0].label
     assert "layer4" in texts(at)

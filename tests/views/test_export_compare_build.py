@@ -51,7 +51,7 @@ def test_compare_two_bundles_side_by_side(tmp_path):
     b = views.Workspace(_bundle(tmp_path / "b", lavise=False))
     cmp = views.compare_bundles(a, b)
     rows = {r["measure"]: (r["left"], r["right"]) for r in cmp.rows}
-    assert rows["filters"] == ("3", "3") and rows["accuracy on the probe set"] == ("75.0%", "75.0%")
+    assert rows["filters"] == ("3", "3") and rows["accuracy on test images"] == ("75.0%", "75.0%")
     assert rows["interpretable share"] == ("67%", "n/a")
     assert cmp.words == [("red wing", 2, 0), ("blue wing", 1, 0)]
     assert any("different sources" in n for n in cmp.notes)
