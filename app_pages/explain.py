@@ -143,7 +143,35 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
     st.caption(
         "Open a filter: " + " · ".join(f"[#{k}](/filters?filter={k})" for k, _, _ in ex.contributions[:6])
     )
+    one_filter(ws, a, ex, uid)
     where_it_looks(ws, a, uid, ex.predicted)
+
+
+def one_filter(ws: views.Workspace, a: views.ImageAnalysis, ex: views.ImageExplanation, uid: str) -> None:
+    """Section "Where does one filter fire?": a chosen filter's spatial map on this image (default: the top one)."""
+    st.subheader("Where does one filter fire?")
+    labels = ws.shown_labels().labels
+    contrib = {k: v for k, v, _ in ex.contributions}
+
+    def name(k: int) -> str:
+        lab = f" “{labels[k]}”" if labels[k] else " (no label)"
+        return f"#{k}{lab}" + (f" · contributes {contrib[k]:+.3f}" if k in contrib else "")
+
+    k = st.selectbox(
+        "Filter (the top contributing one first)",
+        views.filter_choices(ws, ex),
+        format_func=name,
+        key=f"fmap_{uid}",
+    )
+    fm = views.filter_map(ws, a, k)
+    c1, c2, c3 = st.columns([2, 2, 3])
+    c1.image(a.image, caption="The image", width="stretch")
+    c2.image(
+        fm.overlay, caption=f"Filter #{fm.filter}" + (f" · {fm.label}" if fm.label else ""), width="stretch"
+    )
+    with c3:
+        st.markdown(fm.caption)
+        st.caption(f"[Open filter #{fm.filter}](/filters?filter={fm.filter}) to see its top probe images.")
 
 
 def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predicted: str) -> None:

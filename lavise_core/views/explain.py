@@ -9,15 +9,18 @@ from PIL import Image
 
 from lavise_core.api import ImageAnalysis
 from lavise_core.data.dataset import ProbeDataset
-from lavise_core.views.overlays import overlay
+from lavise_core.views.overlays import overlay, relative_to
 from lavise_core.views.workspace import Workspace
 
 __all__ = [
     "PROBE_CHOICES",
+    "FilterMap",
     "ImageAnalysis",
     "ImageExplanation",
     "analyse_image",
     "explain_image",
+    "filter_choices",
+    "filter_map",
     "predicted_class",
     "probe_image_class",
     "probe_image_label",
@@ -114,3 +117,73 @@ def explain_image(
         caption, contributions, ans.zero_shot, notes, ans.in_distribution, None if a.ood is None else a.ood.message,
         ans.method, evidence,
     )  # fmt: skip
+
+
+@dataclass
+class FilterMap:
+    """Where filter ``k`` fires on an analysed image.
+
+    ``overlay``: the filter's spatial map ``A_k (h, w)`` on the image, coloured on the filter's own scale (1 =
+    its peak on its strongest probe image, so weak firing looks weak); ``peak``: ``max A_k`` here; ``reference``:
+    that probe peak; ``mean``: ``phi_k`` (the spatial mean the classifier reads); ``percentile``: share of probe
+    images with a lower ``phi_k`` (None without pooled probe activations); ``caption``: plain words.
+    """
+
+    filter: int
+    label: str
+    overlay: Image.Image
+    peak: float
+    reference: float
+    mean: float
+    percentile: float | None
+    caption: str
+
+
+def filter_choices(ws: Workspace, ex: ImageExplanation) -> list[int]:
+    """The filters offered for :func:`filter_map`: the contributing ones first (the top one is the default),
+    then every other filter of the layer in index order."""
+    first = [int(k) for k, _, _ in ex.contributions]
+    return first + [k for k in range(ws.channels) if k not in set(first)]
+
+
+def filter_map(ws: Workspace, a: ImageAnalysis, k: int) -> FilterMap:
+    """Filter ``k``'s spatial map over ``a.image`` with its label and how strongly it fires (ValueError for a bad
+    filter index)."""
+    maps = np.asarray(a.maps, np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"the image's activations are not spatial maps (C, h, w): shape {maps.shape}")
+    if not 0 <= int(k) < maps.shape[0]:
+        raise ValueError(f"there is no filter {k}: this layer has filters 0..{maps.shape[0] - 1}")
+    k = int(k)
+    heat = maps[k]
+    peak, mean = float(heat.max()), float(heat.mean())
+    top = ws.array("probe/top_maps")
+    reference = float(np.asarray(top[k][0], np.float32).max()) if top is not None else 0.0
+    if not reference > 0:
+        reference = peak if peak > 0 else 1.0
+    pooled = ws.array("probe/pooled")
+    percentile = None
+    if pooled is not None:
+        col = np.asarray(pooled[:, k], np.float32)
+        valid = ws.array("probe/valid")
+        if valid is not None:
+            col = col[np.asarray(valid, bool)]
+        percentile = float((col < mean).mean()) if col.size else None
+    label = str(ws.shown_labels().labels[k])
+    img = overlay(a.image, heat, alpha=0.65, normalize=relative_to(reference), mask_below=0.1)
+    name = f"Filter #{k}" + (f" (“{label}”)" if label else " (no label)")
+    if peak <= 0:
+        words = "does not fire anywhere on this image"
+    else:
+        share = peak / reference
+        strength = "strongly" if share >= 0.5 else "weakly" if share >= 0.15 else "barely"
+        words = f"fires {strength} here: its peak is {share:.0%} of its peak on its strongest probe image"
+    tail = ""
+    if percentile is not None:
+        tail = (
+            "; its mean activation is higher than on every probe image"
+            if percentile >= 1
+            else f"; its mean activation is higher than on {percentile:.0%} of the probe images"
+        )
+    caption = f"{name} {words}{tail}. Colour: 0 (transparent) to that probe peak (pale yellow); below 10 % uncoloured."
+    return FilterMap(k, label, img, peak, reference, mean, percentile, caption)

@@ -1,0 +1,48 @@
+"""Explain page, the ML engineer's sections: one filter's map on the upload, per-image faithfulness, attribution
+controls (AppTest on the small test bundles)."""
+
+from __future__ import annotations
+
+import pytest
+from app_bundles import ROOT, build_app_bundles
+from streamlit.testing.v1 import AppTest
+
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return build_app_bundles()
+
+
+def _upload(monkeypatch, bundles, **query) -> AppTest:
+    from lavise_core.data.dataset import ProbeDataset
+
+    monkeypatch.setenv("LAVISE_BUNDLES", str(bundles.bundles))
+    monkeypatch.setenv("LAVISE_PRELOAD_ENCODER", "0")
+    at = AppTest.from_file(APP, default_timeout=180)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page("app_pages/explain.py").run()
+    ds = ProbeDataset.open(bundles.data)
+    at.file_uploader[0].upload(
+        "bird.png", (bundles.data / ds.records[0].path).read_bytes(), "image/png"
+    ).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_one_filter_map_defaults_to_the_top_filter_and_follows_the_choice(monkeypatch, bundles):
+    at = _upload(monkeypatch, bundles)
+    assert "Where does one filter fire?" in [h.value for h in at.subheader]
+    box = next(s for s in at.selectbox if s.key.startswith("fmap_"))
+    first = box.options[0]
+    assert box.value == int(first.split()[0].lstrip("#")) or str(box.value) in first
+    caption = next(m.value for m in at.markdown if m.value.startswith("Filter #"))
+    assert caption.startswith(f"Filter #{box.value} ")
+    other = box.options[-1]
+    box.select_index(len(box.options) - 1).run()
+    assert not at.exception
+    k = other.split()[0].lstrip("#")
+    assert any(m.value.startswith(f"Filter #{k} ") for m in at.markdown)
