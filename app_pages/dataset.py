@@ -8,6 +8,8 @@ import streamlit as st
 from app_pages import _shared as sh
 from lavise_core import views
 
+EXAMPLE_COLS = 3  # class strips per row
+
 
 def _class_heatmap(z, x: list[str], class_counts: list, base_height: int, **trace) -> go.Figure:
     """A classes × columns heatmap (one row per class, in ``class_counts`` order)."""
@@ -27,6 +29,15 @@ if ws is not None:
     with sh.guard("the Data set page"):
         rep = views.dataset_report(ws)
         st.caption(f"{rep.name}: {rep.n_images} images, {len(rep.class_counts)} classes.")
+        st.subheader("What each class looks like")
+        st.caption(
+            "Four images of each class, picked evenly through the data set, with how many images it has."
+        )
+        examples = views.class_examples(ws)
+        for start in range(0, len(examples), EXAMPLE_COLS):
+            cols = st.columns(EXAMPLE_COLS)
+            for col, ex in zip(cols, examples[start : start + EXAMPLE_COLS], strict=False):
+                col.image(ex.strip, caption=f"{ex.name} · {ex.n_images} images", width="stretch")
         if rep.spurious is not None:
             sp = rep.spurious
             if sp.get("enabled"):

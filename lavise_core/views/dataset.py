@@ -8,9 +8,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from lavise_core.data.images import ImageLoadError
+from lavise_core.views.overlays import encode_jpeg, mosaic
 from lavise_core.views.workspace import BIAS_CONFIRM_SHARE, StageMissing, Workspace, build_hint
 
-__all__ = ["DatasetReport", "background_views", "bias_table", "dataset_report"]
+__all__ = [
+    "ClassExamples",
+    "DatasetReport",
+    "background_views",
+    "bias_table",
+    "class_example_indices",
+    "class_examples",
+    "dataset_report",
+]
 
 
 # =========================================================================== data set
@@ -97,6 +106,50 @@ def background_views(ws: Workspace, ids: Sequence[int], size: int = 112) -> list
             continue
         if view is not None:
             out.append(np.asarray(view.resize((size, size))))
+    return out
+
+
+@dataclass
+class ClassExamples:
+    """A few images of one class of the probe set, as one strip."""
+
+    name: str
+    n_images: int  # how many images the class has
+    strip: bytes  # JPEG: the examples side by side
+    indices: list[int]  # the probe records shown
+
+
+def class_example_indices(labels: np.ndarray, c: int, per_class: int) -> list[int]:
+    """``per_class`` records of class ``c`` spread evenly over its images in data-set order (first and last
+    included), so the examples are not the first few images the generator wrote; fewer when the class has fewer."""
+    idx = np.flatnonzero(np.asarray(labels) == c)
+    if idx.size == 0 or per_class < 1:
+        return []
+    if idx.size <= per_class:
+        return [int(i) for i in idx]
+    pos = np.linspace(0, idx.size - 1, per_class).round().astype(int)
+    return [int(idx[p]) for p in pos]
+
+
+def class_examples(ws: Workspace, per_class: int = 4, tile: int = 80) -> list[ClassExamples]:
+    """For each class of the probe set (data-set order): :func:`class_example_indices` images as one strip of
+    ``per_class`` tiles, each ``tile`` pixels square. The strips are cached in the workspace."""
+    ds = ws.dataset()
+    if ds is None:
+        raise StageMissing(f"the probe data set of this bundle is unavailable: {ws.dataset_error()}")
+    labels = np.asarray(ds.labels())
+    out = []
+    for c, name in enumerate(ds.classes):
+        idx = class_example_indices(labels, c, per_class)
+        if not idx:
+            continue
+
+        def make(idx: list[int] = idx) -> bytes:
+            pics = [ws.record_image(i, side=tile) for i in idx]
+            return encode_jpeg(mosaic(pics, cols=per_class, tile=tile, pad=2))
+
+        strip = ws.cards.get(("class examples", c, per_class, tile), make)
+        out.append(ClassExamples(str(name), int((labels == c).sum()), strip, idx))
     return out
 
 
