@@ -80,7 +80,8 @@ def embed_query(
     With ``lexicon`` (:func:`lavise_core.explain.dissection.lexicon.build_lexicon` over the index's concepts) the text is first
     grounded by :func:`lavise_core.explain.dissection.lexicon.rewrite_query` ("ruby bosom" -> "red breast"; words it cannot ground
     stay). Words found in ``words_table`` (:func:`word_table`) are looked up; the phrase and any other words go
-    through ONE encoder call (``embedder``: ``lavise_core.models.text_encoder.TextEmbedder``, uncached short-text path).
+    through ONE encoder call (``embedder``: ``lavise_core.models.text_encoder.TextEmbedder``, its LRU-cached
+    short-text path: a repeated query does not run the encoder).
     """
     if lexicon is not None:
         from lavise_core.explain.dissection.lexicon import rewrite_query
@@ -90,7 +91,7 @@ def embed_query(
     table = words_table or {}
     missing = [w for w in words if w not in table]
     texts = [str(text).strip(), *missing]
-    e = embedder._embed_short(texts) if hasattr(embedder, "_embed_short") else embedder.embed(texts)
+    e = embedder.embed_queries(texts) if hasattr(embedder, "embed_queries") else embedder.embed(texts)
     new = dict(zip(missing, e[1:], strict=True))
     w = np.stack([table[x] if x in table else new[x] for x in words]).astype(np.float32)
     return e[0], w

@@ -70,3 +70,19 @@ def test_calibration_sets_the_rates_and_the_abstention_threshold() -> None:
     expected = float(np.quantile(q @ emb.embed(["red breast"])[0], 0.95))
     assert np.isclose(qi2.sim_threshold, expected, atol=1e-6)
     assert abstention_threshold(qi2, emb, []) == qi2.sim_threshold  # nothing to calibrate on: unchanged
+
+
+def test_a_repeated_query_does_not_run_the_sentence_encoder_again():
+    from lavise_core.explain.dissection.search import embed_query
+    from lavise_core.models.text_encoder import TextEmbedder
+
+    emb = TextEmbedder()
+    runs: list[list[str]] = []
+    encode = emb._embed_short
+    emb._embed_short = lambda texts: runs.append(list(texts)) or encode(texts)  # a spy: counts encoder runs
+    q1, w1 = embed_query("striped wing", emb)
+    q2, w2 = embed_query("striped wing", emb)
+    assert runs == [["striped wing", "striped", "wing"]]
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(w1, w2)
+    assert w1.shape == (2, emb.dim)
