@@ -203,7 +203,44 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
             col.image(p.overlays[c], caption=f"{p.label} · {c} (max {p.maxima[c]:.3g})", width="stretch")
         with cols[-1]:
             st.markdown(f"**{p.label}** · {p.seconds * 1000:.0f} ms")
-            st.markdown(views.faithfulness_text(p.faithfulness))
+            if p.image is not None:
+                st.markdown(views.image_faithfulness_text(p.image))
+            if p.faithfulness is not None:  # else the note above says how to measure it
+                st.caption("Baseline, the stored summary: " + views.faithfulness_text(p.faithfulness))
+    curves = [p for p in view.panels if p.image is not None]
+    if curves:
+        st.plotly_chart(faithfulness_curves(curves), width="stretch", key=f"faith_{uid}")
+
+
+def faithfulness_curves(panels: list) -> go.Figure:
+    """This image's deletion (solid) and insertion (dashed) curves, one colour per method."""
+    fig = go.Figure()
+    palette = [
+        "#4c78a8",
+        "#f58518",
+        "#54a24b",
+        "#e45756",
+        "#b279a2",
+        "#72b7b2",
+        "#eeca3b",
+        "#9d755d",
+        "#bab0ac",
+    ]
+    for p, colour in zip(panels, palette * 2, strict=False):
+        f = p.image
+        xs = [i / (len(f.deletion) - 1) for i in range(len(f.deletion))]
+        fig.add_scatter(x=xs, y=f.deletion, name=f"{p.label}: deletion", line={"color": colour})
+        fig.add_scatter(
+            x=xs, y=f.insertion, name=f"{p.label}: insertion", line={"color": colour, "dash": "dash"}
+        )
+    fig.update_layout(
+        title=f"This image: probability of “{panels[0].image.target}” as its pixels are deleted (solid) or "
+        "revealed (dashed), most important first",
+        height=320, margin={"l": 0, "r": 10, "t": 40, "b": 10},
+        xaxis={"title": "share of pixels taken", "tickformat": ".0%"},
+        yaxis={"title": "probability", "range": [0, 1]},
+    )  # fmt: skip
+    return fig
 
 
 ws = sh.workspace()

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from lavise_core.api import ImageAnalysis
-from lavise_core.evaluate.attribution import EVAL_OPTIONS
+from lavise_core.evaluate.attribution import EVAL_OPTIONS, deletion_insertion
+from lavise_core.explain.attribution.faithfulness import curve_auc, pixel_ranks, random_ranks
 from lavise_core.explain.attribution.registry import DEFAULT_METHOD, METHODS, make_method, method_labels
 from lavise_core.views.overlays import colorize, overlay
 from lavise_core.views.workspace import Workspace
@@ -28,10 +29,13 @@ __all__ = [
     "DEFAULT_METHOD",
     "AttributionPanel",
     "AttributionView",
+    "ImageFaithfulness",
     "attribution_findings",
     "attribution_rows",
     "colour_legend",
     "faithfulness_text",
+    "image_faithfulness",
+    "image_faithfulness_text",
     "method_labels",
     "methods_param",
     "parse_methods",
@@ -45,6 +49,8 @@ __all__ = [
 DISPLAY_PERCENTILE = 99.0
 #: the dashboard's method options: exactly those the stored faithfulness numbers were measured with
 PAGE_OPTIONS: dict[str, dict] = EVAL_OPTIONS
+#: deletion / insertion steps for one image when the bundle stores none (the evaluation's default)
+FAITHFULNESS_STEPS = 16
 
 
 def parse_methods(raw: str | Sequence[str] | None) -> list[str]:
@@ -222,6 +228,67 @@ def colour_legend(width: int = 256, height: int = 14, cmap: str = "inferno") -> 
 
 
 @dataclass
+class ImageFaithfulness:
+    """Deletion and insertion of ONE image's pixels in a map's order (Petsiuk et al. 2018), for class ``target``.
+
+    ``deletion`` / ``insertion``: ``(S+1,)`` class probability after taking ``0, 1/S, ..., 1`` of the pixels;
+    the AUCs their trapezoid means; ``random_*``: the same image with a seeded random pixel order (the baseline).
+    """
+
+    target: str
+    deletion: np.ndarray
+    insertion: np.ndarray
+    deletion_auc: float
+    insertion_auc: float
+    random_deletion_auc: float
+    random_insertion_auc: float
+
+
+def image_faithfulness(
+    lm: Any, x: Any, target: int, pixel_map: Any, steps: int = FAITHFULNESS_STEPS, seed: int = 0
+) -> ImageFaithfulness:
+    """Deletion / insertion curves of image ``x (1, 3, H, W)`` for class index ``target`` in the order of
+    ``pixel_map (H, W)`` (most important first, ties at random), and the AUCs of a random order on the same image.
+    Runs under the model's lock (one shared model: a hook another session put on it must not see these passes)."""
+    import torch
+
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, 3, H, W), got shape {tuple(x.shape)}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    m = torch.as_tensor(pixel_map, dtype=torch.float32).reshape(1, -1)
+    if m.shape[1] != h * w:
+        raise ValueError(f"the map has {m.shape[1]} values, the image {h}×{w} pixels")
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.cat([pixel_ranks(m.reshape(1, h, w), gen), random_ranks(1, h * w, gen)])
+    t = torch.full((2,), int(target), dtype=torch.int64)
+    with lm.lock:
+        d, n = deletion_insertion(lm.model, x.expand(2, -1, -1, -1), t, ranks, steps)
+    da, na = curve_auc(d), curve_auc(n)
+    return ImageFaithfulness(
+        str(lm.class_names[int(target)]), d[0], n[0], float(da[0]), float(na[0]), float(da[1]), float(na[1])
+    )
+
+
+def image_faithfulness_text(f: ImageFaithfulness) -> str:
+    """One line of plain words on one image's deletion and insertion, each beside the random order (Markdown)."""
+    d_ok = f.deletion_auc < f.random_deletion_auc
+    i_ok = f.insertion_auc > f.random_insertion_auc
+    verdict = (
+        "the map's order beats a random order on both"
+        if d_ok and i_ok
+        else "the map's order beats a random order on neither: this map does not find what drives the score"
+        if not (d_ok or i_ok)
+        else "the map's order beats a random order on one of the two only"
+    )
+    return (
+        f"**This image**, class {f.target}: deleting its most important pixels first drops the probability "
+        f"with AUC **{f.deletion_auc:.3f}** (random order {f.random_deletion_auc:.3f}; lower is better); "
+        f"revealing them first on a blurred copy gives AUC **{f.insertion_auc:.3f}** "
+        f"(random {f.random_insertion_auc:.3f}; higher is better) — {verdict}."
+    )
+
+
+@dataclass
 class AttributionPanel:
     """One method: its overlays per class (same scale), the raw maxima, its stored faithfulness numbers."""
 
@@ -230,7 +297,8 @@ class AttributionPanel:
     overlays: dict[str, Image.Image]
     maxima: dict[str, float]
     seconds: float
-    faithfulness: dict[str, Any] | None
+    faithfulness: dict[str, Any] | None  # the stored summary over the evaluation's images (the baseline)
+    image: ImageFaithfulness | None = None  # this image's own deletion / insertion for the predicted class
 
 
 @dataclass
@@ -247,8 +315,18 @@ def where_it_looks(
     a: ImageAnalysis,
     methods: Sequence[str],
     other: str | None = None,
+    faithfulness: bool = True,
 ) -> AttributionView:
-    """Each method's map for the predicted class and ``other`` (default: the runner-up), on one scale per method."""
+    """Each method's map for the predicted class and ``other`` (default: the runner-up), on one scale per method;
+    with ``faithfulness``, each map's deletion / insertion on this image for the predicted class (cached per image
+    in the workspace, with the maps)."""
+    key = ("where_it_looks", a.digest, tuple(parse_methods(list(methods))), other, faithfulness)
+    return ws.maps.get(key, lambda: _where_it_looks(ws, a, methods, other, faithfulness))
+
+
+def _where_it_looks(
+    ws: Workspace, a: ImageAnalysis, methods: Sequence[str], other: str | None, faithfulness: bool
+) -> AttributionView:
     lm = ws.model()
     names = list(lm.class_names)
     order = np.argsort(-a.probs)
@@ -259,6 +337,7 @@ def where_it_looks(
     targets = [names.index(c) for c in classes]
     x = view_tensor(lm, a.image)
     stored = stored_attribution(ws)
+    steps = int(stored.get("steps", FAITHFULNESS_STEPS)) if stored else FAITHFULNESS_STEPS
     labels = method_labels()
     panels = []
     for m in parse_methods(list(methods)):
@@ -282,6 +361,7 @@ def where_it_looks(
                 {c: float(maps[i].max()) for i, c in enumerate(classes)},
                 seconds,
                 _with_baselines(stored, m),
+                image_faithfulness(lm, x, targets[0], maps[0], steps) if faithfulness else None,
             )
         )
     notes = []

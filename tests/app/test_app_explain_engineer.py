@@ -46,3 +46,14 @@ def test_one_filter_map_defaults_to_the_top_filter_and_follows_the_choice(monkey
     assert not at.exception
     k = other.split()[0].lstrip("#")
     assert any(m.value.startswith(f"Filter #{k} ") for m in at.markdown)
+
+
+def test_faithfulness_is_computed_for_the_upload(monkeypatch, bundles):
+    at = _upload(monkeypatch, bundles, methods="gradcam,saliency")
+    mine = [m.value for m in at.markdown if m.value.startswith("**This image**")]
+    assert len(mine) == 2  # one line per shown method, for this image
+    assert all("AUC" in m and "random order" in m for m in mine)
+    assert mine[0] != mine[1]
+    stored = any(c.value.startswith("Baseline, the stored summary: On ") for c in at.caption)
+    assert stored or any("No faithfulness numbers for this bundle yet" in c.value for c in at.caption)
+    assert any(k.startswith("faith_") for k in (c.key for c in at.get("plotly_chart") if hasattr(c, "key")))
