@@ -83,18 +83,31 @@ if ws is not None:
                     column_config={"open": st.column_config.LinkColumn("open", display_text="open filter")},
                     hide_index=True,
                 )
-                st.subheader("Where those filters fire")
-                st.caption(
-                    "The images these filters respond to most. The white outline marks where they fire together; "
-                    "the image keeps its own colours, so you can check the concept by eye. The number is how "
-                    "strongly they fire on the image (higher = stronger)."
-                )
+                if res.weak:
+                    st.subheader("Images it fires on: a guess, not a finding")
+                    st.markdown(
+                        ":orange-badge[weak] No filter of this layer reliably detects "
+                        f"“{views.escape_markdown(res.text)}”. These are the images where the closest filter "
+                        "fires, shown small and faded: they may have nothing to do with the concept."
+                    )
+                else:
+                    st.subheader("Where those filters fire")
+                    st.caption(
+                        "The images these filters respond to most. The white outline marks where they fire "
+                        "together; the image keeps its own colours, so you can check the concept by eye. The "
+                        "number is how strongly they fire on the image (higher = stronger)."
+                    )
                 with st.expander("How this is computed"):
                     st.markdown(
                         "Grounding map Σ_k w_k A_k(x) over the filters above (each map A_k divided by its maximum, "
                         "w_k the filter's weight for the concept), upsampled to the image; the outline encloses "
                         f"where it reaches {views.GROUNDING_LEVEL:.0%} of its maximum on that image. The number under an "
                         "image is Σ_k w_k φ_k(x) / max φ_k, φ_k(x) being filter k's mean activation on it."
+                        + (
+                            " A weak answer's images are faded towards grey and shown smaller."
+                            if res.weak
+                            else ""
+                        )
                     )
                 if res.images:
                     st.image(
@@ -102,5 +115,5 @@ if ws is not None:
                         caption=[
                             f"#{i} · {c} · {s:.2f}" if c else f"#{i} · {s:.2f}" for _, i, s, c in res.images
                         ],
-                        width=180,  # the views render them 180 px wide: shown as they are
+                        width=res.image_width,  # the views render them this wide: shown as they are
                     )

@@ -27,6 +27,7 @@ __all__ = [
     "lut_colormap",
     "minmax",
     "mosaic",
+    "mute",
     "outline",
     "overlay",
     "region_edges",
@@ -196,6 +197,19 @@ def outline(
     out[outer] = halo
     out[inner] = color
     return Image.fromarray(out)
+
+
+def mute(image: Image.Image, amount: float = 0.6) -> Image.Image:
+    """``image`` faded towards a light grey, for a picture shown as weak evidence: each pixel becomes
+    ``(1 - amount) · rgb + amount · (grey + 255) / 2`` with ``grey`` its luma (ITU-R 601), so colours pale and
+    the picture reads as secondary; ``amount = 0`` leaves it as it is."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must lie in [0, 1], got {amount}")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    pale = (grey[..., None] + 255.0) / 2.0
+    out = (1.0 - amount) * rgb + amount * pale
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
 def mosaic(
