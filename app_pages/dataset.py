@@ -52,11 +52,15 @@ if ws is not None:
         st.subheader("Bias findings (LaViSE dataset insight)")
         if rep.bias is not None:
             st.caption(
-                "Each image is shown to the network **with its object painted out**; a held-out linear test asks "
-                "how well these backgrounds alone tell each class from a typical class (AUC, 0.5 = not at all). "
-                "A class is flagged when the AUC is at least 0.64 (a medium effect) and significant "
-                "(one-sided Mann–Whitney, Bonferroni p < 0.01 over the classes)."
+                "Can the network tell a class from the background alone? Each image is shown to it **with its "
+                "object painted out**, and a class is flagged when its backgrounds alone give it away."
             )
+            with st.expander("How this is computed"):
+                st.markdown(
+                    "A held-out linear test asks how well the painted-out images tell each class from a typical "
+                    "class (AUC, 0.5 = not at all). A class is flagged when the AUC is at least 0.64 (a medium "
+                    "effect) and significant (one-sided Mann–Whitney, Bonferroni p < 0.01 over the classes)."
+                )
             flagged = [b for b in rep.bias if b["confirmed"]]
             refuted = [b for b in rep.bias if b["background_bias"] and not b["confirmed"]]
             if refuted:

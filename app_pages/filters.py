@@ -40,7 +40,7 @@ def featurevis_panel(ws: views.Workspace, k: int) -> None:
                 )
             bar.empty()
     if vis is not None:
-        st.image(vis.image, width=DETAIL_SIDE, caption=f"what it wants · φ={vis.phi:.2f}")
+        st.image(vis.image, width=DETAIL_SIDE, caption=f"what it wants · strength {vis.phi:.2f}")
         spec = f"; other filters reach {vis.others:.2f}× their top on it" if vis.others is not None else ""
         st.caption(
             f"Feature visualisation ({vis.steps} steps, {vis.source}): drives the filter to {vis.ratio:.1f}× "
@@ -96,14 +96,14 @@ def detail(ws: views.Workspace, k: int) -> None:
 
     if d.label and d.label_source.startswith("dissection"):
         st.caption(
-            f"**“{d.label}” · dissection on {d.label_concepts} (IoU {d.score:.2f})**: its top-0.5 % region overlaps "
-            f"the annotated {d.label} pixels of {d.label_concepts}'s training images (Network Dissection; labels "
+            f"**“{d.label}”**: where it fires most overlaps the {d.label} pixels annotated in {d.label_concepts}'s "
+            f"training images (overlap {d.score:.2f}, Network Dissection's IoU of its top-0.5 % region; labels "
             f"of this kind are {measured('dissection')}; "
             f"a random concept: {acc.get('random', float('nan')):.0%}). The other words below are other views "
             "of the same filter, less reliable."
         )
     elif d.label:
-        how = "zero-shot vote score" if d.label_source.startswith("zero") else "p(t | f)"
+        how = "zero-shot vote score" if d.label_source.startswith("zero") else "attribute probability"
         src = "zero_shot" if d.label_source.startswith("zero") else "pdf"
         st.caption(
             f"**“{d.label}” · {d.label_source} on {d.label_concepts}** ({how} {d.score:.2f}; labels of this kind "
@@ -111,8 +111,8 @@ def detail(ws: views.Workspace, k: int) -> None:
         )
     elif d.label_source.startswith("dissection"):
         st.caption(
-            f"No label: no annotated concept of {d.label_concepts} overlaps this filter's regions with "
-            f"IoU ≥ {IOU_MIN:g}."
+            f"No label: no annotated concept of {d.label_concepts} overlaps where this filter fires enough "
+            f"to name it (overlap, IoU, ≥ {IOU_MIN:g})."
         )
     lab_l, lab_r = st.columns(2)
     with lab_l:
@@ -130,7 +130,8 @@ def detail(ws: views.Workspace, k: int) -> None:
                 hide_index=True,
             )
             st.caption(
-                "IoU of the filter's top-0.5 % region with each concept's annotated pixels, training images."
+                "How much the region where it fires most overlaps each concept's annotated pixels on the "
+                "training images (IoU of its top-0.5 % region; 1 = the same pixels)."
             )
         else:
             st.info(d.dissection_note, icon=":material/construction:")
@@ -164,12 +165,15 @@ def detail(ws: views.Workspace, k: int) -> None:
                 _bar(
                     [a for a, _ in d.attributes],
                     [p for _, p in d.attributes],
-                    "Other view: attribute p.d.f. p(t | f) (Guo et al.)",
+                    "Other view: how likely each attribute is where it fires (Guo et al.)",
                 ),
                 width="stretch",
                 key="pdf",
             )
-            st.caption(f"Its top attribute is {measured('pdf')}: read it as a weak hint.")
+            st.caption(
+                f"Its top attribute is {measured('pdf')}: read it as a weak hint. (The attribute p.d.f. "
+                "p(t | f) of Guo et al.)"
+            )
         else:
             st.info(d.attributes_note, icon=":material/construction:")
     with right:
@@ -191,7 +195,7 @@ def detail(ws: views.Workspace, k: int) -> None:
             if lvl in (0.5, 0.99):
                 hist.add_vline(x=v, line_dash="dot", annotation_text=f"q{lvl:g} (spatial)")
         hist.update_layout(
-            title="Its pooled activation φ over the probe images",
+            title="How strongly it fires on each probe image",
             height=280,
             margin={"l": 0, "r": 10, "t": 40, "b": 10},
         )
@@ -245,7 +249,7 @@ def grid(ws: views.Workspace) -> None:
             st.image(views.filter_card_image(ws, k), width="stretch")
             label = views.escape_markdown(r["label"]) if r["label"] else "—"  # labels may come from captions
             top_class = views.escape_html(r["top_class"])
-            how = "dissection, IoU" if table.attrs.get("source", "").startswith("dissection") else "score"
+            how = "dissection, overlap" if table.attrs.get("source", "").startswith("dissection") else "score"
             st.markdown(
                 f"**#{k}** · {label}"
                 + ("" if not r["label"] else f"  \n<small>{how} {r['score']:.2f} · {top_class}</small>"),
