@@ -189,12 +189,19 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
     others = [c for c in ws.classes if c != predicted]
     other = st.selectbox("Compare with class", ["(runner-up)", *others], key=f"attr_other_{uid}")
     other = None if other.startswith("(") else other
-    if len(chosen) > 2:  # several methods at once: heavy, bounded across sessions (busy = a message)
-        with views.heavy_slot("the attribution maps"):
-            view = views.where_it_looks(ws, a, chosen, other)
-    else:
-        view = views.where_it_looks(ws, a, chosen, other)
-    st.image(view.legend, caption="0 → 1: " + view.scale_note, width=256)
+    settings = advanced_settings(ws, uid)
+    try:
+        if len(chosen) > 2:  # several methods at once: heavy, bounded across sessions (busy = a message)
+            with views.heavy_slot("the attribution maps"):
+                view = views.where_it_looks(ws, a, chosen, other, settings=settings)
+        else:
+            view = views.where_it_looks(ws, a, chosen, other, settings=settings)
+    except ValueError as e:  # a setting no method can use: say which, keep the rest of the page
+        st.error(f"No attribution maps with these settings: {e}.", icon=":material/tune:")
+        return
+    st.image(
+        view.legend, caption=("−1 → 0 → +1: " if settings.signed else "0 → 1: ") + view.scale_note, width=256
+    )
     for n in view.notes:
         st.caption(sh.public(n))  # no server path in front of a visitor
     for p in view.panels:
@@ -210,6 +217,50 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
     curves = [p for p in view.panels if p.image is not None]
     if curves:
         st.plotly_chart(faithfulness_curves(curves), width="stretch", key=f"faith_{uid}")
+
+
+def advanced_settings(ws: views.Workspace, uid: str) -> views.AttributionSettings:
+    """The "Advanced" expander: each method's parameters (defaults: those the stored numbers were measured with)."""
+    d = views.AttributionSettings()
+    size = int(ws.model().input_size)
+    with st.expander("Advanced: method settings"):
+        c1, c2, c3 = st.columns(3)
+        with c1:
+            st.markdown("**Integrated gradients**")
+            base = st.selectbox(
+                "Baseline (the image the path starts from)",
+                list(views.IG_BASELINES),
+                format_func=views.IG_BASELINES.get,
+                key=f"ig_base_{uid}",
+            )
+            steps = st.number_input("Steps", 1, 256, d.ig_steps, key=f"ig_steps_{uid}")
+            st.markdown("**SmoothGrad**")
+            noise = st.slider("Noise (share of the value range)", 0.0, 0.5, d.smoothgrad_noise, 0.01, key=f"sg_noise_{uid}")  # fmt: skip
+            samples = st.number_input("Samples", 1, 200, d.smoothgrad_samples, key=f"sg_n_{uid}")
+        with c2:
+            st.markdown(f"**Occlusion** (the network sees {size}×{size} pixels)")
+            window = st.number_input(
+                "Window (pixels)", 1, size, min(d.occlusion_window, size), key=f"occ_w_{uid}"
+            )
+            stride = st.number_input(
+                "Stride (pixels)", 1, size, min(d.occlusion_stride, size), key=f"occ_s_{uid}"
+            )
+            st.markdown("**CAMs** (CAM, Grad-CAM, Grad-CAM++)")
+            layers = views.cam_layers(ws)
+            layer = st.selectbox("Target layer", layers, key=f"cam_layer_{uid}")
+        with c3:
+            st.markdown("**Sign**")
+            signed = st.toggle(
+                "Signed maps: evidence for (red) and against (blue) the class", key=f"signed_{uid}"
+            )
+            st.caption(
+                "The defaults are the settings the stored faithfulness summary was measured with. CAM is defined "
+                "only for the layer that feeds the classifier; at other layers use Grad-CAM."
+            )
+    return views.AttributionSettings(
+        base, int(steps), float(noise), int(samples), int(window), int(stride),
+        None if layer == layers[0] else layer, bool(signed),
+    )  # fmt: skip
 
 
 def faithfulness_curves(panels: list) -> go.Figure:

@@ -9,6 +9,7 @@ choice into the URL's ``methods`` query parameter and back.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,26 +21,34 @@ from PIL import Image
 
 from lavise_core.api import ImageAnalysis
 from lavise_core.evaluate.attribution import EVAL_OPTIONS, deletion_insertion
+from lavise_core.explain.attribution.base import AttributionError
 from lavise_core.explain.attribution.faithfulness import curve_auc, pixel_ranks, random_ranks
 from lavise_core.explain.attribution.registry import DEFAULT_METHOD, METHODS, make_method, method_labels
-from lavise_core.views.overlays import colorize, overlay
+from lavise_core.views.layers import shown_layer_names
+from lavise_core.views.overlays import colorize, lut_colormap, overlay
 from lavise_core.views.workspace import Workspace
 
 __all__ = [
     "DEFAULT_METHOD",
+    "IG_BASELINES",
     "AttributionPanel",
+    "AttributionSettings",
     "AttributionView",
     "ImageFaithfulness",
     "attribution_findings",
     "attribution_rows",
+    "cam_layers",
     "colour_legend",
     "faithfulness_text",
     "image_faithfulness",
     "image_faithfulness_text",
     "method_labels",
+    "method_options",
     "methods_param",
     "parse_methods",
     "sanity_rows",
+    "signed_legend",
+    "signed_overlay",
     "stored_attribution",
     "view_tensor",
     "where_it_looks",
@@ -51,6 +60,90 @@ DISPLAY_PERCENTILE = 99.0
 PAGE_OPTIONS: dict[str, dict] = EVAL_OPTIONS
 #: deletion / insertion steps for one image when the bundle stores none (the evaluation's default)
 FAITHFULNESS_STEPS = 16
+#: integrated gradients' baselines x': name -> what it is, in plain words
+IG_BASELINES: dict[str, str] = {
+    "mean": "the data set's mean colour (0 after normalisation)",
+    "black": "a black image",
+    "blurred": "the image blurred (Gaussian, sigma 5 px)",
+}
+#: signed maps: evidence for the class in red, against it in blue (each on its own ramp from transparent)
+FOR_CLASS = lut_colormap([(0.0, (120, 0, 0)), (1.0, (255, 60, 40))])
+AGAINST_CLASS = lut_colormap([(0.0, (0, 40, 120)), (1.0, (60, 140, 255))])
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """The Explain page's attribution controls (Captum / torchcam demos offer the same). Defaults are the
+    options the stored faithfulness numbers were measured with (:data:`PAGE_OPTIONS`), so they stay comparable.
+
+    ``occlusion_window`` / ``occlusion_stride`` in network-input pixels; ``cam_layer`` None = the bundle's layer
+    (the one feeding global pooling); ``signed``: show evidence for (red) and against (blue) the class."""
+
+    ig_baseline: str = "mean"
+    ig_steps: int = int(PAGE_OPTIONS.get("integrated_gradients", {}).get("steps", 32))
+    smoothgrad_noise: float = 0.15
+    smoothgrad_samples: int = int(PAGE_OPTIONS.get("smoothgrad", {}).get("n_samples", 25))
+    occlusion_window: int = int(PAGE_OPTIONS.get("occlusion", {}).get("window", 16))
+    occlusion_stride: int = int(PAGE_OPTIONS.get("occlusion", {}).get("stride", 16))
+    cam_layer: str | None = None
+    signed: bool = False
+
+    def check(self, input_size: int) -> None:
+        """Raise ValueError, in plain words, for a setting no method can use on ``input_size``-pixel inputs."""
+        if self.ig_baseline not in IG_BASELINES:
+            raise ValueError(f"unknown integrated-gradients baseline {self.ig_baseline!r}; choose from {', '.join(IG_BASELINES)}")  # fmt: skip
+        if not 1 <= self.ig_steps <= 256:
+            raise ValueError(f"integrated gradients needs 1 to 256 steps, not {self.ig_steps}")
+        if not 0 <= self.smoothgrad_noise <= 1:
+            raise ValueError(f"SmoothGrad's noise level is a share of the image's value range (0 to 1), not {self.smoothgrad_noise}")  # fmt: skip
+        if not 1 <= self.smoothgrad_samples <= 200:
+            raise ValueError(f"SmoothGrad needs 1 to 200 noisy samples, not {self.smoothgrad_samples}")
+        if not 1 <= self.occlusion_window <= input_size:
+            raise ValueError(f"the occlusion window must be 1 to {input_size} pixels (the network's input), not {self.occlusion_window}")  # fmt: skip
+        if not 1 <= self.occlusion_stride <= self.occlusion_window:
+            raise ValueError(f"the occlusion stride must be 1 to the window ({self.occlusion_window} pixels), not {self.occlusion_stride}")  # fmt: skip
+
+    @property
+    def stored_defaults(self) -> bool:
+        """Whether the maps are made as the stored faithfulness numbers were (the signed view changes nothing)."""
+        return dataclasses.replace(self, signed=False) == AttributionSettings()
+
+
+def cam_layers(ws: Workspace) -> list[str]:
+    """The layers offered to the CAMs: the bundle's layer first, then the ones the ``layers`` stage recorded."""
+    recorded = ws.bundle.read_json("layers/names") if ws.bundle.has("layers/names.json") else []
+    # the layers stage may record the bundle's layer under a child's name (features.20 = features): named once
+    return list(dict.fromkeys([ws.bundle.layer, *shown_layer_names(ws, [str(n) for n in recorded])]))
+
+
+def method_options(lm: Any, x: Any, settings: AttributionSettings) -> dict[str, dict]:
+    """Constructor options of every method for ``settings`` on input ``x (B, 3, S, S)`` (ValueError if bad)."""
+    import torch
+
+    settings.check(int(lm.input_size))
+    if settings.ig_baseline == "black":
+        mean = torch.tensor(lm.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(lm.std, dtype=torch.float32)[:, None, None]
+        baseline: Any = (0.0 - mean) / std
+    elif settings.ig_baseline == "blurred":
+        from torchvision.transforms.functional import gaussian_blur
+
+        baseline = gaussian_blur(x, [21, 21], [5.0, 5.0])
+    else:
+        baseline = 0.0
+    layer = {"layer": settings.cam_layer} if settings.cam_layer else {}
+    return {
+        "integrated_gradients": {"steps": settings.ig_steps, "baseline": baseline},
+        "smoothgrad": {
+            "n_samples": settings.smoothgrad_samples,
+            "noise_level": settings.smoothgrad_noise,
+            "generator": torch.Generator().manual_seed(0),
+        },
+        "occlusion": {"window": settings.occlusion_window, "stride": settings.occlusion_stride},
+        "gradcam": dict(layer),
+        "gradcam_pp": dict(layer),
+        "cam": dict(layer),
+    }
 
 
 def parse_methods(raw: str | Sequence[str] | None) -> list[str]:
@@ -221,6 +314,16 @@ def view_tensor(lm: Any, image: Image.Image) -> Any:
     return ((x - mean) / std)[None]
 
 
+def signed_legend(width: int = 256, height: int = 14) -> Image.Image:
+    """The colour bar of signed maps: -1 (against the class, blue) on the left, 0 (black), +1 (for, red)."""
+    half = np.linspace(1.0, 0.0, width // 2, dtype=np.float32)
+    row = np.concatenate([AGAINST_CLASS(half), FOR_CLASS(half[::-1])], axis=0)
+    row = (
+        row * np.concatenate([half, half[::-1]])[:, None]
+    )  # fade to black at 0, as the overlay fades to the image
+    return Image.fromarray(np.tile(row[None].round().astype(np.uint8), (height, 1, 1)))
+
+
 def colour_legend(width: int = 256, height: int = 14, cmap: str = "inferno") -> Image.Image:
     """The colour bar of the section's one scale: 0 (left) to the larger class maximum (right)."""
     ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
@@ -316,16 +419,38 @@ def where_it_looks(
     methods: Sequence[str],
     other: str | None = None,
     faithfulness: bool = True,
+    settings: AttributionSettings | None = None,
 ) -> AttributionView:
     """Each method's map for the predicted class and ``other`` (default: the runner-up), on one scale per method;
     with ``faithfulness``, each map's deletion / insertion on this image for the predicted class (cached per image
     in the workspace, with the maps)."""
-    key = ("where_it_looks", a.digest, tuple(parse_methods(list(methods))), other, faithfulness)
-    return ws.maps.get(key, lambda: _where_it_looks(ws, a, methods, other, faithfulness))
+    settings = settings or AttributionSettings()
+    key = ("where_it_looks", a.digest, tuple(parse_methods(list(methods))), other, faithfulness, settings)
+    return ws.maps.get(key, lambda: _where_it_looks(ws, a, methods, other, faithfulness, settings))
+
+
+def _signed_top(signed: np.ndarray) -> float:
+    top = float(np.percentile(np.abs(signed), DISPLAY_PERCENTILE))
+    return top if top > 0 else float(np.abs(signed).max())
+
+
+def signed_overlay(image: Image.Image, signed: np.ndarray, top: float) -> Image.Image:
+    """``signed (h, w)`` on ``image``: values above 0 in red, below 0 in blue, both divided by ``top`` and clipped
+    (two passes of :func:`overlay`, each leaving weak values uncoloured)."""
+    top = top if top > 0 else 1.0
+    pos = np.clip(signed / top, 0.0, 1.0)
+    neg = np.clip(-signed / top, 0.0, 1.0)
+    out = overlay(image, pos, cmap=FOR_CLASS, alpha=0.7, normalize=None, mask_below=0.05)
+    return overlay(out, neg, cmap=AGAINST_CLASS, alpha=0.7, normalize=None, mask_below=0.05)
 
 
 def _where_it_looks(
-    ws: Workspace, a: ImageAnalysis, methods: Sequence[str], other: str | None, faithfulness: bool
+    ws: Workspace,
+    a: ImageAnalysis,
+    methods: Sequence[str],
+    other: str | None,
+    faithfulness: bool,
+    settings: AttributionSettings,
 ) -> AttributionView:
     lm = ws.model()
     names = list(lm.class_names)
@@ -336,14 +461,26 @@ def _where_it_looks(
     classes = [predicted] if other == predicted else [predicted, other]
     targets = [names.index(c) for c in classes]
     x = view_tensor(lm, a.image)
+    options = method_options(lm, x, settings)
     stored = stored_attribution(ws)
     steps = int(stored.get("steps", FAITHFULNESS_STEPS)) if stored else FAITHFULNESS_STEPS
     labels = method_labels()
-    panels = []
+    panels: list[AttributionPanel] = []
+    failed: list[str] = []
     for m in parse_methods(list(methods)):
         t0 = time.perf_counter()
-        method = make_method(m, lm, **PAGE_OPTIONS.get(m, {}))
-        maps = method.pixel_map(x.expand(len(targets), -1, -1, -1), targets).float().cpu().numpy()
+        try:
+            method = make_method(m, lm, **options.get(m, {}))
+        except AttributionError as e:
+            failed.append(f"{labels[m]}: {e}")
+            continue
+        xb = x.expand(len(targets), -1, -1, -1)
+        try:
+            maps = method.pixel_map(xb, targets).float().cpu().numpy()
+            signed = method.signed_map(xb, targets).float().cpu().numpy() if settings.signed else None
+        except AttributionError as e:  # e.g. CAM at a layer that does not feed the classifier: say so, go on
+            failed.append(f"{labels[m]}: {e}")
+            continue
         seconds = time.perf_counter() - t0
         top = float(
             np.percentile(maps, DISPLAY_PERCENTILE)
@@ -356,6 +493,8 @@ def _where_it_looks(
                 labels[m],
                 {
                     c: overlay(a.image, scaled[i], alpha=0.65, normalize=None, mask_below=0.05)
+                    if signed is None
+                    else signed_overlay(a.image, signed[i], _signed_top(signed))
                     for i, c in enumerate(classes)
                 },
                 {c: float(maps[i].max()) for i, c in enumerate(classes)},
@@ -364,11 +503,31 @@ def _where_it_looks(
                 image_faithfulness(lm, x, targets[0], maps[0], steps) if faithfulness else None,
             )
         )
-    notes = []
+    notes = [f"No map for {f}." for f in failed]
+    if settings.signed:
+        notes.append(
+            "Signed maps: red = evidence for the class, blue = evidence against it, each divided by the 99th "
+            "percentile of the map's absolute values over both classes. The faithfulness numbers use the "
+            "unsigned map (evidence for the class)."
+        )
+    if stored is not None and not settings.stored_defaults:
+        notes.append(
+            "The advanced settings differ from those the stored summary was measured with: compare this image's "
+            "numbers with it loosely."
+        )
     if stored is None:
         notes.append(
             "No faithfulness numbers for this bundle yet: measure them with "
             f"`lavise evaluate {ws.bundle.root} --only attribution` (about 1.5 min on the demo CNN)."
+        )
+    if settings.signed:
+        return AttributionView(
+            classes,
+            panels,
+            signed_legend(),
+            "One scale per method: blue = evidence against the class, red = evidence for it, each divided by the "
+            "99th percentile of the map's absolute values over both classes, clipped (near 0 = the image shows).",
+            notes,
         )
     return AttributionView(
         classes,

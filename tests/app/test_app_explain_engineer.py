@@ -57,3 +57,20 @@ def test_faithfulness_is_computed_for_the_upload(monkeypatch, bundles):
     stored = any(c.value.startswith("Baseline, the stored summary: On ") for c in at.caption)
     assert stored or any("No faithfulness numbers for this bundle yet" in c.value for c in at.caption)
     assert any(k.startswith("faith_") for k in (c.key for c in at.get("plotly_chart") if hasattr(c, "key")))
+
+
+def test_advanced_settings_reach_the_maps(monkeypatch, bundles):
+    at = _upload(monkeypatch, bundles, methods="gradcam,integrated_gradients")
+    uid = next(s.key for s in at.selectbox if s.key.startswith("ig_base_")).removeprefix("ig_base_")
+    before = [m.value for m in at.markdown if m.value.startswith("**This image**")]
+    at.selectbox(key=f"ig_base_{uid}").select("black").run()
+    at.number_input(key=f"ig_steps_{uid}").set_value(4).run()
+    assert not at.exception and not at.error
+    after = [m.value for m in at.markdown if m.value.startswith("**This image**")]
+    assert after[0] == before[0] and after[1] != before[1]  # Grad-CAM unchanged, integrated gradients changed
+    at.toggle(key=f"signed_{uid}").set_value(True).run()
+    assert not at.exception
+    assert any(c.value.startswith("Signed maps: red = evidence for the class") for c in at.caption)
+    at.number_input(key=f"occ_w_{uid}").set_value(4).run()
+    at.number_input(key=f"occ_s_{uid}").set_value(6).run()
+    assert any("stride must be 1 to the window (4 pixels)" in e.value for e in at.error)

@@ -20,7 +20,7 @@ method's raw output to a non-negative pixel map ``(B, H, W)`` and a min–max no
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import ClassVar
 
@@ -196,11 +196,24 @@ class Attribution(abc.ABC):
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         """The method's raw attribution for class ``target`` of each image of ``x (B, 3, H, W)``."""
+        return self._run(self._attribute, x, target)
+
+    def _run(
+        self, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, target: Target
+    ) -> torch.Tensor:
+        """``compute(x, t)`` on validated inputs, under the model's lock, with frozen parameters."""
         lock = self.loaded.lock if self.loaded is not None else nullcontext()
         with lock:  # one shared model: every hooked / modified pass runs under its lock (STYLE rule 3)
             x, t = self._prepare(x, target)
             with torch.enable_grad(), attribution_mode(self.model, self._params):
-                return self._attribute(x, t)
+                return compute(x, t)
+
+    def signed_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """Evidence for (> 0) and against (< 0) the class, ``(B, H, W)`` at the input resolution.
+
+        Each family defines its sign (gradient: the colour channels summed; CAM: the weighted sum before the
+        ReLU; occlusion: the score drop, negative where hiding a region raises the score)."""
+        raise AttributionError(f"{self.label or type(self).__name__} has no signed map")
 
     @abc.abstractmethod
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,16 @@ class CamAttribution(Attribution):
         """Family hook for extra checks on one chunk (CAM checks the pooling + linear structure)."""
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._cams(x, target, self.relu)
+
+    def _signed(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._cams(x, target, False)
+
+    def signed_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """``sum_k w_k A_k`` without the ReLU, upsampled to the input: > 0 for the class, < 0 against it."""
+        return upsample(self._run(self._signed, x, target), (int(x.shape[-2]), int(x.shape[-1])))
+
+    def _cams(self, x: torch.Tensor, target: torch.Tensor, relu: bool) -> torch.Tensor:
         maps = []
         for s in range(0, x.shape[0], self.batch_size):
             xi, ti = x[s : s + self.batch_size], target[s : s + self.batch_size]
@@ -133,7 +143,7 @@ class CamAttribution(Attribution):
             with torch.no_grad():
                 w = self._weights(act.detach(), grad, ti)
                 cam = (w[:, :, None, None] * act.detach()).sum(1)
-                maps.append(cam.clamp_min(0) if self.relu else cam)
+                maps.append(cam.clamp_min(0) if relu else cam)
         return torch.cat(maps)
 
     def pixel_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:

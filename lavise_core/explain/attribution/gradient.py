@@ -79,6 +79,10 @@ class GradientAttribution(Attribution):
             scores.append(score.detach())
         return torch.cat(grads), torch.cat(scores)
 
+    def signed_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """The colour channels summed, ``(B, H, W)``: > 0 where the attribution raises the class score."""
+        return self.attribute(x, target).sum(1)
+
     def pixel_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         a = self.attribute(x, target)
         if self.reduce == "positive_sum":

@@ -60,6 +60,10 @@ class PerturbationAttribution(Attribution):
     def pixel_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         return self.attribute(x, target)[:, 0].clamp_min(0)
 
+    def signed_map(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """The mean score drop ``(B, H, W)``: > 0 where hiding the pixel lowers the score, < 0 where it raises it."""
+        return self.attribute(x, target)[:, 0]
+
 
 class Occlusion(PerturbationAttribution):
     """A square of ``window`` pixels slid with ``stride`` over the image, all channels at once.
