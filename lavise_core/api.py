@@ -82,6 +82,20 @@ class FilterInfo:
     top_images: np.ndarray
     top_values: np.ndarray
     pdf: list[tuple[str, float]]
+    _explainer: Explainer | None = field(default=None, repr=False, compare=False)
+
+    def inputs(self, n: int = 5, layers: Sequence[str] | None = None) -> list:
+        """The ``n`` filters of the lower recorded layers (``layers``; default all the ``layers`` stage recorded
+        below this one) that drive this filter most: ``[FilterInput]``, each iterable as ``(layer, filter,
+        contribution, label)``, with ``evidence`` and ``exact`` (see :mod:`lavise_core.explain.dissection.circuits`:
+        gradient × activation of the spatial-mean activation over the top images). One forward and backward pass
+        of the top images; raises :class:`StageMissing` without the ``layers`` stage."""
+        from lavise_core.explain.dissection.circuits import top_image_inputs
+
+        ex = self._explainer
+        if ex is None:
+            raise ValueError("this filter was not taken from an open bundle: use ex.filters[k].inputs()")
+        return top_image_inputs(ex.bundle, ex.model, ex.dataset, self.index, n, layers, build_hint(ex.bundle))
 
 
 @dataclass(frozen=True)
@@ -592,6 +606,7 @@ class Explainer:
             np.asarray(self.array("probe/top_index")[k]),
             np.asarray(self.array("probe/top_value")[k]),
             pdf,
+            self,
         )
 
     # ------------------------------------------------------------------ concepts

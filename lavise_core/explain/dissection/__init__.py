@@ -1,8 +1,9 @@
 """Network Dissection (Bau et al., CVPR 2017; METHODS.md §5): filter labels measured against annotated pixels.
 
 labels.py (IoU of each filter with each concept, the stage and :class:`DissectionTables`), layers.py (the same
-across layers), search.py (concept search by that evidence, with abstention), lexicon.py and colour.py (how a
-free-text query is grounded in the annotated words and pixel colours).
+across layers), circuits.py (which lower filters drive a filter, in the words of the layers stage), search.py
+(concept search by that evidence, with abstention), lexicon.py and colour.py (how a free-text query is grounded in
+the annotated words and pixel colours).
 """
 
 from lavise_core.explain.dissection.labels import IOU_MIN, DissectionTables, build_dissection_stage
