@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: install assets demo serve test lint bench browser clean-data
+.PHONY: install data assets demo serve test lint bench browser clean-data
 
 ## install: the virtual environment with every pinned package and lavise itself (editable)
 install: $(STAMP)
@@ -24,17 +24,19 @@ $(STAMP): requirements.txt pyproject.toml
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
-## assets: SynthBirds, the demo CNN (committed; retrained only if missing) and the default bundle
-assets: install
+## data: SynthBirds and the demo CNN (committed; retrained only if missing)
+data: install
 	@test -f $(DATA)/manifest.jsonl || $(BIN)/lavise synthbirds --out $(DATA) --workers 2
 	@test -f $(MODEL) || $(BIN)/lavise train-demo --data $(DATA) --out models
+
+## assets: the data and the whole default bundle
+assets: data
 	$(BIN)/lavise build --model synthbirds --data $(DATA)
 
-## demo: serve the dashboard on http://localhost:$(PORT), to this machine only (127.0.0.1)
-demo: assets
-	$(BIN)/lavise build --model synthbirds --data $(DATA) --stages attribution   # on request: ~1 min, once
-	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
-		--browser.gatherUsageStats false
+## demo: serve the dashboard on http://localhost:$(PORT), to this machine only (127.0.0.1), as soon as the
+## probe pass is done; the other stages build behind it and each page lights up when its stage is done
+demo: data
+	$(BIN)/lavise demo --model synthbirds --data $(DATA) --port $(PORT)
 
 ## serve: serve the dashboard to others, read-only (make serve HOST=0.0.0.0; ARGS=--allow-build lets them build)
 HOST ?= 127.0.0.1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from lavise_core import views
 from lavise_core.data.images import ImageLoadError
 from lavise_core.pipeline.bundle import Bundle, BundleError, find_bundles
 from lavise_core.views.serving import ServeMode, ServerBusy, public_message, serve_mode
@@ -48,13 +49,14 @@ def public(message: object) -> str:
     return public_message(message, m, roots)
 
 
-@st.cache_resource(show_spinner="Opening the bundle…")
+# max_entries: a bundle built behind the dashboard changes its stamp at every stage; old copies go
+@st.cache_resource(show_spinner="Opening the bundle…", max_entries=8)
 def get_bundle(path: str, stamp: float) -> Bundle:
     """The bundle at ``path`` (``stamp``: mtime of its bundle.json, so a rebuilt bundle is reopened)."""
     return Bundle.open(path)
 
 
-@st.cache_resource(show_spinner="Loading the network…")
+@st.cache_resource(show_spinner="Loading the network…", max_entries=8)
 def get_model(path: str, stamp: float):
     return get_bundle(path, stamp).load_model()
 
@@ -66,7 +68,7 @@ def get_embedder(model_id: str):
     return shared_embedder(model_id)
 
 
-@st.cache_resource(show_spinner="Loading the concept index…")
+@st.cache_resource(show_spinner="Loading the concept index…", max_entries=4)
 def get_lavise(path: str, stamp: float):
     from lavise_core.explain.lavise.explainer import LaviseExplainer
     from lavise_core.explain.lavise.index import ConceptIndex
@@ -77,7 +79,7 @@ def get_lavise(path: str, stamp: float):
     return LaviseExplainer.from_bundle(bundle, index=index)
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def get_workspace(path: str, stamp: float) -> Workspace:
     return Workspace(
         get_bundle(path, stamp),
@@ -142,11 +144,50 @@ def workspace() -> Workspace | None:
             )
         )
         return None
+    background_build(path)
     try:
         return get_workspace(path, _stamp(path))
     except BundleError as e:
         st.error(public(e))
         return None
+
+
+def background_build(path: str) -> None:
+    """In the sidebar: the progress of a build running behind the dashboard (``lavise demo``), if any."""
+    from lavise_core.pipeline.background import read_build_status
+
+    status = read_build_status(path)
+    note = views.background_build_note(status)
+    if note is None or note.kind == "done":
+        return
+    if note.kind == "problem":
+        st.sidebar.warning(note.text, icon=":material/construction:")
+        return
+    with st.sidebar:
+        _watch_background_build(path, _stamp(path))
+
+
+@st.fragment(run_every=3)
+def _watch_background_build(path: str, stamp: float) -> None:
+    """Every 3 s: the build's progress; the page reruns when a stage lands (it fills in) and when the build
+    ends."""
+    from lavise_core.pipeline.background import read_build_status
+
+    status = read_build_status(path)
+    note = views.background_build_note(status)
+    landed = _stamp(path) != stamp
+    if note is None or note.kind != "running" or landed:
+        st.rerun()
+    st.progress(note.fraction, text=note.text)
+
+
+def building_now() -> bool:
+    """Whether a build runs behind the dashboard for the chosen bundle (``lavise demo``)."""
+    from lavise_core.pipeline.background import read_build_status
+
+    path = st.session_state.get(BUNDLE_KEY)
+    status = read_build_status(path) if path else None
+    return status is not None and status.running
 
 
 @contextlib.contextmanager
@@ -155,7 +196,15 @@ def guard(what: str = "this view") -> Iterator[None]:
     try:
         yield
     except StageMissing as e:
-        st.info(public(e), icon=":material/construction:")
+        if building_now():  # the command it names is already running: say what is missing, and that it comes
+            what = str(e).split(": build", 1)[0].rstrip(".")
+            st.info(
+                f"{what[:1].upper()}{what[1:]}. It is being built in the background now: this page fills in when "
+                "it is done.",
+                icon=":material/hourglass_top:",
+            )
+        else:
+            st.info(public(e), icon=":material/construction:")
     except ImageLoadError as e:
         st.error(public(e))
     except ServerBusy as e:

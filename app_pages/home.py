@@ -70,8 +70,15 @@ if ws is not None and ov is not None:
             st.subheader("What the network looks at")
             st.caption(f"A few of the {ov.n_images} probe images, one per class, with their class.")
             st.image([im for im, _ in samples], caption=[c for _, c in samples], width=128)
-        for msg in ov.messages:
-            st.info(msg, icon=":material/construction:")
+        if sh.building_now():  # what is missing is on its way: the sidebar shows the progress
+            st.info(
+                "The explanations are being built in the background (progress in the sidebar): filter labels, "
+                "concept search, explanations of images and the evaluation appear here as their stages finish.",
+                icon=":material/hourglass_top:",
+            )
+        else:
+            for msg in ov.messages:
+                st.info(msg, icon=":material/construction:")
         if ov.class_note:
             st.warning(ov.class_note, icon=":material/info:")
         if ov.words:

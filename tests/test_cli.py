@@ -105,10 +105,17 @@ def test_make_demo_binds_localhost_only():
     """Issue 29: `make demo` serves this machine only; serving to others is `lavise serve` / `make serve`."""
     from pathlib import Path
 
+    from lavise_core.cli.serve import demo_serve_command
+
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    assert "--server.address 127.0.0.1" in demo
+    assert "lavise demo" in demo
     assert "lavise serve" in makefile.split("\nserve:", 1)[1].split("\n\n", 1)[0]
+    args = build_parser().parse_args(["demo", "--port", "8602"])
+    argv, env = demo_serve_command(args, {"LAVISE_SERVE": "read-only"})
+    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert argv[argv.index("--server.port") + 1] == "8602"
+    assert "LAVISE_SERVE" not in env  # this machine's own dashboard: local mode, builds allowed
 
 
 def test_serve_is_read_only_unless_asked(tmp_path):

@@ -121,17 +121,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name in [*stages, *(args.force or [])]:
         REGISTRY[name]  # unknown names fail here, with the list of stages
     download_if_asked(args, args.model)
-    ex = lavise_core.build(
-        args.model,
-        args.data,
-        args.layer,
-        stages,
-        args.bundles,
-        force=args.force or (),
-        settings=_settings(args),
-        lock_timeout=0 if getattr(args, "no_wait", False) else None,
-        concepts=args.concepts,
-    )
+    writer = None
+    if getattr(args, "progress_file", None):
+        from lavise_core.pipeline.background import ProgressWriter
+
+        writer = ProgressWriter(args.progress_file, [s.name for s in REGISTRY.resolve(stages)])
+    try:
+        ex = lavise_core.build(
+            args.model,
+            args.data,
+            args.layer,
+            stages,
+            args.bundles,
+            progress=writer,
+            force=args.force or (),
+            settings=_settings(args),
+            lock_timeout=0 if getattr(args, "no_wait", False) else None,
+            concepts=args.concepts,
+        )
+    except Exception as e:
+        if writer is not None:
+            writer.finish(error=str(e) or type(e).__name__)
+        raise
+    if writer is not None:
+        writer.finish()
     _print_build(ex, {s.name: ex.built[s.name] for s in REGISTRY if s.name in ex.built})
     return 0
 
@@ -245,6 +258,14 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
         "--no-wait",
         action="store_true",
         help="if another build of the same bundle is running, stop at once instead of waiting for it",
+    )
+    p.add_argument(
+        "--progress-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep FILE (JSON) up to date with the build's progress, for a dashboard served meanwhile "
+        "(`lavise demo` puts it in the bundle folder)",
     )
     p.set_defaults(func=cmd_build)
 

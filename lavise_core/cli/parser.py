@@ -9,7 +9,7 @@ import sys
 from lavise_core.cli.build import add_build_commands
 from lavise_core.cli.data import add_import_commands, add_synthbirds
 from lavise_core.cli.report import add_report
-from lavise_core.cli.serve import add_serve
+from lavise_core.cli.serve import add_demo, add_serve
 from lavise_core.cli.train import add_train_demo, add_train_siam
 from lavise_core.cli.weights import add_fetch_weights
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_siam(sub)
     add_report(sub)
     add_serve(sub)
+    add_demo(sub)
     return parser
 
 

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lavise_core.api import build
+from lavise_core.pipeline.background import BuildStatus
 from lavise_core.pipeline.bundle import Bundle
 from lavise_core.pipeline.stages import BuildProgress, BuildSettings
 
 __all__ = [
+    "BackgroundNote",
     "BuildTracker",
     "DataCheck",
     "StageLine",
+    "background_build_note",
     "build_bundle",
     "check_data_folder",
     "model_choices",
@@ -237,3 +240,43 @@ class BuildTracker:
         """Time left of the running stage (later stages have no estimate until they start)."""
         running = [ln.left for ln in self.lines.values() if ln.state == "running"]
         return running[0] if running else None
+
+
+@dataclass(frozen=True)
+class BackgroundNote:
+    """What the dashboard says of a background build: ``kind`` "running" | "done" | "problem", one plain
+    sentence, and the share of the stages finished (``fraction`` in [0, 1])."""
+
+    kind: str
+    text: str
+    fraction: float
+
+
+def background_build_note(status: BuildStatus | None, resume: str = "make demo") -> BackgroundNote | None:
+    """The line shown while ``lavise demo`` builds behind the dashboard (None: no background build to speak of).
+
+    ``resume``: the command that resumes a build that stopped."""
+    if status is None:
+        return None
+    n, done = len(status.stages), len(status.finished)
+    if status.state == "done":
+        return BackgroundNote("done", f"All {n} build stages are done: every page is ready.", 1.0)
+    where = f" at the {status.stage} stage" if status.stage else ""
+    if status.state == "failed":
+        return BackgroundNote(
+            "problem", f"The background build stopped{where}: {status.error}. Run `{resume}` again to retry.",
+            done / max(n, 1),
+        )  # fmt: skip
+    if status.state == "stopped":
+        return BackgroundNote(
+            "problem",
+            f"The background build stopped{where} before finishing ({done} of {n} stages done). Run `{resume}` "
+            "again to resume it.",
+            done / max(n, 1),
+        )
+    now = f"; now: {status.stage}" if status.stage else ""
+    return BackgroundNote(
+        "running",
+        f"Building in the background: {done} of {n} stages done{now}. Each page fills in when its stage is done.",
+        max(done / max(n, 1), min(float(status.fraction), 1.0)),
+    )
