@@ -1,5 +1,6 @@
-"""``lavise synthbirds``, ``import-folder``, ``import-cub`` and ``import-coco``: write probe data sets with
-:mod:`lavise_core.data.synthbirds` and :mod:`lavise_core.data.importers`."""
+"""``lavise synthbirds``, ``concepts``, ``import-folder``, ``import-cub``, ``import-coco`` and ``import-broden``:
+write probe data sets and concept sets with :mod:`lavise_core.data.synthbirds`,
+:mod:`lavise_core.data.concept_shapes` and :mod:`lavise_core.data.importers`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from lavise_core.data.concept_shapes import DEFAULT_N as CONCEPTS_N
+from lavise_core.data.concept_shapes import REGIONS as CONCEPT_REGIONS
+from lavise_core.data.concept_shapes import generate_concept_shapes
 from lavise_core.data.dataset import DatasetError, ProbeDataset
 from lavise_core.data.importers import LINK_MODES, import_coco, import_cub, import_image_folder
 from lavise_core.data.synthbirds import (
@@ -17,8 +21,10 @@ from lavise_core.data.synthbirds import (
 )
 
 __all__ = [
+    "add_concepts",
     "add_import_commands",
     "add_synthbirds",
+    "cmd_concepts",
     "cmd_import_coco",
     "cmd_import_cub",
     "cmd_import_folder",
@@ -67,6 +73,50 @@ def add_synthbirds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthbirds)
+    add_concepts(sub)  # the other built-in set, listed next to SynthBirds
+
+
+# ----------------------------------------------------------------------------- concepts
+def cmd_concepts(args: argparse.Namespace) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    ds = generate_concept_shapes(
+        Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        image_size=args.image_size,
+        test_fraction=args.test_fraction,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    n_train = int((ds.splits() == "train").sum())
+    seconds = time.perf_counter() - t0
+    print(
+        f"wrote {len(ds)} images ({n_train} train, {len(ds) - n_train} test) to {ds.root} in {seconds:.1f} s: "
+        f"{len(CONCEPT_REGIONS)} region kinds, {len(ds.classes)} classes (the dominant shape)"
+    )
+    return 0
+
+
+def add_concepts(sub: argparse._SubParsersAction) -> None:
+    """Register ``lavise concepts``."""
+    p = sub.add_parser(
+        "concepts",
+        help="generate the general concept set (colours, textures, shapes)",
+        description=(
+            "Generate ConceptShapes: scenes of coloured, textured fields and shapes with every pixel labelled "
+            "(colour terms, 20+ textures, 10 shapes), in the SynthBirds ground-truth format."
+        ),
+    )
+    p.add_argument("--out", default="data/concepts", help="output directory (default: data/concepts)")
+    p.add_argument("--n", type=int, default=CONCEPTS_N, help=f"number of images (default: {CONCEPTS_N})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of test images (default: 0.2)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_concepts)
 
 
 # ----------------------------------------------------------------------------- importers
