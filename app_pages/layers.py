@@ -19,6 +19,51 @@ st.caption(
     "the baseline."
 )
 
+
+def open_units(ws: views.Workspace, layer: str, units: list[dict]) -> None:
+    """Every unit of ``layer`` with its top probe images (as OpenAI Microscope), one opened in full."""
+    st.subheader(f"The units of `{layer}` and the images they fire on")
+    with st.spinner(f"Ranking the units of {layer} on the probe images (a few seconds, once per layer)…"):
+        tops = views.layer_tops(ws, layer)
+    how = (
+        f"every one of the {tops.total} probe images"
+        if tops.exact
+        else f"{tops.ranked} of the {tops.total} probe images, spread evenly over the set (a sample: "
+        "the explained layer is ranked on all of them)"
+    )
+    st.caption(
+        f"Each unit's top image among {how}, outlined where the unit fires at half its peak or more; the label is "
+        f'the unit\'s best concept when its IoU reaches {IOU_MIN:g} (else "no label").'
+    )
+    wanted = st.query_params.get("unit")
+    default = int(wanted) if wanted and wanted.isdigit() and int(wanted) < len(units) else 0
+    unit = st.selectbox(
+        "Open a unit",
+        list(range(len(units))),
+        index=default,
+        format_func=lambda u: f"unit {u} · {views.unit_label(units[u])}",
+        key=f"unit_{layer}",
+    )
+    if str(unit) != wanted:
+        st.query_params["unit"] = str(unit)
+    shots = views.unit_images(ws, tops, unit)
+    st.markdown(f"**Unit {unit}** of `{layer}`: {views.unit_label(units[unit])}")
+    cols = st.columns(max(1, len(shots)))
+    for col, (jpeg, i, value) in zip(cols, shots, strict=False):
+        col.image(jpeg, caption=f"probe image #{i} · peak {value:.2f}", width="stretch")
+    with st.expander(
+        f"All {len(units)} units of `{layer}`, each on its top image", expanded=len(units) <= 64
+    ):
+        gallery = views.unit_gallery(ws, tops)
+        per_row = 8
+        for start in range(0, len(gallery), per_row):
+            cols = st.columns(per_row)
+            for col, u in zip(cols, range(start, min(start + per_row, len(gallery))), strict=False):
+                col.image(gallery[u], width="stretch")
+                label = units[u]["best concept"] if units[u]["interpretable"] else "no label"
+                col.caption(f"{u} · {label}")
+
+
 ws = sh.workspace()
 if ws is not None:
     with sh.guard("the Layers page"):
@@ -67,4 +112,6 @@ if ws is not None:
         if pick != chosen:
             st.query_params["layer"] = pick
         st.caption(f"Share this view: add `?layer={pick}` to the Layers page URL.")
-        st.dataframe(views.layer_units(ws, pick, v.iou_min), hide_index=True)
+        units = views.layer_units(ws, pick, v.iou_min)
+        st.dataframe(units, hide_index=True)
+        open_units(ws, pick, units)
