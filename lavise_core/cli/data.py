@@ -12,7 +12,7 @@ from lavise_core.data.concept_shapes import DEFAULT_N as CONCEPTS_N
 from lavise_core.data.concept_shapes import REGIONS as CONCEPT_REGIONS
 from lavise_core.data.concept_shapes import generate_concept_shapes
 from lavise_core.data.dataset import DatasetError, ProbeDataset
-from lavise_core.data.importers import LINK_MODES, import_coco, import_cub, import_image_folder
+from lavise_core.data.importers import LINK_MODES, import_broden, import_coco, import_cub, import_image_folder
 from lavise_core.data.synthbirds import (
     DEFAULT_N,
     SPURIOUS_BACKGROUND,
@@ -25,6 +25,7 @@ __all__ = [
     "add_import_commands",
     "add_synthbirds",
     "cmd_concepts",
+    "cmd_import_broden",
     "cmd_import_coco",
     "cmd_import_cub",
     "cmd_import_folder",
@@ -190,8 +191,23 @@ def cmd_import_coco(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_import_broden(args: argparse.Namespace) -> int:
+    cats = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
+    return _run(
+        lambda: import_broden(
+            Path(args.src),
+            Path(args.out),
+            categories=cats,
+            max_images=args.max_images,
+            link=args.link,
+            progress=not args.quiet,
+        ),
+        args,
+    )
+
+
 def add_import_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``import-folder``, ``import-cub`` and ``import-coco``."""
+    """Register ``import-folder``, ``import-cub``, ``import-coco`` and ``import-broden``."""
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="directory of the probe data set to write")
@@ -250,3 +266,21 @@ def add_import_commands(sub: argparse._SubParsersAction) -> None:
     )
     common(p)
     p.set_defaults(func=cmd_import_coco)
+
+    p = sub.add_parser(
+        "import-broden",
+        help="import Broden (NetDissect's colour/object/part/material/scene/texture set)",
+        description=(
+            "Import an extracted Broden folder (index.csv, category.csv, label.csv, c_*.csv, images/) as a concept "
+            "set: one region per pixel (part, else object, else material, else colour), scenes as image labels."
+        ),
+    )
+    p.add_argument("src", help="the Broden folder, e.g. broden1_224/ (holds index.csv)")
+    p.add_argument(
+        "--categories",
+        default=None,
+        help="comma-separated categories to import (default: all; e.g. color,texture,object)",
+    )
+    p.add_argument("--max-images", type=int, default=None, help="import only the first N rows of index.csv")
+    common(p)
+    p.set_defaults(func=cmd_import_broden)

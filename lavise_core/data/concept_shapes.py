@@ -346,7 +346,7 @@ def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     from PIL import Image
 
     g = rng.random((max(2, cells), max(2, cells))).astype(np.float32)
-    im = Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+    im = Image.fromarray(g).resize((size, size), Image.Resampling.BICUBIC)
     return np.clip(np.asarray(im), 0.0, 1.0)
 
 

@@ -45,15 +45,20 @@ from lavise_core.data.dataset import (
 )
 
 __all__ = [
+    "BRODEN_MAJORITY",
+    "BRODEN_META_COLUMNS",
+    "BRODEN_PRIORITY",
     "CUB_PARTS",
     "IMAGE_EXTENSIONS",
     "LINK_MODES",
     "Skipped",
+    "broden_regions",
     "clean_class_name",
     "cub_attribute_phrase",
     "decode_coco_segmentation",
     "decode_rle",
     "encode_rle",
+    "import_broden",
     "import_coco",
     "import_cub",
     "import_image_folder",
@@ -1136,3 +1141,329 @@ def _coco_instances(
     ]
     mask_rel = _write_mask(out, rid, label_map) if drawn else None
     return mask_rel, inst
+
+
+# ====================================================================== Broden (NetDissect)
+
+#: Broden's per-image metadata columns of ``index.csv``; every other column is a category.
+BRODEN_META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
+#: Pixel categories, most specific first: a pixel's region is its label in the first category that has one.
+BRODEN_PRIORITY = ("part", "object", "material", "color")
+#: A label of another category becomes a phrase of a region when it covers at least this fraction of it.
+BRODEN_MAJORITY = 0.5
+
+
+@dataclass
+class _BrodenLabel:
+    number: int
+    name: str
+    category: str  # the category with the most images (label.csv lists counts per category)
+
+
+def _broden_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    if not path.is_file():
+        raise DatasetError(
+            f"{path} is missing: a Broden directory holds index.csv, category.csv, label.csv, c_<category>.csv "
+            "and images/ (see docs/concept_sets.md for the download commands)"
+        )
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path} is not a readable CSV file ({e})") from e
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise DatasetError(f"{path} lacks the column(s) {missing}; its header is {fields}")
+    return fields, rows
+
+
+def _broden_int(path: Path, line: int, column: str, text: str | None) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise DatasetError(f"{path}: line {line}: {column} must be an integer, not {text!r}") from None
+
+
+def _broden_name(name: str, category: str) -> str:
+    """``"red-c"`` -> ``"red"``, ``"street-s"`` -> ``"street"`` (Broden's category suffixes); spaces kept."""
+    name = name.strip()
+    if len(name) > 2 and name[-2] == "-" and category and name[-1] == category[0]:
+        name = name[:-2]
+    return name.replace("_", " ").strip().lower()
+
+
+def _broden_labels(src: Path) -> dict[int, _BrodenLabel]:
+    path = src / "label.csv"
+    _, rows = _broden_csv(path, ("number", "name", "category"))
+    out: dict[int, _BrodenLabel] = {}
+    for line, row in enumerate(rows, start=2):
+        number = _broden_int(path, line, "number", row["number"])
+        counts: dict[str, int] = {}
+        for part in filter(None, (row["category"] or "").split(";")):
+            m = re.match(r"^([^(]*)\(([^)]*)\)$", part.strip())
+            if not m:
+                raise DatasetError(f"{path}: line {line}: category {part!r} is not of the form name(count)")
+            counts[m.group(1)] = _broden_int(path, line, "category count", m.group(2))
+        cat = max(counts, key=lambda c: counts[c]) if counts else ""
+        out[number] = _BrodenLabel(number, _broden_name(row["name"], cat), cat)
+    return out
+
+
+def _broden_cell(value: str | None) -> list[int | str]:
+    """An ``index.csv`` category cell: ``;``-separated segmentation PNG paths, or integers (whole-image labels)."""
+    items: list[int | str] = []
+    for s in (value or "").split(";"):
+        s = s.strip()
+        if s:
+            items.append(int(s) if re.fullmatch(r"\d+", s) else s)
+    return items
+
+
+def _broden_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Label numbers of a Broden segmentation PNG: ``R + 256 * G`` as ``(sh, sw)`` int32; raises ``ValueError``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    except FileNotFoundError:
+        raise ValueError(f"segmentation {path.name} is missing") from None
+    except Exception as e:  # PIL raises many types for a broken file: report it, do not abort the import
+        raise ValueError(f"segmentation {path.name} cannot be read ({type(e).__name__}: {e})") from None
+    if rgb.shape[:2] != shape:
+        raise ValueError(
+            f"segmentation {path.name} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says {shape[1]}x{shape[0]}"
+        )
+    return rgb[..., 0] + 256 * rgb[..., 1]
+
+
+def broden_regions(
+    channels: Sequence[tuple[str, np.ndarray]],
+    whole: Sequence[int],
+    labels: dict[int, _BrodenLabel] | dict,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """One image's Broden labels as one region per pixel plus phrases.
+
+    Args:
+        channels: ``(category, (sh, sw) label numbers)`` per segmentation PNG, 0 = unlabelled.
+        whole: label numbers of the whole image (scene, whole-image texture).
+        labels: label number -> label (only its ``category`` is used).
+        shape: ``(sh, sw)``.
+
+    Returns:
+        ``primary (sh, sw)`` int64: each pixel's label in the first category of :data:`BRODEN_PRIORITY` that has
+        one (the first PNG of a category first); pixels with none take the first whole-image label, else 0.
+        ``concepts``: region label -> the label numbers it carries: itself, every other pixel label that covers at
+        least :data:`BRODEN_MAJORITY` of its pixels, and every whole-image label.
+    """
+    rank = {c: j for j, c in enumerate(BRODEN_PRIORITY)}
+    ordered = sorted(range(len(channels)), key=lambda k: (rank.get(channels[k][0], len(rank)), k))
+    primary = np.zeros(shape, np.int64)
+    for k in ordered:
+        seg = channels[k][1]
+        np.copyto(primary, seg, where=(primary == 0) & (seg > 0))
+    if whole:
+        primary[primary == 0] = whole[0]
+    regs, area = np.unique(primary[primary > 0], return_counts=True)
+    concepts: dict[int, list[int]] = {int(r): [int(r)] for r in regs}
+    flat = primary.ravel()
+    for _, seg in channels:
+        s = seg.ravel()
+        both = (flat > 0) & (s > 0) & (s != flat)
+        if not both.any():
+            continue
+        pairs, n = np.unique(np.stack([flat[both], s[both]]), axis=1, return_counts=True)
+        for (r, m), c in zip(pairs.T.tolist(), n.tolist(), strict=True):
+            if c >= BRODEN_MAJORITY * area[np.searchsorted(regs, r)] and m not in concepts[r]:
+                concepts[r].append(m)
+    for r in concepts:
+        concepts[r] += [w for w in whole if w not in concepts[r]]
+    return primary, concepts
+
+
+def import_broden(
+    src: Path,
+    out: Path,
+    *,
+    categories: Sequence[str] | None = None,
+    max_images: int | None = None,
+    link: str = "symlink",
+    progress: bool = True,
+) -> ProbeDataset:
+    """Import a Broden data set (Bau et al. 2017, NetDissect's ``broden1_224`` / ``broden1_227`` layout).
+
+    Reads ``index.csv`` (``image, split, ih, iw, sh, sw`` and one column per category; a cell is a
+    ``;``-separated list of segmentation PNGs under ``images/`` or of integer whole-image labels),
+    ``category.csv`` (the categories), ``label.csv`` (``number, name, category`` with per-category counts such as
+    ``color(41);object(3)``) and checks that ``c_<category>.csv`` exists for each category. A segmentation PNG
+    holds label ``R + 256 * G`` per pixel; a pixel may carry several labels (one per category, and several PNGs
+    per category).
+
+    The probe data set format holds one region per pixel, so (:func:`broden_regions`): a pixel's region is its
+    part, else object, else material, else colour label; the other labels become phrases of a region where they
+    cover at least half of it; whole-image labels (scenes, whole-image textures) are phrases of every region and
+    the region of otherwise unlabelled pixels. ``regions`` are the used labels' names (``red-c`` -> ``red``), in
+    label-number order; label maps are upsampled (nearest) to the image size. The class of an image is its first
+    scene label (``classes`` = the scene names that occur), else ``-1``. Images whose PNG is unreadable, of the
+    wrong size, or holds a label number that ``label.csv`` lacks are skipped and listed in ``meta["skipped"]``.
+    """
+    from PIL import Image
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DatasetError(f"{src} is not a directory: give the extracted Broden folder (holds index.csv)")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    _check_out(src, out)
+    index_path = src / "index.csv"
+    fields, rows = _broden_csv(index_path, BRODEN_META_COLUMNS)
+    _, cat_rows = _broden_csv(src / "category.csv", ("name",))
+    known_cats = [r["name"].strip() for r in cat_rows]
+    labels = _broden_labels(src)
+    cats = [c for c in fields if c not in BRODEN_META_COLUMNS]
+    unknown = [c for c in cats if c not in known_cats]
+    if unknown:
+        raise DatasetError(
+            f"{index_path}: column(s) {unknown} are not categories of category.csv ({known_cats})"
+        )
+    if categories is not None:
+        bad = [c for c in categories if c not in cats]
+        if bad:
+            raise DatasetError(f"unknown Broden categor(ies) {bad}; this index has {cats}")
+        cats = [c for c in cats if c in categories]
+    for c in cats:
+        if not (src / f"c_{c}.csv").is_file():
+            raise DatasetError(
+                f"{src / f'c_{c}.csv'} is missing: every category of index.csv needs its c_ file"
+            )
+    if max_images is not None:
+        rows = rows[:max_images]
+
+    images = src / IMAGES_DIR
+    kept: list[tuple[str, str, np.ndarray, dict[int, list[int]], list[int], dict]] = []
+    skipped: list[Skipped] = []
+    for line, row in _tqdm(enumerate(rows, start=2), progress=progress, desc="broden", total=len(rows)):
+        rel = (row["image"] or "").strip()
+        where = f"{index_path.name} line {line} ({rel})"
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+            skipped.append(Skipped(where, "the image path must be relative and stay inside images/"))
+            continue
+        split = (row["split"] or "").strip()
+        if split not in ("train", "val", "test"):
+            skipped.append(Skipped(where, f"split {split!r} is not train, val or test"))
+            continue
+        shape = (
+            _broden_int(index_path, line, "sh", row["sh"]),
+            _broden_int(index_path, line, "sw", row["sw"]),
+        )
+        size, reason = _readable(images / rel, rel)
+        if size is None:
+            skipped.append(Skipped(where, reason))
+            continue
+        channels: list[tuple[str, np.ndarray]] = []
+        whole: list[int] = []
+        cells = {c: _broden_cell(row.get(c)) for c in cats}
+        try:
+            for cat, items in cells.items():
+                for item in items:
+                    if isinstance(item, int):
+                        whole.append(item)
+                        continue
+                    if item.startswith("/") or ".." in item.split("/"):
+                        raise ValueError(f"segmentation path {item!r} must stay inside images/")
+                    channels.append((cat, _broden_png(images / item, shape)))
+            used = {int(v) for _, seg in channels for v in np.unique(seg) if v} | set(whole)
+            missing = sorted(used - set(labels))
+            if missing:
+                raise ValueError(f"label number(s) {missing[:5]} are not in label.csv")
+        except ValueError as e:
+            skipped.append(Skipped(where, str(e)))
+            continue
+        if not channels and not whole:  # NetDissect's index_has_any_data: nothing in the chosen categories
+            skipped.append(Skipped(where, f"no labels in the categories {cats}"))
+            continue
+        primary, concepts = broden_regions(channels, whole, labels, shape)
+        if (shape[1], shape[0]) != size:
+            primary = np.asarray(
+                Image.fromarray(primary.astype(np.int32)).resize(size, Image.Resampling.NEAREST)
+            ).astype(np.int64)
+            concepts = {r: v for r, v in concepts.items() if (primary == r).any()}
+        meta = {
+            "width": size[0],
+            "height": size[1],
+            "broden": {c: [str(x) for x in v] for c, v in cells.items() if v},
+        }
+        kept.append((rel, split, primary, concepts, whole, meta))
+    _log_skipped(skipped, "broden")
+    if not kept:
+        first = f" (first: {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        raise DatasetError(f"no usable images in {index_path}{first}")
+
+    used = sorted({r for k in kept for r in k[3]})
+    region_names: list[str] = []
+    slot: dict[int, int] = {}
+    for number in used:  # labels sharing a name share a region
+        name = labels[number].name
+        if name not in region_names:
+            region_names.append(name)
+        slot[number] = region_names.index(name) + 1
+    lut = np.zeros(max(used) + 1, np.uint16 if len(region_names) > 255 else np.uint8)
+    for number, r in slot.items():
+        lut[number] = r
+    scene_numbers = sorted({w for k in kept for w in k[4] if labels[w].category == "scene"})
+    classes = list(dict.fromkeys(labels[n].name for n in scene_numbers))
+    ids = _unique_ids([k[0] for k in kept])
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for rid, (rel, split, primary, concepts, whole, meta) in zip(ids, kept, strict=True):
+        mask = _write_mask(out, rid, lut[primary])
+        region_concepts: dict[str, list[str]] = {}
+        for number, carried in concepts.items():
+            phrases = region_concepts.setdefault(labels[number].name, [])
+            phrases += [labels[m].name for m in carried if labels[m].name not in phrases]
+        scenes = [labels[w].name for w in whole if labels[w].category == "scene"]
+        attributes = list(dict.fromkeys(p for ps in region_concepts.values() for p in ps))
+        records.append(
+            ImageRecord(
+                id=rid,
+                path=f"{IMAGES_DIR}/{rel}",
+                split=split,
+                label=classes.index(scenes[0]) if scenes else -1,
+                attributes=attributes,
+                mask=mask,
+                region_concepts=region_concepts,
+                meta={**meta, "scenes": scenes},
+            )
+        )
+    _reference_images(images, out, [k[0] for k in kept], link)
+    kinds = {}
+    for number in sorted({m for k in kept for cs in k[3].values() for m in cs}):
+        kinds.setdefault(labels[number].name, labels[number].category)
+    return write_dataset(
+        out,
+        name="Broden",
+        source="broden",
+        classes=classes,
+        records=records,
+        regions=region_names,
+        meta={
+            "source_dir": str(src.resolve()),
+            "link": link,
+            "categories": cats,
+            "priority": list(BRODEN_PRIORITY),
+            "majority": BRODEN_MAJORITY,
+            "concept_kinds": kinds,
+            "skipped": [s.to_json() for s in skipped],
+            "notes": [
+                "one region per pixel: part, else object, else material, else colour; other labels are phrases of "
+                f"a region they cover at least {BRODEN_MAJORITY:.0%} of; scenes and whole-image textures are "
+                "phrases of every region (meta.broden keeps each image's original cells)"
+            ],
+        },
+    )
