@@ -48,6 +48,54 @@ def featurevis_panel(ws: views.Workspace, k: int) -> None:
         )
 
 
+def inputs_panel(ws: views.Workspace, k: int) -> None:
+    """What drives filter k: the filters of a lower layer it reads most, each opening its own card."""
+    st.subheader("What drives it: filters of the layers below")
+    if not st.toggle("Show the filters that drive it (about a second)", key=f"inputs_{k}"):
+        st.caption(
+            "A filter is built from the filters of the layers below it. This finds which of them feed it most on "
+            "its top images, each with its own label, so you can walk down the network."
+        )
+        return
+    with sh.guard("the inputs of this filter"):
+        chosen = st.session_state.get(f"inputs_layer_{k}")
+        v = views.filter_inputs_view(ws, k, chosen)
+        pick, _ = st.columns([1, 2])
+        pick.selectbox("From layer", v.layers, index=v.layers.index(v.layer), key=f"inputs_layer_{k}",
+                     help="the layers the `layers` stage recorded below this one, nearest first")  # fmt: skip
+        if not v.rows:
+            st.info(f"No filter of `{v.layer}` feeds filter {k} on its top images.")
+            return
+        names = [
+            f"{v.layer} #{r['filter']}" + (f" · {r['label']}" if r["label"] else " · no label")
+            for r in v.rows
+        ]
+        fig = go.Figure(
+            go.Sankey(
+                node={"label": [*names, f"filter {k}"], "pad": 12, "thickness": 14,
+                      "color": [*["#9ecae9" if r["label"] else "#d9d9d9" for r in v.rows], "#4c78a8"]},
+                link={"source": list(range(len(v.rows))), "target": [len(v.rows)] * len(v.rows),
+                      "value": [max(r["share"], 1e-3) for r in v.rows],
+                      "color": ["rgba(76,120,168,0.35)" if r["contribution"] >= 0 else "rgba(228,87,86,0.35)"
+                                for r in v.rows]},
+            )
+        )  # fmt: skip
+        fig.update_traces(textfont={"size": 14, "color": "#262730"})
+        fig.update_layout(height=80 + 56 * len(v.rows), margin={"l": 0, "r": 0, "t": 10, "b": 10})
+        st.plotly_chart(fig, width="stretch", key=f"inputs_graph_{k}")
+        st.caption(
+            f"Width: each input's share of what these {len(v.rows)} inputs give filter {k} (its activation × how "
+            f"much filter {k} changes with it, averaged over filter {k}'s {v.images} top images). Grey: no label. "
+            "Open one to see its own top images."
+        )
+        cols = st.columns(len(v.rows))
+        for c, r in zip(cols, v.rows, strict=True):
+            c.page_link(
+                "app_pages/layers.py", label=f"#{r['filter']} · {r['share']:.0%}", icon=":material/arrow_downward:",
+                query_params={"layer": v.layer, "unit": str(r["filter"])}, help=r["evidence"],
+            )  # fmt: skip
+
+
 def detail(ws: views.Workspace, k: int) -> None:
     d = views.filter_detail(ws, k, side=DETAIL_SIDE)
     nav1, nav2, nav3, _ = st.columns([1, 1, 1, 5])
@@ -158,6 +206,7 @@ def detail(ws: views.Workspace, k: int) -> None:
                 )
         else:
             st.info(d.labels_note, icon=":material/construction:")
+    inputs_panel(ws, k)
     left, right = st.columns(2)
     with left:
         if d.attributes is not None:

@@ -15,8 +15,10 @@ __all__ = [
     "LABEL_KINDS",
     "SORT_KEYS",
     "FilterDetail",
+    "FilterInputs",
     "filter_card_image",
     "filter_detail",
+    "filter_inputs_view",
     "filter_table",
     "label_accuracy",
     "region_level",
@@ -251,3 +253,45 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
         float(thr[k]) if thr is not None else None, inside, dis, dnote, source, accuracy=label_accuracy(ws), label_concepts=shown.concepts,
     )  # fmt: skip
+
+
+# =========================================================================== what drives a filter
+@dataclass(frozen=True)
+class FilterInputs:
+    """The filters of one lower layer that drive filter ``k`` most (issue 28's circuits).
+
+    ``layer``: the layer they come from; ``layers``: every recorded layer below filter k's, nearest first;
+    ``rows``: ``{filter, label, evidence, contribution, share, exact}`` strongest first, ``share`` = the
+    contribution over the sum of the shown positive ones; ``images``: how many top images were averaged.
+    """
+
+    k: int
+    layer: str
+    layers: list[str]
+    rows: list[dict[str, Any]]
+    images: int
+
+
+def filter_inputs_view(ws: Workspace, k: int, layer: str | None = None, n: int = 5) -> FilterInputs:
+    """:meth:`~lavise_core.api.FilterInfo.inputs` of filter ``k`` from one lower recorded ``layer`` (default:
+    the nearest below), cached per ``(k, layer, n)``; raises :class:`StageMissing` without the ``layers`` stage."""
+    from lavise_core.explain.dissection.circuits import layer_labels, lower_layers
+
+    labels = layer_labels(ws.bundle, build_hint(ws.bundle))
+    below = lower_layers(ws.model().model, list(labels), ws.bundle.layer)[::-1]  # nearest first
+    if not below:
+        raise StageMissing(f"the `layers` stage recorded no layer below `{ws.bundle.layer}`")
+    layer = layer if layer in below else below[0]
+
+    def make() -> FilterInputs:
+        found = ws.filters[k].inputs(n, layers=[layer])
+        pos = sum(max(f.contribution, 0.0) for f in found) or 1.0
+        rows = [
+            {"filter": f.filter, "label": f.label or "", "evidence": f.evidence, "contribution": f.contribution,
+             "share": max(f.contribution, 0.0) / pos, "exact": f.exact}
+            for f in found
+        ]  # fmt: skip
+        top = np.asarray(ws.array("probe/top_index"))[k]
+        return FilterInputs(k, layer, below, rows, int((top >= 0).sum()))
+
+    return ws.details.get(("inputs", k, layer, n), make)

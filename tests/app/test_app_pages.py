@@ -181,7 +181,11 @@ def test_explain_upload_sentence_contrast_and_chips(monkeypatch, bundles):
     sentence = next(m.value for m in at.markdown if "because it has" in m.value)
     assert sentence.startswith("#### This is")
     charts = [c.key.split("_")[0] for c in at.get("plotly_chart")]
-    assert charts == ["pred", "contrib", "faith"]  # predictions, contributing filters, this image's faithfulness
+    assert charts == [
+        "pred",
+        "contrib",
+        "faith",
+    ]  # predictions, contributing filters, this image's faithfulness
     uid = next(s.key for s in at.selectbox if s.key.startswith("whynot_")).removeprefix("whynot_")
     other = at.selectbox(key=f"whynot_{uid}").options[1]
     at.selectbox(key=f"whynot_{uid}").select(other).run()

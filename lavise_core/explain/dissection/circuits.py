@@ -104,7 +104,11 @@ class LayerLabels:
         where = f"on {self.images} annotated images" if self.images else "on the annotated images"
         if s >= IOU_MIN:
             return c, f"IoU {s:.3f} with “{c}” {where} (layers stage)", s
-        return None, f"no label: its best concept “{c}” has IoU {s:.3f} < {IOU_MIN} {where}", s
+        return (
+            None,
+            f"no label: its best concept “{c}” has IoU {s:.3g}, under the {IOU_MIN:g} a label needs, {where}",
+            s,
+        )
 
 
 @dataclass(frozen=True)

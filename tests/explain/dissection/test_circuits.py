@@ -165,3 +165,23 @@ def test_a_bundle_without_masks_names_the_layers_stage(tmp_path, colour_dataset,
         StageMissing, match=r"was skipped for this bundle \(the data set has no region label maps"
     ):
         ex.filters[0].inputs()
+
+
+def test_the_filters_page_view_lists_the_nearest_layers_inputs_with_their_shares(tmp_path) -> None:
+    from lavise_core.pipeline.bundle import Bundle
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+    from lavise_core.views import filter_inputs_view
+    from lavise_core.views.workspace import Workspace
+
+    ds = planted_dataset(tmp_path / "planted", n=16)
+    lm = wrap(Planted(), size=32, classes=ds.classes)
+    bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
+    run_probe(bundle, lm, ds, ProbeSettings(top_k=4, batch_size=8, num_workers=0, progress=False))
+    build_stage(bundle, ds, "layers", lm, baseline_images=16)
+    ws = Workspace(Bundle.open(bundle.root), model_loader=lambda: lm)
+    v = filter_inputs_view(ws, 2, n=3)
+    assert (v.k, v.layer, v.layers, v.images) == (2, "features.1", ["features.1"], 4)
+    first, *rest = v.rows
+    assert (first["filter"], first["label"], first["share"]) == (2, "wing", 1.0)
+    assert all(r["share"] == 0 for r in rest) and len(rest) == 2
+    assert filter_inputs_view(ws, 2, "no such layer", n=3) is v  # an unknown layer: the nearest, cached
