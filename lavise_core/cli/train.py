@@ -20,7 +20,10 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         progress=not args.quiet,
         threads=args.threads,
+        save_every=args.save_every,
     )
+    if card.get("series"):
+        print(f"checkpoint series ({len(card['series'])} cards): " + " ".join(card["series"]))
     print(
         f"test accuracy {card['test_accuracy']:.3f}, one-part pairs {card['one_part_pair_accuracy']:.3f}, "
         f"{card['train_seconds']:.0f} s; wrote {Path(args.out) / demo_cnn.WEIGHTS_FILE} and "
@@ -48,6 +51,14 @@ def add_train_demo(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="torch threads (default: 1; the weights are bit-identical only for the same thread count)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also save a checkpoint after every N-th epoch (synthbirds_cnn.epochEEE.json/.safetensors) for "
+        "`lavise trajectory`; the final checkpoint is unchanged",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_demo)

@@ -197,6 +197,7 @@ def train_demo(
     lr: float = 3e-3,
     max_train: int | None = None,
     write: bool = True,
+    save_every: int | None = None,
 ) -> dict:
     """Train :class:`SynthBirdsCNN` on a SynthBirds set, deterministically, and save weights + card.
 
@@ -204,6 +205,11 @@ def train_demo(
     (unless ``write=False``) and returns the model card. ``threads`` sets ``torch.set_num_threads``
     (default 1: the committed checkpoint was trained so, and CPU kernels sum in a thread-dependent
     order, so only the same data, seed, epochs *and* thread count give bit-identical weights).
+
+    ``save_every=N`` also writes, after every N-th epoch before the last, the series
+    ``out_dir/synthbirds_cnn.epochEEE.safetensors`` with a card ``synthbirds_cnn.epochEEE.json`` (no metrics;
+    ``"epoch": E``), loadable as a model spec; saving reads the weights only, so the final files are the same
+    bytes as without it. The card's ``"series"`` lists the files written.
     """
     import torch
     import torch.nn.functional as F
@@ -215,6 +221,9 @@ def train_demo(
     ds = ProbeDataset.open(data)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"--save-every must be >= 1 epoch, got {save_every}")
+    series: list[str] = []
     tr, te = ds.indices("train"), ds.indices("test")
     if max_train is not None:
         tr = tr[:max_train]
@@ -263,6 +272,8 @@ def train_demo(
                 seen += len(idx)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / seen:.3f}")
+            if write and save_every and (epoch + 1) % save_every == 0 and epoch + 1 < epochs:
+                series.append(_save_epoch(model, out_dir, epoch + 1, ds, width, input_size, mean, std))
         bar.close()
         pred = _predict(model, x_te, mean_t, std_t)
     finally:
@@ -292,11 +303,34 @@ def train_demo(
         "train_seconds": round(time.perf_counter() - t0, 1),
         "torch_version": torch.__version__,
     }
+    if series:
+        card["series"] = [*series, CARD_FILE]
     if write:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(out_dir / WEIGHTS_FILE, save(state, metadata={"architecture": "synthbirds_cnn"}))
         atomic_write_text(out_dir / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
+
+
+def _save_epoch(
+    model: nn.Module, out_dir: Path, epoch: int, ds: ProbeDataset, width: int, input_size: int,
+    mean: list[float], std: list[float],
+) -> str:  # fmt: skip
+    """Write the epoch-``epoch`` checkpoint and its card (atomically) -> the card's file name."""
+    from safetensors.torch import save
+
+    stem = f"{Path(WEIGHTS_FILE).stem}.epoch{epoch:03d}"
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(
+        out_dir / f"{stem}.safetensors", save(state, metadata={"architecture": "synthbirds_cnn"})
+    )
+    card = {
+        "name": stem, "architecture": "synthbirds_cnn", "arch_kwargs": {"num_classes": len(ds.classes), "width": width},
+        "classes": list(ds.classes), "input_size": input_size, "mean": mean, "std": std, "layer": "features",
+        "classifier": "classifier", "weights": f"{stem}.safetensors", "epoch": epoch,
+    }  # fmt: skip
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(card, indent=2) + "\n")
+    return f"{stem}.json"
 
 
 def load_demo(model_dir: Path = Path("models")) -> tuple[nn.Module, dict]:
