@@ -10,7 +10,7 @@ from lavise_core.cli.build import add_build_commands
 from lavise_core.cli.data import add_import_commands, add_synthbirds
 from lavise_core.cli.report import add_report
 from lavise_core.cli.serve import add_demo, add_serve
-from lavise_core.cli.train import add_train_demo, add_train_siam
+from lavise_core.cli.train import add_train_demo, add_train_siam, add_trajectory
 from lavise_core.cli.weights import add_fetch_weights
 
 __all__ = ["build_parser", "main"]
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch_weights(sub)
     add_synthbirds(sub)
     add_train_demo(sub)
+    add_trajectory(sub)
     add_import_commands(sub)  # import-folder, import-cub, import-coco
     add_train_siam(sub)
     add_report(sub)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from lavise_core.models import demo_cnn, siam
 
-__all__ = ["add_train_demo", "add_train_siam", "cmd_train_demo", "cmd_train_siam"]
+__all__ = [
+    "add_train_demo",
+    "add_train_siam",
+    "add_trajectory",
+    "cmd_train_demo",
+    "cmd_train_siam",
+    "cmd_trajectory",
+]
 
 
 # ----------------------------------------------------------------------------- train-demo
@@ -98,3 +105,66 @@ def add_train_siam(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", default="finetuned-linear", choices=siam.VARIANTS)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_siam)
+
+
+# ----------------------------------------------------------------------------- trajectory
+def cmd_trajectory(args: argparse.Namespace) -> int:
+    import json
+
+    from lavise_core.data.dataset import ProbeDataset, atomic_write_text
+    from lavise_core.explain.dissection.trajectory import dissect_series
+
+    ds = ProbeDataset.open(Path(args.data))
+    layers = [s for s in args.layers.split(",") if s] if args.layers else None
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    result = dissect_series(
+        args.checkpoints,
+        ds,
+        layers=layers,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        report=say,
+    )
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    for s in result["skipped"]:
+        print(f"skipped {s['checkpoint']}: {s['error']}")
+    for r in result["checkpoints"]:
+        row = next(x for x in r["layers"] if x["layer"] == result["recorded_as"])
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(
+            f"{r['checkpoint']}: accuracy {acc}, {result['explained_layer']} {row['interpretable']}/{row['units']} "
+            f"units interpretable, {row['unique']} unique concepts"
+        )
+    if result["note"]:
+        print(result["note"])
+    else:
+        moved = len({c["filter"] for c in result["changes"]})
+        print(
+            f"{moved} filters of {result['explained_layer']} changed their label ({len(result['changes'])} changes)"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_trajectory(sub: argparse._SubParsersAction) -> None:
+    """Register ``lavise trajectory``."""
+    p = sub.add_parser(
+        "trajectory",
+        help="dissect a series of checkpoints of one training run (how the detectors appear)",
+        description="Network Dissection of each checkpoint of one run (oldest first; e.g. from `lavise train-demo "
+        "--save-every N`) against the same concept set and probe images: interpretable units and unique concepts "
+        "per layer, test accuracy, each explained-layer filter's label, and which filters changed label when. A "
+        "checkpoint that fails to load is reported and skipped; one of another architecture is refused.",
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT", help="model specs (cards .json), oldest first"
+    )
+    p.add_argument("--data", required=True, help="data set with part masks (e.g. data/synthbirds)")
+    p.add_argument("--out", required=True, help="result JSON file")
+    p.add_argument("--layers", default="", help="comma-separated layers (default: those of the layers stage)")
+    p.add_argument(
+        "--max-images", type=int, default=640, help="probe images (default: 640, as the layers stage)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32, as the layers stage)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_trajectory)
