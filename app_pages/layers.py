@@ -9,7 +9,11 @@ from app_pages import _shared as sh
 from lavise_core import views
 from lavise_core.explain.dissection import IOU_MIN
 
-COLOURS = {"part": "#4c78a8", "colour": "#f58518", "pattern/shape": "#54a24b", "background": "#b279a2"}
+#: a colour per concept kind (the layers stage's kinds: general concept sets, Broden, SynthBirds' rules)
+COLOURS = {
+    "colour": "#f58518", "texture": "#54a24b", "shape": "#e45756", "part": "#4c78a8", "object": "#72b7b2",
+    "material": "#9d755d", "background": "#b279a2", "pattern/shape": "#54a24b",
+}  # fmt: skip
 
 st.title("How is the network organised, layer by layer?")
 st.caption(
@@ -73,8 +77,13 @@ if ws is not None:
         with left:
             fig = go.Figure(
                 [
-                    go.Bar(name=k, x=v.layers, y=[r[f"{k} concepts"] for r in v.rows], marker_color=c)
-                    for k, c in COLOURS.items()
+                    go.Bar(
+                        name=k,
+                        x=v.layers,
+                        y=[r[f"{k} concepts"] for r in v.rows],
+                        marker_color=COLOURS.get(k),
+                    )
+                    for k in v.kinds
                 ]
             )
             fig.update_layout(

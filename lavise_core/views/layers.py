@@ -9,6 +9,7 @@ from PIL import Image
 
 from lavise_core.api import build_hint
 from lavise_core.explain.dissection.labels import IOU_MIN
+from lavise_core.explain.dissection.layers import chart_order
 from lavise_core.views.overlays import encode_jpeg, outline
 from lavise_core.views.workspace import StageMissing, Workspace
 
@@ -35,19 +36,20 @@ LAYER_SAMPLE = 300
 #: top images kept per unit
 UNIT_TOP = 6
 
-KIND_ORDER = ("part", "colour", "pattern/shape", "background")
-
 
 @dataclass
 class LayersView:
     """``rows``: per layer ``{layer, units, interpretable, share, unique, <kind> units / unique ...,
-    reinit_interpretable, reinit_share}``; ``layers`` their names; ``iou_min``; ``images`` dissected."""
+    reinit_interpretable, reinit_share}``; ``layers`` their names; ``iou_min``; ``images`` dissected; ``kinds`` the
+    concept kinds counted, in chart order (:func:`chart_order` of the stage's ``by_kind``: colour, texture, shape, part, background
+    for a set that names its kinds, part, colour, pattern/shape, background for SynthBirds)."""
 
     rows: list[dict]
     layers: list[str]
     iou_min: float
     images: int
     sentences: list[str]
+    kinds: tuple[str, ...] = ()
 
 
 def shown_layer_names(ws: Workspace, recorded: list[str]) -> list[str]:
@@ -75,6 +77,7 @@ def layers_view(ws: Workspace) -> LayersView:
     rows, sentences = [], []
     names = [r["layer"] for r in summary["trained"]]
     shown = dict(zip(names, shown_layer_names(ws, names), strict=True))
+    kind_order = tuple(chart_order(list(summary["trained"][0]["by_kind"]))) if summary["trained"] else ()
     for r in summary["trained"]:
         row = {
             "layer": shown[r["layer"]],
@@ -83,14 +86,14 @@ def layers_view(ws: Workspace) -> LayersView:
             "share": round(r["interpretable"] / max(r["units"], 1), 3),
             "unique concepts": r["unique"],
         }
-        for kind in KIND_ORDER:
+        for kind in kind_order:
             row[f"{kind} units"] = r["by_kind"][kind]["units"]
             row[f"{kind} concepts"] = r["by_kind"][kind]["unique"]
         if r["layer"] in base:
             row["re-initialised interpretable"] = base[r["layer"]]["interpretable"]
             row["re-initialised share"] = round(base[r["layer"]]["interpretable"] / max(r["units"], 1), 3)
         rows.append(row)
-        kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in KIND_ORDER if r["by_kind"][k]["units"])
+        kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in kind_order if r["by_kind"][k]["units"])
         sentences.append(
             f"`{shown[r['layer']]}`: {r['interpretable']} of {r['units']} units interpretable "
             f"(IoU ≥ {summary.get('iou_min', IOU_MIN):g}), {r['unique']} unique concepts"
@@ -98,7 +101,7 @@ def layers_view(ws: Workspace) -> LayersView:
         )
     info = b.manifest.get("stages", {}).get("layers", {})
     return LayersView(rows, [r["layer"] for r in rows], float(summary.get("iou_min", IOU_MIN)),
-                      int(info.get("images", 0)), sentences)  # fmt: skip
+                      int(info.get("images", 0)), sentences, kind_order)  # fmt: skip
 
 
 def layer_units(ws: Workspace, layer: str, iou_min: float = IOU_MIN) -> list[dict]:

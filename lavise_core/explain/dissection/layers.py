@@ -13,7 +13,9 @@ over a subset of the fit split (train + val) with region label maps, with memory
 Each unit's best concept is :func:`~lavise_core.explain.dissection.labels.rank_labels` over all concepts (bare part
 names included, as in Network Dissection); a unit is *interpretable* when that IoU reaches
 :data:`~lavise_core.explain.dissection.labels.IOU_MIN` (0.04). Per layer: "N of M units interpretable, K unique
-concepts", by concept kind (part, colour, pattern/shape, background). The stage also dissects a re-initialised
+concepts", by concept kind: the data set's own kinds where its ``dataset.json`` ``meta.concept_kinds`` names them
+(ConceptShapes: colour, texture, shape; a Broden import: its categories, colour/texture/part/object/material, scenes
+as background), else the rules of :func:`concept_kind` (SynthBirds: part, colour, pattern/shape, background). The stage also dissects a re-initialised
 copy of the network on fewer images: the baseline (few interpretable units expected).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,13 +46,18 @@ from lavise_core.pipeline.probe import StreamingHistogram, image_batches
 from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
+    "BRODEN_KINDS",
     "COLOUR_WORDS",
     "KINDS",
+    "KIND_ORDER",
+    "RULE_KINDS",
     "STAGE",
     "LayerDissection",
     "build_layers_stage",
     "build_stage",
+    "chart_order",
     "concept_kind",
+    "concept_kinds",
     "dissect_layers",
     "dissection_layers",
     "layer_summary",
@@ -58,7 +65,14 @@ __all__ = [
 ]
 
 STAGE = "layers"
-KINDS = ("part", "colour", "pattern/shape", "background")
+#: the kinds charted for a concept set that names its concepts' kinds (``meta.concept_kinds``: ConceptShapes, Broden)
+KINDS = ("colour", "texture", "shape", "part", "background")
+#: every kind in chart order (a Broden import adds object and material; rules give pattern/shape)
+KIND_ORDER = ("colour", "texture", "shape", "part", "object", "material", "background", "pattern/shape")
+#: the kinds :func:`concept_kind`'s rules give where a data set names none (SynthBirds), in chart order
+RULE_KINDS = ("part", "colour", "pattern/shape", "background")
+#: a Broden category -> the kind it charts as (``scene`` labels are whole-image context, as backgrounds are)
+BRODEN_KINDS = {"color": "colour", "scene": "background"}
 COLOUR_WORDS = frozenset(
     [
         "black",
@@ -94,6 +108,32 @@ def concept_kind(concept: str, regions: Sequence[str]) -> str:
     return "colour" if concept.split()[0] in COLOUR_WORDS else "pattern/shape"
 
 
+def concept_kinds(
+    concepts: Sequence[str], regions: Sequence[str], named: dict[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """``(kind of each concept, the kinds in chart order)``.
+
+    With ``named`` (a data set's ``meta.concept_kinds``: concept -> kind, Broden's category names mapped by
+    :data:`BRODEN_KINDS`) a concept it names takes that kind and the order is :data:`KIND_ORDER` (the five
+    :data:`KINDS` always, others where present); a concept it does not name, or every concept without ``named``,
+    takes :func:`concept_kind`'s rule, and the order is :data:`RULE_KINDS` (SynthBirds, unchanged)."""
+    if not named:
+        kinds = [concept_kind(c, regions) for c in concepts]
+        return kinds, list(RULE_KINDS) + sorted(set(kinds) - set(RULE_KINDS))
+    kinds = [
+        BRODEN_KINDS.get(named[c], named[c]) if c in named else concept_kind(c, regions) for c in concepts
+    ]
+    order = [k for k in KIND_ORDER if k in KINDS or k in kinds]
+    return kinds, order + sorted(set(kinds) - set(KIND_ORDER))
+
+
+def chart_order(kinds: Sequence[str]) -> list[str]:
+    """``kinds`` (a summary's ``by_kind`` keys, which JSON stores sorted) in chart order: :data:`RULE_KINDS`'s order
+    when they are all rule kinds (SynthBirds), else :data:`KIND_ORDER`'s; unknown kinds last, sorted."""
+    ref = RULE_KINDS if set(kinds) <= set(RULE_KINDS) else KIND_ORDER
+    return [k for k in ref if k in kinds] + sorted(set(kinds) - set(ref))
+
+
 def dissection_layers(lm) -> list[str]:
     """The layers to dissect: a timm-style ``blocks`` container's stages plus the explained layer, else every
     ReLU (or ReLU6) with a spatial output (the demo CNN's seven conv blocks)."""
@@ -124,13 +164,14 @@ def layer_thresholds(
 @dataclass
 class LayerDissection:
     """``iou[layer] (C, T)`` data-set-wide IoU of every unit with every concept, ``concepts (T,)``, ``kinds
-    (T,)``, ``images`` how many images went in."""
+    (T,)``, ``images`` how many images went in, ``kind_order`` the kinds a summary counts, in chart order."""
 
     layers: list[str]
     concepts: list[str]
     kinds: list[str]
     iou: dict[str, np.ndarray]
     images: int
+    kind_order: list[str] = field(default_factory=lambda: list(RULE_KINDS))
 
     def best(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Each unit's best concept ``(ids (C,), IoU (C,))`` (the filter labels' :func:`rank_labels`)."""
@@ -149,7 +190,7 @@ def dissect_layers(
     if not keep_idx:
         raise ValueError("none of these images has a region label map: nothing to dissect")
     concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
-    kinds = [concept_kind(c, dataset.regions) for c in concepts]
+    kinds, kind_order = concept_kinds(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     thr = thresholds or layer_thresholds(lm, dataset, layers, keep_idx[:512], batch_size)
     n_slots = len(dataset.regions) + 1
     sums: dict[str, list] = {}
@@ -172,18 +213,18 @@ def dissect_layers(
             if report is not None:
                 report(done, len(keep_idx))
     iou = {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}
-    return LayerDissection(list(layers), concepts, kinds, iou, done)
+    return LayerDissection(list(layers), concepts, kinds, iou, done, kind_order)
 
 
 def layer_summary(diss: LayerDissection, iou_min: float = IOU_MIN) -> list[dict]:
     """Per layer: ``units``, ``interpretable`` (best IoU ≥ iou_min), ``unique`` concepts among them, and per
-    kind the interpretable units and unique concepts (``by_kind``)."""
+    kind of ``diss.kind_order`` the interpretable units and unique concepts (``by_kind``, in that order)."""
     out = []
     for name in diss.layers:
         ids, sc = diss.best(name)
         ok = sc >= iou_min
         by_kind = {}
-        for kind in KINDS:
+        for kind in diss.kind_order:
             sel = ok & np.array([diss.kinds[int(j)] == kind for j in ids], bool)
             by_kind[kind] = {"units": int(sel.sum()), "unique": len({int(j) for j in ids[sel]})}
         out.append(
