@@ -43,7 +43,7 @@ from lavise_core.explain.dissection.labels import (
 )
 from lavise_core.explain.dissection.layers import (
     LayerDissection,
-    concept_kind,
+    concept_kinds,
     dissection_layers,
     layer_summary,
 )
@@ -196,7 +196,7 @@ def dissect_series(
     keep_idx = [int(i) for i in pick]
     recs = [dataset.records[i] for i in keep_idx]
     concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
-    kinds = [concept_kind(c, dataset.regions) for c in concepts]
+    kinds, kind_order = concept_kinds(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     n_slots = len(dataset.regions) + 1
     say(f"loading {len(keep_idx)} probe images with their label maps (once for the series)")
     thr_batches = _batches(dataset, lm0, keep_idx[:512], batch_size)
@@ -241,7 +241,7 @@ def dissect_series(
                 correct += int((pred == y[batch]).sum())
                 total += len(batch)
         iou = {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}
-        diss = LayerDissection(names, concepts, kinds, iou, n_images)
+        diss = LayerDissection(names, concepts, kinds, iou, n_images, kind_order)
         ids, sc = diss.best(recorded)
         labels_k = [concepts[int(j)] if s >= IOU_MIN else None for j, s in zip(ids, sc, strict=True)]
         all_labels.append(labels_k)
