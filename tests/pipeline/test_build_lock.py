@@ -35,6 +35,9 @@ if limit:  # the kernel refuses writes past `limit` bytes (EFBIG), as a full dis
 
 def a(ctx):
     time.sleep(float(os.environ.get("STAGE_SECONDS", "0")))
+    release, t0 = os.environ.get("RELEASE"), time.time()
+    while release and not os.path.exists(release) and time.time() - t0 < 120:  # held until the test says
+        time.sleep(0.05)
     ctx.bundle.write_array("a/out", np.arange(1 << 20, dtype=np.float64))
     return {"pid": os.getpid()}
 
@@ -53,9 +56,15 @@ print("OUTCOME", json.dumps(out), flush=True)
 
 
 def _child(
-    root: Path, timeout: str = "wait", limit: int = 0, seconds: float = 0.0, prefix: tuple = ()
-) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STAGE_SECONDS": str(seconds)}
+    root: Path, timeout: str = "wait", limit: int = 0, seconds: float = 0.0, prefix: tuple = (),
+    release: Path | None = None,
+) -> subprocess.Popen:  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "STAGE_SECONDS": str(seconds),
+        "RELEASE": str(release or ""),
+    }
     return subprocess.Popen(
         [*prefix, sys.executable, "-c", CHILD, str(root), timeout, str(limit)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -74,15 +83,18 @@ def _wait_for(path: Path, seconds: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_two_builds_of_one_bundle_wait_or_refuse_never_interleave(bundle) -> None:
-    first = _child(bundle.root, seconds=3.0)
+def test_two_builds_of_one_bundle_wait_or_refuse_never_interleave(bundle, tmp_path) -> None:
+    release = tmp_path / "release"  # the first build stays inside stage "a" until this file exists
+    first = _child(bundle.root, release=release)
     _wait_for(bundle.root / ".build.owner")  # the first one holds the lock and is inside stage "a"
     refused = _child(bundle.root, timeout="0")
-    waiting = _child(bundle.root)
     out_refused = refused.communicate(timeout=60)[0]
     assert refused.returncode == 2, out_refused
     assert f"is being built by process {first.pid} on" in out_refused and "--no-wait" in out_refused
-    out_first, out_waiting = first.communicate(timeout=60)[0], waiting.communicate(timeout=60)[0]
+    waiting = _child(bundle.root)
+    said = waiting.stdout.readline()  # it says it waits, then waits: only now may the first build go on
+    release.touch()
+    out_first, out_waiting = first.communicate(timeout=60)[0], said + waiting.communicate(timeout=60)[0]
     assert first.returncode == 0 and waiting.returncode == 0, (out_first, out_waiting)
     assert json.loads(out_first.split("OUTCOME", 1)[1]) == {"a": "built", "b": "built"}
     # the waiting build re-read the manifest after the first finished: nothing was built twice
