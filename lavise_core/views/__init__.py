@@ -22,4 +22,5 @@ from lavise_core.views.layers import *  # noqa: F403
 from lavise_core.views.oramas import *  # noqa: F403
 from lavise_core.views.serving import *  # noqa: F403
 from lavise_core.views.siam import *  # noqa: F403
+from lavise_core.views.trajectory import *  # noqa: F403
 from lavise_core.views.workspace import *  # noqa: F403
