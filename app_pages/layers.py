@@ -111,7 +111,20 @@ if ws is not None:
             )  # fmt: skip
             st.plotly_chart(fig, width="stretch", key="share")
         st.caption(f"{v.images} training images with part masks; the baseline uses a subset of them.")
-        st.dataframe(v.rows, hide_index=True)
+        st.dataframe(  # one narrow table: the per-kind counts in one column, the rest as in the charts
+            [
+                {"layer": r["layer"], "units": r["units"], "interpretable": r["interpretable"],
+                 "share": f"{r['share']:.0%}",
+                 "re-initialised": "—" if r.get("re-initialised share") is None
+                 else f"{r['re-initialised share']:.0%}",
+                 "unique concepts": r["unique concepts"],
+                 "interpretable units by kind": " · ".join(
+                     f"{k} {r[f'{k} units']}" for k in v.kinds if r.get(f"{k} units")
+                 ) or "—"}
+                for r in v.rows
+            ],
+            hide_index=True,
+        )  # fmt: skip
         chosen = st.query_params.get("layer")
         pick = st.selectbox(
             "Units of layer",
@@ -124,3 +137,40 @@ if ws is not None:
         units = views.layer_units(ws, pick, v.iou_min)
         st.dataframe(units, hide_index=True)
         open_units(ws, pick, units)
+
+    with sh.guard("the training trajectory"):
+        t = views.trajectory_view(ws)
+        st.subheader("How the detectors appeared during training")
+        if t is None:
+            st.caption(
+                "No training trajectory for this network yet. Save checkpoints while training "
+                "(`lavise train-demo --save-every 2`), then dissect them against the same images: `lavise "
+                "trajectory models/synthbirds_cnn.epoch*.json models/synthbirds_cnn.json --data data/synthbirds "
+                f"--out {ws.bundle.root}/trajectory.json`."
+            )
+        else:
+            st.caption(t.summary)
+            left, right = st.columns(2)
+            with left:
+                fig = go.Figure()
+                recorded = list(dict.fromkeys(u["layer"] for u in t.units))
+                for name, shown in zip(recorded, views.shown_layer_names(ws, recorded), strict=True):
+                    rows = [u for u in t.units if u["layer"] == name]
+                    fig.add_scatter(x=[u["checkpoint"] for u in rows], y=[u["share"] for u in rows], name=shown,
+                                    mode="lines+markers")  # fmt: skip
+                fig.update_layout(
+                    title=f"Share of units interpretable (IoU ≥ {IOU_MIN:g}), per layer", height=340,
+                    margin={"l": 0, "r": 10, "t": 40, "b": 10}, yaxis_tickformat=".0%",
+                )  # fmt: skip
+                st.plotly_chart(fig, width="stretch", key="trajectory_units")
+            with right:
+                xs, ys = [a["checkpoint"] for a in t.accuracy], [a["accuracy"] for a in t.accuracy]
+                fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers", marker_color="#4c78a8"))
+                fig.update_layout(
+                    title="Accuracy on the test images", height=340, margin={"l": 0, "r": 10, "t": 40, "b": 10},
+                    yaxis_tickformat=".0%",
+                )  # fmt: skip
+                st.plotly_chart(fig, width="stretch", key="trajectory_accuracy")
+            if t.changes:
+                st.caption("Filters of the explained layer whose label changed, and when:")
+                st.dataframe(t.changes, hide_index=True, height=240)

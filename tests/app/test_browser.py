@@ -10,6 +10,7 @@ a Chromium that is already running (its own start-up is not the dashboard's).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -322,3 +323,37 @@ def test_no_request_leaves_the_machine(server, browser):
         _settle(page, "Its most active filters", timeout=30_000)
     page.wait_for_timeout(1000)
     assert not outside, "requests that left the machine:\n" + "\n".join(sorted(set(outside)))
+
+
+#: text no page may show: a traceback, an exception's name, or a missing value printed as such
+BAD_TEXT = re.compile(r"\bTraceback\b|\b[A-Z]\w*Error\b|\bNone\b(?! of)|\bnan\b|\bNaN\b")
+#: the widest element of the page's main block, its data frames' scrollable width and any plot's right edge
+WIDTHS = """() => {
+  const main = document.querySelector('[data-testid="stMainBlockContainer"]') || document.body;
+  const right = main.getBoundingClientRect().right;
+  const out = [];
+  for (const el of main.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')) {
+    if (el.scrollWidth > el.clientWidth + 2) out.push(`a table ${el.scrollWidth} px wide in ${el.clientWidth} px`);
+  }
+  for (const el of main.querySelectorAll('.js-plotly-plot, [data-testid="stDataFrame"], img')) {
+    const r = el.getBoundingClientRect();
+    if (r.width > 0 && r.right > right + 2) out.push(`${el.tagName.toLowerCase()} reaching ${Math.round(r.right)} px of ${Math.round(right)}`);
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth + 2) out.push('the page scrolls sideways');
+  return out;
+}"""
+
+
+def test_every_page_reads_clean_and_fits(server, browser):
+    """Issue 25: no page shows a traceback, an error name, 'None' or 'nan', and no table or chart is wider than
+    the page (a data frame that scrolls sideways counts), at a laptop's width."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    problems: list[str] = []
+    for path, text in [*EVERY_PAGE, ("filters?filter=17", "Where it fires")]:
+        page.goto(f"{server['url']}/{path}")
+        _settle(page, text)
+        _no_exception(page)
+        main = page.locator('[data-testid="stMain"]').inner_text()
+        problems += [f"/{path}: shows {m.group(0)!r}" for m in BAD_TEXT.finditer(main)]
+        problems += [f"/{path}: {w}" for w in page.evaluate(WIDTHS)]
+    assert not problems, "\n".join(problems)
