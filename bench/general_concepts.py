@@ -27,6 +27,10 @@ wall), trained / re-initialised interpretable units:
   the target FAILS at every layer with >= 10 units. The re-initialised units' labels are almost all colour + shape
   phrases ("red hexagon", "white circle") present in few images: with ``--support 10`` (86 of 169 concepts) it is
   features.20 48/0, .17 8/0, .11 6/0, .2 9/6, .5 8/6 (target holds where >= 10 units: features.20 only).
+- EfficientNet-Lite0 (layers stage 551 s; whole build with the probe 745 s): blocks.0 0/2, .1 2/3, .2 3/13,
+  .3 22/24, .4 3/41, .5 24/72, .6 153/132, bn2 652/515; FAILS at blocks.3, .5, .6 and bn2. Colour units 0/0
+  everywhere (colour + shape phrases count as shape), texture 8/0 at blocks.3 and 48/0 at bn2. With
+  ``--support 10`` (61 of 169 concepts): blocks.3 10/0, .6 17/1, bn2 111/4, the rest < 10: the target holds.
 """
 
 from __future__ import annotations
