@@ -260,9 +260,13 @@ def detail(ws: views.Workspace, k: int) -> None:
 def grid(ws: views.Workspace) -> None:
     table = views.filter_table(ws)
     st.header(f"Filters of layer `{ws.bundle.layer}`")
+    source = table.attrs.get("source", "none")
+    if source == "none":
+        source = "none yet: labels come with the textual, dissection or LaViSE stage"
     st.caption(
         f"{ws.channels} filters. Each card: the 4 images that excite the filter most, a white outline around "
-        f"where it fires (the image's own colours inside), and its best label ({table.attrs.get('source', '')}). Click **Open** for details."
+        f"where it fires (the image's own colours inside), and its best label ({source}). Click **Open** for "
+        "details."
     )
     note = views.bundle_class_note(ws)
     if note:
