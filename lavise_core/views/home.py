@@ -66,13 +66,13 @@ class Overview:
 def confident_rule_short(source: str) -> str:
     """One line saying when a filter's label counts as confident, for the label ``source``."""
     if source == SOURCE_DISSECTION:
-        return f"IoU ≥ {IOU_MIN:g} with the concept's annotated regions (Network Dissection)"
+        return f"where it fires overlaps the concept's annotated pixels enough (IoU ≥ {IOU_MIN:g}; Network Dissection)"
     if source == SOURCE_SIAM:
         return "each SIAM map is trained to be one attribute"
     if source == SOURCE_ZERO_SHOT:
         return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
     if source and source != "none":
-        return f"top p(t | f) ≥ {CONFIDENT_LIFT:g}× uniform"
+        return f"its top attribute is at least {CONFIDENT_LIFT:g}× more likely than chance where it fires (p(t | f))"
     return "no labels yet"
 
 
@@ -159,9 +159,9 @@ def overview(ws: Workspace) -> Overview:
     )
     if source == SOURCE_DISSECTION:
         rule = (
-            "the filter's map, thresholded at its top 0.5 % of activations, overlaps the concept's annotated "
-            f"regions with IoU ≥ {IOU_MIN:g} over the training images (Network Dissection; a re-initialised network "
-            "reaches no such overlap)." + spread
+            "where the filter fires most (its top 0.5 % of activations) overlaps the concept's annotated pixels on "
+            f"the training images enough to name it (overlap measured as IoU, ≥ {IOU_MIN:g}; Network Dissection; a "
+            "re-initialised network reaches no such overlap)." + spread
         )
     elif source == SOURCE_ZERO_SHOT:
         rule = (
