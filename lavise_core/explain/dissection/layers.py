@@ -22,7 +22,7 @@ copy of the network on fewer images: the baseline (few interpretable units expec
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,8 +60,10 @@ __all__ = [
     "concept_kinds",
     "dissect_layers",
     "dissection_layers",
+    "iou_over",
     "layer_summary",
     "layer_thresholds",
+    "thresholds_over",
 ]
 
 STAGE = "layers"
@@ -150,15 +152,49 @@ def layer_thresholds(
     level: float = 0.995, bins: int = 1024,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """``{layer: (C,)}`` per-unit ``level`` quantile of the spatial activations over ``indices``, one pass."""
+    batches = (x for _, x, _ in image_batches(dataset, lm, indices, batch_size))
+    return thresholds_over(lm, layers, batches, level, bins)
+
+
+def thresholds_over(
+    lm, layers: Sequence[str], batches: Iterable[torch.Tensor], level: float = 0.995, bins: int = 1024
+) -> dict[str, np.ndarray]:
+    """:func:`layer_thresholds` over ready input ``batches (B, 3, S, S)`` (a series of checkpoints reuses them)."""
     hists: dict[str, StreamingHistogram] = {}
     with torch.no_grad(), lm.lock, record_layers(lm.model, list(layers)) as rec:
-        for _, x, _ in image_batches(dataset, lm, indices, batch_size):
+        for x in batches:
             lm.model(x)
             for name in layers:
                 m = rec.outputs[name].float()
                 hists.setdefault(name, StreamingHistogram(m.shape[1], bins))
                 hists[name].update(m.permute(1, 0, 2, 3).reshape(m.shape[1], -1))
     return {name: h.quantiles([level])[:, 0].copy() for name, h in hists.items()}
+
+
+def iou_over(
+    lm, layers: Sequence[str], batches: Iterable[tuple], thresholds: dict[str, np.ndarray], n_slots: int,
+    n_concepts: int, report: Callable[[int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+    """``({layer: IoU (C, T)}, images)`` over ``batches`` of ``(records, x (B, 3, S, S), label maps, concept
+    incidence)``: each unit's map above its threshold against every concept's regions, summed over the batches."""
+    sums: dict[str, list] = {}
+    m_t = np.zeros(n_concepts, np.float64)
+    done = 0
+    with torch.no_grad(), lm.lock, record_layers(lm.model, list(layers)) as rec:
+        for batch, x, labels, inc in batches:
+            lm.model(x)
+            for name in layers:
+                inter, act, area = region_overlap(rec.outputs[name], labels, thresholds[name], n_slots)
+                i_ct, act_c, mt = iou_sums(inter, act, area, inc)
+                if name not in sums:
+                    sums[name] = [np.zeros_like(i_ct, np.float64), np.zeros_like(act_c, np.float64)]
+                sums[name][0] += i_ct
+                sums[name][1] += act_c
+            m_t += mt
+            done += len(batch)
+            if report is not None:
+                report(done)
+    return {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}, done
 
 
 @dataclass
@@ -193,26 +229,19 @@ def dissect_layers(
     kinds, kind_order = concept_kinds(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     thr = thresholds or layer_thresholds(lm, dataset, layers, keep_idx[:512], batch_size)
     n_slots = len(dataset.regions) + 1
-    sums: dict[str, list] = {}
-    m_t = np.zeros(len(concepts), np.float64)
-    done = 0
-    with torch.no_grad(), lm.lock, record_layers(lm.model, list(layers)) as rec:
+
+    def batches() -> Iterator[tuple]:
         for batch, x, _ in image_batches(dataset, lm, keep_idx, batch_size):
             labels = np.stack([label_map_crop(dataset, i, lm, size) for i in batch])
-            inc = concept_incidence([dataset.records[i] for i in batch], dataset.regions, concepts)
-            lm.model(x)
-            for name in layers:
-                inter, act, area = region_overlap(rec.outputs[name], labels, thr[name], n_slots)
-                i_ct, act_c, mt = iou_sums(inter, act, area, inc)
-                if name not in sums:
-                    sums[name] = [np.zeros_like(i_ct, np.float64), np.zeros_like(act_c, np.float64)]
-                sums[name][0] += i_ct
-                sums[name][1] += act_c
-            m_t += mt
-            done += len(batch)
-            if report is not None:
-                report(done, len(keep_idx))
-    iou = {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}
+            yield (
+                batch,
+                x,
+                labels,
+                concept_incidence([dataset.records[i] for i in batch], dataset.regions, concepts),
+            )
+
+    say = None if report is None else (lambda done: report(done, len(keep_idx)))
+    iou, done = iou_over(lm, layers, batches(), thr, n_slots, len(concepts), say)
     return LayerDissection(list(layers), concepts, kinds, iou, done, kind_order)
 
 

@@ -9,8 +9,8 @@ separately. Here the series shares everything that does not depend on the weight
 - the test split's preprocessed images, for the accuracy.
 
 Per checkpoint, three forward passes over the cached tensors, each recording every layer at once: the
-per-unit 0.995-quantile thresholds (the first 512 images, as :func:`~.layers.layer_thresholds`), the IoU
-sums (as :func:`~.layers.dissect_layers`: same batches, same arithmetic, so the last checkpoint's labels are
+per-unit 0.995-quantile thresholds (the first 512 images, :func:`~.layers.thresholds_over`), the IoU
+sums (:func:`~.layers.iou_over`, as :func:`~.layers.dissect_layers`: same batches, so the last checkpoint's labels are
 exactly those of a ``layers`` stage build of it), and the test accuracy. Per checkpoint and layer: units,
 interpretable units and unique concepts (:func:`~.layers.layer_summary`); per explained-layer filter its label
 (best concept when its IoU reaches :data:`~.labels.IOU_MIN`, else none); then which filters changed their label,
@@ -36,19 +36,18 @@ from lavise_core.explain.dissection.labels import (
     IOU_MIN,
     concept_incidence,
     dissection_concepts,
-    iou_from_sums,
-    iou_sums,
     label_map_crop,
-    region_overlap,
 )
 from lavise_core.explain.dissection.layers import (
     LayerDissection,
     concept_kinds,
     dissection_layers,
+    iou_over,
     layer_summary,
+    thresholds_over,
 )
-from lavise_core.models.networks import ModelLoadError, load_model, output_aliases, record_layers
-from lavise_core.pipeline.probe import StreamingHistogram, image_batches
+from lavise_core.models.networks import ModelLoadError, load_model, output_aliases
+from lavise_core.pipeline.probe import image_batches
 
 __all__ = [
     "ONE_CHECKPOINT",
@@ -214,33 +213,14 @@ def dissect_series(
     rows, all_labels = [], []
     for spec, lm in kept:
         t1 = time.perf_counter()
-        hists: dict[str, StreamingHistogram] = {}
-        sums: dict[str, list] = {}
-        m_t = np.zeros(len(concepts), np.float64)
+        thr = thresholds_over(lm, names, (x for _, x in thr_batches))
+        iou, _ = iou_over(lm, names, iou_batches, thr, n_slots, len(concepts))
         correct = total = 0
-        with torch.no_grad(), lm.lock, record_layers(lm.model, names) as rec:
-            for _, x in thr_batches:
-                lm.model(x)
-                for name in names:
-                    m = rec.outputs[name].float()
-                    hists.setdefault(name, StreamingHistogram(m.shape[1], 1024))
-                    hists[name].update(m.permute(1, 0, 2, 3).reshape(m.shape[1], -1))
-            thr = {name: h.quantiles([0.995])[:, 0].copy() for name, h in hists.items()}
-            for _, x, labels, inc in iou_batches:
-                lm.model(x)
-                for name in names:
-                    inter, act, area = region_overlap(rec.outputs[name], labels, thr[name], n_slots)
-                    i_ct, act_c, mt = iou_sums(inter, act, area, inc)
-                    if name not in sums:
-                        sums[name] = [np.zeros_like(i_ct, np.float64), np.zeros_like(act_c, np.float64)]
-                    sums[name][0] += i_ct
-                    sums[name][1] += act_c
-                m_t += mt
+        with torch.no_grad(), lm.lock:
             for batch, x in test_batches:
                 pred = lm.model(x).argmax(1).numpy()
                 correct += int((pred == y[batch]).sum())
                 total += len(batch)
-        iou = {name: iou_from_sums(s[0], s[1], m_t) for name, s in sums.items()}
         diss = LayerDissection(names, concepts, kinds, iou, n_images, kind_order)
         ids, sc = diss.best(recorded)
         labels_k = [concepts[int(j)] if s >= IOU_MIN else None for j, s in zip(ids, sc, strict=True)]
