@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from lavise_core.data.dataset import ProbeDataset
 from lavise_core.explain.attribution.base import AttributionError
+from lavise_core.explain.attribution.faithfulness import curve_auc, pixel_ranks, random_ranks
 from lavise_core.explain.attribution.registry import METHODS, make_method
 from lavise_core.explain.dissection.labels import label_map_crop
 from lavise_core.pipeline.stages import StageContext
@@ -100,17 +101,6 @@ def _region_mask(label: np.ndarray, regions: Sequence[str], parts: Sequence[str]
     return np.isin(label, ids)
 
 
-def _ranks(maps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``(B, H*W)`` rank of each pixel (0 = most important); ties broken by a seeded random shuffle."""
-    flat = maps.reshape(maps.shape[0], -1)
-    perm = torch.stack([torch.randperm(flat.shape[1], generator=gen) for _ in range(flat.shape[0])])
-    shuffled = flat.gather(1, perm)
-    order = perm.gather(1, torch.argsort(shuffled, dim=1, descending=True, stable=True))
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order).contiguous())
-    return ranks
-
-
 @torch.no_grad()
 def deletion_insertion(
     model: torch.nn.Module,
@@ -147,11 +137,6 @@ def _blur(x: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
 
     k = int(2 * round(2 * sigma) + 1)
     return gaussian_blur(x, [k, k], [sigma, sigma])
-
-
-def _auc(curves: np.ndarray) -> np.ndarray:
-    """Trapezoid mean of ``(B, S+1)`` curves over [0, 1] -> ``(B,)``."""
-    return (curves[:, 1:] + curves[:, :-1]).mean(1) / 2
 
 
 def cascading_layers(model: torch.nn.Module) -> list[list[str]]:
@@ -230,9 +215,9 @@ def evaluate_attribution(
     gen = torch.Generator().manual_seed(s.seed)
     total = len(s.methods) + 2
     say(0, total, "random-order baseline")
-    rand_ranks = torch.stack([torch.randperm(size * size, generator=gen) for _ in range(len(idx))])
+    rand_ranks = random_ranks(len(idx), size * size, gen)
     d, n = deletion_insertion(lm.model, x, y, rand_ranks, s.steps, s.batch_size)
-    res["random"] = {"deletion_auc": float(_auc(d).mean()), "insertion_auc": float(_auc(n).mean())}
+    res["random"] = {"deletion_auc": float(curve_auc(d).mean()), "insertion_auc": float(curve_auc(n).mean())}
     masks = pair_masks = bird = None
     if has_masks:
         names = list(lm.class_names)
@@ -259,10 +244,10 @@ def evaluate_attribution(
         t0 = time.perf_counter()
         maps = make_method(name, lm, batch_size=s.batch_size, **opts).pixel_map(x, y).float()
         seconds = (time.perf_counter() - t0) / len(idx)
-        d, n = deletion_insertion(lm.model, x, y, _ranks(maps, gen), s.steps, s.batch_size)
+        d, n = deletion_insertion(lm.model, x, y, pixel_ranks(maps, gen), s.steps, s.batch_size)
         row: dict[str, Any] = {
-            "deletion_auc": float(_auc(d).mean()),
-            "insertion_auc": float(_auc(n).mean()),
+            "deletion_auc": float(curve_auc(d).mean()),
+            "insertion_auc": float(curve_auc(n).mean()),
             "seconds_per_image": round(seconds, 4),
         }
         if masks is not None:

@@ -9,8 +9,6 @@ import torch
 
 from lavise_core.evaluate.attribution import (
     AttributionEvalSettings,
-    _auc,
-    _ranks,
     cascading_layers,
     deletion_insertion,
     discriminative_parts,
@@ -18,6 +16,7 @@ from lavise_core.evaluate.attribution import (
     format_attribution,
 )
 from lavise_core.explain.attribution.base import AttributionError
+from lavise_core.explain.attribution.faithfulness import curve_auc, pixel_ranks
 from lavise_core.models.networks import load_model
 
 
@@ -38,19 +37,21 @@ def test_deletion_and_insertion_curves_by_hand(identity_model) -> None:
     importance = torch.zeros(1, 16, 16)
     importance[0, 4:8, 4:8] = 1.0
     gen = torch.Generator().manual_seed(0)
-    d, n = deletion_insertion(identity_model.model, x, torch.tensor([0]), _ranks(importance, gen), steps=16)
+    d, n = deletion_insertion(
+        identity_model.model, x, torch.tensor([0]), pixel_ranks(importance, gen), steps=16
+    )
     p_x = float(torch.softmax(identity_model.model(x), 1)[0, 0])
     assert d[0, 0] == pytest.approx(p_x) and n[0, -1] == pytest.approx(p_x)
     assert d[0, 1:] == pytest.approx(np.full(16, 1 / 3))  # 16 px per step: the square is gone after step 1
     rd, rn = deletion_insertion(
-        identity_model.model, x, torch.tensor([0]), _ranks(torch.zeros(1, 16, 16), gen), 16
+        identity_model.model, x, torch.tensor([0]), pixel_ranks(torch.zeros(1, 16, 16), gen), 16
     )
-    assert _auc(d)[0] < _auc(rd)[0] and _auc(n)[0] > _auc(rn)[0]
+    assert curve_auc(d)[0] < curve_auc(rd)[0] and curve_auc(n)[0] > curve_auc(rn)[0]
 
 
 def test_ranks_put_the_largest_first_and_break_ties_at_random() -> None:
     m = torch.tensor([[[0.0, 3.0], [1.0, 0.0]]])
-    r = _ranks(m, torch.Generator().manual_seed(0))[0].tolist()
+    r = pixel_ranks(m, torch.Generator().manual_seed(0))[0].tolist()
     assert r[1] == 0 and r[2] == 1 and sorted(r) == [0, 1, 2, 3]
 
 

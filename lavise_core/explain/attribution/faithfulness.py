@@ -1,7 +1,7 @@
 """Faithfulness of one attribution map (Petsiuk et al. 2018, RISE §4.1): the pixel order and the curve summary.
 
 A map orders the pixels, most important first (:func:`pixel_ranks`; ties, such as Grad-CAM's zeros, broken by a
-seeded random shuffle, as the ``attribution`` evaluation does); deleting or revealing pixels in that order gives a
+seeded random shuffle; the ``attribution`` evaluation uses the same functions); deleting or revealing pixels in that order gives a
 curve of the class probability over the fraction of pixels taken, summarised by its trapezoid mean
 (:func:`curve_auc`). The curves themselves come from :func:`lavise_core.evaluate.attribution.deletion_insertion`.
 """
