@@ -100,25 +100,9 @@ def cold_start(reps: int, bundles: str) -> list[tuple[float, float]]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         for _ in range(reps):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = dict(os.environ, LAVISE_BUNDLES=bundles)
             t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.port", str(port),
-                 "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
+            proc, url = _serve(bundles)
             try:
-                while True:
-                    try:
-                        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                            if r.status == 200:
-                                break
-                    except OSError:
-                        time.sleep(0.05)
                 ready = time.perf_counter() - t0
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(url)
