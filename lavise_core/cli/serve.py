@@ -63,14 +63,28 @@ def serve_command(
     env[ENV_TOKEN_NEEDED] = "1" if args.allow_build and not local else "0"
     if not args.allow_build:
         env.pop(ENV_TOKEN, None)  # nothing in the app needs it
-    bundles = args.bundles or env.get("LAVISE_BUNDLES") or "data/bundles"
+    _offline_bundles(env, args.bundles or env.get("LAVISE_BUNDLES") or "data/bundles")
+    argv = [
+        *_streamlit(args.host, args.port),
+        "--server.fileWatcherType",
+        "none",
+        "--client.showErrorDetails",
+        "none",
+    ]
+    return argv, env
+
+
+def _streamlit(host: str, port: int) -> list[str]:
+    """``streamlit run app.py`` on ``host:port``, headless, no usage statistics."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", host,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+
+
+def _offline_bundles(env: dict[str, str], bundles: str | os.PathLike) -> None:
+    """The served bundles folder (absolute) and the offline switches, set in ``env``."""
     env["LAVISE_BUNDLES"] = str(Path(bundles).resolve())
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    argv = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", args.host,
-            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.showErrorDetails", "none"]  # fmt: skip
-    return argv, env
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -113,13 +127,9 @@ def demo_serve_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The Streamlit command line and environment of ``lavise demo``: this machine only (127.0.0.1), local mode."""
     env = dict(os.environ if env is None else env)
-    env["LAVISE_BUNDLES"] = str(Path(args.bundles).resolve())
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _offline_bundles(env, args.bundles)
     env.pop(ENV_MODE, None)  # this machine's own dashboard: not read-only
-    argv = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
-            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    return argv, env
+    return _streamlit("127.0.0.1", args.port), env
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
