@@ -277,8 +277,11 @@ def filter_inputs_view(ws: Workspace, k: int, layer: str | None = None, n: int =
     the nearest below), cached per ``(k, layer, n)``; raises :class:`StageMissing` without the ``layers`` stage."""
     from lavise_core.explain.dissection.circuits import layer_labels, lower_layers
 
-    labels = layer_labels(ws.bundle, build_hint(ws.bundle))
-    below = lower_layers(ws.model().model, list(labels), ws.bundle.layer)[::-1]  # nearest first
+    def recorded_below() -> list[str]:  # nearest first; once per workspace, not on every rerun
+        labels = layer_labels(ws.bundle, build_hint(ws.bundle))
+        return lower_layers(ws.model().model, list(labels), ws.bundle.layer)[::-1]
+
+    below = ws.details.get(("inputs", "layers below"), recorded_below)
     if not below:
         raise StageMissing(f"the `layers` stage recorded no layer below `{ws.bundle.layer}`")
     layer = layer if layer in below else below[0]
