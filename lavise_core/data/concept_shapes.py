@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lavise_core.data.dataset import DATASET_FILE, MANIFEST_FILE, DatasetError, ImageRecord, ProbeDataset
+from lavise_core.data.dataset import ImageRecord, ProbeDataset
 
 __all__ = [
     "BASIC_COLOURS",
@@ -793,7 +792,7 @@ def generate_concept_shapes(
     """
     from tqdm import tqdm
 
-    from lavise_core.data.dataset import write_dataset
+    from lavise_core.data.dataset import prepare_generated_dir, write_dataset
 
     out = Path(out)
     for name, value, lo in (("n", n, 1), ("image_size", image_size, 32), ("workers", workers, 1)):
@@ -803,24 +802,7 @@ def generate_concept_shapes(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
-    desc = out / DATASET_FILE
-    if desc.is_file():
-        try:
-            source = json.loads(desc.read_text()).get("source")
-        except (json.JSONDecodeError, AttributeError):
-            source = None
-        if source != SOURCE:
-            raise DatasetError(
-                f"{out} holds a data set from {source!r}; refusing to overwrite it with ConceptShapes"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(
-            f"{out} exists and is not an empty directory or a ConceptShapes set; choose another --out"
-        )
-    for name in (DATASET_FILE, MANIFEST_FILE):  # invalidate the old set while files are replaced
-        (out / name).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    prepare_generated_dir(out, SOURCE, "ConceptShapes", empty_only=True)
     kw = {"seed": seed, "image_size": image_size, "test_fraction": test_fraction}
     chunk = 25
     jobs = [(str(out), list(range(a, min(a + chunk, n))), kw) for a in range(0, n, chunk)]

@@ -26,17 +26,18 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "BACKGROUND_TEMPLATE",
     "DATASET_FILE",
     "MANIFEST_FILE",
     "DatasetError",
     "ImageRecord",
     "ProbeDataset",
-    "BACKGROUND_TEMPLATE",
     "atomic_write_bytes",
+    "atomic_write_text",
     "background_phrase",
     "dataset_backgrounds",
     "fit_indices",
-    "atomic_write_text",
+    "prepare_generated_dir",
     "write_dataset",
 ]
 
@@ -163,6 +164,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def prepare_generated_dir(out: Path, source: str, title: str, empty_only: bool = False) -> None:
+    """Make ``out`` ready for a generated data set whose ``source`` is ``source`` (``title`` in messages).
+
+    Refuses to overwrite a data set from another source (with ``empty_only``, also any other non-empty folder),
+    removes the old set's description and manifest while its files are replaced, and creates ``images/`` and
+    ``masks/``.
+    """
+    desc = out / DATASET_FILE
+    if desc.is_file():
+        try:
+            found = json.loads(desc.read_text()).get("source")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+        if found != source:
+            raise DatasetError(
+                f"{out} holds a data set from {found!r}; refusing to overwrite it with {title}"
+            )
+    elif empty_only and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(
+            f"{out} exists and is not an empty directory or a {title} set; choose another --out"
+        )
+    for name in (DATASET_FILE, MANIFEST_FILE):  # invalidate the old set while files are replaced
+        (out / name).unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,8 +4,6 @@ near-distribution variants of a probe image (blur, rotation, inversion, greyscal
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lavise_core.data.dataset import DATASET_FILE, MANIFEST_FILE, DatasetError, ImageRecord, ProbeDataset
+from lavise_core.data.dataset import ImageRecord, ProbeDataset
 
 __all__ = [
     "BACKGROUNDS",
@@ -120,7 +119,9 @@ SPECIES: dict[str, dict[str, str]] = {
 
 #: the attribute each species is named after, its first defining slot: "scarlet-capped warbler" -> "red crown"
 NAME_ATTRIBUTES: dict[str, str] = {
-    name: f"{value} {slot.split('.')[0]}" for name, slots in SPECIES.items() for slot, value in list(slots.items())[:1]
+    name: f"{value} {slot.split('.')[0]}"
+    for name, slots in SPECIES.items()
+    for slot, value in list(slots.items())[:1]
 }
 
 
@@ -940,7 +941,7 @@ def generate_synthbirds(
     """
     from tqdm import tqdm
 
-    from lavise_core.data.dataset import write_dataset
+    from lavise_core.data.dataset import prepare_generated_dir, write_dataset
 
     out = Path(out)
     if n < 1:
@@ -949,20 +950,7 @@ def generate_synthbirds(
         raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
     if not 0.0 <= spurious_strength <= 1.0 or not 0.0 <= test_fraction <= 1.0:
         raise ValueError("spurious_strength and test_fraction must lie in [0, 1]")
-    desc = out / DATASET_FILE
-    if desc.is_file():
-        try:
-            source = json.loads(desc.read_text()).get("source")
-        except json.JSONDecodeError:
-            source = None
-        if source != "synthbirds":
-            raise DatasetError(
-                f"{out} holds a data set from {source!r}; refusing to overwrite it with SynthBirds"
-            )
-    for name in (DATASET_FILE, MANIFEST_FILE):  # invalidate the old set while files are replaced
-        (out / name).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    prepare_generated_dir(out, "synthbirds", "SynthBirds")
     kw = {
         "seed": seed,
         "image_size": image_size,
