@@ -95,13 +95,16 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
                 + ", ".join(p for p, _ in ex.zero_shot[:6])
             )
         if ws.bundle.stage_done("oramas"):
-            with (
-                st.expander("Where does it look? Oramas et al. (relevant features back-projected)"),
-                sh.guard("the Oramas et al. explanation"),
-            ):
-                img, cap = views.oramas_heatmap(ws, a, ex.target)
-                st.image(img, width="stretch")
-                st.caption(cap)
+            box = st.expander(
+                "Where does it look? Oramas et al. (relevant features back-projected)",
+                key=f"oramas_open_{uid}",
+                on_change="rerun",
+            )
+            if box.open:  # computed when opened (a guided backprop pass), then cached per image
+                with box, sh.guard("the Oramas et al. explanation"):
+                    img, cap = views.oramas_heatmap(ws, a, ex.target)
+                    st.image(img, width="stretch")
+                    st.caption(cap)
     if views.is_siam_bundle(ws):
         with sh.guard("the SIAM explanation"):
             sv = views.siam_view(ws, a, ex.target)
@@ -190,12 +193,12 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
     other = st.selectbox("Compare with class", ["(runner-up)", *others], key=f"attr_other_{uid}")
     other = None if other.startswith("(") else other
     settings = advanced_settings(ws, uid)
-    try:
+    try:  # this image's faithfulness is measured on request, below
         if len(chosen) > 2:  # several methods at once: heavy, bounded across sessions (busy = a message)
             with views.heavy_slot("the attribution maps"):
-                view = views.where_it_looks(ws, a, chosen, other, settings=settings)
+                view = views.where_it_looks(ws, a, chosen, other, faithfulness=False, settings=settings)
         else:
-            view = views.where_it_looks(ws, a, chosen, other, settings=settings)
+            view = views.where_it_looks(ws, a, chosen, other, faithfulness=False, settings=settings)
     except ValueError as e:  # a setting no method can use: say which, keep the rest of the page
         st.error(f"No attribution maps with these settings: {e}.", icon=":material/tune:")
         return
@@ -210,13 +213,31 @@ def where_it_looks(ws: views.Workspace, a: views.ImageAnalysis, uid: str, predic
             col.image(p.overlays[c], caption=f"{p.label} · {c} (max {p.maxima[c]:.3g})", width="stretch")
         with cols[-1]:
             st.markdown(f"**{p.label}** · {p.seconds * 1000:.0f} ms")
-            if p.image is not None:
-                st.markdown(views.image_faithfulness_text(p.image))
             if p.faithfulness is not None:  # else the note above says how to measure it
                 st.caption("Baseline, the stored summary: " + views.faithfulness_text(p.faithfulness))
-    curves = [p for p in view.panels if p.image is not None]
-    if curves:
-        st.plotly_chart(faithfulness_curves(curves), width="stretch", key=f"faith_{uid}")
+    if view.panels:
+        image_faithfulness(ws, a, view, uid)
+
+
+def image_faithfulness(
+    ws: views.Workspace, a: views.ImageAnalysis, view: views.AttributionView, uid: str
+) -> None:
+    """This image's deletion and insertion per map, in an expander that measures them when opened (cached)."""
+    box = st.expander(
+        "Does each map find what drives the score on this image? (delete or reveal its most important pixels "
+        "first)",
+        key=f"faith_open_{uid}",
+        on_change="rerun",
+        icon=":material/checklist:",
+    )
+    if not box.open:  # measured when opened: a new upload shows its maps without waiting for these passes
+        return
+    with box, sh.guard("this image's faithfulness"):
+        measured = [(p, views.panel_faithfulness(ws, a, view, p)) for p in view.panels]
+        for p, f in measured:
+            st.markdown(f"**{p.label}**")
+            st.markdown(views.image_faithfulness_text(f))
+        st.plotly_chart(faithfulness_curves(measured), width="stretch", key=f"faith_{uid}")
 
 
 def advanced_settings(ws: views.Workspace, uid: str) -> views.AttributionSettings:
@@ -263,8 +284,9 @@ def advanced_settings(ws: views.Workspace, uid: str) -> views.AttributionSetting
     )  # fmt: skip
 
 
-def faithfulness_curves(panels: list) -> go.Figure:
-    """This image's deletion (solid) and insertion (dashed) curves, one colour per method."""
+def faithfulness_curves(measured: list) -> go.Figure:
+    """This image's deletion (solid) and insertion (dashed) curves, one colour per method: ``measured`` holds
+    ``(panel, its ImageFaithfulness)`` pairs."""
     fig = go.Figure()
     palette = [
         "#4c78a8",
@@ -277,15 +299,14 @@ def faithfulness_curves(panels: list) -> go.Figure:
         "#9d755d",
         "#bab0ac",
     ]
-    for p, colour in zip(panels, palette * 2, strict=False):
-        f = p.image
+    for (p, f), colour in zip(measured, palette * 2, strict=False):
         xs = [i / (len(f.deletion) - 1) for i in range(len(f.deletion))]
         fig.add_scatter(x=xs, y=f.deletion, name=f"{p.label}: deletion", line={"color": colour})
         fig.add_scatter(
             x=xs, y=f.insertion, name=f"{p.label}: insertion", line={"color": colour, "dash": "dash"}
         )
     fig.update_layout(
-        title=f"This image: probability of “{panels[0].image.target}” as its pixels are deleted (solid) or "
+        title=f"This image: probability of “{measured[0][1].target}” as its pixels are deleted (solid) or "
         "revealed (dashed), most important first",
         height=320, margin={"l": 0, "r": 10, "t": 40, "b": 10},
         xaxis={"title": "share of pixels taken", "tickformat": ".0%"},

@@ -10,6 +10,7 @@ choice into the URL's ``methods`` query parameter and back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
     "method_labels",
     "method_options",
     "methods_param",
+    "panel_faithfulness",
     "parse_methods",
     "sanity_rows",
     "signed_legend",
@@ -402,6 +404,7 @@ class AttributionPanel:
     seconds: float
     faithfulness: dict[str, Any] | None  # the stored summary over the evaluation's images (the baseline)
     image: ImageFaithfulness | None = None  # this image's own deletion / insertion for the predicted class
+    pixel_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) raw map of the predicted class
 
 
 @dataclass
@@ -427,6 +430,31 @@ def where_it_looks(
     settings = settings or AttributionSettings()
     key = ("where_it_looks", a.digest, tuple(parse_methods(list(methods))), other, faithfulness, settings)
     return ws.maps.get(key, lambda: _where_it_looks(ws, a, methods, other, faithfulness, settings))
+
+
+def _faithfulness_steps(ws: Workspace) -> int:
+    """The deletion / insertion steps of the stored summary (so this image's numbers compare with it)."""
+    stored = stored_attribution(ws)
+    return int(stored.get("steps", FAITHFULNESS_STEPS)) if stored else FAITHFULNESS_STEPS
+
+
+def panel_faithfulness(
+    ws: Workspace, a: ImageAnalysis, view: AttributionView, panel: AttributionPanel
+) -> ImageFaithfulness:
+    """This image's deletion / insertion for ``view``'s predicted class in ``panel``'s map order, on request:
+    what :func:`where_it_looks` with ``faithfulness=True`` puts in ``panel.image`` (same map, same steps, same
+    seed), cached per image, method and map in the workspace."""
+    if panel.image is not None:
+        return panel.image
+    if panel.pixel_map is None:
+        raise ValueError(f"the {panel.label} panel keeps no map to measure")
+    lm = ws.model()
+    target = list(lm.class_names).index(view.classes[0])
+    m = np.ascontiguousarray(panel.pixel_map, np.float32)
+    key = ("faithfulness", a.digest, panel.method, target, hashlib.sha256(m.tobytes()).hexdigest()[:16])
+    return ws.maps.get(
+        key, lambda: image_faithfulness(lm, view_tensor(lm, a.image), target, m, _faithfulness_steps(ws))
+    )
 
 
 def _signed_top(signed: np.ndarray) -> float:
@@ -463,7 +491,7 @@ def _where_it_looks(
     x = view_tensor(lm, a.image)
     options = method_options(lm, x, settings)
     stored = stored_attribution(ws)
-    steps = int(stored.get("steps", FAITHFULNESS_STEPS)) if stored else FAITHFULNESS_STEPS
+    steps = _faithfulness_steps(ws)
     labels = method_labels()
     panels: list[AttributionPanel] = []
     failed: list[str] = []
@@ -501,6 +529,7 @@ def _where_it_looks(
                 seconds,
                 _with_baselines(stored, m),
                 image_faithfulness(lm, x, targets[0], maps[0], steps) if faithfulness else None,
+                maps[0],
             )
         )
     notes = [f"No map for {f}." for f in failed]

@@ -76,7 +76,13 @@ def class_reliance(ws: Workspace, cls: str, n: int = 12) -> ClassReliance:
 
 
 def oramas_heatmap(ws: Workspace, a: ImageAnalysis, target: str | None = None) -> tuple[Image.Image, str]:
-    """Oramas et al.'s explanation of ``a``: the top 3 relevant features back-projected, pixel-wise max."""
+    """Oramas et al.'s explanation of ``a``: the top 3 relevant features back-projected, pixel-wise max.
+
+    Cached per image and target in the workspace: a rerun on the same image costs a lookup."""
+    return ws.maps.get(("oramas", a.digest, target), lambda: _oramas_heatmap(ws, a, target))
+
+
+def _oramas_heatmap(ws: Workspace, a: ImageAnalysis, target: str | None) -> tuple[Image.Image, str]:
     from lavise_core.explain.oramas import explain_oramas
 
     rf = _relevant(ws)

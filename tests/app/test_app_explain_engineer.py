@@ -48,8 +48,21 @@ def test_one_filter_map_defaults_to_the_top_filter_and_follows_the_choice(monkey
     assert any(m.value.startswith(f"Filter #{k} ") for m in at.markdown)
 
 
+def _open_faithfulness(at: AppTest) -> str:
+    """Open the upload's faithfulness expander (measured when opened); returns the upload's uid."""
+    uid = next(s.key for s in at.selectbox if s.key.startswith("whynot_")).removeprefix("whynot_")
+    at.session_state[f"faith_open_{uid}"] = True
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return uid
+
+
 def test_faithfulness_is_computed_for_the_upload(monkeypatch, bundles):
     at = _upload(monkeypatch, bundles, methods="gradcam,saliency")
+    assert not [m for m in at.markdown if m.value.startswith("**This image**")]  # closed: not measured yet
+    assert not any(c.key.startswith("faith_") for c in at.get("plotly_chart"))
+    assert any(e.label.startswith("Does each map find what drives the score") for e in at.expander)
+    _open_faithfulness(at)
     mine = [m.value for m in at.markdown if m.value.startswith("**This image**")]
     assert len(mine) == 2  # one line per shown method, for this image
     assert all("AUC" in m and "random order" in m for m in mine)
@@ -59,9 +72,33 @@ def test_faithfulness_is_computed_for_the_upload(monkeypatch, bundles):
     assert any(k.startswith("faith_") for k in (c.key for c in at.get("plotly_chart") if hasattr(c, "key")))
 
 
+def test_faithfulness_on_request_equals_the_eager_measure(bundles):
+    """The expander's numbers are those where_it_looks(faithfulness=True) computes: same map, steps and seed."""
+    import numpy as np
+
+    from lavise_core import views
+    from lavise_core.data.dataset import ProbeDataset
+    from lavise_core.pipeline.bundle import Bundle
+
+    ws = views.Workspace(Bundle.open(bundles.full))
+    ds = ProbeDataset.open(bundles.data)
+    a = views.analyse_image(ws, (bundles.data / ds.records[0].path).read_bytes())
+    eager = views.where_it_looks(ws, a, ["gradcam", "saliency"])
+    lazy = views.where_it_looks(ws, a, ["gradcam", "saliency"], faithfulness=False)
+    assert all(p.image is None for p in lazy.panels)
+    for e, p in zip(eager.panels, lazy.panels, strict=True):
+        f = views.panel_faithfulness(ws, a, lazy, p)
+        assert np.array_equal(f.deletion, e.image.deletion) and np.array_equal(f.insertion, e.image.insertion)
+        assert (f.deletion_auc, f.random_insertion_auc) == (
+            e.image.deletion_auc,
+            e.image.random_insertion_auc,
+        )
+        assert views.panel_faithfulness(ws, a, lazy, p) is f  # cached per image and map
+
+
 def test_advanced_settings_reach_the_maps(monkeypatch, bundles):
     at = _upload(monkeypatch, bundles, methods="gradcam,integrated_gradients")
-    uid = next(s.key for s in at.selectbox if s.key.startswith("ig_base_")).removeprefix("ig_base_")
+    uid = _open_faithfulness(at)
     before = [m.value for m in at.markdown if m.value.startswith("**This image**")]
     at.selectbox(key=f"ig_base_{uid}").select("black").run()
     at.number_input(key=f"ig_steps_{uid}").set_value(4).run()

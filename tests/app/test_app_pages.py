@@ -184,8 +184,7 @@ def test_explain_upload_sentence_contrast_and_chips(monkeypatch, bundles):
     assert charts == [
         "pred",
         "contrib",
-        "faith",
-    ]  # predictions, contributing filters, this image's faithfulness
+    ]  # predictions, contributing filters (faithfulness: when its expander opens)
     uid = next(s.key for s in at.selectbox if s.key.startswith("whynot_")).removeprefix("whynot_")
     other = at.selectbox(key=f"whynot_{uid}").options[1]
     at.selectbox(key=f"whynot_{uid}").select(other).run()
