@@ -75,6 +75,8 @@ class FilterInfo:
         top_images: ``(k,)`` probe record indices where it fires most, strongest first.
         top_values: ``(k,)`` their pooled activations.
         pdf: ``[(attribute, p(t | f_k))]`` best first (empty without the textual stage).
+        concept_sets: per label, the data set its word was measured on (a concept set, or the probe set); with
+            several concept sets composed (``build(..., concepts=[A, B])``), each dissection label names its own.
     """
 
     index: int
@@ -83,6 +85,12 @@ class FilterInfo:
     top_values: np.ndarray
     pdf: list[tuple[str, float]]
     _explainer: Explainer | None = field(default=None, repr=False, compare=False)
+    concept_sets: list[str] = field(default_factory=list)
+
+    @property
+    def concept_set(self) -> str:
+        """The data set the first label was measured on ("" without labels)."""
+        return self.concept_sets[0] if self.concept_sets else ""
 
     def inputs(self, n: int = 5, layers: Sequence[str] | None = None) -> list:
         """The ``n`` filters of the lower recorded layers (``layers``; default all the ``layers`` stage recorded
@@ -108,7 +116,9 @@ class ShownLabels:
     - else with the textual stage: the top attribute of ``p(t | f)``, confident at ≥ :data:`CONFIDENT_LIFT` × uniform.
 
     Attributes: ``labels`` (C,) phrases ("" for none), ``scores`` (C,) float32, ``source`` (one of the
-    ``SOURCE_*`` names), ``confident`` (C,) bool.
+    ``SOURCE_*`` names), ``confident`` (C,) bool, ``concepts`` the data set the words were measured on,
+    ``concept_sets`` (C,) per filter the set its label comes from when several concept sets are composed
+    (``None`` otherwise: every label comes from ``concepts``).
     """
 
     labels: list[str]
@@ -118,11 +128,23 @@ class ShownLabels:
     concepts: str = (
         ""  # the data set the words were measured on (a concept set lent to this bundle, or its own)
     )
+    concept_sets: list[str] | None = None
 
     @property
     def where(self) -> str:
         """``"dissection on SynthBirds"``: the source and the data it was measured on."""
         return f"{self.source} on {self.concepts}" if self.concepts else self.source
+
+    @property
+    def composed(self) -> bool:
+        """Whether the labels come from several concept sets (each filter's from :meth:`concepts_of`)."""
+        return self.concept_sets is not None
+
+    def concepts_of(self, k: int) -> str:
+        """The data set filter ``k``'s label was measured on (all of them, joined, for a filter without one)."""
+        if self.concept_sets is not None and self.labels[k]:
+            return self.concept_sets[k]
+        return self.concepts
 
 
 class FilterList(Sequence):
@@ -525,8 +547,7 @@ class Explainer:
     def concept_set(self, stage: str) -> str:
         """The name of the data set ``stage``'s words were measured on: the concept set that lent them, or the
         bundle's own probe set."""
-        info = self.bundle.manifest.get("stages", {}).get(stage, {})
-        return str(info.get("concept_set") or self.bundle.manifest.get("dataset", {}).get("name", ""))
+        return self.bundle.words_measured_on(stage)
 
     def _compute_shown_labels(self) -> ShownLabels:
         from lavise_core.explain.dissection.labels import IOU_MIN
@@ -543,7 +564,10 @@ class Explainer:
             labels = [
                 d.concepts[int(j)] if s >= IOU_MIN else "" for j, s in zip(d.label_ids[:, 0], sc, strict=True)
             ]
-            return ShownLabels(labels, sc, SOURCE_DISSECTION, sc >= IOU_MIN, self.concept_set("dissection"))
+            sets = [d.concept_set_of(int(j)) for j in d.label_ids[:, 0]] if d.composed else None
+            return ShownLabels(
+                labels, sc, SOURCE_DISSECTION, sc >= IOU_MIN, self.concept_set("dissection"), sets
+            )
         table = self.label_table()
         if table is not None:
             # read the labels directly (no torch / FAISS / encoder import: keeps the first page fast)
@@ -588,11 +612,16 @@ class Explainer:
 
         self.require_probe()
         labels: list[tuple[str, float, str]] = []
+        sets: list[str] = []
         if self.has_dissection():
-            labels += [
-                (c, s, SOURCE_DISSECTION) for c, s in self.dissection().labels(k, n_labels) if s >= IOU_MIN
-            ]
-        labels += [(p, s, SOURCE_ZERO_SHOT) for p, s, _ in self.zero_shot_labels(k, n_labels) or []]
+            d = self.dissection()
+            for (c, s), name in zip(d.labels(k, n_labels), d.label_sets(k, n_labels), strict=True):
+                if s >= IOU_MIN:
+                    labels.append((c, s, SOURCE_DISSECTION))
+                    sets.append(name)
+        zero_shot = [(p, s, SOURCE_ZERO_SHOT) for p, s, _ in self.zero_shot_labels(k, n_labels) or []]
+        labels += zero_shot
+        sets += [self.concept_set("lavise")] * len(zero_shot)
         pdf: list[tuple[str, float]] = []
         if self.has_textual():
             tx = self.textual()
@@ -600,6 +629,7 @@ class Explainer:
             pdf = [(tx.vocabulary[int(t)], float(row[t])) for t in np.argsort(-row, kind="stable")]
             if not labels:
                 labels = [(t, p, SOURCE_PDF) for t, p in pdf[:n_labels]]
+                sets = [self.concept_set("textual")] * len(labels)
         return FilterInfo(
             k,
             labels,
@@ -607,6 +637,7 @@ class Explainer:
             np.asarray(self.array("probe/top_value")[k]),
             pdf,
             self,
+            sets,
         )
 
     # ------------------------------------------------------------------ concepts
@@ -892,7 +923,7 @@ def open_bundle(bundle_dir: str | os.PathLike) -> Explainer:
 
 
 def build(
-    model: str,
+    model: str | Any,
     data: str | os.PathLike,
     layer: str | None = None,
     stages: Sequence[str] | None = None,
@@ -905,11 +936,12 @@ def build(
     executor: str | None = None,
     address: str | None = None,
     lock_timeout: float | None = None,
-    concepts: str | os.PathLike | None = None,
+    concepts: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> Explainer:
     """Build (or finish) the bundle of ``model`` × ``layer`` × ``data`` with the registered stages.
 
-    ``model``: a model spec (``"synthbirds"``, ``"efficientnet_lite0"``, ``"torchvision:resnet18"``, …);
+    ``model``: a model spec (``"synthbirds"``, ``"efficientnet_lite0"``, ``"torchvision:resnet18"``, …) or a
+    :class:`~lavise_core.models.networks.LoadedModel` already loaded;
     ``data``: a probe data set folder; ``stages``: which stages (default: all default stages; what they need
     is added); ``force``: stages to redo; ``progress(BuildProgress)`` is called as the build goes;
     ``options``: keyword arguments per stage, e.g. ``{"lavise": {"settings": LaviseSettings(epochs=20)}}``.
@@ -925,6 +957,13 @@ def build(
     annotated ``data`` is its own concept set; a plain folder takes :data:`DEFAULT_CONCEPTS` (SynthBirds) unless
     ``concepts`` names another. A stage whose data is missing from both is not built, and ``ex.built`` says why
     in one sentence.
+
+    **Several concept sets** (``concepts=[A, B, ...]``): the dissection stage is built on each set's own bundle
+    and composed here (:mod:`lavise_core.explain.dissection.compose`): each filter's label is its best (highest
+    IoU) over all the sets and names the set it comes from (``ex.filters[k].concept_sets``,
+    ``ex.shown_labels().concepts_of(k)``). The other word stages (textual, LaViSE, evidence, fidelity, layers)
+    come from the first set. Every set must have region masks when dissection is built; a set given twice, or
+    the probe set itself among several, is refused.
     """
     import dataclasses
 
@@ -942,7 +981,7 @@ def build(
         ds = ProbeDataset.open(data)
     except DatasetError as e:
         raise ValueError(str(e)) from e
-    lm = load_model(model, device=settings.device)
+    lm = load_model(model, device=settings.device) if isinstance(model, str) else model
     bundle = open_or_create_bundle(Path(bundles), lm, ds, layer)
     lent = _lend_words(
         bundle, ds, lm, REGISTRY, stages, concepts, Path(bundles), settings, progress, options, lock_timeout
@@ -997,11 +1036,18 @@ def _lend_words(
     lock_timeout,
 ) -> dict[str, str]:  # fmt: skip
     """Build the word stages that ``ds`` cannot make on the concept set's own bundle (same model and layer) and
-    lend them to ``bundle`` -> ``{stage: outcome}``. With ``concepts`` given, every word stage comes from it."""
+    lend them to ``bundle`` -> ``{stage: outcome}``. With ``concepts`` given, every word stage comes from it;
+    with several, see :func:`_compose_words`."""
     from lavise_core.pipeline.probe import open_or_create_bundle
     from lavise_core.pipeline.stages import data_facts, missing_data
 
+    paths = _concept_paths(concepts)
     order = registry.resolve(list(stages) if stages is not None else registry.defaults())
+    if paths is not None and len(paths) > 1:
+        return _compose_words(
+            bundle, ds, lm, registry, order, paths, bundles, settings, progress, options, lock_timeout
+        )
+    concepts = paths[0] if paths else None
     facts = data_facts(ds)
     words = [s for s in order if s.words and (concepts is not None or missing_data(s, facts))]
     lent_from = {
@@ -1024,10 +1070,7 @@ def _lend_words(
     if not names:
         return {}
     with bundle.build_lock(lock_timeout):
-        for n in names:
-            for d in registry.downstream(n):
-                if bundle.stage_done(d.name) and (d.words or d.name == n):
-                    bundle.clear_stage(d.name)
+        _clear_words(bundle, registry, names)
     say = progress or (lambda event: None)
     say(BuildProgress(0.0, "concepts", f"words from the concept set '{cds.name}' ({cbundle.root.name})"))
     build_stages(
@@ -1043,4 +1086,141 @@ def _lend_words(
                     cbundle, name, s.files, s.parts, concept_set=cds.name, concept_bundle=str(cbundle.root)
                 )
                 out[name] = f"from the concept set '{cds.name}'"
+    return out
+
+
+def _clear_words(bundle: Bundle, registry, names: Sequence[str]) -> None:
+    """Forget the stages ``names`` of ``bundle`` and the word stages built on them, before they are lent again;
+    a composed stage's folder goes too (its extra files must not outlive it: a set lends only its own files)."""
+    import shutil
+
+    for n in names:
+        for d in registry.downstream(n):
+            if bundle.stage_done(d.name) and (d.words or d.name == n):
+                if bundle.manifest["stages"][d.name].get("concept_sets"):
+                    for rel in d.files:
+                        shutil.rmtree(bundle.root / rel, ignore_errors=True)
+                bundle.clear_stage(d.name)
+
+
+def _concept_paths(concepts) -> list[Path] | None:
+    """``concepts`` (one folder or several) as a list of paths; ``None`` when not given."""
+    if concepts is None:
+        return None
+    if isinstance(concepts, (str, os.PathLike)):
+        return [Path(concepts)]
+    paths = [Path(c) for c in concepts]
+    if not paths:
+        raise ValueError("no concept set named: give one or more annotated data set folders with --concepts")
+    return paths
+
+
+def _concept_names(sets: Sequence[ProbeDataset]) -> list[str]:
+    """The names a composed label cites: each set's name, with its folder where two sets share one."""
+    names = [cds.name for cds in sets]
+    return [f"{n} ({cds.root.name})" if names.count(n) > 1 else n for n, cds in zip(names, sets, strict=True)]
+
+
+def _open_concept_sets(paths: Sequence[Path], ds: ProbeDataset, wants_masks: bool) -> list[ProbeDataset]:
+    """Open several concept sets, refusing what cannot be composed, with the fix in the message."""
+    from lavise_core.pipeline.stages import data_facts
+
+    sets = [_open_concepts(p, ds) for p in paths]
+    seen: dict[Path, Path] = {}
+    hashes: dict[str, Path] = {}
+    for p, cds in zip(paths, sets, strict=True):
+        root = cds.root.resolve()
+        if root == ds.root.resolve():
+            raise ValueError(
+                f"the concept set {p} is the probe set itself: with several concept sets, name only the other "
+                "annotated sets (the probe set's own words come with a build without --concepts)"
+            )
+        if root in seen:
+            raise ValueError(f"the concept set {p} is given twice (also as {seen[root]}): name each set once")
+        digest = cds.content_hash()
+        if digest in hashes:
+            raise ValueError(
+                f"the concept sets {hashes[digest]} and {p} hold the same data: name each set once"
+            )
+        seen[root], hashes[digest] = p, p
+        if wants_masks and "masks" not in data_facts(cds):
+            raise ValueError(
+                f"the concept set '{cds.name}' ({p}) has no region masks, so it can give no dissection labels: "
+                "leave it out of --concepts, or build without the dissection stage (--stages)"
+            )
+    return sets
+
+
+def _compose_words(
+    bundle: Bundle, ds: ProbeDataset, lm, registry, order, paths: Sequence[Path], bundles: Path, settings, progress,
+    options, lock_timeout,
+) -> dict[str, str]:  # fmt: skip
+    """Words from several concept sets: the dissection stage built on each set's own bundle and composed into
+    ``bundle`` (each filter's best label over all the sets, naming its set:
+    :func:`~lavise_core.explain.dissection.compose.compose_dissection`); the other word stages lent by the
+    first set, as with one. -> ``{stage: outcome}``."""
+    from lavise_core.explain.dissection.compose import compose_dissection
+    from lavise_core.explain.dissection.labels import STAGE as DISSECTION
+    from lavise_core.pipeline.probe import open_or_create_bundle
+    from lavise_core.pipeline.stages import data_facts, missing_data
+
+    words = [s for s in order if s.words]
+    if not words:
+        return {}
+    compose = any(s.name == DISSECTION for s in words)
+    sets = _open_concept_sets(paths, ds, compose)
+    names = _concept_names(sets)
+    cbundles = [open_or_create_bundle(bundles, lm, cds, bundle.layer) for cds in sets]
+    for cds, cb in zip(sets, cbundles, strict=True):
+        if cb.manifest.get("stages", {}).get(DISSECTION, {}).get("concept_set"):
+            raise ValueError(
+                f"the bundle of the concept set '{cds.name}' ({cb.root}) holds dissection labels lent by another "
+                "concept set, not measured on its own images: name that set directly, or rebuild this one "
+                f"with `lavise build --data {cds.root} --force dissection`"
+            )
+    first, first_bundle = sets[0], cbundles[0]
+    roots = [str(cb.root) for cb in cbundles]
+    if compose and bundle.manifest.get("stages", {}).get(DISSECTION, {}).get("concept_bundles") == roots:
+        compose = False  # composed from these very bundles already
+    candidates = [s.name for s in words if s.name != DISSECTION and not missing_data(s, data_facts(first))]
+
+    def to_lend() -> list[str]:  # the first set's stages not lent by its bundle yet
+        stages_now = bundle.manifest.get("stages", {})
+        return [
+            n for n in candidates if stages_now.get(n, {}).get("concept_bundle") != str(first_bundle.root)
+        ]
+
+    if not compose and not to_lend():
+        return {}
+    with bundle.build_lock(lock_timeout):
+        _clear_words(bundle, registry, [*to_lend(), *([DISSECTION] if compose else [])])
+    lend = to_lend()  # and what the clearing took with it
+    say = progress or (lambda event: None)
+    quoted = ", ".join(f"'{n}'" for n in names)
+    say(BuildProgress(0.0, "concepts", f"words from the concept sets {quoted}"))
+    for i, (cds, cb) in enumerate(zip(sets, cbundles, strict=True)):
+        todo = [*(lend if i == 0 else []), *([DISSECTION] if compose else [])]
+        if todo:
+            build_stages(
+                cb, cds, registry, todo, settings=settings, model_loader=lambda: lm, progress=progress,
+                options=options, lock_timeout=lock_timeout,
+            )  # fmt: skip
+    out: dict[str, str] = {}
+    with bundle.build_lock(lock_timeout):
+        if compose and all(cb.stage_done(DISSECTION) and cb.has("dissection/iou") for cb in cbundles):
+            info = compose_dissection(bundle, list(zip(names, cbundles, strict=True)))
+            bundle.mark_stage(DISSECTION, {**info, "concept_bundles": roots})
+            out[DISSECTION] = f"from the concept sets {quoted} (each filter's best label)"
+        for name in lend:
+            s = registry[name]
+            if first_bundle.stage_done(name):
+                bundle.borrow_stage(
+                    first_bundle,
+                    name,
+                    s.files,
+                    s.parts,
+                    concept_set=names[0],
+                    concept_bundle=str(first_bundle.root),
+                )
+                out[name] = f"from the concept set '{names[0]}'"
     return out

@@ -239,10 +239,13 @@ def add_build_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--concepts",
         type=Path,
+        nargs="+",
         default=None,
         metavar="CONCEPT_SET",
-        help="an annotated data set folder the words come from (default: the probe set itself when it is "
-        "annotated, else data/synthbirds); the same network is run over its images in a bundle of its own",
+        help="one or more annotated data set folders the words come from (default: the probe set itself when it "
+        "is annotated, else data/synthbirds); the same network is run over each one's images in a bundle of its "
+        "own. With several, each filter's dissection label is its best over all of them and names its set; the "
+        "other word stages come from the first",
     )
     p.add_argument(
         "--stages", nargs="*", metavar="STAGE", help="build only these stages (and what they need)"

@@ -314,6 +314,12 @@ class Bundle:
                 self.manifest.setdefault("stages", {})[part] = dict(recorded[part])
         self.mark_stage(stage, {**recorded.get(stage, {}), **info})
 
+    def words_measured_on(self, stage: str) -> str:
+        """The name of the data set ``stage``'s words were measured on: the concept set (or sets, joined by
+        " + ") that lent or composed them, else this bundle's own probe set."""
+        info = self.manifest.get("stages", {}).get(stage, {})
+        return str(info.get("concept_set") or self.manifest.get("dataset", {}).get("name", ""))
+
     def clear_stage(self, stage: str) -> None:
         self._require_writable()
         self.manifest.get("stages", {}).pop(stage, None)

@@ -37,6 +37,7 @@ from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "IOU_MIN",
+    "N_LABELS",
     "STAGE",
     "DissectionTables",
     "build_dissection_stage",
@@ -59,6 +60,7 @@ __all__ = [
 STAGE = "dissection"
 EVAL_SIZE = 64  # label maps and upsampled activation maps are compared at 64 × 64 (as evaluate.lavise)
 IOU_MIN = 0.04
+N_LABELS = 10  # ranked labels kept per filter
 
 
 # ----------------------------------------------------------------------------------------------- concepts
@@ -415,7 +417,11 @@ class DissectionTables:
     ``label_ids / label_scores (C, L)`` (labels: part+attribute and background phrases, not bare part
     names), ``rate / mean_iou (C, T)`` (evidence for the concept search), ``is_part (T,)``; ``colour``: the
     colour path's evidence (``dissection.colour``) when stored, with its ``regions``; ``calibration``: the
-    concept search's rates, cross-fitted on the fit split (None for a bundle from before: defaults)."""
+    concept search's rates, cross-fitted on the fit split (None for a bundle from before: defaults).
+
+    ``concept_sets``: the data sets the concepts were measured on, ``concept_set_ids (T,)`` which one each
+    concept comes from: one set (the bundle's own probe set, or the concept set that lent the stage), or several
+    when the stage composes concept sets (:mod:`lavise_core.explain.dissection.compose`)."""
 
     concepts: list[str]
     iou: np.ndarray
@@ -427,10 +433,19 @@ class DissectionTables:
     regions: list[str] = field(default_factory=list)
     colour: dict | None = None
     calibration: dict | None = None
+    concept_sets: list[str] = field(default_factory=list)
+    concept_set_ids: np.ndarray | None = None
 
     @classmethod
     def from_bundle(cls, bundle) -> DissectionTables:
         """The dissection stage of ``bundle`` (arrays memory-mapped)."""
+        record = bundle.manifest.get("stages", {}).get(STAGE, {})
+        concepts = list(bundle.read_json("dissection/concepts"))
+        sets = list(record.get("concept_sets") or [])
+        if len(sets) > 1:  # composed: each concept's set is stored with the stage
+            set_ids = np.asarray(bundle.array("dissection/concept_set_ids"), np.int64)
+        else:
+            sets, set_ids = [bundle.words_measured_on(STAGE)], np.zeros(len(concepts), np.int64)
         colour, regions = None, []
         if bundle.has("dissection/colour_hist"):
             colour = {
@@ -441,7 +456,7 @@ class DissectionTables:
             regions = list(bundle.read_json("dissection/regions"))
         has_cal = (bundle.root / "dissection" / "search_calibration.json").is_file()
         return cls(
-            concepts=list(bundle.read_json("dissection/concepts")),
+            concepts=concepts,
             iou=bundle.array("dissection/iou"),
             label_ids=bundle.array("dissection/label_ids"),
             label_scores=bundle.array("dissection/label_scores"),
@@ -451,14 +466,31 @@ class DissectionTables:
             regions=regions,
             colour=colour,
             calibration=bundle.read_json("dissection/search_calibration") if has_cal else None,
+            concept_sets=sets,
+            concept_set_ids=set_ids,
         )
 
-    def labels(self, k: int, n: int = 10) -> list[tuple[str, float]]:
+    @property
+    def composed(self) -> bool:
+        """Whether the concepts come from several concept sets."""
+        return len(self.concept_sets) > 1
+
+    def concept_set_of(self, j: int) -> str:
+        """The name of the data set concept ``j`` was measured on ("" when unknown)."""
+        if self.concept_set_ids is None or not self.concept_sets:
+            return ""
+        return self.concept_sets[int(self.concept_set_ids[int(j)])]
+
+    def labels(self, k: int, n: int = N_LABELS) -> list[tuple[str, float]]:
         """Filter ``k``'s best ``n`` labels ``[(concept, IoU)]`` (IoU below :data:`IOU_MIN` included: check)."""
         return [
             (self.concepts[int(j)], float(s))
             for j, s in zip(self.label_ids[k][:n], self.label_scores[k][:n], strict=True)
         ]
+
+    def label_sets(self, k: int, n: int = N_LABELS) -> list[str]:
+        """The data set each of :meth:`labels` ``(k, n)`` was measured on, in the same order."""
+        return [self.concept_set_of(int(j)) for j in self.label_ids[k][:n]]
 
 
 def build_dissection_stage(
@@ -467,7 +499,7 @@ def build_dissection_stage(
     lm,
     *,
     batch_size: int = 64,
-    n_labels: int = 10,
+    n_labels: int = N_LABELS,
     draws: int = 64,
     p: int = 10,
     report: Callable[[int, int, str], None] | None = None,
