@@ -27,8 +27,9 @@ def _layers(spec: str) -> tuple[list[str], str]:
 def export_section(ws: views.Workspace) -> None:
     with st.expander(":material/download: Export the filter table and a report"):
         st.caption(
-            "The filter table (label, its source and score, IoU where annotations exist, top images' ids) as "
-            "CSV, and the whole bundle as one HTML file with the images inlined (opens offline)."
+            "The filter table (label, its source and score, its overlap with annotated parts where they exist, top "
+            "images' ids) as CSV, and the whole bundle as one HTML file with the images inlined (opens offline). "
+            "The overlap column is Network Dissection's IoU."
         )
         c1, c2 = st.columns(2)
         with sh.guard("the CSV export"):

@@ -65,17 +65,18 @@ if ws is not None and ws.bundle.stage_done("oramas"):
     with sh.guard("the Classes page (Oramas et al.)"):
         st.subheader("What the network relies on (Oramas et al.)")
         st.caption(
-            "Relevant features found without annotations: per class, a non-negative μ-lasso of the network's own "
-            "predictions on every conv layer's filter energies Σ a². Each feature is shown by the average of its "
-            "top-activating patches and the part its activations overlap most."
+            "The features each class relies on, found without annotations. Each feature is shown by the average "
+            "of its top-activating patches and the part its activations overlap most. (Per class, a non-negative "
+            "μ-lasso of the network's own predictions on every conv layer's filter energies Σ a².)"
         )
         pick = st.selectbox("Class", ws.classes, key="oramas_class")
         rel = views.class_reliance(ws, pick)
         if rel.note:
             st.warning(rel.note, icon=":material/warning:")
         st.caption(
-            f"μ = {rel.mu:g}; relevant features by layer: "
+            "Relevant features by layer: "
             + (", ".join(f"{layer} ({n})" for layer, n in rel.counts) or "none")
+            + f". Lasso strength μ = {rel.mu:g}."
         )
         cols = st.columns(6)
         for i, f in enumerate(rel.features):

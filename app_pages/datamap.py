@@ -57,7 +57,7 @@ if ws is not None:
                 go.Scattergl(
                     x=v.x, y=v.y, mode="markers", text=v.hover, hoverinfo="text", customdata=v.index,
                     marker={"size": 5, "color": v.colour, "colorscale": "Viridis", "showscale": True,
-                            "colorbar": {"title": "φ"}},
+                            "colorbar": {"title": "activation"}},
                 )
             )  # fmt: skip
         else:
@@ -96,6 +96,6 @@ if ws is not None:
                 st.image(m.image, caption=m.caption, width="stretch")
                 st.markdown("**Its most active filters**")
                 for f, phi in m.filters:
-                    st.page_link("app_pages/filters.py", label=f"filter {f} · φ = {phi:.2f}",
+                    st.page_link("app_pages/filters.py", label=f"filter {f} · activation {phi:.2f}",
                                  query_params={"filter": str(f)})  # fmt: skip
         st.caption("Share this view: the page URL keeps the colouring, concept, filter and opened image.")

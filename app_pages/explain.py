@@ -137,14 +137,16 @@ def render(ws: views.Workspace, a: views.ImageAnalysis, uid: str) -> None:
         )
     )
     contrib.update_layout(
-        title=f"Filters that contributed most to “{ex.target}” (φ_k · W[c, k])",
+        title=f"Filters that contributed most to “{ex.target}”",
         height=300,
         margin={"l": 0, "r": 10, "t": 40, "b": 10},
         xaxis={"type": "category"},
     )
     st.plotly_chart(contrib, width="stretch", key=f"contrib_{uid}")
     st.caption(
-        "Open a filter: " + " · ".join(f"[#{k}](/filters?filter={k})" for k, _, _ in ex.contributions[:6])
+        f"Each bar: how much the filter adds to the score of “{ex.target}” on this image. Open a filter: "
+        + " · ".join(f"[#{k}](/filters?filter={k})" for k, _, _ in ex.contributions[:6])
+        + ". (Bar = φ_k · W[c, k]: the filter's mean activation times its weight for the class.)"
     )
     one_filter(ws, a, ex, uid)
     where_it_looks(ws, a, uid, ex.predicted)

@@ -145,10 +145,10 @@ def detail(ws: views.Workspace, k: int) -> None:
     if d.label and d.label_source.startswith("dissection"):
         st.caption(
             f"**“{d.label}”**: where it fires most overlaps the {d.label} pixels annotated in {d.label_concepts}'s "
-            f"training images (overlap {d.score:.2f}, Network Dissection's IoU of its top-0.5 % region; labels "
-            f"of this kind are {measured('dissection')}; "
+            f"training images (overlap {d.score:.2f}; labels of this kind are {measured('dissection')}; "
             f"a random concept: {acc.get('random', float('nan')):.0%}). The other words below are other views "
-            "of the same filter, less reliable."
+            "of the same filter, less reliable. Overlap: Network Dissection's IoU of its top-0.5 % region with "
+            "those pixels (1 = the same pixels)."
         )
     elif d.label:
         how = "zero-shot vote score" if d.label_source.startswith("zero") else "attribute probability"
@@ -160,7 +160,7 @@ def detail(ws: views.Workspace, k: int) -> None:
     elif d.label_source.startswith("dissection"):
         st.caption(
             f"No label: no annotated concept of {d.label_concepts} overlaps where this filter fires enough "
-            f"to name it (overlap, IoU, ≥ {IOU_MIN:g})."
+            f"to name it. Enough: an overlap (IoU) of {IOU_MIN:g} or more."
         )
     lab_l, lab_r = st.columns(2)
     with lab_l:
@@ -170,6 +170,7 @@ def detail(ws: views.Workspace, k: int) -> None:
             st.dataframe(
                 {
                     "concept": [c for c, _ in d.dissection],
+                    **({"concept set": d.dissection_sets} if d.dissection_sets else {}),
                     "IoU": [round(s, 3) for _, s in d.dissection],
                     "evidence": [
                         f"detects (IoU ≥ {IOU_MIN:g})" if s >= IOU_MIN else "weak" for _, s in d.dissection
@@ -179,7 +180,8 @@ def detail(ws: views.Workspace, k: int) -> None:
             )
             st.caption(
                 "How much the region where it fires most overlaps each concept's annotated pixels on the "
-                "training images (IoU of its top-0.5 % region; 1 = the same pixels)."
+                "training images (1 = the same pixels). The number is the IoU of its top-0.5 % region; from "
+                f"{IOU_MIN:g} on, it detects the concept."
             )
         else:
             st.info(d.dissection_note, icon=":material/construction:")
@@ -263,6 +265,9 @@ def grid(ws: views.Workspace) -> None:
     source = table.attrs.get("source", "none")
     if source == "none":
         source = "none yet: labels come with the textual, dissection or LaViSE stage"
+    elif table.attrs.get("composed"):
+        sets = views.escape_markdown(table.attrs["concepts"])
+        source += f", the best over the concept sets {sets}; each card names its set"
     st.caption(
         f"{ws.channels} filters. Each card: the 4 images that excite the filter most, a white outline around "
         f"where it fires (the image's own colours inside), and its best label ({source}). Click **Open** for "
@@ -303,6 +308,8 @@ def grid(ws: views.Workspace) -> None:
             label = views.escape_markdown(r["label"]) if r["label"] else "—"  # labels may come from captions
             top_class = views.escape_html(r["top_class"])
             how = "dissection, overlap" if table.attrs.get("source", "").startswith("dissection") else "score"
+            if table.attrs.get("composed"):  # several concept sets: say which one the word comes from
+                how = f"from {views.escape_html(r['concept_set'])} · {how}"
             st.markdown(
                 f"**#{k}** · {label}"
                 + ("" if not r["label"] else f"  \n<small>{how} {r['score']:.2f} · {top_class}</small>"),

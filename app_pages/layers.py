@@ -17,10 +17,11 @@ COLOURS = {
 
 st.title("How is the network organised, layer by layer?")
 st.caption(
-    "Network Dissection (Bau et al. 2017) of several layers, recorded in one pass over annotated training images: "
-    "each unit's best concept by IoU of its top-0.5 % region with the concept's annotated pixels. A unit is "
-    f"interpretable when that IoU reaches {IOU_MIN:g}. The re-initialised network (same architecture, random weights) is "
-    "the baseline."
+    "Which concepts the units of several layers detect, recorded in one pass over annotated training images: a "
+    "unit's best concept is the one whose annotated pixels overlap most with where it fires most, and the unit is "
+    "interpretable when that overlap is large enough. The re-initialised network (same architecture, random "
+    "weights) is the baseline. This is Network Dissection (Bau et al. 2017): the overlap is the IoU of the unit's "
+    f"top-0.5 % region with the concept's pixels, large enough from {IOU_MIN:g}."
 )
 
 
@@ -37,7 +38,8 @@ def open_units(ws: views.Workspace, layer: str, units: list[dict]) -> None:
     )
     st.caption(
         f"Each unit's top image among {how}, outlined where the unit fires at half its peak or more; the label is "
-        f'the unit\'s best concept when its IoU reaches {IOU_MIN:g} (else "no label").'
+        f'the unit\'s best concept when their overlap is large enough (else "no label"). Enough: IoU {IOU_MIN:g} '
+        "or more."
     )
     wanted = st.query_params.get("unit")
     default = int(wanted) if wanted and wanted.isdigit() and int(wanted) < len(units) else 0
@@ -73,6 +75,10 @@ if ws is not None:
     with sh.guard("the Layers page"):
         v = views.layers_view(ws)
         st.markdown("\n".join(f"- {s}" for s in v.sentences))
+        st.caption(
+            "Interpretable: the unit's best concept overlaps where the unit fires enough. Enough: an overlap (IoU) "
+            f"of {v.iou_min:g} or more."
+        )
         left, right = st.columns(2)
         with left:
             fig = go.Figure(
@@ -106,7 +112,7 @@ if ws is not None:
                 ]
             )
             fig.update_layout(
-                barmode="group", title=f"Share of units interpretable (IoU ≥ {IOU_MIN:g})", height=360,
+                barmode="group", title="Share of units that detect a concept (interpretable)", height=360,
                 margin={"l": 0, "r": 10, "t": 40, "b": 10}, yaxis_tickformat=".0%",
             )  # fmt: skip
             st.plotly_chart(fig, width="stretch", key="share")
@@ -159,7 +165,7 @@ if ws is not None:
                     fig.add_scatter(x=[u["checkpoint"] for u in rows], y=[u["share"] for u in rows], name=shown,
                                     mode="lines+markers")  # fmt: skip
                 fig.update_layout(
-                    title=f"Share of units interpretable (IoU ≥ {IOU_MIN:g}), per layer", height=340,
+                    title="Share of units that detect a concept (interpretable), per layer", height=340,
                     margin={"l": 0, "r": 10, "t": 40, "b": 10}, yaxis_tickformat=".0%",
                 )  # fmt: skip
                 st.plotly_chart(fig, width="stretch", key="trajectory_units")

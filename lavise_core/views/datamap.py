@@ -94,7 +94,7 @@ def map_view(
         if k is None or not 0 <= k < ws.channels:
             raise ValueError(f"colour by filter needs a filter number 0..{ws.channels - 1} (?filter=K)")
         colour = np.asarray(ws.array("probe/pooled")[idx, k], np.float32).tolist()
-        continuous, title = True, f"filter {k} (φ)"
+        continuous, title = True, f"filter {k}'s mean activation"
     hover = [
         f"#{i} · {ds.records[i].id if ds else i} · class {name(labels[i])} · predicted {name(preds[i])}"
         for i in idx

@@ -66,13 +66,19 @@ class Overview:
 def confident_rule_short(source: str) -> str:
     """One line saying when a filter's label counts as confident, for the label ``source``."""
     if source == SOURCE_DISSECTION:
-        return f"where it fires overlaps the concept's annotated pixels enough (IoU ≥ {IOU_MIN:g}; Network Dissection)"
+        return (
+            f"where it fires overlaps the concept's annotated pixels enough. Enough: IoU ≥ {IOU_MIN:g} (Network "
+            "Dissection)"
+        )
     if source == SOURCE_SIAM:
         return "each SIAM map is trained to be one attribute"
     if source == SOURCE_ZERO_SHOT:
         return f"zero-shot vote score ≥ {CONFIDENT_SCORE}"
     if source and source != "none":
-        return f"its top attribute is at least {CONFIDENT_LIFT:g}× more likely than chance where it fires (p(t | f))"
+        return (
+            f"its top attribute is at least {CONFIDENT_LIFT:g}× more likely than chance where it fires. Chance: "
+            "1 / T over its T attributes, in Guo et al.'s p(t | f)"
+        )
     return "no labels yet"
 
 
@@ -160,8 +166,8 @@ def overview(ws: Workspace) -> Overview:
     if source == SOURCE_DISSECTION:
         rule = (
             "where the filter fires most (its top 0.5 % of activations) overlaps the concept's annotated pixels on "
-            f"the training images enough to name it (overlap measured as IoU, ≥ {IOU_MIN:g}; Network Dissection; a "
-            "re-initialised network reaches no such overlap)." + spread
+            "the training images enough to name it (a re-initialised network reaches no such overlap). Enough: an "
+            f"overlap (IoU, Network Dissection) of {IOU_MIN:g} or more." + spread
         )
     elif source == SOURCE_ZERO_SHOT:
         rule = (

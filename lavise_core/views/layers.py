@@ -95,9 +95,8 @@ def layers_view(ws: Workspace) -> LayersView:
         rows.append(row)
         kinds = ", ".join(f"{r['by_kind'][k]['units']} {k}" for k in kind_order if r["by_kind"][k]["units"])
         sentences.append(
-            f"`{shown[r['layer']]}`: {r['interpretable']} of {r['units']} units interpretable "
-            f"(IoU ≥ {summary.get('iou_min', IOU_MIN):g}), {r['unique']} unique concepts"
-            + (f" — {kinds}" if kinds else "")
+            f"`{shown[r['layer']]}`: {r['interpretable']} of {r['units']} units interpretable, "
+            f"{r['unique']} unique concepts" + (f" — {kinds}" if kinds else "")
         )
     info = b.manifest.get("stages", {}).get("layers", {})
     return LayersView(rows, [r["layer"] for r in rows], float(summary.get("iou_min", IOU_MIN)),
@@ -264,10 +263,10 @@ def unit_images(
 
 def unit_label(row: dict) -> str:
     """How a unit is named from its :func:`layer_units` row: its best concept when interpretable, else "no label"
-    with the best concept's IoU, so a weak match does not read as a label."""
+    with the best concept's overlap (its IoU), so a weak match does not read as a label."""
     if row["interpretable"]:
-        return f"{row['best concept']} (IoU {row['IoU']:.3f})"
-    return f"no label (best: {row['best concept']}, IoU {row['IoU']:.3f})"
+        return f"{row['best concept']} (overlap {row['IoU']:.3f})"
+    return f"no label (best: {row['best concept']}, overlap {row['IoU']:.3f})"
 
 
 def unit_gallery(ws: Workspace, tops: UnitTops, side: int = 96) -> list[bytes]:

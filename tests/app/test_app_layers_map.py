@@ -33,7 +33,7 @@ def test_layers_page_summary_chart_and_layer_url(monkeypatch, stage_bundles) -> 
     at = open_app(monkeypatch, stage_bundles, "app_pages/layers.py", layer="layer3")
     t = texts(at)
     assert not at.error, [e.value for e in at.error]
-    assert "units interpretable (IoU ≥ 0.04)" in t and "`layer4`" in t
+    assert "units interpretable, " in t and "an overlap (IoU) of 0.04 or more" in t and "`layer4`" in t
     assert at.selectbox[0].value == "layer3" and len(at.dataframe) == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -293,3 +294,64 @@ def test_two_sessions_keep_their_own_filter(monkeypatch, bundles):
     b = open_app(monkeypatch, bundles, "app_pages/filters.py", filter="11")
     a.run()
     assert a.header[0].value.startswith("Filter 3") and b.header[0].value.startswith("Filter 11")
+
+
+# ------------------------------------------------------------------------------------------ plain words first
+#: notation that must not open a caption (STYLE.md 18): it belongs in a later sentence or "How this is computed"
+JARGON = re.compile(r"IoU|φ|p\(t ?\| ?f\)|μ-lasso|Mann.Whitney")
+PAGES = ["home", "filters", "concepts", "explain", "classes", "dataset", "datamap", "layers", "evaluation"]
+
+
+def first_sentence(text: str) -> str:
+    """Up to the first full stop followed by a new sentence (not "et al. 2017", "e.g. wing", "0.5"), or a line end."""
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z“\"*(])|\n", str(text).strip(), maxsplit=1)[0]
+
+
+def jargon_first(at: AppTest, where: str) -> list[str]:
+    return [f"{where}: {c.value}" for c in at.caption if JARGON.search(first_sentence(c.value))]
+
+
+def test_first_sentence_rule_itself():
+    assert first_sentence("Overlap 0.12 (Bau et al. 2017, e.g. wings). Overlap is the IoU.") == (
+        "Overlap 0.12 (Bau et al. 2017, e.g. wings)."
+    )
+    assert JARGON.search(first_sentence("No label: not enough (overlap, IoU, ≥ 0.04)."))
+    assert not JARGON.search(
+        first_sentence("No label: not enough. Enough: an overlap (IoU) of 0.04 or more.")
+    )
+
+
+@pytest.mark.parametrize("which", ["test bundles", "demo bundle"])
+def test_no_caption_opens_with_notation(monkeypatch, bundles, which):
+    """Every page, a filter's page and an explained image with its expanders open: each caption's first sentence
+    is plain words (issue 25). The demo bundle (when `make assets` built it) adds the dissection captions."""
+    from app_bundles import demo_bundle
+
+    root = bundles.bundles
+    if which == "demo bundle":
+        demo = demo_bundle()
+        if demo is None:
+            pytest.skip("the demo bundle is not built (make assets)")
+        root = demo.parent
+    monkeypatch.setenv("LAVISE_BUNDLES", str(root))
+    monkeypatch.setenv("LAVISE_PRELOAD_ENCODER", "0")
+    bad: list[str] = []
+    for page in PAGES:
+        at = AppTest.from_file(APP, default_timeout=300)
+        at.run()
+        at.switch_page(f"app_pages/{page}.py").run()
+        bad += jargon_first(at, page)
+        if page == "filters":
+            for k in (0, 1, 2):
+                at.query_params["filter"] = str(k)
+                at.run()
+                bad += jargon_first(at, f"filter {k}")
+        if page == "explain":
+            at.radio(key="source").set_value("Sample photo").run()
+            uid = next(s.key for s in at.selectbox if s.key.startswith("whynot_")).removeprefix("whynot_")
+            for key in (f"faith_open_{uid}", f"oramas_open_{uid}"):
+                at.session_state[key] = True
+            at.run()
+            bad += jargon_first(at, "explain, expanders open")
+        assert not at.exception, [e.value for e in at.exception]
+    assert not bad, "\n".join(bad)

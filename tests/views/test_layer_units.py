@@ -35,5 +35,5 @@ def test_merge_tops_keeps_a_running_top_k_with_its_maps():
 
 def test_unit_label_says_when_the_match_is_weak():
     row = {"best concept": "red wing", "IoU": 0.0523, "interpretable": True}
-    assert views.unit_label(row) == "red wing (IoU 0.052)"
-    assert views.unit_label({**row, "interpretable": False}) == "no label (best: red wing, IoU 0.052)"
+    assert views.unit_label(row) == "red wing (overlap 0.052)"
+    assert views.unit_label({**row, "interpretable": False}) == "no label (best: red wing, overlap 0.052)"
