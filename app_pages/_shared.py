@@ -95,8 +95,21 @@ def _stamp(path: str) -> float:
         return 0.0
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _bundles_at(root: str, stamps: tuple[tuple[str, float], ...]) -> list[Bundle]:
+    """The bundles under ``root`` (``stamps``: each folder's bundle.json mtime, so a new or rebuilt one is read)."""
+    return find_bundles(root)
+
+
 def available_bundles() -> list[Bundle]:
-    return find_bundles(bundles_root())
+    """The bundles under :func:`bundles_root`, their manifests read again only when a bundle.json changed
+    (every rerun of every page asks; a stat per folder instead of parsing every manifest)."""
+    root = bundles_root()
+    try:
+        stamps = tuple(sorted((d.name, _stamp(str(d))) for d in root.iterdir() if d.is_dir()))
+    except OSError:  # no such folder yet: find_bundles says there is none
+        stamps = ()
+    return _bundles_at(str(root), stamps)
 
 
 def sidebar_bundle_choice() -> str | None:
