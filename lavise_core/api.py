@@ -58,9 +58,11 @@ QUERY_MAX_CHARS = 500
 
 
 def build_hint(bundle: Bundle) -> str:
-    """The command that builds (or finishes) ``bundle``."""
+    """The command that builds (or finishes) ``bundle`` (with the concept sets its labels were composed from)."""
     m = bundle.manifest
-    return f"lavise build --model {m['model']['spec']} --data {m['dataset']['root']}"
+    composed = m.get("stages", {}).get("dissection", {}).get("concept_data") or []
+    sets = f" --concepts {' '.join(composed)}" if composed else ""
+    return f"lavise build --model {m['model']['spec']} --data {m['dataset']['root']}{sets}"
 
 
 # =========================================================================== results
@@ -1209,7 +1211,8 @@ def _compose_words(
     with bundle.build_lock(lock_timeout):
         if compose and all(cb.stage_done(DISSECTION) and cb.has("dissection/iou") for cb in cbundles):
             info = compose_dissection(bundle, list(zip(names, cbundles, strict=True)))
-            bundle.mark_stage(DISSECTION, {**info, "concept_bundles": roots})
+            data = [str(cds.root.resolve()) for cds in sets]
+            bundle.mark_stage(DISSECTION, {**info, "concept_bundles": roots, "concept_data": data})
             out[DISSECTION] = f"from the concept sets {quoted} (each filter's best label)"
         for name in lend:
             s = registry[name]

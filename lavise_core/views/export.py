@@ -26,8 +26,9 @@ __all__ = ["filter_table_csv", "filter_table_rows", "report_html"]
 
 
 def filter_table_rows(ws: Workspace, n_top: int = 8) -> list[dict]:
-    """One dict per filter: label, its source and score, confident, IoU (dissection), the zero-shot label,
-    the class it supports most, mean activation and the ids of its ``n_top`` top probe images."""
+    """One dict per filter: label, its source, the data set it was measured on and its score, confident, IoU
+    (dissection), the zero-shot label, the class it supports most, mean activation and the ids of its ``n_top``
+    top probe images."""
     table = filter_table(ws)
     source = table.attrs.get("source", "")
     top_index = np.asarray(ws.array("probe/top_index"))[:, :n_top]
@@ -47,6 +48,7 @@ def filter_table_rows(ws: Workspace, n_top: int = 8) -> list[dict]:
                 "filter": k,
                 "label": row.label,
                 "label_source": source,
+                "concept_set": row.concept_set,
                 "score": round(float(row.score), 4),
                 "confident": bool(row.confident),
                 "iou": iou,

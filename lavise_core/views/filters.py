@@ -28,10 +28,13 @@ __all__ = [
 
 # =========================================================================== filters
 def filter_table(ws: Workspace) -> Any:
-    """One row per filter: ``filter, label, score, confident, mean_activation, top_class, class_weight``.
+    """One row per filter: ``filter, label, score, confident, concept_set, mean_activation, top_class,
+    class_weight``.
 
     ``class_weight`` is ``max_c W[c, k] · mean phi_k`` (the largest mean contribution of filter k to a
-    class logit); ``top_class`` is that class. Returns a ``pandas.DataFrame`` (cached by the workspace).
+    class logit); ``top_class`` is that class; ``concept_set`` the data set the label was measured on (with
+    several concept sets composed, each filter's own: ``attrs["composed"]``). Returns a ``pandas.DataFrame``
+    (cached by the workspace).
     """
     import pandas as pd
 
@@ -53,12 +56,15 @@ def filter_table(ws: Workspace) -> Any:
                 "label": labels,
                 "score": np.round(scores, 4),
                 "confident": confident,
+                "concept_set": [shown.concepts_of(k) for k in range(ws.channels)],
                 "mean_activation": np.round(mean, 4),
                 "top_class": [ws.classes[int(c)] if Wc is not None else "" for c in top_c],
                 "class_weight": np.round(contrib.max(0), 4),
             }
         )
         df.attrs["source"] = source
+        df.attrs["composed"] = shown.composed
+        df.attrs["concepts"] = shown.concepts
         return df
 
     ws.require_probe()
@@ -159,6 +165,8 @@ class FilterDetail:
     dissection_note: str | None = None
     label_source: str = ""
     label_concepts: str = ""  # the data set the label was measured on (a lent concept set, or the probe set)
+    #: with several concept sets composed: the set each row of ``dissection`` was measured on (else ``None``)
+    dissection_sets: list[str] | None = None
     #: how often each label source is right on this bundle's held-out test images (eval/fidelity.json):
     #: {"dissection": share, "zero_shot": share, "pdf": share, "random": share}; empty without the fidelity stage
     accuracy: dict[str, float] = field(default_factory=dict)
@@ -244,14 +252,17 @@ def _filter_detail(ws: Workspace, k: int, n_images: int, side: int) -> FilterDet
     thr = ws.array("probe/threshold")
     shown = ws.shown_labels()
     labels, scores, source = shown.labels, shown.scores, shown.source
-    dis, dnote = None, None
+    dis, dnote, dsets = None, None, None
     try:
-        dis = ws.dissection().labels(k, 10)
+        d = ws.dissection()
+        dis = d.labels(k, 10)
+        dsets = d.label_sets(k, 10) if d.composed else None
     except StageMissing as e:
         dnote = str(e)
     return FilterDetail(
         k, labels[k], float(scores[k]), tops, attrs, anote, labs, lnote, classes, act, quant,
-        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, accuracy=label_accuracy(ws), label_concepts=shown.concepts,
+        float(thr[k]) if thr is not None else None, inside, dis, dnote, source, accuracy=label_accuracy(ws),
+        label_concepts=shown.concepts_of(k), dissection_sets=dsets,
     )  # fmt: skip
 
 

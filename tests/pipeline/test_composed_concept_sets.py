@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import lavise_core
+from lavise_core.api import build_hint
 from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
 from tests.conftest import IdentityCNN, wrap
 
@@ -96,6 +97,8 @@ def test_each_filter_gets_its_best_label_from_either_set_and_names_it(
     record = ex.bundle.manifest["stages"]["dissection"]
     assert record["concept_sets"] == ["Squares", "Leaves"] and record["concept_set"] == "Squares + Leaves"
     assert record["labels_from"] == {"Squares": 1, "Leaves": 1} and record["labelled_filters"] == 2
+    # a stage still missing is built by a command that keeps the composition
+    assert build_hint(ex.bundle).endswith(f"--concepts {squares.root.resolve()} {leaves.root.resolve()}")
     # second computation: each set's own bundle, dissected alone; the composed table is the two side by side
     own = [ProbeDataset.open(r) for r in (squares.root, leaves.root)]
     alone = [lavise_core.build(model, ds.root, stages=STAGES, bundles=bundles) for ds in own]
@@ -141,6 +144,7 @@ def test_one_set_keeps_today_s_lent_stage_and_files(sets, model, colour_dataset,
     shown = one.shown_labels()
     assert shown.labels == ["red square", "green ring", ""] and shown.scores.tolist() == [1.0, 0.5, 0.0]
     assert shown.concept_sets is None and shown.concepts_of(0) == "Squares"
+    assert "--concepts" not in build_hint(one.bundle)  # as before
     assert one.filters[1].concept_sets == ["Squares"]
 
 
@@ -187,3 +191,31 @@ def test_the_cli_takes_several_concept_sets() -> None:
     )
     assert args.concepts == [Path("data/concepts"), Path("data/synthbirds")]
     assert build_parser().parse_args(["build"]).concepts is None
+
+
+def test_the_filters_page_views_name_each_label_s_set(sets, model, colour_dataset, tmp_path) -> None:
+    import csv
+    import io
+
+    from lavise_core import views
+    from lavise_core.pipeline.bundle import Bundle
+
+    squares, leaves = sets
+    ex = lavise_core.build(
+        model,
+        colour_dataset.root,
+        stages=STAGES,
+        bundles=tmp_path / "b",
+        concepts=[squares.root, leaves.root],
+    )
+    ws = views.Workspace(Bundle.open(ex.bundle.root), model_loader=lambda: model)
+    table = views.filter_table(ws)
+    assert table["label"].tolist() == ["red square", "green leaf", ""]
+    assert table["concept_set"].tolist() == ["Squares", "Leaves", "Squares + Leaves"]
+    assert table.attrs["composed"] and table.attrs["concepts"] == "Squares + Leaves"
+    d = views.filter_detail(ws, 1)
+    assert (d.label, d.label_concepts) == ("green leaf", "Leaves")
+    assert d.dissection[:2] == [("green leaf", 1.0), ("green ring", 0.5)]
+    assert d.dissection_sets[:2] == ["Leaves", "Squares"]
+    rows = list(csv.DictReader(io.StringIO(views.filter_table_csv(ws).decode())))
+    assert [r["concept_set"] for r in rows] == ["Squares", "Leaves", "Squares + Leaves"]
