@@ -29,7 +29,7 @@ def export_section(ws: views.Workspace) -> None:
         st.caption(
             "The filter table (label, its source and score, its overlap with annotated parts where they exist, top "
             "images' ids) as CSV, and the whole bundle as one HTML file with the images inlined (opens offline). "
-            "The overlap column is Network Dissection's IoU."
+            "The CSV's `iou` column is that overlap (Network Dissection's IoU)."
         )
         c1, c2 = st.columns(2)
         with sh.guard("the CSV export"):
