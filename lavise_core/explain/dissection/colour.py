@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lavise_core.explain.dissection.firing import fired_pixels
 from lavise_core.explain.dissection.lexicon import BASIC_COLOURS, COLOUR_TABLE, cie94, srgb_to_lab
 
 __all__ = [
@@ -85,6 +86,7 @@ def part_colour_stats(
     n_slots: int,
     palette_lab: np.ndarray | None = None,
     k_l: float = 3.0,
+    fired: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Colour of each filter's firing pixels per part slot, SUMMED over the batch (accumulate with add_stats).
 
@@ -96,39 +98,40 @@ def part_colour_stats(
         threshold: ``(C,)`` per-filter thresholds (``probe/threshold``).
         n_slots: ``R + 1``.
         palette_lab: optional ``(P, 3)`` Lab palette; each pixel votes for its nearest entry (CIE94, ``k_l``).
+        fired: ``firing.fired_pixels`` of ``maps`` at size ``S``, when the caller already has it.
 
     Returns:
         ``{"lab_sum": (C, R+1, 3) float64, "count": (C, R+1) float64, "hist": (C, R+1, P) float64 (only with a
         palette), "slot_lab_sum": (R+1, 3), "slot_area": (R+1,)}`` -- Σ over images and pixels of
         ``1[A_k > thr_k] 1[label = r] * Lab``; ``count`` equals ``Σ_b inter`` of ``region_overlap``.
-        Peak memory ~ ``B * C * S^2 * 4`` bytes (64 x 128 x 4096 -> 134 MB) plus ``B * S^2 * (R+1) * (P+4)``.
+        Work and memory grow with the firing pixels (about 0.5 % of ``B × C × S²``), not with every pixel.
     """
-    m = torch.as_tensor(np.asarray(maps, np.float32)) if not isinstance(maps, torch.Tensor) else maps.float()
-    b, c = m.shape[:2]
+    b, c = maps.shape[:2]
     s = labels64.shape[-1]
-    up = torch.nn.functional.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
-    t = (up > torch.tensor(np.asarray(threshold, np.float32)).view(1, c, 1, 1)).reshape(b, c, s * s).float()
-    lab = torch.as_tensor(np.asarray(labels64, np.int64)).reshape(b, s * s).clamp(0, n_slots - 1)
-    onehot = torch.nn.functional.one_hot(lab, n_slots).float()  # (B, S², R+1)
-    col = torch.as_tensor(np.asarray(images_lab64, np.float32)).reshape(b, s * s, 3)
-    feats = [onehot, onehot * col[..., 0:1], onehot * col[..., 1:2], onehot * col[..., 2:3]]
-    p = 0
-    if palette_lab is not None:
-        p = len(palette_lab)
-        near = np.argmin(cie94(col.reshape(-1, 3).numpy(), palette_lab, k_l), 1).reshape(b, s * s)
-        pal = torch.nn.functional.one_hot(torch.as_tensor(near), p).float()  # (B, S², P)
-        feats.append((onehot[..., :, None] * pal[..., None, :]).reshape(b, s * s, n_slots * p))
-    f = torch.cat(feats, 2)  # (B, S², (R+1)(4+P))
-    acc = torch.bmm(t, f).sum(0).double().numpy()  # (C, (R+1)(4+P))
-    r1 = n_slots
+    bi, ci, p = fired if fired is not None else fired_pixels(maps, threshold, s)
+    bi, ci, p = bi.numpy(), ci.numpy(), p.numpy()
+    lab = np.asarray(labels64, np.int64).reshape(b, s * s).clip(0, n_slots - 1)
+    col = np.asarray(images_lab64, np.float32).reshape(b, s * s, 3)
+    cell = ci * n_slots + lab[bi, p]  # (filter, slot) of every firing pixel
     out = {
-        "count": acc[:, :r1],
-        "lab_sum": np.stack([acc[:, r1 * (j + 1) : r1 * (j + 2)] for j in range(3)], 2),
-        "slot_area": onehot.sum((0, 1)).double().numpy(),
-        "slot_lab_sum": torch.einsum("bpr,bpj->rj", onehot, col).double().numpy(),
+        "count": np.bincount(cell, minlength=c * n_slots).reshape(c, n_slots).astype(np.float64),
+        "lab_sum": np.stack(
+            [np.bincount(cell, col[bi, p, j], minlength=c * n_slots).reshape(c, n_slots) for j in range(3)], 2
+        ),
+        "slot_area": np.bincount(lab.reshape(-1), minlength=n_slots).astype(np.float64),
+        "slot_lab_sum": np.stack(
+            [np.bincount(lab.reshape(-1), col[..., j].reshape(-1), minlength=n_slots) for j in range(3)], 1
+        ),
     }
-    if p:
-        out["hist"] = acc[:, 4 * r1 :].reshape(c, r1, p)
+    if palette_lab is not None:
+        n_pal = len(palette_lab)
+        where = np.unique(
+            bi * (s * s) + p
+        )  # the pixels where some filter fires: only these need a colour name
+        near = np.zeros(b * s * s, np.int64)
+        near[where] = np.argmin(cie94(col.reshape(-1, 3)[where], palette_lab, k_l), 1)
+        hist = np.bincount(cell * n_pal + near[bi * (s * s) + p], minlength=c * n_slots * n_pal)
+        out["hist"] = hist.reshape(c, n_slots, n_pal).astype(np.float64)
     return out
 
 

@@ -8,7 +8,7 @@ image (slot 0 = outside, slot r = region r), so everything works on per-image, p
 never materialises per-concept masks:
 
 - :func:`region_overlap`: maps ``(B, C, h, w)`` + label maps ``(B, S, S)`` -> ``inter (B, C, R+1)``,
-  ``act (B, C)``, ``area (B, R+1)``;
+  ``act (B, C)``, ``area (B, R+1)``, counted over the firing pixels only (:func:`fired_pixels`);
 - :func:`concept_incidence`: ``A (N, R+1, T)`` = slot r of image i carries concept t;
 - :func:`dissection_iou`: the data-set-wide IoU ``IoU_kt = Σ_i |T_ki ∩ M_ti| / Σ_i |T_ki ∪ M_ti|``
   (``T_ki`` = filter k's map on image i above its 0.995 activation quantile), or per filter over its own top-p
@@ -31,6 +31,7 @@ import torch
 
 from lavise_core.data.dataset import ProbeDataset, background_phrase
 from lavise_core.data.images import crop_label_map
+from lavise_core.explain.dissection.firing import fired_pixels
 from lavise_core.models.networks import record_layer
 from lavise_core.pipeline.probe import image_batches
 from lavise_core.pipeline.stages import StageContext
@@ -115,7 +116,11 @@ def concept_incidence(
 
 # ------------------------------------------------------------------------------------------ overlaps / IoU
 def region_overlap(
-    maps: np.ndarray | torch.Tensor, labels: np.ndarray, threshold: np.ndarray, n_slots: int
+    maps: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    threshold: np.ndarray,
+    n_slots: int,
+    fired: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image pixel counts of thresholded maps against region slots.
 
@@ -124,21 +129,25 @@ def region_overlap(
         labels: ``(B, S, S)`` integer label maps at the evaluation size (0 = outside, r = region r).
         threshold: ``(C,)`` per-filter activation thresholds (e.g. ``probe/threshold``, 0.995 quantile).
         n_slots: ``R + 1``.
+        fired: :func:`fired_pixels` of ``maps`` at size ``S``, when the caller already has it.
 
     Returns:
         ``inter (B, C, R+1)`` float32 = |{A_k↑ > thr_k} ∩ {label = r}|, ``act (B, C)`` float32 =
         |{A_k↑ > thr_k}|, ``area (B, R+1)`` float32 = |{label = r}|; ``A_k↑`` is the map bilinearly upsampled
         to ``S × S`` (``align_corners=False``, as ``evaluation_lavise.concept_ground_truth``).
     """
-    m = torch.as_tensor(np.asarray(maps, np.float32)) if not isinstance(maps, torch.Tensor) else maps.float()
-    b, c = m.shape[:2]
+    b, c = maps.shape[:2]
     s = labels.shape[-1]
-    up = torch.nn.functional.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
-    t = (up > torch.tensor(np.asarray(threshold, np.float32)).view(1, c, 1, 1)).reshape(b, c, s * s).float()
-    lab = torch.as_tensor(np.asarray(labels, np.int64)).reshape(b, s * s)
-    onehot = torch.nn.functional.one_hot(lab.clamp(0, n_slots - 1), n_slots).float()  # (B, S², R+1)
-    inter = torch.bmm(t, onehot)  # (B, C, R+1)
-    return inter.numpy(), t.sum(2).numpy(), onehot.sum(1).numpy()
+    bi, ci, p = fired if fired is not None else fired_pixels(maps, threshold, s)
+    lab = torch.as_tensor(np.asarray(labels, np.int64)).reshape(b, s * s).clamp(0, n_slots - 1)
+    inter = torch.bincount((bi * c + ci) * n_slots + lab[bi, p], minlength=b * c * n_slots)
+    act = torch.bincount(bi * c + ci, minlength=b * c)
+    area = torch.bincount((torch.arange(b)[:, None] * n_slots + lab).reshape(-1), minlength=b * n_slots)
+    return (
+        inter.view(b, c, n_slots).numpy().astype(np.float32),
+        act.view(b, c).numpy().astype(np.float32),
+        area.view(b, n_slots).numpy().astype(np.float32),
+    )
 
 
 def dissection_iou(
@@ -389,7 +398,8 @@ def split_overlaps(
                 lm.model(x[keep])
                 m = rec.output.float()
                 lab = np.stack([labels[j] for j in keep])
-                i_, a_, r_ = region_overlap(m, lab, thr, n_slots)
+                fired = fired_pixels(m, thr, lab.shape[-1])
+                i_, a_, r_ = region_overlap(m, lab, thr, n_slots, fired)
                 rows.extend(batch[j] for j in keep)
                 inter.append(i_)
                 act.append(a_)
@@ -398,7 +408,7 @@ def split_overlaps(
                 if colour is not None:
                     kept = [images[j] for j in keep]
                     lab64 = images_to_lab(kept, [lm.crop_box(*im.size) for im in kept], size)
-                    stats = part_colour_stats(m, lab, lab64, thr, n_slots, colour["palette_lab"])
+                    stats = part_colour_stats(m, lab, lab64, thr, n_slots, colour["palette_lab"], fired=fired)
                     colour["stats"] = add_stats(colour.get("stats"), stats)
             if report is not None:
                 report(done, total)
