@@ -43,10 +43,11 @@ HOST ?= 127.0.0.1
 serve: assets
 	$(BIN)/lavise serve --host $(HOST) --port $(PORT) $(ARGS)
 
-## test: the whole suite (unit, app and browser tests)
+## test: the whole suite (unit, app and browser tests), in TEST_WORKERS processes (pytest-xdist)
+TEST_WORKERS ?= 2
 test: assets browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

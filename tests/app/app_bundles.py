@@ -29,12 +29,20 @@ class AppBundles:
 
 
 def build_app_bundles(root: Path | None = None) -> AppBundles:
-    """Build (or reuse) the two test bundles under ``root``."""
+    """Build (or reuse) the two test bundles under ``root`` (one process at a time: parallel test workers wait
+    for the first one's build and then reuse it)."""
+    from filelock import FileLock
+
+    root = Path(root or os.environ.get("LAVISE_APP_TEST_DIR") or ROOT / "data" / "cache" / "app-test")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".build.lock"):
+        return _build_app_bundles(root)
+
+
+def _build_app_bundles(root: Path) -> AppBundles:
     import torch
 
     torch.set_num_threads(1)
-    root = Path(root or os.environ.get("LAVISE_APP_TEST_DIR") or ROOT / "data" / "cache" / "app-test")
-    root.mkdir(parents=True, exist_ok=True)
     from lavise_core.data.dataset import ProbeDataset
     from lavise_core.data.synthbirds import SPECIES, generate_synthbirds
     from lavise_core.explain.lavise.settings import LaviseSettings
