@@ -94,6 +94,7 @@ REGISTRY = StageRegistry(
             requires=("masks",),
             words=True,
             files=("lavise",),
+            prefetch=lavise.prefetch,
         ),
         Stage(
             "evidence",

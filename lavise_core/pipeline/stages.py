@@ -163,6 +163,9 @@ class Stage:
         words: it makes words (labels, p.d.f.s, detectors) that are properties of the network, measured on
             annotated images: a probe set without what it needs takes them from a concept set's bundle.
         files: the bundle paths (folders or files) it writes, which a concept set's bundle lends.
+        prefetch: ``prefetch(ctx)``, called before the build's first stage when this one is to be built: starts
+            work that needs no other stage in the background (LaViSE: the vocabulary's embeddings), so it
+            overlaps the stages before. It must not write to the bundle.
     """
 
     name: str
@@ -176,6 +179,7 @@ class Stage:
     requires: tuple[str, ...] = ()
     words: bool = False
     files: tuple[str, ...] = ()
+    prefetch: Callable[[StageContext], Any] | None = None
 
 
 class StageRegistry:
@@ -330,6 +334,9 @@ def _build_unlocked(
     n = len(order)
     facts = data_facts(dataset) if dataset is not None else set(DATA_FACTS)  # no data set: nothing to check
     not_built: set[str] = set()
+    for s in order:
+        if s.prefetch is not None and not bundle.stage_done(s.name) and not missing_data(s, facts):
+            s.prefetch(ctx)
     for i, s in enumerate(order):
         if bundle.stage_done(s.name):
             outcome.setdefault(s.name, "skipped")

@@ -109,3 +109,21 @@ def test_every_stage_is_its_methods_build_stage_and_every_method_reads_itself_ba
     assert fidelity.build_stage in [s.run for s in REGISTRY]
     for reader in (DissectionTables, LaviseExplainer, OODModel, RelevantFeatures, TextualExplainer):
         assert callable(getattr(reader, "from_bundle", None)), reader.__name__
+
+
+def test_prefetch_starts_before_the_first_stage_only_for_stages_still_to_build(bundle) -> None:
+    calls: list[tuple[str, int]] = []  # (stage, stages finished when it was called)
+
+    def prefetch(name: str):
+        return lambda ctx: calls.append((name, len(ctx.bundle.manifest.get("stages", {}))))
+
+    reg = StageRegistry(
+        [
+            Stage("a", (), 1, writer("a", 1.0), prefetch=prefetch("a")),
+            Stage("b", ("a",), 1, writer("b", 2.0), prefetch=prefetch("b")),
+        ]
+    )
+    build_stages(bundle, None, reg, ["a"])
+    calls.clear()
+    build_stages(bundle, None, reg, ["b"])
+    assert calls == [("b", 1)]  # a is built: no prefetch; b's starts before any stage of this build ran

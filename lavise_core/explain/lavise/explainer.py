@@ -42,6 +42,7 @@ __all__ = [
     "build_lavise_stage",
     "build_stage",
     "insight_for_bundle",
+    "prefetch",
     "settings_dict",
 ]
 
@@ -345,6 +346,19 @@ def insight_for_bundle(
         ex.label_ids, ex.label_scores, ex.index.phrases, ex.inside,
         bg, bg_labels, names, ex.object_area, bg_img, **kw,
     )  # fmt: skip
+
+
+def prefetch(ctx: StageContext):
+    """The ``lavise`` stage's background start: embed the default general vocabulary in another process while
+    the stages before LaViSE's run (on a fresh machine, about a minute) -> the process or ``None``."""
+    from lavise_core.explain.lavise.index import prefetch_general_vocabulary
+
+    options = ctx.options_for("lavise")
+    if options.get("vocabulary") is not None or options.get("embedder") is not None:
+        return None
+    if ctx.bundle.stage_done("lavise_index"):
+        return None
+    return prefetch_general_vocabulary(options.get("cache_dir"))
 
 
 def build_stage(ctx: StageContext) -> dict:

@@ -35,6 +35,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +65,7 @@ __all__ = [
     "general_vocabulary",
     "load_general_vocabulary",
     "phrase_pairs",
+    "prefetch_general_vocabulary",
     "vocabulary_hash",
 ]
 
@@ -228,28 +231,53 @@ def load_general_vocabulary(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> tuple[list[str], np.ndarray]:
-    """The general vocabulary and its ``(T, d)`` embeddings, from ``<cache>/vocab-<hash>.npz`` or built once."""
+    """The general vocabulary and its ``(T, d)`` embeddings, from ``<cache>/vocab-<hash>.npz`` or built once.
+
+    One process builds it at a time (a lock beside the file): another one, e.g. the background
+    :func:`prefetch_general_vocabulary`, is waited for and its file read."""
+    from filelock import FileLock
+
     s = settings or VocabularySettings()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"vocab-{s.recipe_hash()}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            phrases = [str(p) for p in z["phrases"]]
-            emb = np.ascontiguousarray(z["embeddings"], dtype=np.float32)
-            if str(z["model_id"]) == s.model_id and str(z["hash"]) == vocabulary_hash(phrases, s.model_id):
-                return phrases, emb
-    phrases = general_vocabulary(s, progress=progress)
-    emb = (embedder or shared_embedder(s.model_id)).embed(phrases, progress=progress)
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        phrases=np.array(phrases),
-        embeddings=emb,
-        model_id=np.array(s.model_id),
-        hash=np.array(vocabulary_hash(phrases, s.model_id)),
-    )
-    atomic_write_bytes(path, buf.getvalue())
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                phrases = [str(p) for p in z["phrases"]]
+                emb = np.ascontiguousarray(z["embeddings"], dtype=np.float32)
+                if str(z["model_id"]) == s.model_id and str(z["hash"]) == vocabulary_hash(
+                    phrases, s.model_id
+                ):
+                    return phrases, emb
+        phrases = general_vocabulary(s, progress=progress)
+        emb = (embedder or shared_embedder(s.model_id)).embed(phrases, progress=progress)
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            phrases=np.array(phrases),
+            embeddings=emb,
+            model_id=np.array(s.model_id),
+            hash=np.array(vocabulary_hash(phrases, s.model_id)),
+        )
+        atomic_write_bytes(path, buf.getvalue())
     return phrases, emb
+
+
+def prefetch_general_vocabulary(cache_dir: str | os.PathLike | None = None) -> subprocess.Popen | None:
+    """Start embedding the default general vocabulary in a background process (niced) when its cache file is
+    missing -> the process, else ``None``. A build calls it before its first stage, so the minute of embedding on
+    a fresh machine overlaps the stages before LaViSE's; :func:`load_general_vocabulary` then waits for it."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (cache / f"vocab-{VocabularySettings().recipe_hash()}.npz").is_file():
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LAVISE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "lavise_core.explain.lavise.index"]
+    return subprocess.Popen(
+        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None,
+    )  # fmt: skip
 
 
 def dataset_concepts(dataset: ProbeDataset) -> list[str]:
@@ -454,3 +482,7 @@ class ConceptIndex:
         self.kind, self.meta = meta.get("kind", "flat"), meta
         self._build_fast()
         return self
+
+
+if __name__ == "__main__":  # the background process of prefetch_general_vocabulary
+    load_general_vocabulary()

@@ -180,3 +180,22 @@ def test_query_path_equals_encode(minilm):
     texts = ["glittering plumage at dusk", "red wing"]
     assert minilm.fast_path() and not HashEmbedder().fast_path()
     assert np.allclose(minilm._embed_short(texts), minilm.embed(texts), atol=1e-5)
+
+
+def test_two_processes_wanting_the_vocabulary_build_it_once(tmp_path):
+    # the build's background prefetch and the LaViSE stage (or two test workers) meet on the cache's lock:
+    # the second waits for the first and reads its file
+    import threading
+
+    s = VocabularySettings(n_words=300)
+    emb = HashEmbedder()
+    out = []
+    threads = [
+        threading.Thread(target=lambda: out.append(load_general_vocabulary(s, emb, tmp_path)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert emb.calls == 1 and out[0][0] == out[1][0] and np.array_equal(out[0][1], out[1][1])
