@@ -10,13 +10,16 @@ over a subset of the fit split (train + val) with region label maps, with memory
    same :func:`~lavise_core.explain.dissection.labels.region_overlap` the filter labels use, so
    ``IoU_kt = I_kt / (|T_k| + |M_t| - I_kt)`` is the same quantity as the ``dissection`` stage's table.
 
-Each unit's best concept is :func:`~lavise_core.explain.dissection.labels.rank_labels` over all concepts (bare part
-names included, as in Network Dissection); a unit is *interpretable* when that IoU reaches
+Each unit's best concept is :func:`~lavise_core.explain.dissection.labels.rank_labels` over the concepts (bare part
+names included, as in Network Dissection) present in at least :data:`MIN_SUPPORT` (10) of the images dissected
+(:func:`supported_concepts`; Broden likewise keeps only labels with enough images): a concept in a handful of
+images reaches a high IoU by chance, with random weights too. A unit is *interpretable* when that IoU reaches
 :data:`~lavise_core.explain.dissection.labels.IOU_MIN` (0.04). Per layer: "N of M units interpretable, K unique
 concepts", by concept kind: the data set's own kinds where its ``dataset.json`` ``meta.concept_kinds`` names them
 (ConceptShapes: colour, texture, shape; a Broden import: its categories, colour/texture/part/object/material, scenes
 as background), else the rules of :func:`concept_kind` (SynthBirds: part, colour, pattern/shape, background). The stage also dissects a re-initialised
-copy of the network on fewer images: the baseline (few interpretable units expected).
+copy of the network on fewer images: the baseline (few interpretable units expected), with the concepts that have
+the support in *its* images (the IoU of each dissection is only as reliable as the images it is summed over).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "COLOUR_WORDS",
     "KINDS",
     "KIND_ORDER",
+    "MIN_SUPPORT",
     "RULE_KINDS",
     "STAGE",
     "LayerDissection",
@@ -58,15 +62,20 @@ __all__ = [
     "chart_order",
     "concept_kind",
     "concept_kinds",
+    "concept_support",
     "dissect_layers",
     "dissection_layers",
     "iou_over",
     "layer_summary",
     "layer_thresholds",
+    "supported_concepts",
     "thresholds_over",
 ]
 
 STAGE = "layers"
+#: the fewest dissected images a concept must be present in to compete for a unit's label (Network Dissection's
+#: Broden keeps labels with enough samples); below it a concept's IoU is chance as often as not
+MIN_SUPPORT = 10
 #: the kinds charted for a concept set that names its concepts' kinds (``meta.concept_kinds``: ConceptShapes, Broden)
 KINDS = ("colour", "texture", "shape", "part", "background")
 #: every kind in chart order (a Broden import adds object and material; rules give pattern/shape)
@@ -147,6 +156,31 @@ def dissection_layers(lm) -> list[str]:
     return [n for n in spatial if isinstance(mods[n], nn.ReLU | nn.ReLU6)] or [lm.default_layer]
 
 
+def concept_support(dataset: ProbeDataset, indices: Sequence[int], concepts: Sequence[str]) -> np.ndarray:
+    """``(T,)`` int: in how many of the images ``indices`` each concept is present (in any region or the
+    background, :func:`~lavise_core.explain.dissection.labels.concept_incidence`)."""
+    support = np.zeros(len(concepts), np.int64)
+    for s in range(0, len(indices), 256):
+        recs = [dataset.records[int(i)] for i in indices[s : s + 256]]
+        support += concept_incidence(recs, dataset.regions, concepts).any(axis=1).sum(axis=0)
+    return support
+
+
+def supported_concepts(
+    dataset: ProbeDataset, indices: Sequence[int], min_support: int = MIN_SUPPORT
+) -> tuple[list[str], np.ndarray]:
+    """``(concepts, support (T,))``: the dissection concepts of the images ``indices`` (bare part names and
+    backgrounds included) present in at least ``min_support`` of them, in their usual order; ValueError for a
+    negative ``min_support``."""
+    if min_support < 0:
+        raise ValueError(f"min_support must be >= 0 images, got {min_support}")
+    recs = [dataset.records[int(i)] for i in indices]
+    every = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
+    support = concept_support(dataset, indices, every)
+    keep = support >= min_support
+    return [c for c, k in zip(every, keep, strict=True) if k], support[keep]
+
+
 def layer_thresholds(
     lm, dataset: ProbeDataset, layers: Sequence[str], indices: Sequence[int], batch_size: int = 32,
     level: float = 0.995, bins: int = 1024,
@@ -200,7 +234,8 @@ def iou_over(
 @dataclass
 class LayerDissection:
     """``iou[layer] (C, T)`` data-set-wide IoU of every unit with every concept, ``concepts (T,)``, ``kinds
-    (T,)``, ``images`` how many images went in, ``kind_order`` the kinds a summary counts, in chart order."""
+    (T,)``, ``images`` how many images went in, ``kind_order`` the kinds a summary counts, in chart order,
+    ``support (T,)`` in how many of the images each concept is present (``None`` where not counted)."""
 
     layers: list[str]
     concepts: list[str]
@@ -208,6 +243,7 @@ class LayerDissection:
     iou: dict[str, np.ndarray]
     images: int
     kind_order: list[str] = field(default_factory=lambda: list(RULE_KINDS))
+    support: np.ndarray | None = None
 
     def best(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Each unit's best concept ``(ids (C,), IoU (C,))`` (the filter labels' :func:`rank_labels`)."""
@@ -218,14 +254,20 @@ class LayerDissection:
 def dissect_layers(
     lm, dataset: ProbeDataset, layers: Sequence[str], indices: Sequence[int], *, batch_size: int = 32,
     thresholds: dict[str, np.ndarray] | None = None, size: int = EVAL_SIZE,
-    report: Callable[[int, int], None] | None = None,
+    report: Callable[[int, int], None] | None = None, min_support: int = MIN_SUPPORT,
 ) -> LayerDissection:  # fmt: skip
-    """Network Dissection of ``layers`` over the records ``indices`` that have a label map (see module doc)."""
-    recs = [dataset.records[int(i)] for i in indices if dataset.records[int(i)].mask]
+    """Network Dissection of ``layers`` over the records ``indices`` that have a label map (see module doc),
+    against the concepts present in at least ``min_support`` of them (:func:`supported_concepts`); ValueError when
+    none has a label map or no concept has that support."""
     keep_idx = [int(i) for i in indices if dataset.records[int(i)].mask]
     if not keep_idx:
         raise ValueError("none of these images has a region label map: nothing to dissect")
-    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
+    concepts, support = supported_concepts(dataset, keep_idx, min_support)
+    if not concepts:
+        raise ValueError(
+            f"no concept is present in {min_support} or more of these {len(keep_idx)} images: dissect more "
+            "images or lower min_support"
+        )
     kinds, kind_order = concept_kinds(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     thr = thresholds or layer_thresholds(lm, dataset, layers, keep_idx[:512], batch_size)
     n_slots = len(dataset.regions) + 1
@@ -242,7 +284,7 @@ def dissect_layers(
 
     say = None if report is None else (lambda done: report(done, len(keep_idx)))
     iou, done = iou_over(lm, layers, batches(), thr, n_slots, len(concepts), say)
-    return LayerDissection(list(layers), concepts, kinds, iou, done, kind_order)
+    return LayerDissection(list(layers), concepts, kinds, iou, done, kind_order, support)
 
 
 def layer_summary(diss: LayerDissection, iou_min: float = IOU_MIN) -> list[dict]:
@@ -271,15 +313,18 @@ def layer_summary(diss: LayerDissection, iou_min: float = IOU_MIN) -> list[dict]
 
 def build_layers_stage(
     bundle, dataset: ProbeDataset, lm, *, layers: Sequence[str] | None = None, max_images: int = 640,
-    baseline_images: int = 256, batch_size: int = 32, seed: int = 0,
+    baseline_images: int = 256, batch_size: int = 32, seed: int = 0, min_support: int = MIN_SUPPORT,
     report: Callable[[int, int, str], None] | None = None,
 ) -> dict:  # fmt: skip
     """Dissect :func:`dissection_layers` on ``max_images`` fit images with label maps (a seeded draw), and a
-    re-initialised copy on ``baseline_images`` of them.
+    re-initialised copy on ``baseline_images`` of them, each against the concepts present in at least
+    ``min_support`` of its images.
 
-    Writes ``layers/names.json``, ``layers/concepts.json``, ``layers/kinds.json``, per layer ``i``
-    ``layers/iou_<i> (C_i, T)``, and ``layers/summary.json`` ``{"trained": [...], "reinitialised": [...]}``
-    (:func:`layer_summary`).
+    Writes ``layers/names.json``, ``layers/concepts.json``, ``layers/kinds.json``, ``layers/support.json`` (images
+    per concept), per layer ``i`` ``layers/iou_<i> (C_i, T)``, and ``layers/summary.json`` ``{"trained": [...],
+    "reinitialised": [...], "iou_min", "min_support", "concepts": {"trained": T, "reinitialised": T'}}``
+    (:func:`layer_summary`; the baseline's rows are empty, with a ``baseline_note``, where its images leave no
+    concept with the support). Skipped, saying why, when the trained network's images leave none.
     """
     from lavise_core.data.dataset import fit_indices
 
@@ -290,6 +335,12 @@ def build_layers_stage(
     fit = np.array([int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask])
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(fit, min(max_images, len(fit)), replace=False))
+    base_pick = pick[:baseline_images]
+    if not supported_concepts(dataset, pick, min_support)[0]:
+        return {
+            "skipped": f"no concept is present in {min_support} or more of the {len(pick)} images dissected "
+            "(lower the layers stage's min_support or use a larger data set)"
+        }
 
     def tick(what: str, share: float, offset: float) -> Callable[[int, int], None]:
         def f(done: int, total: int) -> None:
@@ -298,24 +349,39 @@ def build_layers_stage(
 
         return f
 
-    diss = dissect_layers(lm, dataset, layers, pick, batch_size=batch_size, report=tick("layers", 0.75, 0))
-    base = dissect_layers(
-        reinitialised(lm, seed), dataset, layers, pick[:baseline_images], batch_size=batch_size,
-        report=tick("re-initialised baseline", 0.25, 0.75),
+    diss = dissect_layers(
+        lm, dataset, layers, pick, batch_size=batch_size, report=tick("layers", 0.75, 0), min_support=min_support
     )  # fmt: skip
-    trained, reinit = layer_summary(diss), layer_summary(base)
+    trained, reinit, base_concepts, note = layer_summary(diss), [], 0, None
+    if supported_concepts(dataset, base_pick, min_support)[0]:
+        base = dissect_layers(
+            reinitialised(lm, seed), dataset, layers, base_pick, batch_size=batch_size,
+            report=tick("re-initialised baseline", 0.25, 0.75), min_support=min_support,
+        )  # fmt: skip
+        reinit, base_concepts = layer_summary(base), len(base.concepts)
+    else:
+        note = f"no concept is present in {min_support} or more of the baseline's {len(base_pick)} images"
     bundle.write_json("layers/names", layers)
     bundle.write_json("layers/concepts", diss.concepts)
     bundle.write_json("layers/kinds", diss.kinds)
+    bundle.write_json("layers/support", [int(v) for v in diss.support])
     for i, name in enumerate(layers):
         bundle.write_array(f"layers/iou_{i}", diss.iou[name])
-    bundle.write_json("layers/summary", {"trained": trained, "reinitialised": reinit, "iou_min": IOU_MIN})
+    summary = {
+        "trained": trained, "reinitialised": reinit, "iou_min": IOU_MIN, "min_support": min_support,
+        "concepts": {"trained": len(diss.concepts), "reinitialised": base_concepts},
+    }  # fmt: skip
+    if note:
+        summary["baseline_note"] = note
+    bundle.write_json("layers/summary", summary)
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         "images": diss.images,
         "layers": len(layers),
         "interpretable": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in trained},
         "reinitialised": {s["layer"]: f"{s['interpretable']}/{s['units']}" for s in reinit},
+        "min_support": min_support,
+        "concepts": summary["concepts"],
     }
 
 

@@ -5,7 +5,8 @@ separately. Here the series shares everything that does not depend on the weight
 
 - the probe images (the ``layers`` stage's seeded draw of ``max_images`` fit images with label maps),
   preprocessed once (every checkpoint of one run has the same preprocessing: checked);
-- their label-map crops and concept incidence, and the concept list;
+- their label-map crops and concept incidence, and the concept list (those in at least ``min_support`` of the
+  images, :func:`~.layers.supported_concepts`, as the stage);
 - the test split's preprocessed images, for the accuracy.
 
 Per checkpoint, three forward passes over the cached tensors, each recording every layer at once: the
@@ -35,15 +36,16 @@ from lavise_core.explain.dissection.labels import (
     EVAL_SIZE,
     IOU_MIN,
     concept_incidence,
-    dissection_concepts,
     label_map_crop,
 )
 from lavise_core.explain.dissection.layers import (
+    MIN_SUPPORT,
     LayerDissection,
     concept_kinds,
     dissection_layers,
     iou_over,
     layer_summary,
+    supported_concepts,
     thresholds_over,
 )
 from lavise_core.models.networks import ModelLoadError, load_model, output_aliases
@@ -162,14 +164,15 @@ def dissect_series(
     checkpoints: Sequence[str], dataset: ProbeDataset, *, layers: Sequence[str] | None = None,
     max_images: int = 640, batch_size: int = 32, seed: int = 0, size: int = EVAL_SIZE,
     load: Callable[[str], object] = load_model, report: Callable[[str], None] | None = None,
+    min_support: int = MIN_SUPPORT,
 ) -> dict:  # fmt: skip
     """Dissect the checkpoints of one run, oldest first, against the same concept set and probe images.
 
-    ``max_images``, ``batch_size`` and ``seed`` are the ``layers`` stage's (the same draw and batches). Returns a
+    ``max_images``, ``batch_size``, ``seed`` and ``min_support`` are the ``layers`` stage's (the same draw and batches). Returns a
     JSON-ready dict: ``checkpoints`` (per kept checkpoint: ``checkpoint``, ``epoch``, ``accuracy`` on the test
     split or ``None``, ``layers`` (:func:`layer_summary` rows), ``labels`` of the explained layer's filters,
     ``seconds``), ``changes`` (:func:`label_changes`), ``skipped``, ``layers``, ``explained_layer``,
-    ``recorded_as``, ``images``, ``test_images``, ``iou_min``, ``note``, ``seconds_shared``.
+    ``recorded_as``, ``images``, ``test_images``, ``iou_min``, ``min_support``, ``note``, ``seconds_shared``.
     """
     say = report or (lambda _m: None)
     t0 = time.perf_counter()
@@ -193,8 +196,11 @@ def dissect_series(
     fit = np.array([int(i) for i in fit_indices(dataset) if dataset.records[int(i)].mask])
     pick = np.sort(np.random.default_rng(seed).choice(fit, min(max_images, len(fit)), replace=False))
     keep_idx = [int(i) for i in pick]
-    recs = [dataset.records[i] for i in keep_idx]
-    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
+    concepts, support = supported_concepts(dataset, keep_idx, min_support)
+    if not concepts:
+        raise ValueError(
+            f"no concept is present in {min_support} or more of the {len(keep_idx)} images: lower min_support"
+        )
     kinds, kind_order = concept_kinds(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     n_slots = len(dataset.regions) + 1
     say(f"loading {len(keep_idx)} probe images with their label maps (once for the series)")
@@ -221,7 +227,7 @@ def dissect_series(
                 pred = lm.model(x).argmax(1).numpy()
                 correct += int((pred == y[batch]).sum())
                 total += len(batch)
-        diss = LayerDissection(names, concepts, kinds, iou, n_images, kind_order)
+        diss = LayerDissection(names, concepts, kinds, iou, n_images, kind_order, support)
         ids, sc = diss.best(recorded)
         labels_k = [concepts[int(j)] if s >= IOU_MIN else None for j, s in zip(ids, sc, strict=True)]
         all_labels.append(labels_k)
@@ -250,6 +256,7 @@ def dissect_series(
         "images": n_images,
         "test_images": len(test),
         "iou_min": IOU_MIN,
+        "min_support": min_support,
         "note": ONE_CHECKPOINT if len(rows) == 1 else None,
         "seconds_shared": round(shared, 3),
     }

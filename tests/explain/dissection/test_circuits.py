@@ -133,7 +133,7 @@ def test_the_api_lists_a_planted_filters_input_and_names_the_missing_stage(tmp_p
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     with pytest.raises(StageMissing, match=r"`layers` stage .* --stages layers"):
         ex.filters[0].inputs()
-    build_stage(bundle, ds, "layers", lm, baseline_images=16)
+    build_stage(bundle, ds, "layers", lm, baseline_images=16, min_support=1)
     ex = Explainer(Bundle.open(bundle.root), model_loader=lambda: lm)
     want = ["red crown", "crown", "wing", "water background"]
     for k in range(4):
@@ -177,7 +177,7 @@ def test_the_filters_page_view_lists_the_nearest_layers_inputs_with_their_shares
     lm = wrap(Planted(), size=32, classes=ds.classes)
     bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
     run_probe(bundle, lm, ds, ProbeSettings(top_k=4, batch_size=8, num_workers=0, progress=False))
-    build_stage(bundle, ds, "layers", lm, baseline_images=16)
+    build_stage(bundle, ds, "layers", lm, baseline_images=16, min_support=1)
     ws = Workspace(Bundle.open(bundle.root), model_loader=lambda: lm)
     v = filter_inputs_view(ws, 2, n=3)
     assert (v.k, v.layer, v.layers, v.images) == (2, "features.1", ["features.1"], 4)

@@ -12,11 +12,13 @@ from torch import nn
 
 from lavise_core.data.dataset import ImageRecord, ProbeDataset, write_dataset
 from lavise_core.explain.dissection.layers import (
+    MIN_SUPPORT,
     concept_kind,
     dissect_layers,
     dissection_layers,
     layer_summary,
     layer_thresholds,
+    supported_concepts,
 )
 from lavise_core.models.networks import load_model
 from tests.conftest import build_stage, wrap
@@ -31,9 +33,10 @@ RED, YELLOW, GREEN, CYAN, BLUE, GREY = (
 )
 
 
-def planted_dataset(root: Path, n: int = 12) -> ProbeDataset:
+def planted_dataset(root: Path, n: int = 12, water: int | None = None) -> ProbeDataset:
     """32×32 images whose pixel colours encode the label map: crown red or yellow, wing green or cyan, background
-    blue ("water") or grey ("sand"); crown and wing are random rectangles."""
+    blue ("water") or grey ("sand"); crown and wing are random rectangles. Water is the background of images
+    ``i % 4 < 2``, or of the first ``water`` images only when given (a rare concept)."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     records = []
@@ -44,7 +47,7 @@ def planted_dataset(root: Path, n: int = 12) -> ProbeDataset:
         y2, x2 = rng.integers(18, 26, 2)
         lab[y2 : y2 + 6, x2 - 10 : x2] = 2
         crown, wing, bg = ("red", RED) if i % 2 else ("yellow", YELLOW), ("green", GREEN) if i % 3 else (
-            "cyan", CYAN), ("water", BLUE) if i % 4 < 2 else ("sand", GREY)  # fmt: skip
+            "cyan", CYAN), ("water", BLUE) if (i < water if water is not None else i % 4 < 2) else ("sand", GREY)  # fmt: skip
         img = np.zeros((32, 32, 3), np.uint8)
         img[lab == 0], img[lab == 1], img[lab == 2] = bg[1], crown[1], wing[1]
         Image.fromarray(img).save(root / f"images/{i}.png")
@@ -88,7 +91,8 @@ def test_planted_units_get_their_concept_in_every_recorded_layer(tmp_path) -> No
     lm = wrap(Planted(), size=32, classes=ds.classes)
     layers = ["features.1", "features.3"]
     thr = {name: np.full(4, 2.5, np.float32) for name in layers}  # the maps are {0, 5}: halfway
-    d = dissect_layers(lm, ds, layers, range(len(ds)), batch_size=5, thresholds=thr)
+    # 12 images, each concept in at most 6 of them: every concept competes (the stage asks for MIN_SUPPORT)
+    d = dissect_layers(lm, ds, layers, range(len(ds)), batch_size=5, thresholds=thr, min_support=1)
     assert d.images == 12
     want = ["red crown", "crown", "wing", "water background"]
     for name in layers:
@@ -127,7 +131,7 @@ def test_errors_and_the_stage_with_a_reinitialised_baseline(tmp_path) -> None:
         dissect_layers(lm, ds, ["features.1"], no_masks)
     bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
     run_probe(bundle, lm, ds, ProbeSettings(top_k=2, batch_size=8, num_workers=0, progress=False))
-    info = build_stage(bundle, ds, "layers", lm, baseline_images=16)
+    info = build_stage(bundle, ds, "layers", lm, baseline_images=16, min_support=1)
     assert info["layers"] == 2 and info["images"] == 16  # dissection_layers: the two ReLUs
     summary = bundle.read_json("layers/summary")
     assert [r["interpretable"] for r in summary["trained"]] == [4, 4]
@@ -137,3 +141,71 @@ def test_errors_and_the_stage_with_a_reinitialised_baseline(tmp_path) -> None:
     re = reinitialised(lm, seed=1)
     assert not torch.equal(re.model.features[0].weight, lm.model.features[0].weight)
     assert bundle.array("layers/iou_0").shape == (4, len(bundle.read_json("layers/concepts")))
+
+
+#: the concepts of ``planted_dataset(n=24, water=6)`` in 10 or more of its images, with their counts
+SUPPORTED = {
+    "crown": 24,
+    "wing": 24,
+    "red crown": 12,
+    "yellow crown": 12,
+    "green wing": 16,
+    "sand background": 18,
+}
+
+
+def test_a_rare_concept_cannot_make_a_unit_interpretable(tmp_path) -> None:
+    # 24 images; water is the background of the first 6 only: unit 3 fires exactly on it, unit 0 on the red crowns
+    ds = planted_dataset(tmp_path / "planted", n=24, water=6)
+    lm = wrap(Planted(), size=32, classes=ds.classes)
+    thr = {"features.1": np.full(4, 2.5, np.float32)}
+    every = dissect_layers(lm, ds, ["features.1"], range(24), batch_size=8, thresholds=thr, min_support=0)
+    assert dict(zip(every.concepts, every.support.tolist(), strict=True)) == {
+        "crown": 24, "wing": 24, "red crown": 12, "yellow crown": 12, "cyan wing": 8, "green wing": 16,
+        "sand background": 18, "water background": 6,
+    }  # fmt: skip
+    assert MIN_SUPPORT == 10
+    kept = dissect_layers(lm, ds, ["features.1"], range(24), batch_size=8, thresholds=thr)
+    assert kept.concepts == [c for c in every.concepts if c not in ("cyan wing", "water background")]
+    assert dict(zip(kept.concepts, kept.support.tolist(), strict=True)) == SUPPORTED
+    # the kept concepts' IoU is the same number: the rule removes columns, it changes no sum
+    cols = [every.concepts.index(c) for c in kept.concepts]
+    np.testing.assert_array_equal(kept.iou["features.1"], every.iou["features.1"][:, cols])
+    ids, iou = every.best("features.1")
+    assert [every.concepts[int(j)] for j in ids] == ["red crown", "crown", "wing", "water background"]
+    assert np.all(iou >= 0.95), iou
+    ids, iou = kept.best("features.1")
+    assert [kept.concepts[int(j)] for j in ids[:3]] == ["red crown", "crown", "wing"] and np.all(
+        iou[:3] >= 0.95
+    )
+    assert iou[3] == 0.0  # the water unit overlaps no concept with 10 images: not interpretable
+    assert [r["interpretable"] for r in layer_summary(every)] == [4]
+    s = layer_summary(kept)[0]
+    assert (s["interpretable"], s["unique"]) == (3, 3) and s["by_kind"]["background"] == {
+        "units": 0,
+        "unique": 0,
+    }
+    with pytest.raises(ValueError, match="no concept is present in 25 or more of these 24 images"):
+        dissect_layers(lm, ds, ["features.1"], range(24), thresholds=thr, min_support=25)
+    with pytest.raises(ValueError, match="min_support must be >= 0"):
+        supported_concepts(ds, range(24), -1)
+
+
+def test_the_stage_records_the_support_rule_and_a_baseline_without_supported_concepts(tmp_path) -> None:
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+
+    ds = planted_dataset(tmp_path / "planted", n=24, water=6)
+    lm = wrap(Planted(), size=32, classes=ds.classes)
+    bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
+    run_probe(bundle, lm, ds, ProbeSettings(top_k=2, batch_size=8, num_workers=0, progress=False))
+    info = build_stage(bundle, ds, "layers", lm, baseline_images=8)
+    assert info["min_support"] == 10 and info["concepts"] == {"trained": 6, "reinitialised": 0}
+    summary = bundle.read_json("layers/summary")
+    assert [r["interpretable"] for r in summary["trained"]] == [3, 3] and summary["reinitialised"] == []
+    assert summary["baseline_note"] == "no concept is present in 10 or more of the baseline's 8 images"
+    concepts, support = bundle.read_json("layers/concepts"), bundle.read_json("layers/support")
+    assert dict(zip(concepts, support, strict=True)) == SUPPORTED
+    bundle2 = open_or_create_bundle(tmp_path / "bundles2", lm, ds)
+    run_probe(bundle2, lm, ds, ProbeSettings(top_k=2, batch_size=8, num_workers=0, progress=False))
+    info = build_stage(bundle2, ds, "layers", lm, min_support=30)
+    assert info["skipped"].startswith("no concept is present in 30 or more of the 24 images dissected")

@@ -79,7 +79,7 @@ def test_planted_units_get_their_colour_texture_and_shape_labels(shapes) -> None
     lm = wrap(PlantedUnits(), size=64, classes=ds.classes)
     plant(lm, ds)
     thr = {"features": np.full(len(PLANTED), 2.5, np.float32)}
-    d = dissect_layers(lm, ds, ["features"], range(len(ds)), batch_size=8, thresholds=thr)
+    d = dissect_layers(lm, ds, ["features"], range(len(ds)), batch_size=8, thresholds=thr, min_support=1)
     ids, iou = d.best("features")
     assert [d.concepts[int(j)] for j in ids] == concepts
     assert np.all(iou >= 0.99), iou

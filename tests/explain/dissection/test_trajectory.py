@@ -56,14 +56,14 @@ def test_last_labels_equal_a_single_layers_build(run, tmp_path) -> None:
     from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
 
     ds, run_dir = run
-    r = dissect_series(series(run_dir), ds)
+    r = dissect_series(series(run_dir), ds, min_support=1)  # 36 images: every concept competes
     assert [c["epoch"] for c in r["checkpoints"]] == [1, 2, 3] and r["note"] is None and r["skipped"] == []
     assert r["explained_layer"] == "features" and r["recorded_as"] == "features.20"
     last = r["checkpoints"][-1]
     lm = load_model(series(run_dir)[-1])
     bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
     run_probe(bundle, lm, ds, ProbeSettings(top_k=2, batch_size=8, num_workers=0, progress=False))
-    build_stage(bundle, ds, "layers", lm, baseline_images=4)
+    build_stage(bundle, ds, "layers", lm, baseline_images=4, min_support=1)
     names = bundle.read_json("layers/names")
     assert names == r["layers"]
     concepts = bundle.read_json("layers/concepts")
