@@ -135,7 +135,7 @@ REGISTRY = StageRegistry(
         Stage(
             "layers",
             ("probe",),
-            1,
+            2,  # 2: a concept needs 10 images of support to label a unit (MIN_SUPPORT)
             layers.build_stage,
             "Network Dissection across layers: interpretable units per layer, by concept kind",
             requires=("masks",),
