@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import streamlit as st
 
 from app_pages import _shared
+from lavise_core.views.serving import WARM_UP_THREAD, freeze_warm_heap
 
 # a local favicon: a ":material/…" page icon is fetched from an external font host by the browser, and the
 # dashboard makes no request that leaves the machine (tests/app/test_browser.py checks every page)
@@ -28,13 +29,16 @@ st.set_page_config(
 
 
 def _load_sentence_encoder() -> None:
-    """Load the process's one sentence encoder and run one query through it (the first pass is slow too)."""
+    """Load the process's one sentence encoder and run one query through it (the first pass is slow too), then
+    set the warmed-up heap aside from the garbage collector (``freeze_warm_heap``)."""
     try:
         from lavise_core.models.text_encoder import shared_embedder
 
         shared_embedder().embed_queries(["a bird"])
     except Exception:  # the Concepts page loads it again and shows the error where it is needed
         logging.getLogger("lavise").exception("loading the sentence encoder in the background failed")
+    finally:
+        freeze_warm_heap()
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,7 +46,7 @@ def warm_sentence_encoder() -> threading.Thread:
     """Start loading the sentence encoder in a daemon thread, once per server process (the first visit runs
     this file). The Concepts page asks the same ``shared_embedder`` instance, whose load is guarded by a lock:
     a query made while the load runs waits for it instead of starting a second one."""
-    thread = threading.Thread(target=_load_sentence_encoder, name="lavise-sentence-encoder", daemon=True)
+    thread = threading.Thread(target=_load_sentence_encoder, name=WARM_UP_THREAD, daemon=True)
     thread.start()
     return thread
 

@@ -81,11 +81,13 @@ def get_lavise(path: str, stamp: float):
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def get_workspace(path: str, stamp: float) -> Workspace:
-    return Workspace(
+    ws = Workspace(
         get_bundle(path, stamp),
         model_loader=lambda: get_model(path, stamp),
         lavise_loader=lambda: get_lavise(path, stamp),
     )
+    views.freeze_warm_heap()  # the libraries and this bundle live as long as the server: out of the GC's walk
+    return ws
 
 
 def _stamp(path: str) -> float:

@@ -18,6 +18,9 @@ from lavise_core.models.text_encoder import TextEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the server freezes its warmed-up heap (views.serving.freeze_warm_heap); a test process opens many workspaces and
+# would freeze each test's objects with them: tests/views/test_serving.py tests the freeze itself
+os.environ.setdefault("LAVISE_GC_FREEZE", "0")
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent

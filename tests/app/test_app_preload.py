@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -10,6 +11,7 @@ from app_bundles import ROOT
 from streamlit.testing.v1 import AppTest
 
 from lavise_core.models import text_encoder
+from lavise_core.views.serving import WARM_UP_THREAD
 
 
 class _Recorder:
@@ -38,7 +40,7 @@ def test_app_starts_one_background_load(monkeypatch, tmp_path):
         time.sleep(0.01)
     time.sleep(0.1)
     assert rec.queries == [["a bird"]]
-    assert rec.threads == ["lavise-sentence-encoder"]
+    assert rec.threads == [WARM_UP_THREAD]
     st.cache_resource.clear()
 
 
@@ -73,3 +75,24 @@ def test_concurrent_first_uses_share_one_load(monkeypatch):
     for t in threads:
         t.join()
     assert built == [1]
+
+
+def test_warm_up_freezes_the_heap_when_done(monkeypatch, tmp_path):
+    """After the encoder's first query, the server's heap is set aside from the garbage collector (the suite
+    switches it off in conftest; a server has it on)."""
+    rec = _Recorder()
+    monkeypatch.setattr(text_encoder, "shared_embedder", lambda model_id=None: rec)
+    monkeypatch.setenv("LAVISE_BUNDLES", str(tmp_path))
+    monkeypatch.delenv("LAVISE_PRELOAD_ENCODER", raising=False)
+    monkeypatch.setenv("LAVISE_GC_FREEZE", "1")
+    st.cache_resource.clear()
+    try:
+        AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+        for thread in threading.enumerate():
+            if thread.name == WARM_UP_THREAD:
+                thread.join(30)
+        assert rec.queries == [["a bird"]]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        st.cache_resource.clear()

@@ -3,7 +3,9 @@ messages, and the bound on concurrent heavy work."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -14,6 +16,7 @@ from lavise_core.views.serving import (
     build_token_ok,
     escape_html,
     escape_markdown,
+    freeze_warm_heap,
     heavy_slot,
     public_message,
     serve_mode,
@@ -98,3 +101,32 @@ def test_heavy_views_say_busy_when_every_slot_is_taken(monkeypatch) -> None:
 class _NoProbe:
     def require_probe(self) -> None:
         pass
+
+
+class _Node:
+    """An object the garbage collector tracks."""
+
+
+def test_freeze_warm_heap_sets_the_live_heap_aside_and_frees_by_refcount() -> None:
+    before = gc.get_freeze_count()
+    assert before == 0  # conftest switches the server's freeze off for the suite
+    alive = _Node()
+    gone: list[int] = []
+    weakref.finalize(alive, gone.append, 1)
+    try:
+        frozen = freeze_warm_heap({})
+        assert frozen == gc.get_freeze_count() > 0
+        assert all(alive is not o for o in gc.get_objects())  # the collector no longer walks it
+        del alive  # a frozen object whose last reference goes is still freed
+        assert gone == [1]
+        young = _Node()
+        assert any(young is o for o in gc.get_objects())  # made after the freeze: collected as usual
+        assert freeze_warm_heap({}) > 0  # again: what came since is frozen too
+        assert all(young is not o for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
+def test_freeze_warm_heap_can_be_switched_off() -> None:
+    assert freeze_warm_heap({"LAVISE_GC_FREEZE": "0"}) == 0
+    assert gc.get_freeze_count() == 0
