@@ -58,9 +58,10 @@ def main() -> None:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         total = time.perf_counter() - t0
         manifest = json.loads(next((Path(tmp) / "bundles").glob("*/bundle.json")).read_text())
-    from lavise_core.explain.lavise.explainer import SUBSTAGES  # parts of the lavise stage, timed within it
+    from lavise_core.stages import REGISTRY
 
-    stages = {k: v["seconds"] for k, v in manifest["stages"].items() if "seconds" in v and k not in SUBSTAGES}
+    done = manifest["stages"]
+    stages = {s.name: done[s.name]["seconds"] for s in REGISTRY if "seconds" in done.get(s.name, {})}
     print(f"bare forward pass over the probe images: {bare:6.1f} s (1.00)")
     for name, sec in stages.items():
         print(f"  {name:18s} {sec:6.1f} s  {sec / bare:5.2f}× the bare pass")

@@ -267,9 +267,14 @@ def load_general_vocabulary(
 def prefetch_general_vocabulary(cache_dir: str | os.PathLike | None = None) -> subprocess.Popen | None:
     """Start embedding the default general vocabulary in a background process (niced) when its cache file is
     missing -> the process, else ``None``. A build calls it before its first stage, so the minute of embedding on
-    a fresh machine overlaps the stages before LaViSE's; :func:`load_general_vocabulary` then waits for it."""
+    a fresh machine overlaps the stages before LaViSE's; :func:`load_general_vocabulary` then waits for it.
+    The process uses ``$LAVISE_PREFETCH_THREADS`` torch threads (default 1: the core the build leaves idle, without
+    slowing its thread team); ``LAVISE_PREFETCH=0`` turns the prefetch off."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (cache / f"vocab-{VocabularySettings().recipe_hash()}.npz").is_file():
+    if (
+        os.environ.get("LAVISE_PREFETCH") == "0"
+        or (cache / f"vocab-{VocabularySettings().recipe_hash()}.npz").is_file()
+    ):
         return None
     cache.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LAVISE_CACHE": str(cache)}
@@ -485,4 +490,7 @@ class ConceptIndex:
 
 
 if __name__ == "__main__":  # the background process of prefetch_general_vocabulary
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("LAVISE_PREFETCH_THREADS", "1")))
     load_general_vocabulary()
