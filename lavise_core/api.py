@@ -1079,15 +1079,23 @@ def _lend_words(
         cbundle, cds, registry, names, settings=settings, model_loader=lambda: lm, progress=progress,
         options=options, lock_timeout=lock_timeout,
     )  # fmt: skip
-    out: dict[str, str] = {}
     with bundle.build_lock(lock_timeout):
-        for name in names:
-            s = registry[name]
-            if cbundle.stage_done(name):
-                bundle.borrow_stage(
-                    cbundle, name, s.files, s.parts, concept_set=cds.name, concept_bundle=str(cbundle.root)
-                )
-                out[name] = f"from the concept set '{cds.name}'"
+        return _borrow_words(bundle, registry, names, cbundle, cds.name)
+
+
+def _borrow_words(
+    bundle: Bundle, registry, names: Sequence[str], source: Bundle, set_name: str
+) -> dict[str, str]:
+    """Lend ``bundle`` the stages ``names`` that the concept set's bundle ``source`` finished -> ``{stage: outcome}``
+    (the caller holds ``bundle``'s build lock)."""
+    out: dict[str, str] = {}
+    for name in names:
+        s = registry[name]
+        if source.stage_done(name):
+            bundle.borrow_stage(
+                source, name, s.files, s.parts, concept_set=set_name, concept_bundle=str(source.root)
+            )
+            out[name] = f"from the concept set '{set_name}'"
     return out
 
 
@@ -1214,16 +1222,5 @@ def _compose_words(
             data = [str(cds.root.resolve()) for cds in sets]
             bundle.mark_stage(DISSECTION, {**info, "concept_bundles": roots, "concept_data": data})
             out[DISSECTION] = f"from the concept sets {quoted} (each filter's best label)"
-        for name in lend:
-            s = registry[name]
-            if first_bundle.stage_done(name):
-                bundle.borrow_stage(
-                    first_bundle,
-                    name,
-                    s.files,
-                    s.parts,
-                    concept_set=names[0],
-                    concept_bundle=str(first_bundle.root),
-                )
-                out[name] = f"from the concept set '{names[0]}'"
+        out.update(_borrow_words(bundle, registry, lend, first_bundle, names[0]))
     return out

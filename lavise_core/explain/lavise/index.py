@@ -225,6 +225,12 @@ def vocabulary_hash(phrases: Sequence[str], model_id: str = DEFAULT_MODEL_ID) ->
     return h.hexdigest()[:16]
 
 
+def _vocabulary_file(settings: VocabularySettings, cache_dir: str | os.PathLike | None) -> Path:
+    """``<cache>/vocab-<recipe hash>.npz``: where the general vocabulary of ``settings`` is cached."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"vocab-{settings.recipe_hash()}.npz"
+
+
 def load_general_vocabulary(
     settings: VocabularySettings | None = None,
     embedder: TextEmbedder | None = None,
@@ -238,9 +244,8 @@ def load_general_vocabulary(
     from filelock import FileLock
 
     s = settings or VocabularySettings()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"vocab-{s.recipe_hash()}.npz"
-    cache.mkdir(parents=True, exist_ok=True)
+    path = _vocabulary_file(s, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock")):
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
@@ -270,14 +275,11 @@ def prefetch_general_vocabulary(cache_dir: str | os.PathLike | None = None) -> s
     a fresh machine overlaps the stages before LaViSE's; :func:`load_general_vocabulary` then waits for it.
     The process uses ``$LAVISE_PREFETCH_THREADS`` torch threads (default 1: the core the build leaves idle, without
     slowing its thread team); ``LAVISE_PREFETCH=0`` turns the prefetch off."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (
-        os.environ.get("LAVISE_PREFETCH") == "0"
-        or (cache / f"vocab-{VocabularySettings().recipe_hash()}.npz").is_file()
-    ):
+    path = _vocabulary_file(VocabularySettings(), cache_dir)
+    if os.environ.get("LAVISE_PREFETCH") == "0" or path.is_file():
         return None
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LAVISE_CACHE": str(cache)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LAVISE_CACHE": str(path.parent)}
     cmd = [sys.executable, "-m", "lavise_core.explain.lavise.index"]
     return subprocess.Popen(
         cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
