@@ -8,7 +8,7 @@ CLI and the dashboard's build form all build through :data:`REGISTRY` (see
 ==================  ==================  ===========================================================
 stage               needs               makes
 ==================  ==================  ===========================================================
-probe               —                   pooled (N, C), logits, top-k maps, quantiles, thresholds
+probe               —                   pooled (N, C), logits, top-k maps, quantiles, thresholds, all maps
 textual             probe               attributes from captions, p(t | f), class p.d.f.s (Guo et al.)
 textual_grounding   textual             eq. 9 weights fitted to part masks / keypoints
 dissection          probe               IoU of each filter with each annotated concept (labels, search)

@@ -253,6 +253,16 @@ class Bundle:
         np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
         atomic_write_bytes(self._path(name, ".npy"), buf.getvalue())
 
+    def move_array(self, name: str, src: Path) -> None:
+        """Move the finished ``.npy`` file ``src`` (on the bundle's file system) in as the array ``name``, in
+        one rename: a large array written in place as a memmap is never copied."""
+        self._require_writable()
+        dst = self._path(name, ".npy")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(src, dst)
+
     def read_json(self, name: str) -> dict | list:
         path = self._path(name, ".json")
         if not path.is_file():

@@ -65,6 +65,7 @@ class ProbeSettings:
     device: str = "cpu"
     progress: bool = True
     amp: bool = True  # mixed precision for the forward pass on a GPU (accumulation stays float32)
+    maps_mib: int = 256  # keep every image's layer maps (probe/maps) when they fit in this many MiB; 0: never
 
 
 # --------------------------------------------------------------------------------------- reducers
@@ -367,7 +368,9 @@ def run_probe(
     Writes ``probe/pooled (N, C)``, ``probe/logits (N, K)``, ``probe/valid (N,)``, ``probe/top_index (C, k)``,
     ``probe/top_value (C, k)``, ``probe/top_maps (C, k, h, w)`` float16, ``probe/quantile_levels (Q,)``,
     ``probe/quantiles (C, Q)``, ``probe/threshold (C,)``, ``probe/classifier_weight (K, C)``,
-    ``probe/classifier_bias (K,)`` and ``probe/failures.json``.
+    ``probe/classifier_bias (K,)`` and ``probe/failures.json``; and ``probe/maps (N, C, h, w)`` float16, every
+    image's layer maps, when they fit in ``settings.maps_mib`` (the dashboard draws a concept's heatmaps from
+    them without a forward pass; unreadable images' rows are 0).
     """
     if bundle.stage_done("probe"):
         return bundle
@@ -387,6 +390,7 @@ def run_probe(
     state_path = work / "state.npz"
     (work / SHARDED_STATE).unlink(missing_ok=True)  # a sharded pass's rows are redone here, in order
     pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
+    all_maps = _maps_accumulator(work, (n, c, h, w), settings, fresh=not state_path.is_file())
     failures: dict[str, str] = {}
     done = 0
     if state_path.is_file():
@@ -423,20 +427,29 @@ def run_probe(
                 if e:
                     failures[ds.records[i].path] = e
                     bar.write(f"skipped {ds.records[i].path}: {e}")
+            maps_cpu = maps.cpu()
+            if all_maps is not None:
+                all_maps[lo:hi] = np.where(ok.numpy()[:, None, None, None], maps_cpu.numpy(), 0.0)
             if bool(ok.any()):
                 okd = ok.to(maps.device)
                 hist.update(maps[okd].permute(1, 0, 2, 3).reshape(c, -1))
                 ranked = pooled_b.clone()
                 ranked[~ok] = float("-inf")
-                top.update(ranked, maps.cpu(), idx)
+                top.update(ranked, maps_cpu, idx)
             done = hi
             bar.update(hi - lo)
             if on_progress is not None:
                 on_progress(done, n)
             if (bi + 1) % settings.checkpoint_every == 0 and done < n:
+                if all_maps is not None:
+                    all_maps.flush()
                 _checkpoint(state_path, pooled, logits, valid, top, hist, failures, done=done, n=n)
     bar.close()
     seconds = time.perf_counter() - t0
+    if all_maps is not None:
+        all_maps.flush()
+        del all_maps
+        bundle.move_array("probe/maps", work / "maps.npy")
     _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device, (c, h, w))
     del pooled, logits, valid
     shutil.rmtree(work, ignore_errors=True)
@@ -623,7 +636,8 @@ def run_probe_sharded(
 ) -> Bundle:
     """The probe pass as shards mapped by ``executor`` (Ray: batch inference in an actor pool), merged into the
     arrays :func:`run_probe` writes: pooled / logits / valid by row, top-k and histograms merged exactly
-    (:meth:`TopKMaps.merge`, :meth:`StreamingHistogram.merge`), failures collected in manifest order.
+    (:meth:`TopKMaps.merge`, :meth:`StreamingHistogram.merge`), failures collected in manifest order. Every
+    image's maps (``probe/maps``) are not kept: the dashboard runs a forward pass for a concept's images instead.
 
     Every ``settings.checkpoint_every`` batches' worth of merged shards, the merged state is checkpointed
     (``probe/_partial/shards.npz``: which rows are done, the top-k, the histogram, the failures; the memmaps
@@ -751,6 +765,18 @@ def _accumulators(
     logits = _open_memmap(work / "logits.npy", (n, k_cls))
     valid = _open_memmap(work / "valid.npy", (n,), dtype=np.bool_)
     return pooled, logits, valid, StreamingHistogram(c, settings.histogram_bins), TopKMaps(c, top_k, map_size)
+
+
+def _maps_accumulator(
+    work: Path, shape: tuple[int, int, int, int], settings: ProbeSettings, fresh: bool
+) -> np.memmap | None:
+    """Every image's maps ``(N, C, h, w)`` float16 as a memmap in ``work``, or ``None`` when they exceed
+    ``settings.maps_mib`` or a pass resumed without them (its first rows were never kept)."""
+    path = work / "maps.npy"
+    if int(np.prod(shape)) * 2 > settings.maps_mib * 2**20 or not (fresh or path.is_file()):
+        path.unlink(missing_ok=True)
+        return None
+    return _open_memmap(path, shape, np.float16)
 
 
 def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.memmap:

@@ -232,8 +232,20 @@ class Workspace(Explainer):
 
         return self.thumbs.get((int(i), side), make)
 
+    def stored_maps(self) -> np.ndarray | None:
+        """Every probe image's layer maps ``(N, C, h, w)`` float16 (``probe/maps``, memory-mapped), or ``None``
+        when the probe pass did not keep them (older bundles, or maps over ``ProbeSettings.maps_mib``)."""
+        arr, valid = self.array("probe/maps"), self.array("probe/valid")
+        if arr is None or valid is None or arr.ndim != 4 or arr.shape[:2] != (len(valid), self.channels):
+            return None
+        return arr
+
     def record_maps(self, indices: Sequence[int]) -> dict[int, np.ndarray]:
-        """Layer maps ``(C, h, w)`` float16 of probe images (one batched forward pass for the uncached ones)."""
+        """Layer maps ``(C, h, w)`` float16 of probe images: read from :meth:`stored_maps`, else one batched forward
+        pass for the uncached ones."""
+        stored = self.stored_maps()
+        if stored is not None:
+            return {int(i): np.asarray(stored[int(i)]) for i in indices}
         out: dict[int, np.ndarray] = {}
         todo = []
         for i in indices:

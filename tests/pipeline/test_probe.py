@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,37 @@ def test_progress_callback_and_file_permissions(tmp_path, identity_model, colour
     assert seen == [(2, 7), (4, 7), (6, 7), (7, 7)]
     mode = (bundle.root / "probe" / "pooled.npy").stat().st_mode & 0o777
     assert mode & 0o044 == 0o044  # readable by others, like any file the user writes
+
+
+def test_probe_keeps_every_image_maps(tmp_path, identity_model, colour_dataset):
+    """probe/maps (N, C, h, w) float16: the identity CNN's map of a solid image is its colour / 255 everywhere; the
+    unreadable image's row is 0; over ``maps_mib`` the array is not written."""
+    b = _probe(tmp_path, identity_model, colour_dataset)
+    maps = b.array("probe/maps")
+    assert maps.shape == (7, 3, 16, 16) and maps.dtype == np.float16
+    want = np.array([*COLOURS, (0, 0, 0)], np.float32) / 255.0
+    np.testing.assert_array_equal(
+        maps, np.broadcast_to(want[:, :, None, None], maps.shape).astype(np.float16)
+    )
+    top = b.array("probe/top_index")
+    np.testing.assert_array_equal(b.array("probe/top_maps"), maps[top, np.arange(3)[:, None]])
+    assert not (b.root / "probe/_partial").exists()
+    small = dataclasses.replace(SETTINGS, maps_mib=0)
+    assert not _probe(tmp_path / "off", identity_model, colour_dataset, small).has("probe/maps")
+
+
+@pytest.mark.parametrize("first_kept", [True, False])
+def test_probe_maps_after_a_resume(tmp_path, colour_dataset, first_kept):
+    """A resumed pass keeps the maps when the interrupted one kept them (equal to a clean pass), and leaves them
+    out when it did not (its first rows were never kept)."""
+    settings = dataclasses.replace(SETTINGS, checkpoint_every=1, maps_mib=256 if first_kept else 0)
+    failing = wrap(IdentityCNN(fail_after=3))
+    bundle = open_or_create_bundle(tmp_path / "b", failing, colour_dataset)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_probe(bundle, failing, colour_dataset, settings)
+    failing.model.fail_after = None
+    run_probe(bundle, failing, colour_dataset, dataclasses.replace(settings, maps_mib=256))
+    assert bundle.has("probe/maps") == first_kept
+    if first_kept:
+        clean = _probe(tmp_path / "clean", wrap(IdentityCNN()), colour_dataset, settings)
+        np.testing.assert_array_equal(bundle.array("probe/maps"), clean.array("probe/maps"))
