@@ -84,6 +84,33 @@ def compare_section(ws: views.Workspace) -> None:
                 st.bar_chart(words, horizontal=True, stack=False, height=28 * len(cmp.words) + 60)
 
 
+@st.cache_data(ttl=60, show_spinner=False)
+def _concept_sets(root: str) -> list[tuple[str, str]]:
+    return views.concept_set_choices(root)
+
+
+def concept_sets_input(data: str, stages: list[str]) -> list[str] | None:
+    """The build form's concept sets: annotated folders found under the data folder, plus one typed path ->
+    the folders in the order chosen (empty: the probe set's own words), or ``None`` when the build would
+    refuse them (the reason is shown)."""
+    found = dict(_concept_sets(str(sh.data_root())))
+    picked = st.multiselect(
+        "Concept sets (where the words come from)", list(found), format_func=lambda f: found.get(f, f),
+        key="build_concepts", placeholder="none: the probe set's own annotations",
+        help="annotated data sets whose images the same network is run over; with several, each filter's "
+        "dissection label is its best over all of them and names its set (as `lavise build --concepts A B`)",
+    )  # fmt: skip
+    typed = st.text_input("Another concept set folder", "", key="build_concepts_path",
+                          placeholder="e.g. data/concepts")  # fmt: skip
+    concepts = [*picked, *([typed.strip()] if typed.strip() else [])]
+    check = views.check_concepts(data, concepts, stages)
+    if not concepts:
+        st.caption(check.message)
+        return []
+    (st.success if check.ok else st.error)(check.message, icon=":material/dictionary:")
+    return concepts if check.ok else None
+
+
 def build_section(ws: views.Workspace | None) -> None:
     mode = sh.mode()
     if mode.read_only:  # served to others: no build form, no model-spec or folder inputs (issue 29)
@@ -118,6 +145,7 @@ def build_section(ws: views.Workspace | None) -> None:
         all_stages, default_stages = views.stage_choices()
         stages = st.multiselect("Stages (what they need is added)", all_stages, default=default_stages,
                                 key="build_stages")  # fmt: skip
+        concepts = concept_sets_input(data, stages)
         token = None
         if mode.token_needed:
             token = st.text_input("Build token", type="password", key="build_token",
@@ -125,7 +153,8 @@ def build_section(ws: views.Workspace | None) -> None:
         allowed = views.build_token_ok(mode, token)
         if token and not allowed:
             st.error("That is not this server's build token.", icon=":material/key_off:")
-        go = st.button("Build", key="build_go", disabled=not (check.ok and spec and allowed), type="primary")
+        ready = check.ok and concepts is not None and spec and allowed
+        go = st.button("Build", key="build_go", disabled=not ready, type="primary")
         if not go or not views.build_token_ok(mode, token):
             return
         tracker = views.BuildTracker(stages)
@@ -141,7 +170,13 @@ def build_section(ws: views.Workspace | None) -> None:
 
         with sh.guard("the bundle build"):
             b = views.build_bundle(
-                spec, Path(data.strip()), sh.bundles_root(), layer, stages, on_event=on_event
+                spec,
+                Path(data.strip()),
+                sh.bundles_root(),
+                layer,
+                stages,
+                on_event=on_event,
+                concepts=concepts,
             )
             st.session_state[sh.BUNDLE_KEY] = str(b.root)
             st.success(f"Bundle ready: {b.summary()}")

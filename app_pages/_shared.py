@@ -33,6 +33,11 @@ def bundles_root() -> Path:
     return Path(os.environ.get("LAVISE_BUNDLES", "data/bundles"))
 
 
+def data_root() -> Path:
+    """The folder the build form looks in for data sets (``LAVISE_DATA``, default ``data``)."""
+    return Path(os.environ.get("LAVISE_DATA", "data"))
+
+
 def mode() -> ServeMode:
     """How this server is served (local, read-only, build): decided in :func:`lavise_core.views.serve_mode`."""
     return serve_mode(address=st.get_option("server.address"))

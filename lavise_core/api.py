@@ -37,6 +37,7 @@ __all__ = [
     "StageMissing",
     "build",
     "build_hint",
+    "check_concept_sets",
     "open_bundle",
 ]
 
@@ -1123,6 +1124,31 @@ def _concept_paths(concepts) -> list[Path] | None:
     if not paths:
         raise ValueError("no concept set named: give one or more annotated data set folders with --concepts")
     return paths
+
+
+def check_concept_sets(
+    data: str | os.PathLike,
+    concepts: Sequence[str | os.PathLike],
+    stages: Sequence[str] | None = None,
+) -> list[str]:
+    """Check, without building anything, that :func:`build` would accept ``concepts`` for the probe set ``data``
+    -> the names its labels would cite, in the order given. Raises ``ValueError`` with the same plain sentence
+    as :func:`build` (a set that cannot be opened or gives no words; with several, one given twice, the probe set
+    among them, one without region masks when the dissection stage is built). The build form calls it before its
+    Build button is offered."""
+    from lavise_core.explain.dissection.labels import STAGE as DISSECTION
+    from lavise_core.stages import REGISTRY
+
+    try:
+        ds = ProbeDataset.open(data)
+    except DatasetError as e:
+        raise ValueError(str(e)) from e
+    paths = _concept_paths(list(concepts))
+    if len(paths) == 1:
+        return [_open_concepts(paths[0], ds).name]
+    order = REGISTRY.resolve(list(stages) if stages is not None else REGISTRY.defaults())
+    wants_masks = any(s.name == DISSECTION for s in order)
+    return _concept_names(_open_concept_sets(paths, ds, wants_masks))
 
 
 def _concept_names(sets: Sequence[ProbeDataset]) -> list[str]:

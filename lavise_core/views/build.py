@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lavise_core.api import build
+from lavise_core.api import DEFAULT_CONCEPTS, build, check_concept_sets
 from lavise_core.pipeline.background import BuildStatus
 from lavise_core.pipeline.bundle import Bundle
 from lavise_core.pipeline.stages import BuildProgress, BuildSettings
@@ -19,7 +19,9 @@ __all__ = [
     "StageLine",
     "background_build_note",
     "build_bundle",
+    "check_concepts",
     "check_data_folder",
+    "concept_set_choices",
     "model_choices",
     "model_layers",
     "stage_choices",
@@ -34,9 +36,12 @@ def build_bundle(
     stages: Sequence[str] | None = None,
     report: Callable[[float, str], None] | None = None,
     on_event: Callable[[BuildProgress], None] | None = None,
+    concepts: Sequence[str | Path] | None = None,
 ) -> Bundle:
     """Build (or finish) a bundle through the stage registry, calling ``report(fraction, message)`` as it goes
-    (and ``on_event(BuildProgress)`` with every event, for per-stage progress)."""
+    (and ``on_event(BuildProgress)`` with every event, for per-stage progress). ``concepts``: the concept sets
+    the words come from (``None`` or empty: the probe set's own annotations, else the default set; several
+    compose, as ``lavise build --concepts A B``)."""
     say = report or (lambda f, m: None)
 
     def progress(event: BuildProgress) -> None:
@@ -45,7 +50,7 @@ def build_bundle(
         say(min(1.0, event.fraction), event.message)
 
     ex = build(model, data, layer=layer, stages=stages, bundles=bundles, progress=progress,
-               settings=BuildSettings(workers=0))  # fmt: skip
+               settings=BuildSettings(workers=0), concepts=list(concepts) if concepts else None)  # fmt: skip
     say(1.0, "done")
     return ex.bundle
 
@@ -162,6 +167,54 @@ def check_data_folder(path: str | Path, sample: int = 200) -> DataCheck:
     note = f"; {missing} of the first {len(checked)} image files are missing (skipped)" if missing else ""
     regions = f", {len(ds.regions)} annotated regions" if ds.regions else ""
     return DataCheck(True, f"{ds.name}: {n} images, {k} classes{regions}{note}", n, k, missing)
+
+
+def concept_set_choices(root: str | Path = "data") -> list[tuple[str, str]]:
+    """``[(folder, description)]``: the annotated data sets directly under ``root`` that can serve as concept
+    sets (region masks, captions or attributes), sorted by folder; plain image folders and folders that are not
+    data sets are left out (a folder the form does not list can still be typed)."""
+    from lavise_core.data.dataset import DatasetError, ProbeDataset
+    from lavise_core.pipeline.stages import data_facts
+
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    out: list[tuple[str, str]] = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and (p / "manifest.jsonl").is_file()):
+        try:
+            ds = ProbeDataset.open(folder)
+        except (DatasetError, OSError):
+            continue
+        facts = data_facts(ds)
+        if not {"masks", "text"} & facts:
+            continue
+        kind = "region masks" if "masks" in facts else "captions or attributes, no masks"
+        count = f"{len(ds)} image" + ("" if len(ds) == 1 else "s")
+        out.append((str(folder), f"{ds.name} · {count} · {kind}"))
+    return out
+
+
+def check_concepts(
+    data: str | Path, concepts: Sequence[str | Path], stages: Sequence[str] | None = None
+) -> DataCheck:
+    """What the form says about the concept sets chosen for a build: ``ok`` when :func:`lavise_core.api.build`
+    would accept them for the probe set ``data`` (the message names the sets the labels would cite), else its
+    plain refusal (a set that cannot be opened, given twice, without masks, the probe set among several). No
+    set chosen is fine: the probe set's own annotations, else the default concept set."""
+    paths = [str(c).strip() for c in concepts if str(c).strip()]
+    if not paths:
+        return DataCheck(
+            True,
+            f"words from the probe set's own annotations (a plain image folder: from {DEFAULT_CONCEPTS})",
+        )
+    try:
+        names = check_concept_sets(str(data).strip(), paths, stages)
+    except ValueError as e:
+        return DataCheck(False, str(e))
+    if len(names) == 1:
+        return DataCheck(True, f"words from the concept set '{names[0]}'")
+    quoted = " + ".join(f"'{n}'" for n in names)
+    return DataCheck(True, f"words from the concept sets {quoted}: each filter's best label names its set")
 
 
 @dataclass
