@@ -11,7 +11,9 @@ Unreadable images are reported and skipped (their row is marked invalid), never 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -390,7 +392,6 @@ def run_probe(
     state_path = work / "state.npz"
     (work / SHARDED_STATE).unlink(missing_ok=True)  # a sharded pass's rows are redone here, in order
     pooled, logits, valid, hist, top = _accumulators(work, n, c, k_cls, (h, w), top_k, settings)
-    all_maps = _maps_accumulator(work, (n, c, h, w), settings, fresh=not state_path.is_file())
     failures: dict[str, str] = {}
     done = 0
     if state_path.is_file():
@@ -411,9 +412,10 @@ def run_probe(
         shuffle=False,
         pin_memory=gpu,
     )
+    all_maps = _maps_accumulator(work, (n, c, h, w), settings, fresh=not state_path.is_file())
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=done, unit="img", desc="probe pass", disable=not settings.progress)
-    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
+    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec, all_maps or contextlib.nullcontext():
         for bi, (idx, x, errors) in enumerate(loader):
             maps, out = _forward(lm, rec, x, device, settings.amp)
             ok = torch.tensor([not e for e in errors])
@@ -429,7 +431,7 @@ def run_probe(
                     bar.write(f"skipped {ds.records[i].path}: {e}")
             maps_cpu = maps.cpu()
             if all_maps is not None:
-                all_maps[lo:hi] = np.where(ok.numpy()[:, None, None, None], maps_cpu.numpy(), 0.0)
+                all_maps.write(lo, np.where(ok.numpy()[:, None, None, None], maps_cpu.numpy(), 0.0))
             if bool(ok.any()):
                 okd = ok.to(maps.device)
                 hist.update(maps[okd].permute(1, 0, 2, 3).reshape(c, -1))
@@ -447,8 +449,6 @@ def run_probe(
     bar.close()
     seconds = time.perf_counter() - t0
     if all_maps is not None:
-        all_maps.flush()
-        del all_maps
         bundle.move_array("probe/maps", work / "maps.npy")
     _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device, (c, h, w))
     del pooled, logits, valid
@@ -767,16 +767,48 @@ def _accumulators(
     return pooled, logits, valid, StreamingHistogram(c, settings.histogram_bins), TopKMaps(c, top_k, map_size)
 
 
+class _RowFile:
+    """A ``.npy`` file of float16 rows written in place with ``pwrite``: unlike a memmap, the rows written do not
+    stay in the writer's resident memory (a pass over N images would otherwise hold every map it wrote)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        arr = _open_memmap(path, shape, np.float16)  # the header, and the file at its full size
+        self.offset, self.row = arr.offset, int(np.prod(shape[1:])) * 2
+        del arr
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows (B, ...)`` as rows ``start … start + B - 1``."""
+        data = np.ascontiguousarray(rows, np.float16).tobytes()
+        if os.pwrite(self.fd, data, self.offset + start * self.row) != len(data):
+            raise OSError(errno.ENOSPC, "short write of the probe maps (is the disk full?)")
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _RowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _maps_accumulator(
     work: Path, shape: tuple[int, int, int, int], settings: ProbeSettings, fresh: bool
-) -> np.memmap | None:
-    """Every image's maps ``(N, C, h, w)`` float16 as a memmap in ``work``, or ``None`` when they exceed
+) -> _RowFile | None:
+    """Every image's maps ``(N, C, h, w)`` float16 in ``work/maps.npy``, or ``None`` when they exceed
     ``settings.maps_mib`` or a pass resumed without them (its first rows were never kept)."""
     path = work / "maps.npy"
     if int(np.prod(shape)) * 2 > settings.maps_mib * 2**20 or not (fresh or path.is_file()):
         path.unlink(missing_ok=True)
         return None
-    return _open_memmap(path, shape, np.float16)
+    return _RowFile(path, shape)
 
 
 def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.memmap:
