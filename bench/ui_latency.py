@@ -242,7 +242,14 @@ def main() -> int:
         print(f"first concept query, {args.concepts_first:g} s after the first page: {_stats(took, 1, 's')}")
         print(f"load average after {os.getloadavg()}")
         return 0
-    print(f"bundle {b.summary()} · {b.manifest['channels']} filters · load average {os.getloadavg()}")
+    maps = (
+        "probe/maps stored"
+        if b.has("probe/maps")
+        else "no probe/maps: a concept's uncached images need a forward pass"
+    )
+    print(
+        f"bundle {b.summary()} · {b.manifest['channels']} filters · {maps} · load average {os.getloadavg()}"
+    )
     print(
         "scripts compiled on every run (AppTest)"
         if args.recompile
