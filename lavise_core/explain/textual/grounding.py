@@ -110,6 +110,21 @@ def cell_targets(
     return targets
 
 
+def _pair_slots(
+    pair_image: np.ndarray, pair_column: np.ndarray, n_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's slot among its image's pairs ``(P,)``, and ``(N, K)`` the column in each slot (0 where unused;
+    ``K`` = the most pairs of one image). The logits of pair p are then ``x[img_p] @ w[:, cols[img_p, slot_p]]``:
+    ``N·K`` columns per step instead of every image × every attribute (``N·T``), the same products."""
+    order = np.lexsort((pair_column, pair_image))
+    run_start = np.searchsorted(pair_image[order], pair_image[order])
+    slot = np.empty(len(order), np.int64)
+    slot[order] = np.arange(len(order)) - run_start
+    cols = np.zeros((n_images, int(slot.max(initial=-1)) + 1), np.int64)
+    cols[pair_image, slot] = pair_column
+    return torch.as_tensor(slot), torch.as_tensor(cols)
+
+
 def fit_grounding_weights(
     features: torch.Tensor,
     pair_image: np.ndarray,
@@ -137,12 +152,14 @@ def fit_grounding_weights(
     pos_t = torch.as_tensor(pos)
     q = torch.as_tensor(np.asarray(pair_target, np.float32))
     per_pair = 1.0 / torch.bincount(pos_t).float()[pos_t]
+    slot, cols = _pair_slots(img.numpy(), pos, x.shape[0])
     w = torch.zeros(x.shape[2], len(used), requires_grad=True)
     out = []
     for j, lam in enumerate(sorted(lambdas, reverse=True)):
         opt = torch.optim.Adam([w], lr=lr)
         for _ in range(steps[min(j, len(steps) - 1)]):
-            z = torch.einsum("nhc,ct->nht", x, w)[img, :, pos_t]  # (P, h·w) logits of each pair
+            # (P, h·w) logits of each pair: each image against its own ≤ K attributes' weights only
+            z = torch.bmm(x, torch.nn.functional.embedding(cols, w.T).transpose(1, 2))[img, :, slot]
             loss = (-(q * torch.log_softmax(z, dim=1)).sum(1) * per_pair).sum() + lam * (w**2).sum()
             opt.zero_grad()
             loss.backward()

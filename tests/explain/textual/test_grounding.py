@@ -9,6 +9,7 @@ from torch import nn
 
 from lavise_core.explain.textual.grounding import (
     STAGE,
+    _pair_slots,
     cell_targets,
     fit_grounding_weights,
     pointing_score,
@@ -50,6 +51,27 @@ def test_fit_finds_the_filter_that_marks_the_part():
     # the stronger penalty shrinks the weights
     assert np.abs(path[0]).sum() < np.abs(path[1]).sum()
     assert np.isnan(pointing_score(xt, w, np.zeros(0), np.zeros(0), np.zeros((0, hw))))
+
+
+def test_pair_slots_give_each_pair_its_own_logits_and_gradient():
+    """The fit computes each image against only its own pairs' columns; the logits and the gradient equal the
+    dense 'every image × every column, then pick the pairs' form (to float rounding of the reduction order)."""
+    rng = np.random.default_rng(1)
+    n, hw, c, t = 7, 5, 6, 4
+    x = torch.from_numpy(rng.random((n, hw, c)).astype(np.float32))
+    img = np.array([0, 0, 0, 2, 2, 5, 6, 6, 6, 6])  # images 1, 3, 4 have no pair; image 6 has four
+    col = np.array([1, 3, 0, 3, 3, 2, 0, 1, 2, 3])  # image 2 twice with column 3 (two targets)
+    slot, cols = _pair_slots(img, col, n)
+    assert slot.tolist() == [1, 2, 0, 0, 1, 0, 0, 1, 2, 3]  # by column within each image
+    assert cols.shape == (n, 4) and cols[6].tolist() == [0, 1, 2, 3] and cols[0, :3].tolist() == [0, 1, 3]
+    w = torch.from_numpy(rng.standard_normal((c, t)).astype(np.float32)).requires_grad_(True)
+    i, j = torch.as_tensor(img), torch.as_tensor(col)
+    dense = torch.einsum("nhc,ct->nht", x, w)[i, :, j]
+    paired = torch.bmm(x, torch.nn.functional.embedding(cols, w.T).transpose(1, 2))[i, :, slot]
+    torch.testing.assert_close(paired, dense, rtol=1e-6, atol=1e-6)
+    g_dense = torch.autograd.grad(dense.square().sum(), w)[0]
+    g_paired = torch.autograd.grad(paired.square().sum(), w)[0]
+    torch.testing.assert_close(g_paired, g_dense, rtol=1e-5, atol=1e-5)
 
 
 class _Tiny(nn.Module):
