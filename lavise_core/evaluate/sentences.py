@@ -40,7 +40,7 @@ from lavise_core.explain.textual.evidence import (
     top_region,
 )
 from lavise_core.models.networks import forward_maps
-from lavise_core.pipeline.probe import image_batches
+from lavise_core.pipeline.probe import image_batches, stored_maps
 from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
@@ -68,10 +68,22 @@ def measured_filters(bundle) -> np.ndarray:
 
 
 def _features(
-    lm, dataset: ProbeDataset, layer: str, say: Callable[[int, int, str], None]
+    lm, dataset: ProbeDataset, layer: str, say: Callable[[int, int, str], None], bundle=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, 2C)`` pooled + peak activations of every probe image and ``(N, K)`` logits (one pass)."""
+    """``(N, 2C)`` pooled + peak activations of every probe image and ``(N, K)`` logits: read from the probe pass's
+    stored maps and logits where ``bundle`` has them (:func:`~lavise_core.pipeline.probe.stored_maps`), else one
+    pass. Rows of unreadable images are 0."""
     n = len(dataset)
+    stored = None if bundle is None else stored_maps(bundle, n)
+    if stored is not None:
+        maps, valid = stored
+        logits = np.where(valid[:, None], np.asarray(bundle.array("probe/logits"), np.float32), 0.0)
+        feats = np.zeros((n, 2 * maps.shape[1]), np.float32)
+        rows = np.flatnonzero(valid)
+        for lo in range(0, len(rows), 256):
+            feats[rows[lo : lo + 256]] = image_features(maps[rows[lo : lo + 256]])
+        say(n, n, f"attribute evidence: {n} / {n} images (the probe pass's maps)")
+        return feats, logits.astype(np.float32)
     feats = logits = None
     with torch.inference_mode():
         for idx, x, _ in image_batches(dataset, lm, range(n), 64):
@@ -203,7 +215,7 @@ def build_sentences_stage(
     fit = fit_indices(dataset)
     if not len(test):
         return {"skipped": "the data set has no test split to hold out"}
-    features, logits = _features(lm, dataset, bundle.layer, say)
+    features, logits = _features(lm, dataset, bundle.layer, say, bundle)
     truth = dataset.attribute_matrix(vocab) > 0
     filters = measured_filters(bundle)
     det = AttributeDetectors.fit(features, truth, vocab, filters, fit, precision=precision, seed=seed)

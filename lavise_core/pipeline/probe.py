@@ -49,6 +49,7 @@ __all__ = [
     "open_or_create_bundle",
     "run_probe",
     "run_probe_sharded",
+    "stored_maps",
 ]
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -370,9 +371,10 @@ def run_probe(
     Writes ``probe/pooled (N, C)``, ``probe/logits (N, K)``, ``probe/valid (N,)``, ``probe/top_index (C, k)``,
     ``probe/top_value (C, k)``, ``probe/top_maps (C, k, h, w)`` float16, ``probe/quantile_levels (Q,)``,
     ``probe/quantiles (C, Q)``, ``probe/threshold (C,)``, ``probe/classifier_weight (K, C)``,
-    ``probe/classifier_bias (K,)`` and ``probe/failures.json``; and ``probe/maps (N, C, h, w)`` float16, every
+    ``probe/classifier_bias (K,)`` and ``probe/failures.json``; and ``probe/maps (N, C, h, w)`` float32, every
     image's layer maps, when they fit in ``settings.maps_mib`` (the dashboard draws a concept's heatmaps from
-    them without a forward pass; unreadable images' rows are 0).
+    them without a forward pass, and the grounding stage fits on them instead of a second pass over the images;
+    unreadable images' rows are 0).
     """
     if bundle.stage_done("probe"):
         return bundle
@@ -768,18 +770,18 @@ def _accumulators(
 
 
 class _RowFile:
-    """A ``.npy`` file of float16 rows written in place with ``pwrite``: unlike a memmap, the rows written do not
+    """A ``.npy`` file of float32 rows written in place with ``pwrite``: unlike a memmap, the rows written do not
     stay in the writer's resident memory (a pass over N images would otherwise hold every map it wrote)."""
 
     def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
-        arr = _open_memmap(path, shape, np.float16)  # the header, and the file at its full size
-        self.offset, self.row = arr.offset, int(np.prod(shape[1:])) * 2
+        arr = _open_memmap(path, shape, np.float32)  # the header, and the file at its full size
+        self.offset, self.row = arr.offset, int(np.prod(shape[1:])) * 4
         del arr
         self.fd = os.open(path, os.O_RDWR)
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Write ``rows (B, ...)`` as rows ``start … start + B - 1``."""
-        data = np.ascontiguousarray(rows, np.float16).tobytes()
+        data = np.ascontiguousarray(rows, np.float32).tobytes()
         if os.pwrite(self.fd, data, self.offset + start * self.row) != len(data):
             raise OSError(errno.ENOSPC, "short write of the probe maps (is the disk full?)")
 
@@ -802,10 +804,10 @@ class _RowFile:
 def _maps_accumulator(
     work: Path, shape: tuple[int, int, int, int], settings: ProbeSettings, fresh: bool
 ) -> _RowFile | None:
-    """Every image's maps ``(N, C, h, w)`` float16 in ``work/maps.npy``, or ``None`` when they exceed
+    """Every image's maps ``(N, C, h, w)`` float32 in ``work/maps.npy``, or ``None`` when they exceed
     ``settings.maps_mib`` or a pass resumed without them (its first rows were never kept)."""
     path = work / "maps.npy"
-    if int(np.prod(shape)) * 2 > settings.maps_mib * 2**20 or not (fresh or path.is_file()):
+    if int(np.prod(shape)) * 4 > settings.maps_mib * 2**20 or not (fresh or path.is_file()):
         path.unlink(missing_ok=True)
         return None
     return _RowFile(path, shape)
@@ -834,6 +836,21 @@ def _checkpoint(
     hist_state = hist.state() if hist.lo is not None else {}
     np.savez(buf, failures=json.dumps(failures), **position, **top.state(), **hist_state)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def stored_maps(bundle: Bundle, n_images: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The probe pass's maps of every image ``(N, C, h, w)`` float32 (memory-mapped) and which images it read
+    ``(N,)`` bool, for a stage to read instead of a second pass over the images at the bundle's layer: the same
+    numbers (a layer's maps do not depend on the batch), provided the pass ran in float32 on the CPU. ``None``
+    for a bundle without them (maps over ``maps_mib``, a sharded pass, older bundles' float16 maps), or whose
+    pass ran on a GPU (mixed precision)."""
+    info = bundle.manifest.get("stages", {}).get("probe", {})
+    if not bundle.has("probe/maps") or str(info.get("device", "cpu")) != "cpu":
+        return None
+    maps = bundle.array("probe/maps")
+    if maps.dtype != np.float32 or maps.ndim != 4 or maps.shape[0] != n_images:
+        return None
+    return maps, np.asarray(bundle.array("probe/valid"), bool)
 
 
 def image_batches(

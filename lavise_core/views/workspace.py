@@ -233,7 +233,7 @@ class Workspace(Explainer):
         return self.thumbs.get((int(i), side), make)
 
     def stored_maps(self) -> np.ndarray | None:
-        """Every probe image's layer maps ``(N, C, h, w)`` float16 (``probe/maps``, memory-mapped), or ``None``
+        """Every probe image's layer maps ``(N, C, h, w)`` (``probe/maps``, memory-mapped), or ``None``
         when the probe pass did not keep them (older bundles, or maps over ``ProbeSettings.maps_mib``)."""
         arr, valid = self.array("probe/maps"), self.array("probe/valid")
         if arr is None or valid is None or arr.ndim != 4 or arr.shape[:2] != (len(valid), self.channels):
@@ -245,7 +245,7 @@ class Workspace(Explainer):
         pass for the uncached ones."""
         stored = self.stored_maps()
         if stored is not None:
-            return {int(i): np.asarray(stored[int(i)]) for i in indices}
+            return {int(i): np.asarray(stored[int(i)], np.float16) for i in indices}
         out: dict[int, np.ndarray] = {}
         todo = []
         for i in indices:

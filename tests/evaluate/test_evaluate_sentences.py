@@ -117,3 +117,26 @@ def test_the_filter_card_says_where_its_word_comes_from_and_how_often_such_words
     assert d.label_source == "dissection" and d.label_concepts == "SynthBirds" and d.label
     assert set(d.accuracy) == {"dissection", "zero_shot", "pdf", "random"}
     assert d.accuracy["dissection"] > d.accuracy["zero_shot"] > d.accuracy["random"]
+
+
+def test_evidence_features_from_the_probe_maps_equal_a_pass(tmp_path) -> None:
+    """The evidence stage reads every image's pooled + peak activations and logits from the probe pass's stored
+    maps and logits: equal, to the bit, to a second pass over the images; an unreadable image's row is 0."""
+    from lavise_core.data.synthbirds import generate_synthbirds
+    from lavise_core.evaluate.sentences import _features
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe
+    from tests.conftest import wrap
+    from tests.explain.textual.test_grounding import _Tiny
+
+    ds = generate_synthbirds(tmp_path / "birds", n=40, seed=2, image_size=64, progress=False)
+    ds.image_path(5).write_bytes(b"")  # empty: the probe and the pass both skip it
+    lm = wrap(_Tiny(len(ds.classes)), size=64, classes=ds.classes)
+    bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
+    run_probe(bundle, lm, ds, ProbeSettings(top_k=4, batch_size=16, num_workers=0, progress=False))
+    said = []
+    f_stored, z_stored = _features(lm, ds, bundle.layer, lambda *a: said.append(a[2]), bundle)
+    f_pass, z_pass = _features(lm, ds, bundle.layer, lambda *a: None)
+    assert "probe pass's maps" in said[-1]
+    np.testing.assert_array_equal(f_stored, f_pass)
+    np.testing.assert_array_equal(z_stored, z_pass)
+    assert not f_stored[5].any() and f_stored[4].any()

@@ -187,17 +187,28 @@ def test_progress_callback_and_file_permissions(tmp_path, identity_model, colour
 
 
 def test_probe_keeps_every_image_maps(tmp_path, identity_model, colour_dataset):
-    """probe/maps (N, C, h, w) float16: the identity CNN's map of a solid image is its colour / 255 everywhere; the
-    unreadable image's row is 0; over ``maps_mib`` the array is not written."""
+    """probe/maps (N, C, h, w) float32: the identity CNN's map of a solid image is its colour / 255 everywhere; the
+    unreadable image's row is 0; over ``maps_mib`` the array is not written. stored_maps hands them to the
+    stages with the valid rows, and refuses float16 maps (older bundles) and a pass run on a GPU."""
+    from lavise_core.pipeline.probe import stored_maps
+
     b = _probe(tmp_path, identity_model, colour_dataset)
     maps = b.array("probe/maps")
-    assert maps.shape == (7, 3, 16, 16) and maps.dtype == np.float16
+    assert maps.shape == (7, 3, 16, 16) and maps.dtype == np.float32
     want = np.array([*COLOURS, (0, 0, 0)], np.float32) / 255.0
-    np.testing.assert_array_equal(
-        maps, np.broadcast_to(want[:, :, None, None], maps.shape).astype(np.float16)
-    )
+    np.testing.assert_array_equal(maps, np.broadcast_to(want[:, :, None, None], maps.shape))
     top = b.array("probe/top_index")
-    np.testing.assert_array_equal(b.array("probe/top_maps"), maps[top, np.arange(3)[:, None]])
+    np.testing.assert_array_equal(
+        b.array("probe/top_maps"), maps[top, np.arange(3)[:, None]].astype(np.float16)
+    )
+    got, valid = stored_maps(b, 7)
+    assert got is not None and valid.tolist() == [True] * 6 + [False]
+    assert stored_maps(b, 8) is None  # another data set's size
+    b.manifest["stages"]["probe"]["device"] = "cuda"
+    assert stored_maps(b, 7) is None  # mixed precision on a GPU: not the stages' float32 numbers
+    b.manifest["stages"]["probe"]["device"] = "cpu"
+    b.write_array("probe/maps", np.asarray(maps, np.float16))
+    assert stored_maps(b, 7) is None
     assert not (b.root / "probe/_partial").exists()
     small = dataclasses.replace(SETTINGS, maps_mib=0)
     assert not _probe(tmp_path / "off", identity_model, colour_dataset, small).has("probe/maps")

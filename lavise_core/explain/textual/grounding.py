@@ -24,7 +24,7 @@ Writes ``textual/grounding_weights (C, T)``, ``textual/grounding_learned (T,)`` 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -198,6 +198,24 @@ def _region_values(dataset: ProbeDataset) -> dict[str, int]:
     return {name: j + 1 for j, name in enumerate(dataset.regions)}
 
 
+def _stored_batches(
+    dataset: ProbeDataset, stored_maps: np.ndarray, valid: np.ndarray, indices: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, int]]]]:
+    """``(record indices, maps (B, C, h, w), image sizes)`` from the probe's stored maps, in order; an image's
+    size is read from its file's header (nothing decoded). Images the probe could not read (``valid`` false) are
+    skipped, as :func:`~lavise_core.pipeline.probe.image_batches` skips them."""
+    from PIL import Image
+
+    rows = [int(i) for i in indices if valid[int(i)]]
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo : lo + batch_size]
+        sizes = []
+        for i in batch:
+            with Image.open(dataset.image_path(i)) as im:
+                sizes.append(im.size)
+        yield batch, torch.from_numpy(np.asarray(stored_maps[batch], np.float32)), sizes
+
+
 def fit_part_grounding(
     lm,
     dataset: ProbeDataset,
@@ -211,9 +229,14 @@ def fit_part_grounding(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    stored_maps: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GroundingFit | None:
     """Fit the part-supervised weights on images ``indices`` with network ``lm`` at ``layer`` (the module
-    docstring); ``attr (N, T)`` bool is the attribute table of the data set. None when no pair is found."""
+    docstring); ``attr (N, T)`` bool is the attribute table of the data set. None when no pair is found.
+
+    ``stored_maps``: the probe pass's maps of every image at ``layer`` and which images it read, ``((N, C, h, w)
+    float32, (N,) bool)`` (``probe/maps``, ``probe/valid``), used instead of decoding the images and running the
+    network again: the same numbers (the layer's maps do not depend on the batch)."""
     from tqdm.auto import tqdm
 
     from lavise_core.models.networks import forward_maps
@@ -229,14 +252,19 @@ def fit_part_grounding(
     p_tgt: list[np.ndarray] = []
     with torch_threads(0):
         bar = tqdm(total=len(indices), desc="grounding fit (maps)", disable=not progress)
-        for batch, x, images in image_batches(dataset, lm, indices, batch_size):
-            maps, _ = forward_maps(lm, x, layer)
-            maps = maps.float().cpu()
+        if stored_maps is not None:
+            batches = _stored_batches(dataset, *stored_maps, indices, batch_size)
+        else:
+            batches = (
+                (batch, forward_maps(lm, x, layer)[0].float().cpu(), [im.size for im in images])
+                for batch, x, images in image_batches(dataset, lm, indices, batch_size)
+            )
+        for batch, maps, sizes in batches:
             hw = tuple(maps.shape[-2:])
             for b, i in enumerate(batch):
                 rec = dataset.records[i]
                 lab = dataset.load_mask(i) if rec.mask else None
-                w_img, h_img = images[b].size
+                w_img, h_img = sizes[b]
                 tg = cell_targets(
                     regions_of, np.flatnonzero(attr[i]), hw, lm.crop_box(w_img, h_img), lab, values,
                     rec.keypoints,
@@ -345,7 +373,12 @@ def build_grounding_stage(
     if not why:
         if lm is None:
             lm = bundle.load_model()
-        fit = fit_part_grounding(lm, dataset, bundle.layer, vocab, attr, idx, seed=seed, progress=progress)
+        from lavise_core.pipeline.probe import stored_maps
+
+        stored = stored_maps(bundle, len(dataset))  # else a pass over the images
+        fit = fit_part_grounding(
+            lm, dataset, bundle.layer, vocab, attr, idx, seed=seed, progress=progress, stored_maps=stored
+        )
         why = None if fit else "no fit image has a located part for its attributes"
     if fit is None:
         bundle.mark_stage(STAGE, {"skipped": why})

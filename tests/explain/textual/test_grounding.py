@@ -138,3 +138,30 @@ def test_stage_without_parts_is_skipped(tmp_path):
     info = build_stage(bundle, ds, "textual_grounding", lm)
     assert "fewer than 10" in info["skipped"]
     assert TextualExplainer.from_bundle(bundle).part_learned is None  # grounding falls back to "specific"
+
+
+def test_fit_on_the_probe_maps_equals_a_pass_over_the_images(tmp_path):
+    """The stage fits on the probe pass's stored maps (no second pass over the images): the same weights, to the
+    bit, as decoding the images and running the network again; an unreadable image is skipped either way."""
+    from lavise_core.data.synthbirds import generate_synthbirds
+    from lavise_core.explain.textual.grounding import fit_part_grounding, grounding_images
+    from lavise_core.pipeline.probe import ProbeSettings, open_or_create_bundle, run_probe, stored_maps
+
+    ds = generate_synthbirds(tmp_path / "birds", n=40, seed=1, image_size=64, progress=False)
+    (ds.image_path(3)).write_bytes(b"not an image")  # a train image the probe cannot read
+    lm = wrap(_Tiny(len(ds.classes)), size=64, classes=ds.classes)
+    bundle = open_or_create_bundle(tmp_path / "bundles", lm, ds)
+    run_probe(bundle, lm, ds, ProbeSettings(top_k=4, batch_size=16, num_workers=0, progress=False))
+    build_stage(bundle, ds, "textual", lm, source="labels")
+    vocab = list(bundle.read_json("textual/vocabulary"))
+    attr = np.asarray(bundle.array("textual/attribute_matrix")) > 0
+    idx, why = grounding_images(bundle, ds, vocab, attr, 2000)
+    assert why is None and 3 not in idx  # the stage leaves it out; fit_part_grounding skips it when given
+    idx = sorted([*idx, 3])
+    stored = stored_maps(bundle, len(ds))
+    assert stored is not None and not stored[1][3]
+    args = (lm, ds, bundle.layer, vocab, attr, idx)
+    a = fit_part_grounding(*args, stored_maps=stored)
+    b = fit_part_grounding(*args)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert a.info == b.info
