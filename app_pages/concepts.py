@@ -32,10 +32,11 @@ if ws is not None:
             st.info("Type a concept or pick one to see the filters that detect it.")
         else:
             res = views.concept_view(ws, query)
+            sure = res.confident and not res.weak  # a weak or absent answer gets no green (or violet) badge
             badge = (
-                ":green-badge[seen]"
+                f":{'green' if sure else 'gray'}-badge[seen]"
                 if res.status.startswith("seen")
-                else ":violet-badge[zero-shot]"
+                else f":{'violet' if sure else 'gray'}-badge[zero-shot]"
                 if res.status.startswith("zero")
                 else ":gray-badge[open vocabulary]"
             )

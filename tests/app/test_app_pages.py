@@ -355,3 +355,24 @@ def test_no_caption_opens_with_notation(monkeypatch, bundles, which):
             bad += jargon_first(at, "explain, expanders open")
         assert not at.exception, [e.value for e in at.exception]
     assert not bad, "\n".join(bad)
+
+
+def test_a_concept_no_filter_answers_gets_no_green_badge(monkeypatch):
+    """A weak or absent answer looks weak: its heading's badge is grey, never the green of a confident one (the
+    demo bundle: the tiny test bundles have no calibrated search to abstain with)."""
+    from app_bundles import demo_bundle
+
+    demo = demo_bundle()
+    if demo is None:
+        pytest.skip("the demo bundle is not built (make assets)")
+    monkeypatch.setenv("LAVISE_BUNDLES", str(demo.parent))
+    monkeypatch.setenv("LAVISE_PRELOAD_ENCODER", "0")
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params["bundle"] = demo.name
+    at.run()
+    at.switch_page("app_pages/concepts.py").run()
+    for query, colour in (("saxophone", "gray"), ("water", "gray"), ("red breast", "green")):
+        at.text_input(key="concept_text").input(query).run()
+        assert not at.exception
+        heading = next(m.value for m in at.markdown if m.value.startswith(f"### “{query}”"))
+        assert f":{colour}-badge[" in heading, heading
