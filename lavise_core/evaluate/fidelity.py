@@ -138,7 +138,7 @@ def _sanity_section(
         size = min(n_test, len(rows) // 2)
         rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=size, draws=16)
         # the same rules as the trained network's search: its own cross-fitted rates and abstention threshold
-        cal = calibrate_search(inter, act, area, inc, pooled, concepts, size, draws=16)
+        cal = calibrate_search(inter, act, area, inc, pooled, concepts, size, draws=16, is_part=is_part)
         emb = shared_embedder()
         qi = search_index(concepts, rate, mean, emb, calibration=cal, absent=absent_phrases())
         parts = [

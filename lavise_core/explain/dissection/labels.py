@@ -51,6 +51,7 @@ __all__ = [
     "iou_from_sums",
     "iou_sums",
     "label_map_crop",
+    "part_names",
     "rank_labels",
     "region_overlap",
     "split_overlaps",
@@ -81,6 +82,19 @@ def dissection_concepts(
         if backgrounds and r.meta.get("background"):
             out.add(background_phrase(r.meta["background"]))
     return sorted(out)
+
+
+def part_names(
+    concepts: Sequence[str], regions: Sequence[str], kinds: dict[str, str] | None = None
+) -> np.ndarray:
+    """``(T,)`` bool: the concepts that are bare part names, left out of the labels and judged only through their
+    phrases (SynthBirds' "wing": a filter is labelled "red wing", not "wing").
+
+    A region's name is a part name unless the data set names it as a concept of another kind (``kinds``: its
+    ``meta.concept_kinds``, concept -> kind): ConceptShapes' regions are its textures and shapes ("striped",
+    "circle"), concepts in their own right, labelled and searched like any other."""
+    named = kinds or {}
+    return np.array([c in regions and named.get(c, "part") == "part" for c in concepts], bool)
 
 
 def concept_incidence(
@@ -246,14 +260,15 @@ def subsampled_ground_truth(
 def calibrate_search(
     inter: np.ndarray, act: np.ndarray, area: np.ndarray, incidence: np.ndarray, pooled: np.ndarray,
     concepts: Sequence[str], size: int, *, draws: int = 64, folds: int = 4, p: int = 10,
-    keep_detected: float = 0.95, precision: float = 0.90, seed: int = 0,
+    keep_detected: float = 0.95, precision: float = 0.90, seed: int = 0, is_part: np.ndarray | None = None,
 ) -> dict:  # fmt: skip
     """The exact path's two rates, chosen on the fit split alone by cross-fitting (nothing from the test split).
 
     Each of ``folds`` random halvings of the fit images gives evidence on one half (``rate`` by
     :func:`subsampled_ground_truth`, ``draws`` subsets of ``size`` images) and
     a judge on the other (the G rule, METHODS.md §6, on ``size`` of its images), then the roles swap. Over the
-    attribute concepts (part + attribute; backgrounds apart) the judge finds in some filter:
+    attribute concepts (every concept but the bare part names ``is_part (T,)`` of :func:`part_names` and the
+    backgrounds; without ``is_part``, the phrases of several words) the judge finds in some filter:
 
     - ``min_rate`` (when a concept counts as detected: ``confident``): the highest multiple of ``1/draws`` at
       which at least ``keep_detected`` of them stay confident;
@@ -267,7 +282,10 @@ def calibrate_search(
     rng = np.random.default_rng(seed)
     n = len(pooled)
     is_bg = np.array([c.endswith(" background") for c in concepts])
-    is_attr = np.array([len(c.split()) > 1 for c in concepts]) & ~is_bg
+    parts = (
+        np.array([len(c.split()) == 1 for c in concepts]) if is_part is None else np.asarray(is_part, bool)
+    )
+    is_attr = ~parts & ~is_bg
     grid = np.arange(1, draws + 1) / draws
     detected_share = np.zeros((0, len(grid)))
     prec = {"part": np.zeros((0, len(grid))), "background": np.zeros((0, len(grid)))}
@@ -555,11 +573,13 @@ def build_dissection_stage(
     concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
     inc = concept_incidence(recs, dataset.regions, concepts)
     iou, _ = dissection_iou(inter, act, area, inc)
-    is_part = np.array([c in dataset.regions for c in concepts])
+    is_part = part_names(concepts, dataset.regions, dataset.meta.get("concept_kinds"))
     ids, scores, _ = rank_labels(iou, concepts, n=min(n_labels, int((~is_part).sum())), allowed=~is_part)
     n_test = int((dataset.splits() == "test").sum()) or max(1, len(rows) // 4)
     rate, mean = subsampled_ground_truth(inter, act, area, inc, pooled, size=n_test, p=p, draws=draws)
-    calibration = calibrate_search(inter, act, area, inc, pooled, concepts, n_test, draws=draws, p=p)
+    calibration = calibrate_search(
+        inter, act, area, inc, pooled, concepts, n_test, draws=draws, p=p, is_part=is_part
+    )
     bundle.write_json("dissection/search_calibration", calibration)
     bundle.write_json("dissection/concepts", concepts)
     bundle.write_array("dissection/iou", iou.astype(np.float32))

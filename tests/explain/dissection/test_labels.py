@@ -13,6 +13,7 @@ from lavise_core.explain.dissection.labels import (
     dissection_concepts,
     dissection_iou,
     ground_truth_matrix,
+    part_names,
     rank_labels,
     region_overlap,
     subsampled_ground_truth,
@@ -108,3 +109,48 @@ def test_search_calibration_on_planted_units() -> None:
     assert cal["curves"]["precision_part"] == [1.0] * 8
     again = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
     assert again == cal  # seeded
+
+
+def test_part_names_follow_the_concept_set_s_own_kinds() -> None:
+    """SynthBirds names no kinds: its region names are bare part names. ConceptShapes names its regions as
+    textures and shapes: concepts of their own, labelled and searched."""
+    concepts = ["circle", "red", "red circle", "striped", "wing"]
+    regions = ["circle", "striped", "wing"]
+    assert part_names(concepts, regions).tolist() == [True, False, False, True, True]
+    kinds = {"circle": "shape", "striped": "texture", "red": "colour", "red circle": "shape", "wing": "part"}
+    assert part_names(concepts, regions, kinds).tolist() == [False, False, False, False, True]
+
+
+def _planted():
+    n = 48
+    recs = [
+        record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)
+    ]
+    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=REGIONS)
+    inc = concept_incidence(recs, REGIONS, concepts)
+    lab = np.concatenate([labels()] * n)
+    maps = np.zeros((n, 2, 4, 4), np.float32)
+    for i in range(n):
+        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i
+        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1
+    inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
+    return concepts, (inter, act, area, inc, maps.mean((2, 3)))
+
+
+def test_search_calibration_over_the_concepts_that_are_not_part_names() -> None:
+    """The calibration judges every concept but the part names and backgrounds. For a set that names no kinds
+    (SynthBirds) its part names are its one-word concepts, so passing them changes nothing; when the region names
+    are concepts of their own (ConceptShapes), "crown" and "breast" are judged too: the crown unit detects
+    "crown" and the blue-breast unit's top images are all blue, so both hold at the lowest floor."""
+    concepts, arrays = _planted()
+    assert concepts == [
+        "blue breast", "breast", "crown", "red crown", "sand background", "water background", "yellow breast"
+    ]  # fmt: skip
+    kw = dict(size=12, draws=8, folds=4, p=3)
+    plain = calibrate_search(*arrays, concepts, **kw)
+    assert calibrate_search(*arrays, concepts, **kw, is_part=part_names(concepts, REGIONS)) == plain
+    named = part_names(concepts, REGIONS, {"crown": "shape", "breast": "shape"})
+    assert not named.any()
+    cal = calibrate_search(*arrays, concepts, **kw, is_part=named)
+    assert (cal["min_rate"], cal["floor_rate_part"], cal["floor_rate_background"]) == (1.0, 1 / 8, 1.0)
+    assert cal["curves"]["precision_part"] == [1.0] * 8
