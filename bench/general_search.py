@@ -8,7 +8,7 @@ every image, as the probe pass), then on the fit split the search evidence (``su
 the size of the test split) and its cross-fitted calibration (``calibrate_search``, the part names of
 ``part_names``: ConceptShapes' textures and shapes are concepts), the deployed index (``search_index`` with the
 abstention threshold from the calibration half of the absent phrases), and on the test split the ground truth
-``G_k`` (METHODS.md §6) that judges the returned filters (the fidelity stage's ``_search_rows``). Absent phrases:
+``G_k`` (METHODS.md §6) that judges the returned filters (the fidelity stage's ``search_rows``). Absent phrases:
 the evaluation half. Queries "striped", "zigzag" and "red circle" are shown with their filters and whether each is
 in its test ``G_k``. The colour path is left out (a known concept takes the exact path).
 
@@ -37,7 +37,7 @@ def main() -> None:
 
     from lavise_core.data.concept_shapes import generate_concept_shapes
     from lavise_core.data.dataset import ProbeDataset
-    from lavise_core.evaluate.fidelity import _search_rows
+    from lavise_core.evaluate.fidelity import search_rows
     from lavise_core.explain.dissection.labels import (
         calibrate_search,
         concept_incidence,
@@ -100,7 +100,7 @@ def main() -> None:
     print("| concepts | judged (in some test G_k) | asserted | precision | random filter | with weak |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, cs in groups.items():
-        r = _search_rows([(c, c) for c in cs], qi, lex, {}, emb, G, concepts)
+        r = search_rows([(c, c) for c in cs], qi, lex, {}, emb, G, concepts)
         prec = "–" if r["precision"] is None else f"{r['precision']:.1%}"
         print(
             f"| {name} | {r['detectable']} | {r['asserted']:.1%} | {prec} | {r['random_filter']:.1%} | "

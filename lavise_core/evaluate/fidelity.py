@@ -51,6 +51,7 @@ __all__ = [
     "build_fidelity_stage",
     "build_stage",
     "label_accuracy",
+    "search_rows",
     "test_ground_truth",
 ]
 
@@ -144,7 +145,7 @@ def _sanity_section(
         parts = [
             c for c, part in zip(concepts, is_part, strict=True) if not part and not c.endswith(" background")
         ]
-        search = _search_rows([(c, c) for c in parts], qi, build_lexicon(qi.concepts), {}, emb, G, concepts)
+        search = search_rows([(c, c) for c in parts], qi, build_lexicon(qi.concepts), {}, emb, G, concepts)
     return {
         "search_part_concepts": search,
         "fit_images": len(rows),
@@ -202,7 +203,7 @@ def _ood_section(bundle, dataset: ProbeDataset, lm, n_per_kind: int = 40, seed: 
     }
 
 
-def _search_rows(
+def search_rows(
     queries: Sequence[tuple[str, str]], qi, lex, table, emb, G: np.ndarray, concepts: Sequence[str],
     d: DissectionTables | None = None,
 ) -> dict[str, Any]:  # fmt: skip
@@ -296,7 +297,7 @@ def _search_section(bundle, d: DissectionTables, G: np.ndarray) -> dict[str, Any
         "all_part_concepts": ([(c, c) for c in concepts if c in set(seen) | unseen], deployed, lex_d),
     }
     out: dict[str, Any] = {
-        name: _search_rows(queries, qi, lex, table, emb, G, concepts, d)
+        name: search_rows(queries, qi, lex, table, emb, G, concepts, d)
         for name, (queries, qi, lex) in groups.items()
     }
     answers = [
