@@ -77,13 +77,13 @@ def _features(
     stored = None if bundle is None else stored_maps(bundle, n)
     if stored is not None:
         maps, valid = stored
-        logits = np.where(valid[:, None], np.asarray(bundle.array("probe/logits"), np.float32), 0.0)
+        logits = np.array(bundle.array("probe/logits"), np.float32)  # the probe pass zeroes unreadable rows
         feats = np.zeros((n, 2 * maps.shape[1]), np.float32)
         rows = np.flatnonzero(valid)
         for lo in range(0, len(rows), 256):
             feats[rows[lo : lo + 256]] = image_features(maps[rows[lo : lo + 256]])
         say(n, n, f"attribute evidence: {n} / {n} images (the probe pass's maps)")
-        return feats, logits.astype(np.float32)
+        return feats, logits
     feats = logits = None
     with torch.inference_mode():
         for idx, x, _ in image_batches(dataset, lm, range(n), 64):

@@ -86,9 +86,9 @@ def test_iou_labels_and_planted_units() -> None:
     assert rate[0, concepts.index("red crown")] == 1.0 and mean.shape == iou.shape
 
 
-def test_search_calibration_on_planted_units() -> None:
-    """Two units that detect their concept on every image: every judged-detected concept stays confident at
-    the highest rate (min_rate 1), and their returned filters are right at the lowest floor (1 / draws)."""
+def _planted():
+    """48 birds: unit 0 fires on the crown of every image (all crowns are red), unit 1 on the breast of the
+    blue-breasted half only -> the concepts and ``(inter, act, area, incidence, pooled)``."""
     n = 48
     recs = [
         record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)
@@ -98,10 +98,16 @@ def test_search_calibration_on_planted_units() -> None:
     lab = np.concatenate([labels()] * n)
     maps = np.zeros((n, 2, 4, 4), np.float32)
     for i in range(n):
-        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i  # the crown, every image (all crowns are red)
-        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1  # the breast of blue-breasted birds only
+        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i
+        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1
     inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
-    pooled = maps.mean((2, 3))
+    return concepts, (inter, act, area, inc, maps.mean((2, 3)))
+
+
+def test_search_calibration_on_planted_units() -> None:
+    """Two units that detect their concept on every image: every judged-detected concept stays confident at
+    the highest rate (min_rate 1), and their returned filters are right at the lowest floor (1 / draws)."""
+    concepts, (inter, act, area, inc, pooled) = _planted()
     cal = calibrate_search(inter, act, area, inc, pooled, concepts, size=12, draws=8, folds=4, p=3)
     assert cal["min_rate"] == 1.0 and cal["floor_rate_part"] == 1 / 8
     assert cal["floor_rate_background"] == 1.0  # no unit detects a background: no floor reaches 90 %
@@ -119,22 +125,6 @@ def test_part_names_follow_the_concept_set_s_own_kinds() -> None:
     assert part_names(concepts, regions).tolist() == [True, False, False, True, True]
     kinds = {"circle": "shape", "striped": "texture", "red": "colour", "red circle": "shape", "wing": "part"}
     assert part_names(concepts, regions, kinds).tolist() == [False, False, False, False, True]
-
-
-def _planted():
-    n = 48
-    recs = [
-        record("red", "blue" if i % 2 == 0 else "yellow", "water" if i % 3 == 0 else "sand") for i in range(n)
-    ]
-    concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=REGIONS)
-    inc = concept_incidence(recs, REGIONS, concepts)
-    lab = np.concatenate([labels()] * n)
-    maps = np.zeros((n, 2, 4, 4), np.float32)
-    for i in range(n):
-        maps[i, 0, :2, :2] = 1.0 + 1e-3 * i
-        maps[i, 1, 3, :] = 1.0 + 1e-3 * i if i % 2 == 0 else 0.1
-    inter, act, area = region_overlap(maps, lab, np.array([0.5, 0.5]), 3)
-    return concepts, (inter, act, area, inc, maps.mean((2, 3)))
 
 
 def test_search_calibration_over_the_concepts_that_are_not_part_names() -> None:
