@@ -31,6 +31,7 @@ the 37k vocabulary). The copy is built in memory when the index is built or load
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import io
 import json
@@ -56,6 +57,7 @@ __all__ = [
     "CONCRETE_NOUNS",
     "FAST_MIN",
     "FLAT_MAX",
+    "SHIPPED_WORDS",
     "ConceptError",
     "ConceptIndex",
     "VocabularySettings",
@@ -66,7 +68,9 @@ __all__ = [
     "load_general_vocabulary",
     "phrase_pairs",
     "prefetch_general_vocabulary",
+    "tagged_words",
     "vocabulary_hash",
+    "write_shipped_words",
 ]
 
 FLAT_MAX = 200_000
@@ -194,11 +198,15 @@ def phrase_pairs() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def general_vocabulary(settings: VocabularySettings | None = None, progress: bool = False) -> list[str]:
-    """English nouns and adjectives of ``wordfreq`` (spaCy POS) + curated two-word phrases, deduplicated.
+#: the default recipe's single words (:func:`tagged_words`), shipped so a fresh machine skips tagging 60,000
+#: words (~13 s of CPU); first line ``# recipe <hash>``, then one word per line. Written by
+#: ``python -m lavise_core.explain.lavise.index --write-words``; used only while the recipe hash matches.
+SHIPPED_WORDS = Path(__file__).with_name("general_words.txt.gz")
 
-    Order: single words by frequency, then the curated nouns/adjectives not yet present, then phrases.
-    """
+
+def tagged_words(settings: VocabularySettings | None = None) -> list[str]:
+    """The single words of the general vocabulary: ``wordfreq``'s top ``n_words`` English words of
+    ``min_len``–``max_len`` ASCII letters that spaCy tags as one of ``keep_pos``, by frequency."""
     import wordfreq
 
     s = settings or VocabularySettings()
@@ -209,7 +217,40 @@ def general_vocabulary(settings: VocabularySettings | None = None, progress: boo
     ]
     nlp = _load_spacy()
     keep = set(s.keep_pos)
-    words = [w for w, doc in zip(cand, nlp.pipe(cand, batch_size=2000), strict=True) if doc[0].pos_ in keep]
+    return [w for w, doc in zip(cand, nlp.pipe(cand, batch_size=2000), strict=True) if doc[0].pos_ in keep]
+
+
+def _shipped_words(recipe: str) -> list[str] | None:
+    """:data:`SHIPPED_WORDS` when it was written for ``recipe`` (same settings, wordfreq and spaCy model)."""
+    try:
+        with gzip.open(SHIPPED_WORDS, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    if not lines or lines[0] != f"# recipe {recipe}":
+        return None
+    return lines[1:]
+
+
+def write_shipped_words(path: str | os.PathLike = SHIPPED_WORDS) -> int:
+    """Tag the default recipe's words and write them to ``path`` (gzip, ``mtime`` 0: the same bytes each time)
+    -> the number of words."""
+    words = tagged_words()
+    blob = "\n".join([f"# recipe {VocabularySettings().recipe_hash()}", *words]) + "\n"
+    atomic_write_bytes(Path(path), gzip.compress(blob.encode(), compresslevel=9, mtime=0))
+    return len(words)
+
+
+def general_vocabulary(settings: VocabularySettings | None = None, progress: bool = False) -> list[str]:
+    """English nouns and adjectives of ``wordfreq`` (spaCy POS) + curated two-word phrases, deduplicated.
+
+    Order: single words by frequency, then the curated nouns/adjectives not yet present, then phrases.
+    The single words come from :data:`SHIPPED_WORDS` when it matches the recipe, else from :func:`tagged_words`.
+    """
+    s = settings or VocabularySettings()
+    words = _shipped_words(s.recipe_hash())
+    if words is None:
+        words = tagged_words(s)
     extra = list(
         CONCRETE_NOUNS + COLOUR_ADJECTIVES + PATTERN_ADJECTIVES + MATERIAL_ADJECTIVES + SHAPE_ADJECTIVES
     )
@@ -492,6 +533,9 @@ class ConceptIndex:
 
 
 if __name__ == "__main__":  # the background process of prefetch_general_vocabulary
+    if sys.argv[1:] == ["--write-words"]:  # after a change to the recipe, wordfreq or the spaCy model
+        print(f"{write_shipped_words()} words written to {SHIPPED_WORDS}")
+        sys.exit(0)
     import torch
 
     torch.set_num_threads(int(os.environ.get("LAVISE_PREFETCH_THREADS", "1")))

@@ -10,6 +10,7 @@ from lavise_core.data.dataset import background_phrase, dataset_backgrounds
 from lavise_core.explain.lavise.index import (
     COLOUR_ADJECTIVES,
     CONCRETE_NOUNS,
+    SHIPPED_WORDS,
     ConceptError,
     ConceptIndex,
     VocabularySettings,
@@ -18,7 +19,9 @@ from lavise_core.explain.lavise.index import (
     general_vocabulary,
     load_general_vocabulary,
     phrase_pairs,
+    tagged_words,
     vocabulary_hash,
+    write_shipped_words,
 )
 from lavise_core.models.text_encoder import TextEmbedder
 
@@ -54,6 +57,35 @@ def test_general_vocabulary_keeps_nouns_and_adjectives():
     for word in ("the", "and", "quickly", "because"):
         assert word not in vocab
     assert "red" in vocab and "beak" in vocab  # curated lists always present
+
+
+def test_shipped_words_are_the_tagged_words_of_the_default_recipe():
+    """The shipped list (what a fresh machine uses instead of tagging 60,000 words) is what tagging gives today;
+    if this fails, the recipe, wordfreq or the spaCy model changed: run
+    ``python -m lavise_core.explain.lavise.index --write-words``."""
+    import gzip
+
+    with gzip.open(SHIPPED_WORDS, "rt", encoding="utf-8") as f:
+        header, *shipped = f.read().splitlines()
+    assert header == f"# recipe {VocabularySettings().recipe_hash()}"
+    assert shipped == tagged_words()
+    vocab = general_vocabulary()
+    assert vocab[: len(shipped)] == shipped and len(vocab) == len(set(vocab)) > len(shipped)
+
+
+def test_shipped_words_of_another_recipe_are_not_used(tmp_path, monkeypatch):
+    import lavise_core.explain.lavise.index as index
+
+    path = tmp_path / "words.txt.gz"
+    assert write_shipped_words(path) > 20_000
+    monkeypatch.setattr(index, "SHIPPED_WORDS", path)
+    assert general_vocabulary()[:3] == index._shipped_words(VocabularySettings().recipe_hash())[:3]
+    small = VocabularySettings(n_words=400, phrases=False)
+    calls = []
+    monkeypatch.setattr(index, "tagged_words", lambda s: calls.append(s) or ["only"])
+    assert general_vocabulary(small)[0] == "only" and calls == [small]  # the header names another recipe
+    path.write_bytes(b"not gzip")
+    assert general_vocabulary()[0] == "only"  # unreadable: tagged again
 
 
 def test_general_vocabulary_cache_is_built_once(tmp_path):
