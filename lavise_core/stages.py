@@ -106,7 +106,14 @@ REGISTRY = StageRegistry(
             words=True,
             files=("evidence", "eval/sentences.json"),
         ),
-        Stage("ood", ("probe",), 1, ood.build_stage, "the upload check: is an image like the probe images?"),
+        Stage(
+            "ood",
+            ("probe",),
+            1,
+            ood.build_stage,
+            "the upload check: is an image like the probe images?",
+            probe_stats=ood.probe_stats,
+        ),
         Stage(
             "fidelity",
             ("dissection", "textual", "lavise", "ood"),
@@ -156,6 +163,7 @@ REGISTRY = StageRegistry(
             oramas.build_stage,
             "Oramas et al.: class-relevant features by μ-lasso on layer energies",
             requires=("classes",),
+            probe_stats=oramas.probe_stats,
         ),
         Stage(
             "oramas_eval",

@@ -61,6 +61,7 @@ __all__ = [
     "build_stage",
     "calibration_images_for",
     "default_early_layers",
+    "early_layers_for",
     "early_statistics",
     "energy_score",
     "fit_ood",
@@ -70,7 +71,9 @@ __all__ = [
     "ledoit_wolf",
     "msp_score",
     "ood_features",
+    "probe_stats",
     "save_ood",
+    "stored_ood_features",
 ]
 
 METHODS = ("knn", "mahalanobis", "knn+mahalanobis")
@@ -652,6 +655,7 @@ def fit_ood_from_dataset(
     reference_indices: Sequence[int] | None = None,
     quantile: float | None = None,
     batch: int = 32,
+    stored: Any = None,
     **fit_kwargs: Any,
 ) -> OODModel:
     """Forward the given records (one pass, batched) and fit the OOD detector: the build stage's entry point.
@@ -674,6 +678,8 @@ def fit_ood_from_dataset(
         reference_indices: optional records (the TEST split) whose scores are stored for display percentiles.
         quantile: threshold quantile; default 0.97 with ``calibration_images``, else 0.95.
         batch: images per forward pass.
+        stored: a bundle whose probe pass kept these features (:func:`stored_ood_features`): the records are
+            read from it instead of passed through the network (the calibration images still are).
         **fit_kwargs: passed to :func:`fit_ood` (``method``, ``k``, ``max_bank``, ``seed`` ...).
 
     Returns:
@@ -686,6 +692,9 @@ def fit_ood_from_dataset(
     total = len(idx) + len(ref)
 
     def feats(rows: list[int], offset: int) -> dict[str, np.ndarray]:
+        kept = None if stored is None else stored_ood_features(stored, layers, rows)
+        if kept is not None:
+            return kept
         cb = None if progress is None else (lambda d: progress(offset + d, total))
         return ood_features(lm, (dataset.load_image(i) for i in rows), layer, layers, batch, cb)
 
@@ -704,6 +713,29 @@ def fit_ood_from_dataset(
     model = fit_ood(tr, quantile=q, calibration=cal, reference=rf, early_layers=layers, **fit_kwargs)
     model.info["layer"] = layer
     return model
+
+
+def stored_ood_features(
+    bundle: Any, layers: Sequence[str], rows: Sequence[int]
+) -> dict[str, np.ndarray] | None:
+    """:func:`ood_features` of the probe images ``rows``, read from the probe pass: ``probe/pooled``,
+    ``probe/logits`` and the early statistics from ``probe/stats`` (per layer its means then its standard
+    deviations). The same numbers as a pass of the stage's own; ``None`` when the pass did not keep them
+    (:func:`~lavise_core.pipeline.probe.stored_stats`)."""
+    from lavise_core.pipeline.probe import stored_stats
+
+    n = len(bundle.array("probe/valid"))
+    stats = stored_stats(bundle, layers, n)
+    if stats is None:
+        return None
+    idx = np.asarray(rows, np.int64)
+    parts = [stats[name][idx][:, j] for name in layers for j in (0, 1)]
+    return {
+        "pooled": np.asarray(bundle.array("probe/pooled")[idx], np.float32),
+        "logits": np.asarray(bundle.array("probe/logits")[idx], np.float32),
+        "early": np.concatenate(parts, 1) if parts else np.zeros((len(idx), 0), np.float32),
+        "early_layers": np.array(list(layers), dtype=str),
+    }
 
 
 def fresh_synthbirds(
@@ -740,11 +772,24 @@ def save_ood(bundle: Any, model: OODModel, prefix: str = "ood") -> None:
 STAGE = "ood"
 
 
+def _generator(dataset: Any) -> dict | None:
+    """The SynthBirds generator settings of ``dataset`` (``meta["generator"]``), or None for other data."""
+    gen = dataset.meta.get("generator") if isinstance(dataset.meta, dict) else None
+    return gen if dataset.source == "synthbirds" and isinstance(gen, dict) else None
+
+
+def early_layers_for(dataset: Any, lm: Any) -> list[str]:
+    """The early layers the stage's upload check uses on ``dataset``: :func:`default_early_layers` when there are
+    calibration images (:func:`calibration_images_for`: the network was trained on this data), else none."""
+    has_val = bool((np.asarray(dataset.splits()) == "val").any())
+    return default_early_layers(lm) if _generator(dataset) is not None or has_val else []
+
+
 def calibration_images_for(dataset: Any, n: int = 600) -> tuple[list[Image.Image] | None, str]:
     """Unseen in-distribution images to set the threshold, and where they came from: new images from the
     SynthBirds generator (indices the data set never uses), else the val split, else none (cross-fitting)."""
-    gen = dataset.meta.get("generator") if isinstance(dataset.meta, dict) else None
-    if dataset.source == "synthbirds" and isinstance(gen, dict):
+    gen = _generator(dataset)
+    if gen is not None:
         imgs = fresh_synthbirds(
             n, 100000, seed=int(gen.get("seed", 0)), image_size=int(gen.get("image_size", 128))
         )
@@ -780,7 +825,7 @@ def build_ood_stage(
         else (lambda done, total: report(done, total, f"upload check: {done} / {total} images"))
     )
     model = fit_ood_from_dataset(lm, dataset, bundle.layer, train, calibration_images=cal, progress=cb,
-                                 reference_indices=test if len(test) else None)  # fmt: skip
+                                 reference_indices=test if len(test) else None, stored=bundle)  # fmt: skip
     save_ood(bundle, model)
     ref = model.reference
     flagged = float(np.mean(ref > model.threshold)) if ref is not None and len(ref) else None
@@ -791,6 +836,11 @@ def build_ood_stage(
         "early_layers": list(model.early_layers),
         "test_flagged": None if flagged is None else round(flagged, 4),
     }
+
+
+def probe_stats(ctx: StageContext) -> list[str]:
+    """The layers whose statistics the ``ood`` stage reads from the probe pass (:func:`early_layers_for`)."""
+    return early_layers_for(ctx.dataset, ctx.model)
 
 
 def build_stage(ctx: StageContext) -> dict:

@@ -54,6 +54,7 @@ __all__ = [
     "l2_rows",
     "lasso_path_positive",
     "layer_energy",
+    "probe_stats",
     "select_radius",
     "top_features",
 ]
@@ -132,12 +133,25 @@ def collect_energies(
     indices: Sequence[int] | None = None,
     batch_size: int = 64,
     report: Callable[[int, int], None] | None = None,
+    stored: Bundle | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """Energies of ``ds``'s images in one pass: ``X (N, D)``, predictions ``(N,)``, ``valid (N,)``, layer sizes.
 
-    Memory is one float per filter per image. Unreadable images keep a zero row and ``valid`` False.
+    Memory is one float per filter per image. Unreadable images keep a zero row and ``valid`` False. With
+    ``stored``, a bundle whose probe pass kept the layers' statistics (``probe/stats``), every image's energies
+    are read from it: the same numbers, no pass.
     """
-    from lavise_core.pipeline.probe import image_batches
+    from lavise_core.pipeline.probe import image_batches, stored_stats
+
+    if stored is not None and indices is None:
+        valid = np.asarray(stored.array("probe/valid"), bool)
+        stats = stored_stats(stored, layers, len(valid)) if len(valid) == len(ds) else None
+        if stats is not None:
+            sumsq = [torch.from_numpy(np.ascontiguousarray(stats[name][:, 2])) for name in layers]
+            e = torch.cat([q / q.sum(1, keepdim=True).clamp_min(1e-12) for q in sumsq], 1)  # layer_energy
+            X = np.where(valid[:, None], l2_rows(e.numpy()), np.float32(0))
+            pred = np.where(valid, np.asarray(stored.array("probe/logits")).argmax(1), -1)
+            return X, pred.astype(np.int64), valid, [int(q.shape[1]) for q in sumsq]
 
     idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
     sizes: list[int] = []
@@ -582,6 +596,7 @@ def build_oramas_stage(
         layers,
         batch_size=batch_size,
         report=lambda d, t: say(d, t, f"Oramas energies: {d} / {t} images"),
+        stored=bundle,
     )
     K = lm.num_classes
     train = ds.indices("train")
@@ -617,6 +632,15 @@ def build_oramas_stage(
     }
     bundle.write_json("oramas/info", info)
     return {"mu": float(mu), "features": int(rel.size), "dim": int(X.shape[1])}
+
+
+def probe_stats(ctx: StageContext) -> list[str]:
+    """The layers whose statistics the ``oramas`` stage reads from the probe pass (its energy layers; none when
+    they are wrong: the stage itself then says why)."""
+    try:
+        return energy_layers(ctx.model, ctx.options_for("oramas").get("layers"))
+    except (OramasError, ModelLoadError):
+        return []
 
 
 def build_stage(ctx: StageContext) -> dict:

@@ -38,6 +38,7 @@ from lavise_core.pipeline.stages import StageContext
 
 __all__ = [
     "QUANTILE_LEVELS",
+    "LayerStats",
     "ProbePartial",
     "ProbeSettings",
     "ProbeShardTask",
@@ -50,6 +51,7 @@ __all__ = [
     "run_probe",
     "run_probe_sharded",
     "stored_maps",
+    "stored_stats",
 ]
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -69,6 +71,9 @@ class ProbeSettings:
     progress: bool = True
     amp: bool = True  # mixed precision for the forward pass on a GPU (accumulation stays float32)
     maps_mib: int = 256  # keep every image's layer maps (probe/maps) when they fit in this many MiB; 0: never
+    stats_layers: tuple[
+        str, ...
+    ] = ()  # layers whose per-image statistics are kept too (probe/stats, LayerStats)
 
 
 # --------------------------------------------------------------------------------------- reducers
@@ -243,6 +248,46 @@ class TopKMaps:
         self.maps = torch.from_numpy(np.array(st["top_maps"]))
 
 
+class LayerStats:
+    """Per-image statistics of other layers than the explained one, computed in the probe pass's forward, so the
+    stages that need them (the upload check's early layers, Oramas' energies) make no pass of their own.
+
+    For each layer ``l`` with ``C_l`` channels, ``probe/stats/<l> (N, 3, C_l)`` float32: the spatial mean, the
+    spatial standard deviation (unbiased) and the spatial sum of squares ``Σ_{u,v} A²`` of every channel,
+    computed from the float32 output inside a forward hook (before a later in-place op could change it), exactly
+    as the stages compute them; unreadable images' rows are 0. Used as a context manager around the forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str]) -> None:
+        self.model, self.layers = model, list(layers)
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        def fn(_m: torch.nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            o = out.float()
+            self.values[name] = torch.stack([o.mean(dim=(2, 3)), o.std(dim=(2, 3)), o.pow(2).sum((2, 3))], 1)
+
+        return fn
+
+    def __enter__(self) -> LayerStats:
+        self._handles = [
+            self.model.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.layers
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def channels(self, device: torch.device, size: int) -> list[int]:
+        """``C_l`` of every layer, from one forward pass of a blank image."""
+        with torch.no_grad(), self:
+            self.model(torch.zeros(1, 3, size, size, device=device))
+        return [int(self.values[n].shape[2]) for n in self.layers]
+
+
 def _gather_maps(maps: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``maps (C, M, h, w)`` picked by ``order (C, k)`` -> ``(C, k, h, w)``."""
     return maps.gather(1, order[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
@@ -374,7 +419,8 @@ def run_probe(
     ``probe/classifier_bias (K,)`` and ``probe/failures.json``; and ``probe/maps (N, C, h, w)`` float32, every
     image's layer maps, when they fit in ``settings.maps_mib`` (the dashboard draws a concept's heatmaps from
     them without a forward pass, and the grounding stage fits on them instead of a second pass over the images;
-    unreadable images' rows are 0).
+    unreadable images' rows are 0); and ``probe/stats/<layer> (N, 3, C_l)`` for ``settings.stats_layers``
+    (:class:`LayerStats`; the single-process pass only).
     """
     if bundle.stage_done("probe"):
         return bundle
@@ -415,9 +461,17 @@ def run_probe(
         pin_memory=gpu,
     )
     all_maps = _maps_accumulator(work, (n, c, h, w), settings, fresh=not state_path.is_file())
+    stats = LayerStats(lm.model, settings.stats_layers)
+    stat_rows = _stats_accumulators(work, n, stats, device, lm.input_size, fresh=not state_path.is_file())
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=done, unit="img", desc="probe pass", disable=not settings.progress)
-    with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec, all_maps or contextlib.nullcontext():
+    with (
+        torch.no_grad(),
+        lm.lock,
+        record_layer(lm.model, layer) as rec,
+        stats if stat_rows else contextlib.nullcontext(),
+        all_maps or contextlib.nullcontext(),
+    ):
         for bi, (idx, x, errors) in enumerate(loader):
             maps, out = _forward(lm, rec, x, device, settings.amp)
             ok = torch.tensor([not e for e in errors])
@@ -434,6 +488,8 @@ def run_probe(
             maps_cpu = maps.cpu()
             if all_maps is not None:
                 all_maps.write(lo, np.where(ok.numpy()[:, None, None, None], maps_cpu.numpy(), 0.0))
+            for name, rows in stat_rows.items():
+                rows[lo:hi] = np.where(ok.numpy()[:, None, None], stats.values[name].cpu().numpy(), 0.0)
             if bool(ok.any()):
                 okd = ok.to(maps.device)
                 hist.update(maps[okd].permute(1, 0, 2, 3).reshape(c, -1))
@@ -447,12 +503,33 @@ def run_probe(
             if (bi + 1) % settings.checkpoint_every == 0 and done < n:
                 if all_maps is not None:
                     all_maps.flush()
+                for rows in stat_rows.values():
+                    rows.flush()
                 _checkpoint(state_path, pooled, logits, valid, top, hist, failures, done=done, n=n)
     bar.close()
     seconds = time.perf_counter() - t0
     if all_maps is not None:
         bundle.move_array("probe/maps", work / "maps.npy")
-    _finish(bundle, lm, ds, pooled, logits, valid, top, hist, failures, seconds, settings, device, (c, h, w))
+    for name, rows in stat_rows.items():
+        bundle.write_array(f"probe/stats/{name}", np.asarray(rows))
+    extra = {"stats_layers": list(stat_rows)} if stat_rows else None
+    _finish(
+        bundle,
+        lm,
+        ds,
+        pooled,
+        logits,
+        valid,
+        top,
+        hist,
+        failures,
+        seconds,
+        settings,
+        device,
+        (c, h, w),
+        extra,
+    )
+    del stat_rows
     del pooled, logits, valid
     shutil.rmtree(work, ignore_errors=True)
     return bundle
@@ -813,6 +890,18 @@ def _maps_accumulator(
     return _RowFile(path, shape)
 
 
+def _stats_accumulators(
+    work: Path, n: int, stats: LayerStats, device: torch.device, size: int, fresh: bool
+) -> dict[str, np.memmap]:
+    """``{layer: (N, 3, C_l) memmap}`` in ``work`` for :class:`LayerStats`; empty without stats layers, or when a
+    pass resumed without them (its first rows were never kept)."""
+    paths = [work / f"stats-{j}.npy" for j in range(len(stats.layers))]
+    if not stats.layers or not (fresh or all(p.is_file() for p in paths)):
+        return {}
+    sizes = stats.channels(device, size)
+    return {name: _open_memmap(p, (n, 3, cl)) for name, p, cl in zip(stats.layers, paths, sizes, strict=True)}
+
+
 def _open_memmap(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.memmap:
     if path.is_file():
         arr = np.lib.format.open_memmap(path, mode="r+")
@@ -853,6 +942,19 @@ def stored_maps(bundle: Bundle, n_images: int) -> tuple[np.ndarray, np.ndarray] 
     return maps, np.asarray(bundle.array("probe/valid"), bool)
 
 
+def stored_stats(bundle: Bundle, layers: Sequence[str], n_images: int) -> dict[str, np.ndarray] | None:
+    """The probe pass's :class:`LayerStats` of ``layers``: ``{layer: (N, 3, C_l)}`` float32 (mean, std, sum of
+    squares per channel), the same numbers as a second pass, under the conditions of :func:`stored_maps` (a
+    float32 pass on the CPU). ``None`` unless every layer is there."""
+    info = bundle.manifest.get("stages", {}).get("probe", {})
+    if str(info.get("device", "cpu")) != "cpu" or not set(layers) <= set(info.get("stats_layers", ())):
+        return None  # (no layers: {} for a CPU pass, whose pooled features and logits a stage may then read)
+    out = {name: np.asarray(bundle.array(f"probe/stats/{name}")) for name in layers}
+    if any(a.dtype != np.float32 or a.ndim != 3 or a.shape[:2] != (n_images, 3) for a in out.values()):
+        return None
+    return out
+
+
 def image_batches(
     ds: ProbeDataset, lm, indices: Sequence[int], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor, list]]:
@@ -885,6 +987,7 @@ def build_stage(ctx: StageContext) -> dict:
     settings = ProbeSettings(
         top_k=s.top_k, batch_size=s.batch_size, num_workers=s.workers, device=s.device, progress=s.bars
     )
+    settings = dataclasses.replace(settings, stats_layers=tuple(ctx.probe_stats_layers))
     settings = dataclasses.replace(settings, **ctx.options_for("probe"))  # e.g. {"histogram_bins": 512}
     run_probe(
         ctx.bundle, ctx.model, ctx.dataset, settings,

@@ -129,6 +129,7 @@ class StageContext:
     model_loader: Callable[[], Any]
     report: Callable[[int, int, str], None] = field(default=lambda done, total, message: None)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probe_stats_layers: tuple[str, ...] = ()  # the layers whose per-image statistics the probe pass keeps
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -166,6 +167,10 @@ class Stage:
         prefetch: ``prefetch(ctx)``, called before the build's first stage when this one is to be built: starts
             work that needs no other stage in the background (LaViSE: the vocabulary's embeddings), so it
             overlaps the stages before. It must not write to the bundle.
+        probe_stats: ``probe_stats(ctx) -> layer names`` whose per-image statistics (mean, std and sum of squares
+            per channel: :class:`~lavise_core.pipeline.probe.LayerStats`) the stage reads from the probe pass
+            instead of a pass of its own, when both are built in one build (the upload check's early layers,
+            Oramas' energies). The stage still works without them (a bundle probed before, a sharded pass).
     """
 
     name: str
@@ -180,6 +185,7 @@ class Stage:
     words: bool = False
     files: tuple[str, ...] = ()
     prefetch: Callable[[StageContext], Any] | None = None
+    probe_stats: Callable[[StageContext], Sequence[str]] | None = None
 
 
 class StageRegistry:
@@ -334,9 +340,13 @@ def _build_unlocked(
     n = len(order)
     facts = data_facts(dataset) if dataset is not None else set(DATA_FACTS)  # no data set: nothing to check
     not_built: set[str] = set()
-    for s in order:
-        if s.prefetch is not None and not bundle.stage_done(s.name) and not missing_data(s, facts):
+    to_build = [s for s in order if not bundle.stage_done(s.name) and not missing_data(s, facts)]
+    for s in to_build:
+        if s.prefetch is not None:
             s.prefetch(ctx)
+    if any(s.name == "probe" for s in to_build):  # the stages after it read these layers' statistics from it
+        wanted = (layer for s in to_build if s.probe_stats is not None for layer in s.probe_stats(ctx))
+        ctx.probe_stats_layers = tuple(dict.fromkeys(wanted))
     for i, s in enumerate(order):
         if bundle.stage_done(s.name):
             outcome.setdefault(s.name, "skipped")

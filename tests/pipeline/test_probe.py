@@ -229,3 +229,50 @@ def test_probe_maps_after_a_resume(tmp_path, colour_dataset, first_kept):
     if first_kept:
         clean = _probe(tmp_path / "clean", wrap(IdentityCNN()), colour_dataset, settings)
         np.testing.assert_array_equal(bundle.array("probe/maps"), clean.array("probe/maps"))
+
+
+def test_probe_keeps_layer_statistics(tmp_path, identity_model, colour_dataset):
+    """probe/stats/<layer> (N, 3, C): the identity CNN's conv output on a solid 16×16 image is its colour / 255
+    everywhere, so per channel mean = c / 255, std = 0 and sum of squares = 256 (c / 255)²; the unreadable
+    image's row is 0. stored_stats hands them out only for layers the pass kept, from a CPU pass."""
+    from lavise_core.pipeline.probe import stored_stats
+
+    settings = dataclasses.replace(SETTINGS, stats_layers=("features.0",))
+    b = _probe(tmp_path, identity_model, colour_dataset, settings)
+    st = b.array("probe/stats/features.0")
+    assert st.shape == (7, 3, 3) and st.dtype == np.float32
+    c = np.array([*COLOURS, (0, 0, 0)], np.float32) / 255.0
+    np.testing.assert_allclose(st[:, 0], c, rtol=1e-6)
+    np.testing.assert_array_equal(st[:, 1], 0.0)
+    np.testing.assert_allclose(st[:, 2], 256 * c**2, rtol=1e-5)
+    assert b.manifest["stages"]["probe"]["stats_layers"] == ["features.0"]
+    got = stored_stats(b, ["features.0"], 7)
+    assert got is not None and np.array_equal(got["features.0"], st)
+    assert stored_stats(b, ["features.1"], 7) is None  # a layer the pass did not keep
+    assert stored_stats(b, ["features.0"], 8) is None  # another data set's size
+    b.manifest["stages"]["probe"]["device"] = "cuda"
+    assert stored_stats(b, ["features.0"], 7) is None  # mixed precision on a GPU
+    plain = _probe(tmp_path / "plain", identity_model, colour_dataset)
+    assert not (plain.root / "probe/stats").exists() and stored_stats(plain, ["features.0"], 7) is None
+
+
+@pytest.mark.parametrize("first_kept", [True, False])
+def test_layer_statistics_after_a_resume(tmp_path, colour_dataset, first_kept):
+    """A resumed pass keeps the statistics when the interrupted one kept them (equal to a clean pass), and leaves
+    them out when it did not (its first rows were never kept)."""
+    layers = ("features.0", "features.1")
+    settings = dataclasses.replace(SETTINGS, checkpoint_every=1, stats_layers=layers if first_kept else ())
+    failing = wrap(IdentityCNN(fail_after=3))
+    bundle = open_or_create_bundle(tmp_path / "b", failing, colour_dataset)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_probe(bundle, failing, colour_dataset, settings)
+    failing.model.fail_after = None
+    run_probe(bundle, failing, colour_dataset, dataclasses.replace(settings, stats_layers=layers))
+    assert bundle.has("probe/stats/features.1") == first_kept
+    assert bundle.manifest["stages"]["probe"].get("stats_layers", []) == (list(layers) if first_kept else [])
+    if first_kept:
+        clean = _probe(tmp_path / "clean", wrap(IdentityCNN()), colour_dataset, settings)
+        for name in layers:
+            np.testing.assert_array_equal(
+                bundle.array(f"probe/stats/{name}"), clean.array(f"probe/stats/{name}")
+            )

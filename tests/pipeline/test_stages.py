@@ -127,3 +127,26 @@ def test_prefetch_starts_before_the_first_stage_only_for_stages_still_to_build(b
     calls.clear()
     build_stages(bundle, None, reg, ["b"])
     assert calls == [("b", 1)]  # a is built: no prefetch; b's starts before any stage of this build ran
+
+
+def test_the_probe_stage_gets_the_layers_later_stages_of_its_build_read(bundle) -> None:
+    """Stage.probe_stats of every stage still to build, in order and without repeats, reach the probe stage's
+    context before it runs; a build without the probe stage asks for none."""
+    seen: list[tuple[str, ...]] = []
+
+    def probe(ctx) -> dict:
+        seen.append(ctx.probe_stats_layers)
+        return {}
+
+    reg = StageRegistry(
+        [
+            Stage("probe", (), 1, probe),
+            Stage("a", ("probe",), 1, writer("a", 1.0), probe_stats=lambda ctx: ["l1", "l2"]),
+            Stage("b", ("probe",), 1, writer("b", 2.0), probe_stats=lambda ctx: ["l2", "l3"]),
+            Stage("c", ("probe",), 1, writer("c", 3.0)),
+        ]
+    )
+    build_stages(bundle, None, reg, ["a", "b", "c"])
+    assert seen == [("l1", "l2", "l3")]
+    build_stages(bundle, None, reg, ["b"], force=["probe"])  # a is not in this build: its layers are not kept
+    assert seen[-1] == ("l2", "l3")
