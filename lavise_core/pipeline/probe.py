@@ -956,10 +956,11 @@ def stored_stats(bundle: Bundle, layers: Sequence[str], n_images: int) -> dict[s
 
 
 def image_batches(
-    ds: ProbeDataset, lm, indices: Sequence[int], batch_size: int
-) -> Iterator[tuple[list[int], torch.Tensor, list]]:
+    ds: ProbeDataset, lm, indices: Sequence[int], batch_size: int, preprocess: bool = True
+) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
     """Yield ``(record indices, x (B, 3, H, W) preprocessed, PIL images)`` for the records ``indices``, in order;
-    unreadable images are skipped (the probe pass records which)."""
+    unreadable images are skipped (the probe pass records which). ``preprocess=False``: ``x`` is None (a stage
+    that reads the probe pass's maps needs only the images)."""
     from lavise_core.data.images import ImageLoadError
 
     batch: list[int] = []
@@ -972,12 +973,13 @@ def image_batches(
             continue
         batch.append(int(i))
         images.append(img)
-        xs.append(lm.preprocess(img))
+        if preprocess:
+            xs.append(lm.preprocess(img))
         if len(batch) == batch_size:
-            yield batch, torch.stack(xs), images
+            yield batch, torch.stack(xs) if preprocess else None, images
             batch, xs, images = [], [], []
     if batch:
-        yield batch, torch.stack(xs), images
+        yield batch, torch.stack(xs) if preprocess else None, images
 
 
 def build_stage(ctx: StageContext) -> dict:

@@ -59,3 +59,22 @@ def test_oramas_energies_equal_a_pass_of_their_own(demo) -> None:
     np.testing.assert_array_equal(X[rows], X_own)
     np.testing.assert_array_equal(pred[rows], pred_own)
     np.testing.assert_array_equal(bundle.array("oramas/energy"), X)  # what the stage stored
+
+
+def test_dissection_counts_equal_a_pass_of_their_own(demo) -> None:
+    from lavise_core.explain.dissection.colour import default_palette
+    from lavise_core.explain.dissection.labels import split_overlaps
+    from lavise_core.pipeline.probe import stored_maps
+
+    bundle, ds, lm = demo
+    maps, valid = stored_maps(bundle, len(ds))
+    rows = [i for i in range(0, len(ds), 97) if ds.records[i].mask][:40]
+    thr = np.asarray(bundle.array("probe/threshold"), np.float32)
+    kept_colour, own_colour = ({"palette_lab": default_palette(["red", "blue"])[1]} for _ in range(2))
+    kept = split_overlaps(lm, ds, bundle.layer, rows, thr, 16, colour=kept_colour, stored_maps=maps)
+    own = split_overlaps(lm, ds, bundle.layer, rows, thr, 16, colour=own_colour)
+    assert valid[rows].all() and len(kept[0]) == len(rows) and kept[1].sum() > 0
+    for a, b in zip(kept, own, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for key in ("count", "hist"):
+        np.testing.assert_array_equal(kept_colour["stats"][key], own_colour["stats"][key])

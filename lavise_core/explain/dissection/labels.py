@@ -391,7 +391,7 @@ def activation_thresholds(
 def split_overlaps(
     lm, dataset: ProbeDataset, layer: str, indices: Sequence[int], threshold: np.ndarray,
     batch_size: int = 64, size: int = EVAL_SIZE, report: Callable[[int, int], None] | None = None,
-    colour: dict | None = None,
+    colour: dict | None = None, stored_maps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """One forward pass over the records ``indices`` -> ``(rows (N,), inter (N, C, R+1), act (N, C),
     area (N, R+1), pooled (N, C))`` for the images that have a label map (the others are left out).
@@ -399,6 +399,8 @@ def split_overlaps(
     ``colour``: a dict with ``"palette_lab" (P, 3)``; the pixel colours of each filter's firing region per part
     slot are then summed into it (:func:`~lavise_core.explain.dissection.colour.part_colour_stats`: ``count``,
     ``lab_sum``, ``hist``), for the colour path of the concept search.
+    ``stored_maps``: the probe pass's maps of every image at ``layer`` ``(N_all, C, h, w)``
+    (:func:`~lavise_core.pipeline.probe.stored_maps`): read instead of the forward pass, the same numbers.
     Memory: the counts only (``N × C × (R+1)`` float32), never the maps.
     """
     from lavise_core.explain.dissection.colour import add_stats, images_to_lab, part_colour_stats
@@ -408,13 +410,16 @@ def split_overlaps(
     rows, inter, act, area, pooled = [], [], [], [], []
     done, total = 0, len(indices)
     with torch.no_grad(), lm.lock, record_layer(lm.model, layer) as rec:
-        for batch, x, images in image_batches(dataset, lm, indices, batch_size):
+        for batch, x, images in image_batches(dataset, lm, indices, batch_size, stored_maps is None):
             done += len(batch)
             labels = [label_map_crop(dataset, i, lm, size) for i in batch]
             keep = [j for j, lab in enumerate(labels) if lab is not None]
-            if keep:
+            if keep and stored_maps is not None:
+                m = torch.from_numpy(np.asarray(stored_maps[[batch[j] for j in keep]], np.float32))
+            elif keep:
                 lm.model(x[keep])
                 m = rec.output.float()
+            if keep:
                 lab = np.stack([labels[j] for j in keep])
                 fired = fired_pixels(m, thr, lab.shape[-1])
                 i_, a_, r_ = region_overlap(m, lab, thr, n_slots, fired)
@@ -565,9 +570,13 @@ def build_dissection_stage(
     words = {w for c in dissection_concepts(fit_recs, regions=dataset.regions) for w in c.split()}
     palette_names, palette_lab = default_palette(sorted(words))
     colour = {"palette_lab": palette_lab}
+    from lavise_core.pipeline.probe import stored_maps
+
+    kept = stored_maps(bundle, len(dataset))
     rows, inter, act, area, pooled = split_overlaps(
-        lm, dataset, bundle.layer, fit, thr, batch_size, report=tick, colour=colour
-    )
+        lm, dataset, bundle.layer, fit, thr, batch_size, report=tick, colour=colour,
+        stored_maps=None if kept is None else kept[0],
+    )  # fmt: skip
     bar.close()
     recs = [dataset.records[int(i)] for i in rows]
     concepts = dissection_concepts(recs, part_names=True, backgrounds=True, regions=dataset.regions)
