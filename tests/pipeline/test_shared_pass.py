@@ -78,3 +78,16 @@ def test_dissection_counts_equal_a_pass_of_their_own(demo) -> None:
         np.testing.assert_array_equal(a, b)
     for key in ("count", "hist"):
         np.testing.assert_array_equal(kept_colour["stats"][key], own_colour["stats"][key])
+
+
+def test_lavise_region_features_equal_a_pass_of_their_own(demo) -> None:
+    from lavise_core.explain.lavise.head import extract_region_features
+    from lavise_core.pipeline.probe import stored_maps
+
+    bundle, ds, lm = demo
+    maps, _ = stored_maps(bundle, len(ds))
+    kept = extract_region_features(lm, ds, bundle.layer, "train", 16, max_images=24, stored_maps=maps)
+    own = extract_region_features(lm, ds, bundle.layer, "train", 16, max_images=24)
+    assert len(kept.region) == len(own.region) > 24 and kept.region == own.region
+    np.testing.assert_array_equal(kept.features, own.features)
+    np.testing.assert_array_equal(kept.background, own.background)

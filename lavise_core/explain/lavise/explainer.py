@@ -246,11 +246,15 @@ def build_lavise_stage(
     if lm is None and not (bundle.stage_done("lavise_regions") and bundle.stage_done("lavise_filters")):
         lm = bundle.load_model()
     if not bundle.stage_done("lavise_regions"):
+        from lavise_core.pipeline.probe import stored_maps
+
         has_train = any(r.split == "train" and r.mask for r in dataset.records)
+        kept = stored_maps(bundle, len(dataset))
         rf = extract_region_features(
             lm, dataset, layer, "train" if has_train else None, settings.image_batch,
             settings.min_region_cells, progress=progress, background_rows=settings.background_rows,
             executor=executor, resume_dir=bundle.root / "lavise" / "_regions_partial",
+            stored_maps=None if kept is None else kept[0],
         )  # fmt: skip
         rf.save(bundle)
         bundle.mark_stage(

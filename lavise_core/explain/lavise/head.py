@@ -161,7 +161,7 @@ class RegionShardTask:
     """Region features of a shard of images (:func:`~lavise_core.pipeline.executor.map_shards`)."""
 
     def __init__(
-        self, lm, dataset: ProbeDataset, layer, batch_size, min_region_cells, background_rows
+        self, lm, dataset: ProbeDataset, layer, batch_size, min_region_cells, background_rows, stored_maps=None
     ) -> None:
         self.lm, self.dataset, self.layer = lm, dataset, layer
         self.batch_size, self.min_region_cells, self.background_rows = (
@@ -169,6 +169,7 @@ class RegionShardTask:
             min_region_cells,
             background_rows,
         )
+        self.stored_maps = stored_maps  # (N, C, h, w): the probe pass's maps of the intact images (local pass)
 
     def setup(self, device: str | None) -> None:
         import socket
@@ -187,9 +188,14 @@ class RegionShardTask:
         lm, dataset, layer = self.lm, self.dataset, self.layer
         out = _RegionPart([], [], [], [], [], [])
         bar = tqdm(total=len(rows), desc="region features", disable=not progress)
-        for batch, x, images in image_batches(dataset, lm, [int(i) for i in rows], self.batch_size):
-            maps, _ = forward_maps(lm, x, layer)
-            maps = maps.float().cpu()
+        stored = self.stored_maps
+        rows_ = [int(i) for i in rows]
+        for batch, x, images in image_batches(dataset, lm, rows_, self.batch_size, preprocess=stored is None):
+            if stored is not None:
+                maps = torch.from_numpy(np.asarray(stored[batch], np.float32))
+            else:
+                maps, _ = forward_maps(lm, x, layer)
+                maps = maps.float().cpu()
             hw = tuple(maps.shape[-2:])
             painted: list[torch.Tensor] = []
             for b, i in enumerate(batch):
@@ -243,6 +249,7 @@ def extract_region_features(
     executor: ExecutorSettings | None = None,
     resume_dir: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    stored_maps: np.ndarray | None = None,
 ) -> RegionFeatures:
     """One streaming pass: masked mean-pooled ``(R, C)`` features of every annotated region (METHODS §2).
 
@@ -253,6 +260,9 @@ def extract_region_features(
     ``resume_dir`` (sharded pass only): every shard that comes back is saved there (one ``.npz`` each, written
     atomically, in a sub-folder named by these settings); a pass that stops keeps them and the next one maps only
     the other images; removed when the pass completes. ``on_progress(images done, images)`` after each shard.
+    ``stored_maps``: the probe pass's maps of every image at ``layer`` (:func:`~lavise_core.pipeline.probe.
+    stored_maps`), read instead of the intact images' forward pass (the same numbers; a local pass only: the
+    painted-out images still go through the network).
     """
     idx = [
         int(i)
@@ -272,8 +282,11 @@ def extract_region_features(
     rows_con: list[list[str]] = []
     bg_feats: list[np.ndarray] = []
     bg_img: list[int] = []
-    task = RegionShardTask(lm, dataset, layer, batch_size, min_region_cells, background_rows)
-    if executor is None or executor.kind == "local":
+    local = executor is None or executor.kind == "local"
+    task = RegionShardTask(
+        lm, dataset, layer, batch_size, min_region_cells, background_rows, stored_maps if local else None
+    )
+    if local:
         parts = [(np.asarray(idx), task(np.asarray(idx), progress))]
     else:  # shards on the workers (those an earlier pass saved are read back), put back in manifest order
         key = json.dumps([layer, split, batch_size, min_region_cells, max_images, background_rows])
