@@ -161,7 +161,14 @@ class RegionShardTask:
     """Region features of a shard of images (:func:`~lavise_core.pipeline.executor.map_shards`)."""
 
     def __init__(
-        self, lm, dataset: ProbeDataset, layer, batch_size, min_region_cells, background_rows, stored_maps=None
+        self,
+        lm,
+        dataset: ProbeDataset,
+        layer,
+        batch_size,
+        min_region_cells,
+        background_rows,
+        stored_maps=None,
     ) -> None:
         self.lm, self.dataset, self.layer = lm, dataset, layer
         self.batch_size, self.min_region_cells, self.background_rows = (
@@ -169,7 +176,9 @@ class RegionShardTask:
             min_region_cells,
             background_rows,
         )
-        self.stored_maps = stored_maps  # (N, C, h, w): the probe pass's maps of the intact images (local pass)
+        self.stored_maps = (
+            stored_maps  # (N, C, h, w): the probe pass's maps of the intact images (local pass)
+        )
 
     def setup(self, device: str | None) -> None:
         import socket
