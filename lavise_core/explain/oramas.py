@@ -54,6 +54,7 @@ __all__ = [
     "l2_rows",
     "lasso_path_positive",
     "layer_energy",
+    "normalised_energy",
     "probe_stats",
     "select_radius",
     "top_features",
@@ -99,8 +100,12 @@ def energy_layers(lm: LoadedModel, layers: Sequence[str] | None = None) -> list[
 
 def layer_energy(maps: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, C)``: ``Σ_{u,v} A_k²`` L1-normalised over the layer's C filters."""
-    e = maps.float().pow(2).sum((2, 3))
-    return e / e.sum(1, keepdim=True).clamp_min(1e-12)
+    return normalised_energy(maps.float().pow(2).sum((2, 3)))
+
+
+def normalised_energy(sum_sq: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` sums of squares ``Σ_{u,v} A_k²`` -> L1-normalised over the C filters (:func:`layer_energy`)."""
+    return sum_sq / sum_sq.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -148,7 +153,7 @@ def collect_energies(
         stats = stored_stats(stored, layers, len(valid)) if len(valid) == len(ds) else None
         if stats is not None:
             sumsq = [torch.from_numpy(np.ascontiguousarray(stats[name][:, 2])) for name in layers]
-            e = torch.cat([q / q.sum(1, keepdim=True).clamp_min(1e-12) for q in sumsq], 1)  # layer_energy
+            e = torch.cat([normalised_energy(q) for q in sumsq], 1)
             X = np.where(valid[:, None], l2_rows(e.numpy()), np.float32(0))
             pred = np.where(valid, np.asarray(stored.array("probe/logits")).argmax(1), -1)
             return X, pred.astype(np.int64), valid, [int(q.shape[1]) for q in sumsq]
