@@ -12,11 +12,17 @@ export TRANSFORMERS_OFFLINE=1
 
 .PHONY: install data assets demo serve test lint bench browser clean-data
 
-## install: the virtual environment with every pinned package and lavise itself (editable)
+## install: the virtual environment with every pinned package and lavise itself (editable).
+## uv (pinned) downloads and unpacks in parallel and compiles the byte code on both cores: about 1 min on this
+## machine against 3 min for pip; where uv cannot be installed or cannot reach the index, pip does it all.
+UV := uv==0.13.8
 install: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	@echo "installing the pinned packages into $(VENV) (about 1 min with uv, 3 min with pip)"
+	@{ $(BIN)/pip install --disable-pip-version-check -q $(UV) \
+	   && $(BIN)/uv pip install --python $(BIN)/python --no-cache --compile-bytecode -q -r requirements.txt; } \
+	 || $(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
