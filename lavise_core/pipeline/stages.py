@@ -15,6 +15,7 @@ Adding a stage::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -295,7 +296,8 @@ def build_stages(
         else:
             progress(BuildProgress(0.0, "lock", message))
 
-    with bundle.build_lock(lock_timeout, on_wait=waiting):
+    keep = dataset.keep_decoded() if dataset is not None else contextlib.nullcontext()
+    with bundle.build_lock(lock_timeout, on_wait=waiting), keep:  # the stages decode each image once
         return _build_unlocked(
             bundle, dataset, registry, order, force, settings, model_loader, progress, options
         )

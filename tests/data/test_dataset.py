@@ -68,3 +68,47 @@ def test_not_a_dataset(tmp_path):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "f.txt", "hello")
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def _two_images(tmp_path):
+    from PIL import Image
+
+    for name, colour in (("x.png", (200, 10, 10)), ("y.png", (10, 200, 10))):
+        Image.new("RGB", (8, 6), colour).save(tmp_path / name)
+    recs = [ImageRecord(id="x", path="x.png", label=0), ImageRecord(id="y", path="y.png", label=1)]
+    return _ds(tmp_path, recs)
+
+
+def _repaint(tmp_path, name, colour):
+    from PIL import Image
+
+    Image.new("RGB", (8, 6), colour).save(tmp_path / name)
+
+
+def test_keep_decoded_decodes_each_image_once_and_hands_out_copies(tmp_path):
+    import pickle
+
+    from PIL import ImageDraw
+
+    ds = _two_images(tmp_path)
+    with ds.keep_decoded():
+        first = ds.load_image(0)
+        _repaint(tmp_path, "x.png", (0, 0, 255))  # the file changes on disk: the block keeps its first decode
+        ImageDraw.Draw(first).rectangle((0, 0, 7, 5), fill=(0, 0, 0))  # a caller draws on what it got
+        again = ds.load_image(0)
+        assert again.getpixel((3, 3)) == (200, 10, 10)
+        with ds.keep_decoded():  # nested: the same images; the inner exit frees nothing
+            assert ds.load_image(0).getpixel((0, 0)) == (200, 10, 10)
+        assert ds.load_image(0).getpixel((0, 0)) == (200, 10, 10)
+        assert pickle.loads(pickle.dumps(ds)).load_image(0).getpixel((0, 0)) == (0, 0, 255)  # pickled: no images
+    assert ds.load_image(0).getpixel((0, 0)) == (0, 0, 255)  # after the block: decoded from disk again
+
+
+def test_keep_decoded_keeps_no_more_than_its_budget(tmp_path):
+    ds = _two_images(tmp_path)
+    with ds.keep_decoded(max_bytes=8 * 6 * 3):  # room for one 8 × 6 RGB image
+        ds.load_image(0), ds.load_image(1)
+        _repaint(tmp_path, "x.png", (1, 2, 3))
+        _repaint(tmp_path, "y.png", (4, 5, 6))
+        assert ds.load_image(0).getpixel((0, 0)) == (200, 10, 10)  # kept
+        assert ds.load_image(1).getpixel((0, 0)) == (4, 5, 6)  # over the budget: decoded each time
