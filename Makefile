@@ -49,11 +49,12 @@ HOST ?= 127.0.0.1
 serve: assets
 	$(BIN)/lavise serve --host $(HOST) --port $(PORT) $(ARGS)
 
-## test: the whole suite (unit, app and browser tests), in TEST_WORKERS processes (pytest-xdist)
+## test: the whole suite (unit, app and browser tests), in TEST_WORKERS processes (pytest-xdist); a test module
+## stays in one process (--dist loadscope), so its dashboard server, Ray runtime and bundles start once
 TEST_WORKERS ?= 2
 test: assets browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
