@@ -1,7 +1,8 @@
 """Textual summarisation (Guo et al., AAAI 2019; METHODS.md §1): the filter–attribute p.d.f. and its sentences.
 
-attributes.py (attributes from captions or labels), explainer.py (eq. 1–8, the stage and
-:class:`TextualExplainer`), grounding.py (eq. 9 weights fitted to part annotations).
+attributes.py (attributes from captions or labels; tag_rules.py applies spaCy's tag rules to the parsed
+captions, indexed), explainer.py (eq. 1–8, the stage and :class:`TextualExplainer`), grounding.py (eq. 9 weights
+fitted to part annotations), evidence.py (attribute detectors behind the default sentence).
 """
 
 from lavise_core.explain.textual.attributes import AttributeTable, extract_attributes

@@ -17,8 +17,9 @@ Compound nouns are not recursed into: "white wing bars" -> ``white wing``.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -300,11 +301,10 @@ def extract_attributes(
                 texts.append(c.strip())
     n = len(captions_per_image)
     counts: list[Counter[str]] = [Counter() for _ in range(n)]
-    disable = [p for p in nlp.pipe_names if p not in _NEEDED]
     from tqdm.auto import tqdm
 
-    with nlp.select_pipes(disable=disable):
-        docs = nlp.pipe(texts, batch_size=batch_size)
+    with _tagging(nlp) as tag:
+        docs = map(tag, nlp.pipe(texts, batch_size=batch_size))
         for owner, doc in tqdm(
             zip(owners, docs, strict=True), total=len(texts), disable=not progress, desc="captions"
         ):
@@ -314,6 +314,36 @@ def extract_attributes(
             counts[owner].update(found)
     stats = {"captions": len(texts), "images": n}
     return _table_from_counts(counts, min_images, "captions", stats)
+
+
+@contextlib.contextmanager
+def _tagging(nlp: Any) -> Iterator[Callable[[Any], Any]]:
+    """Within the block ``nlp.pipe`` runs only the components the phrase rule needs, and ``finish(doc)`` completes
+    each doc. With a tag ruler :class:`~lavise_core.explain.textual.tag_rules.IndexedTagRules` can apply (the
+    default model's), the pipe stops after the tagger and ``finish`` applies the ruler's rules and then the
+    lemmatizer, in the pipeline's order: the same tokens, several times faster than spaCy's ruler. Otherwise the
+    pipe runs every needed component and ``finish`` returns the doc as it is."""
+    from lavise_core.explain.textual.tag_rules import IndexedTagRules
+
+    names = [p for p in nlp.pipe_names if p in _NEEDED]
+    rules = (
+        IndexedTagRules.from_ruler(nlp.get_pipe("attribute_ruler")) if "attribute_ruler" in names else None
+    )
+    if rules is None:
+        with nlp.select_pipes(enable=names):
+            yield lambda doc: doc
+        return
+    after = names[names.index("attribute_ruler") + 1 :]
+    rest = [nlp.get_pipe(p) for p in after]
+
+    def finish(doc: Any) -> Any:
+        doc = rules(doc)
+        for component in rest:
+            doc = component(doc)
+        return doc
+
+    with nlp.select_pipes(enable=names[: names.index("attribute_ruler")]):
+        yield finish
 
 
 def attributes_from_labels(ds: ProbeDataset, *, min_images: int = 1) -> AttributeTable:
