@@ -9,13 +9,22 @@ from lavise_core.explain.dissection.compose import compose_tables, strictest_cal
 from lavise_core.explain.dissection.labels import DissectionTables, rank_labels
 
 
-def tables(concepts: list[str], iou: list[list[float]], parts: set[str], calibration=None) -> DissectionTables:
+def tables(
+    concepts: list[str], iou: list[list[float]], parts: set[str], calibration=None
+) -> DissectionTables:
     """One set's tables as its dissection stage would store them (labels ranked by the one-set rule)."""
     iou_a = np.asarray(iou, np.float32)
     is_part = np.array([c in parts for c in concepts])
     ids, scores, _ = rank_labels(iou_a, concepts, n=int((~is_part).sum()), allowed=~is_part)
     return DissectionTables(
-        concepts, iou_a, ids, scores, rate=iou_a * 2, mean_iou=iou_a / 2, is_part=is_part, calibration=calibration
+        concepts,
+        iou_a,
+        ids,
+        scores,
+        rate=iou_a * 2,
+        mean_iou=iou_a / 2,
+        is_part=is_part,
+        calibration=calibration,
     )
 
 

@@ -85,7 +85,8 @@ def test_shipped_words_of_another_recipe_are_not_used(tmp_path, monkeypatch):
     write_shipped_words(path)
     assert path.read_bytes() == first  # the same bytes each time (gzip without a time stamp)
     monkeypatch.setattr(index, "tagged_words", lambda s=None: ["tagged"])
-    assert general_vocabulary(VocabularySettings(n_words=400))[0] == "tagged"  # the header names another recipe
+    # the header names another recipe: tagged again
+    assert general_vocabulary(VocabularySettings(n_words=400))[0] == "tagged"
     assert general_vocabulary()[0] == "zebra"
     path.write_bytes(b"not gzip")
     assert general_vocabulary()[0] == "tagged"  # unreadable: tagged again
