@@ -219,7 +219,7 @@ class ProbeDataset:
     regions: list[str]
     records: list[ImageRecord]
     meta: dict = field(default_factory=dict)
-    #: images decoded inside :meth:`keep_decoded`: index -> (image, bytes); None outside it
+    #: inside :meth:`keep_decoded`: index -> its first decode, the bytes of room left, the nesting depth
     _decoded: dict | None = field(default=None, init=False, repr=False, compare=False)
     _decoded_room: int = field(default=0, init=False, repr=False, compare=False)
     _decoded_depth: int = field(default=0, init=False, repr=False, compare=False)

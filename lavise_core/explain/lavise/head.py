@@ -176,9 +176,8 @@ class RegionShardTask:
             min_region_cells,
             background_rows,
         )
-        self.stored_maps = (
-            stored_maps  # (N, C, h, w): the probe pass's maps of the intact images (local pass)
-        )
+        # (N, C, h, w): the probe pass's maps of the intact images (a local pass only), or None
+        self.stored_maps = stored_maps
 
     def setup(self, device: str | None) -> None:
         import socket
@@ -198,8 +197,8 @@ class RegionShardTask:
         out = _RegionPart([], [], [], [], [], [])
         bar = tqdm(total=len(rows), desc="region features", disable=not progress)
         stored = self.stored_maps
-        rows_ = [int(i) for i in rows]
-        for batch, x, images in image_batches(dataset, lm, rows_, self.batch_size, preprocess=stored is None):
+        ids = [int(i) for i in rows]
+        for batch, x, images in image_batches(dataset, lm, ids, self.batch_size, preprocess=stored is None):
             if stored is not None:
                 maps = torch.from_numpy(np.asarray(stored[batch], np.float32))
             else:

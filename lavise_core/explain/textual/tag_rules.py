@@ -1,9 +1,10 @@
 """spaCy's ``attribute_ruler`` (the rules that turn the tagger's fine tags into POS, morphology and some lemmas),
-applied with its patterns looked up by their exact TAG or LOWER value instead of spaCy's general ``Matcher``.
+applied with its patterns looked up by a value their first token fixes instead of spaCy's general ``Matcher``.
 
 Parsing the captions is most of the ``textual`` stage, and in ``en_core_web_sm`` the ruler's ``Matcher`` took
 longer than the tagger itself: it tries each of its 179 patterns at every token. Here a token is only tried
-against the patterns whose first token names its tag or its lower-case form (plus the few that name neither),
+against the patterns whose first token names its lower-case form, tag, dependency or spaceness (plus the few
+that fix none of them),
 with the same token tests (exact value, ``IN``, ``NOT_IN``, ``REGEX``) on the same attributes. The matches are
 applied in spaCy's order (by rule, then position) with spaCy's own setter, so every token gets the same POS,
 morphology and lemma: ``tests/explain/textual/test_tag_rules.py`` compares them with the pipeline's on every
@@ -79,15 +80,15 @@ def _index_keys(spec: dict) -> list[tuple[str, Any]]:
 
 def _keys_of(tok: Any) -> tuple[tuple[str, Any], ...]:
     """The index keys a token can match (:func:`_index_keys`)."""
-    return (("LOWER", tok.lower_), ("TAG", tok.tag_), ("DEP", tok.dep_), ("IS_SPACE", tok.is_space))
+    return tuple((attr, read(tok)) for attr, read in _READERS.items())
 
 
 class IndexedTagRules:
     """The rules of one spaCy ``AttributeRuler``, applied to a tagged ``Doc`` in place (``rules(doc) -> doc``).
 
     Each rule ``r`` (in the ruler's order) has one or more fixed-length token patterns, the attributes it sets
-    and the index of the token it sets them on. Patterns are filed under their first token's exact TAG, else
-    its exact LOWER, else tried everywhere.
+    and the index of the token it sets them on. Patterns are filed by :func:`_index_keys`; those it cannot file
+    are tried everywhere.
     """
 
     def __init__(self, ruler: Any, rules: list[tuple[int, list[_Test]]], index: dict, anywhere: list) -> None:
